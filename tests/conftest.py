@@ -1,0 +1,69 @@
+"""Shared fixtures. Real vLLM CPU engines are started once per session and shared by every test
+that asks for them (they take about a minute to start)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vllm_llmd.testing.engine import EngineProcess, EngineSpec
+from vllm_llmd.testing.model import make_test_model
+
+MODEL_NAME = "test-model"
+
+
+@pytest.fixture(scope="session")
+def test_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The locally generated tiny model (random weights, local BPE tokenizer)."""
+    return make_test_model(tmp_path_factory.mktemp("model") / "tiny", shape="tiny", seed=0)
+
+
+@dataclass
+class EnginePair:
+    """Two engines with different block sizes, one pinned to each core."""
+
+    a: EngineProcess  # block size 32, core 0
+    b: EngineProcess  # block size 64, core 1
+    trace_dir: Path
+
+    def __iter__(self) -> Iterator[EngineProcess]:
+        return iter((self.a, self.b))
+
+    def plugin_roles(self, engine: EngineProcess) -> list[dict[str, object]]:
+        path = self.trace_dir / f"{engine.spec.port}.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _spec(model: Path, block_size: int, core: int, trace_dir: Path, **kw: object) -> EngineSpec:
+    spec = EngineSpec(model=model, block_size=block_size, cpu_core=core, served_model_name=MODEL_NAME, **kw)
+    spec.extra_env["LLMD_PLUGIN_TRACE"] = str(trace_dir / f"{spec.port}.jsonl")
+    return spec
+
+
+@pytest.fixture(scope="session")
+def engines(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnginePair]:
+    """Two real vLLM CPU engines (A: block 32 on core 0; B: block 64 on core 1), KV events and the
+    replay endpoint on, the plugin installed, our connector configured by its registered name."""
+    logs = Path(os.environ.get("LLMD_TEST_LOG_DIR") or tmp_path_factory.mktemp("engine-logs"))
+    trace_dir = tmp_path_factory.mktemp("plugin-trace")
+    connector = {"kv_connector": "LLMDConnector", "kv_role": "kv_both"}
+    a = EngineProcess(_spec(test_model_dir, 32, 0, trace_dir, kv_transfer_config=connector), logs / "engine-a.log")
+    b = EngineProcess(_spec(test_model_dir, 64, 1, trace_dir, kv_transfer_config=connector), logs / "engine-b.log")
+    pair = EnginePair(a, b, trace_dir)
+    try:
+        for e in pair:
+            e.start()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda e: e.wait_ready(), pair))
+        yield pair
+    finally:
+        for e in pair:
+            e.stop()

