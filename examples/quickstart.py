@@ -16,7 +16,9 @@ from vllm_llmd.testing.model import make_test_model
 
 def complete(url: str, prompt: str, max_tokens: int) -> tuple[dict, float]:
     body = json.dumps({"model": "test-model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
-    req = urllib.request.Request(url + "/v1/completions", data=body.encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/v1/completions", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
     t0 = time.perf_counter()
     with urllib.request.urlopen(req, timeout=300) as r:
         out = json.loads(r.read())
