@@ -1,0 +1,223 @@
+"""Decode one vLLM KV-event payload (either wire form) into normalized events.
+
+Accepts the map-encoded events of current vLLM (``{"type": "BlockStored", ...}``) and the
+positional arrays of older vLLM / llm-d tooling (``["BlockStored", hashes, parent, tokens,
+block_size, lora_id, medium, lora_name, extra_keys, group_idx, kind, sliding_window]``).
+Nothing here raises on bad input: a payload that is not a batch counts one ``bad_batches``; an
+event that is malformed counts one ``bad_events`` and is dropped; unknown event types and unknown
+map fields are counted and ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+MASK64 = (1 << 64) - 1
+
+#: Normalized event kinds (first item of each normalized tuple).
+STORED = 0
+REMOVED = 1
+CLEARED = 2
+
+_STORED_FIELDS = frozenset(
+    {
+        "type",
+        "block_hashes",
+        "parent_block_hash",
+        "token_ids",
+        "block_size",
+        "lora_id",
+        "medium",
+        "lora_name",
+        "extra_keys",
+        "group_idx",
+        "kv_cache_spec_kind",
+        "kv_cache_spec_sliding_window",
+        "locality",
+        "ownership",
+        "session_id",
+    }
+)
+_REMOVED_FIELDS = frozenset({"type", "block_hashes", "medium", "group_idx", "locality", "ownership"})
+_CLEARED_FIELDS = frozenset({"type"})
+_STORED_POSITIONS = 12  # tag + the 11 positional fields we know
+_REMOVED_POSITIONS = 4
+
+_decoder = msgspec.msgpack.Decoder()
+
+
+class BadEvent(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    #: ``(STORED, hashes, parent, tokens, block_size, medium, lora_name, extra_keys, group_idx, full_attn)``,
+    #: ``(REMOVED, hashes, medium, group_idx)`` or ``(CLEARED,)``
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+    ts: float | None = None
+    bad_batch: bool = False
+    bad_events: int = 0
+    unknown_events: int = 0
+    unknown_fields: int = 0
+
+
+def block_hash(value: object) -> int:
+    """Normalize an engine hash: ints to their low 64 bits, digests (bytes) to their last 8 bytes
+    big-endian, which is exactly what vLLM publishes as an int for the same digest."""
+    if type(value) is int:
+        return value & MASK64
+    if isinstance(value, bytes) and value:
+        return int.from_bytes(value[-8:], "big")
+    raise BadEvent(f"bad block hash {type(value).__name__}")
+
+
+def _hashes(value: object) -> list[int]:
+    if not isinstance(value, list):
+        raise BadEvent("block_hashes is not a list")
+    return [block_hash(h) for h in value]
+
+
+def _medium(value: object) -> str:
+    if value is None:
+        return "GPU"
+    if not isinstance(value, str) or not value:
+        raise BadEvent("bad medium")
+    return value.upper()
+
+
+def _opt_int(value: object) -> int | None:
+    if value is None or type(value) is int:
+        return value  # type: ignore[return-value]
+    raise BadEvent("bad integer field")
+
+
+def _opt_str(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise BadEvent("bad string field")
+
+
+def _stored(
+    hashes: object,
+    parent: object,
+    tokens: object,
+    block_size: object,
+    medium: object,
+    lora_name: object,
+    extra_keys: object,
+    group_idx: object,
+    kind: object,
+) -> tuple[Any, ...]:
+    hs = _hashes(hashes)
+    if not isinstance(tokens, list):
+        raise BadEvent("token_ids is not a list")
+    if type(block_size) is not int or block_size <= 0:
+        raise BadEvent("bad block_size")
+    if tokens and len(tokens) != len(hs) * block_size:
+        raise BadEvent("token_ids length is not len(block_hashes) * block_size")
+    if extra_keys is not None and (not isinstance(extra_keys, list) or len(extra_keys) != len(hs)):
+        raise BadEvent("extra_keys is not one entry per block")
+    kind_s = _opt_str(kind)
+    return (
+        STORED,
+        hs,
+        None if parent is None else block_hash(parent),
+        tokens,
+        block_size,
+        _medium(medium),
+        _opt_str(lora_name),
+        extra_keys,
+        _opt_int(group_idx),
+        kind_s is None or kind_s == "full_attention",
+    )
+
+
+def _from_map(ev: dict[Any, Any], out: DecodedBatch) -> None:
+    tag = ev.get("type")
+    if tag == "BlockStored":
+        known = _STORED_FIELDS
+        g = ev.get
+        out.events.append(
+            _stored(
+                ev["block_hashes"],
+                g("parent_block_hash"),
+                ev["token_ids"],
+                ev["block_size"],
+                g("medium"),
+                g("lora_name"),
+                g("extra_keys"),
+                g("group_idx"),
+                g("kv_cache_spec_kind"),
+            )
+        )
+    elif tag == "BlockRemoved":
+        known = _REMOVED_FIELDS
+        out.events.append(
+            (REMOVED, _hashes(ev["block_hashes"]), _medium(ev.get("medium")), _opt_int(ev.get("group_idx")))
+        )
+    elif tag == "AllBlocksCleared":
+        known = _CLEARED_FIELDS
+        out.events.append((CLEARED,))
+    else:
+        out.unknown_events += 1
+        return
+    if len(ev) > len(known) or not known.issuperset(ev):
+        out.unknown_fields += sum(1 for k in ev if k not in known)
+
+
+def _from_array(ev: list[Any], out: DecodedBatch) -> None:
+    tag = ev[0] if ev else None
+    n = len(ev)
+
+    def at(i: int) -> Any:
+        return ev[i] if i < n else None
+
+    if tag == "BlockStored":
+        if n < 5:
+            raise BadEvent("short BlockStored")
+        out.events.append(_stored(ev[1], ev[2], ev[3], ev[4], at(6), at(7), at(8), at(9), at(10)))
+        if n > _STORED_POSITIONS:
+            out.unknown_fields += n - _STORED_POSITIONS
+    elif tag == "BlockRemoved":
+        if n < 2:
+            raise BadEvent("short BlockRemoved")
+        out.events.append((REMOVED, _hashes(ev[1]), _medium(at(2)), _opt_int(at(3))))
+        if n > _REMOVED_POSITIONS:
+            out.unknown_fields += n - _REMOVED_POSITIONS
+    elif tag == "AllBlocksCleared":
+        out.events.append((CLEARED,))
+        if n > 1:
+            out.unknown_fields += n - 1
+    else:
+        out.unknown_events += 1
+
+
+def decode_payload(payload: bytes) -> DecodedBatch:
+    """Decode one msgpack ``EventBatch``. Never raises."""
+    out = DecodedBatch()
+    try:
+        batch = _decoder.decode(payload)
+    except Exception:
+        out.bad_batch = True
+        return out
+    if not isinstance(batch, list) or len(batch) < 2 or not isinstance(batch[1], list):
+        out.bad_batch = True
+        return out
+    ts = batch[0]
+    if isinstance(ts, int | float) and not isinstance(ts, bool):
+        out.ts = float(ts)
+    for ev in batch[1]:
+        try:
+            if isinstance(ev, dict):
+                _from_map(ev, out)
+            elif isinstance(ev, list):
+                _from_array(ev, out)
+            else:
+                out.bad_events += 1
+        except (BadEvent, KeyError, TypeError, ValueError, OverflowError):
+            out.bad_events += 1
+    return out

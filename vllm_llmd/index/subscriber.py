@@ -1,0 +1,378 @@
+"""KVEventSubscriber: one ZMQ SUB per pod, feeding a :class:`KVBlockIndex` in order, in a thread.
+
+Per pod: a SUB socket on the pod's publisher (ZMQ reconnects on its own with exponential backoff,
+``RECONNECT_IVL`` .. ``RECONNECT_IVL_MAX``) and, when given, the pod's replay endpoint (a ROUTER;
+we ask it with a short-lived DEALER, ``[b"", start_seq]`` -> ``[b"", topic, seq, payload]`` ... seq -1).
+
+* on every (re)connect (socket monitor: handshake succeeded) the pod is *synced*: replay from seq 0
+  and compare with what the index applied last (same seq, same payload digest -> same engine, apply
+  what is new; otherwise the engine restarted or we missed more than its buffer holds -> drop the
+  pod's entries and rebuild from the replay). This also rebuilds the index when the router restarts.
+* a live batch after a gap in seq -> fetch the missing batches from the replay endpoint;
+* a live batch whose seq went backwards (and is no duplicate) -> engine restart: drop the pod's
+  entries, replay from 0.
+
+Without a replay endpoint gaps are only counted, and a restart is noticed at its first batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from vllm_llmd.index.block_index import KVBlockIndex
+from vllm_llmd.wire import seq_from_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class _BatchHead(msgspec.Struct, array_like=True):
+    """Only the timestamp of an ``EventBatch`` (the events stay undecoded)."""
+
+    ts: float
+    events: msgspec.Raw
+    data_parallel_rank: Any = None
+
+
+_head = msgspec.msgpack.Decoder(_BatchHead)
+_HANDSHAKE = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
+
+
+@dataclass
+class PodStats:
+    endpoint: str
+    replay_endpoint: str | None
+    connected: bool = False
+    batches: int = 0
+    errors: int = 0  # malformed frames, failed replays
+    reconnects: int = 0  # connects after the first
+    replays: int = 0
+    replayed_batches: int = 0
+    restarts: int = 0
+    last_seq: int | None = None
+    lag_s: float | None = None  # receive time minus the batch's engine timestamp, last batch
+    last_batch_at: float | None = None  # time.time() of the last live batch
+
+
+class _PodConn:
+    def __init__(self, pod: str, endpoint: str, replay: str | None, sub: zmq.Socket, mon: zmq.Socket | None) -> None:
+        self.pod = pod
+        self.sub = sub
+        self.mon = mon
+        self.stats = PodStats(endpoint, replay)
+        self.ever_connected = False
+
+
+class KVEventSubscriber:
+    def __init__(
+        self,
+        index: KVBlockIndex,
+        *,
+        replay_timeout_s: float = 2.0,
+        reconnect_ivl_ms: int = 100,
+        reconnect_ivl_max_ms: int = 5000,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.index = index
+        self.replay_timeout_s = replay_timeout_s
+        self.reconnect_ivl_ms = reconnect_ivl_ms
+        self.reconnect_ivl_max_ms = reconnect_ivl_max_ms
+        self._ctx = context or zmq.Context.instance()
+        self._cmds: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.SimpleQueue()
+        self._conns: dict[str, _PodConn] = {}
+        self._stats_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wake_addr = f"inproc://kv-sub-wake-{id(self)}"
+        self._wake_recv = self._ctx.socket(zmq.PULL)
+        self._wake_recv.bind(self._wake_addr)
+        self._wake_send_lock = threading.Lock()
+        self._wake_send = self._ctx.socket(zmq.PUSH)
+        self._wake_send.connect(self._wake_addr)
+
+    # ------------------------------------------------------------- public API
+
+    def add_pod(self, pod: str, endpoint: str, replay_endpoint: str | None = None) -> None:
+        self._command(self._do_add, pod, endpoint, replay_endpoint)
+
+    def remove_pod(self, pod: str) -> None:
+        self._command(self._do_remove, pod)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="kv-event-subscriber", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        self._conns.clear()
+        with self._wake_send_lock:
+            self._wake_send.close(linger=0)
+        self._wake_recv.close(linger=0)
+
+    def stats(self) -> dict[str, PodStats]:
+        with self._stats_lock:
+            return {pod: PodStats(**vars(c.stats)) for pod, c in self._conns.items()}
+
+    # -------------------------------------------------------------- internals
+
+    def _command(self, fn: Callable[..., None], *args: Any) -> None:
+        self._cmds.put((fn, args))
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._wake_send_lock:
+            try:
+                self._wake_send.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def _do_add(self, pod: str, endpoint: str, replay: str | None) -> None:
+        if pod in self._conns:
+            self._do_remove(pod)
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 100_000)
+        sub.setsockopt(zmq.RECONNECT_IVL, self.reconnect_ivl_ms)
+        sub.setsockopt(zmq.RECONNECT_IVL_MAX, self.reconnect_ivl_max_ms)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        mon = None
+        try:
+            mon = sub.get_monitor_socket(_HANDSHAKE | zmq.EVENT_DISCONNECTED)
+        except zmq.ZMQError as exc:  # pragma: no cover - monitoring unsupported
+            logger.warning("kv subscriber: no socket monitor for %s: %s", pod, exc)
+        try:
+            sub.connect(endpoint)
+        except zmq.ZMQError as exc:
+            logger.error("kv subscriber: cannot connect to %s (%s): %s", pod, endpoint, exc)
+            sub.close(linger=0)
+            if mon is not None:
+                mon.close(linger=0)
+            return
+        with self._stats_lock:
+            self._conns[pod] = _PodConn(pod, endpoint, replay, sub, mon)
+
+    def _close(self, conn: _PodConn) -> None:
+        try:
+            if conn.mon is not None:
+                conn.sub.disable_monitor()
+                conn.mon.close(linger=0)
+        except zmq.ZMQError:
+            pass
+        conn.sub.close(linger=0)
+
+    def _do_remove(self, pod: str) -> None:
+        with self._stats_lock:
+            conn = self._conns.pop(pod, None)
+        if conn is not None:
+            self._close(conn)
+        self.index.remove_pod(pod)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        registered: set[int] = set()
+        poller.register(self._wake_recv, zmq.POLLIN)
+        while not self._stop.is_set():
+            while True:
+                try:
+                    fn, args = self._cmds.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    fn(*args)
+                except Exception:
+                    logger.exception("kv subscriber: command failed")
+            # keep the poller in step with the pods
+            wanted: dict[int, tuple[zmq.Socket, _PodConn, bool]] = {}
+            for conn in self._conns.values():
+                wanted[id(conn.sub)] = (conn.sub, conn, False)
+                if conn.mon is not None:
+                    wanted[id(conn.mon)] = (conn.mon, conn, True)
+            for sid in list(registered):
+                if sid not in wanted:
+                    registered.discard(sid)
+            poller = zmq.Poller()
+            poller.register(self._wake_recv, zmq.POLLIN)
+            for sock, _, _ in wanted.values():
+                poller.register(sock, zmq.POLLIN)
+            registered = set(wanted)
+            try:
+                ready = dict(poller.poll(500))
+            except zmq.ZMQError:
+                if self._stop.is_set():
+                    break
+                raise
+            if self._wake_recv in ready:
+                while True:
+                    try:
+                        self._wake_recv.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            for sock, conn, is_mon in wanted.values():
+                if sock not in ready or conn.pod not in self._conns:
+                    continue
+                try:
+                    if is_mon:
+                        self._on_monitor(conn)
+                    else:
+                        self._drain(conn)
+                except Exception:
+                    logger.exception("kv subscriber: error handling %s", conn.pod)
+                    with self._stats_lock:
+                        conn.stats.errors += 1
+
+    def _on_monitor(self, conn: _PodConn) -> None:
+        assert conn.mon is not None
+        while True:
+            try:
+                evt = recv_monitor_message(conn.mon, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = evt.get("event")
+            if kind == _HANDSHAKE or (kind == zmq.EVENT_CONNECTED and _HANDSHAKE == zmq.EVENT_CONNECTED):
+                with self._stats_lock:
+                    conn.stats.connected = True
+                    if conn.ever_connected:
+                        conn.stats.reconnects += 1
+                conn.ever_connected = True
+                self._sync(conn)
+            elif kind == zmq.EVENT_DISCONNECTED:
+                with self._stats_lock:
+                    conn.stats.connected = False
+
+    def _drain(self, conn: _PodConn, budget: int = 1000) -> None:
+        for _ in range(budget):
+            try:
+                frames = conn.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_live(conn, frames)
+
+    def _on_live(self, conn: _PodConn, frames: list[bytes]) -> None:
+        st = conn.stats
+        now = time.time()
+        if len(frames) != 3 or len(frames[1]) != 8:
+            with self._stats_lock:
+                st.errors += 1
+            self.index.ingest(conn.pod, frames)  # counted there as a decode error
+            return
+        seq = int.from_bytes(frames[1], "big")
+        last = self.index.last_seq(conn.pod)
+        if st.replay_endpoint is not None and last is not None:
+            if seq > last + 1:
+                self._fill(conn, last + 1)
+            elif seq <= last and not self.index.seen(conn.pod, seq, frames[2]):
+                logger.info(
+                    "kv subscriber: %s restarted (seq %d after %d); rebuilding from replay", conn.pod, seq, last
+                )
+                with self._stats_lock:
+                    st.restarts += 1
+                self.index.reset_pod(conn.pod)
+                self._fill(conn, 0)
+        self.index.ingest(conn.pod, frames)
+        lag = None
+        try:
+            lag = max(0.0, now - _head.decode(frames[2]).ts)
+        except Exception:
+            pass
+        with self._stats_lock:
+            st.batches += 1
+            st.last_seq = self.index.last_seq(conn.pod)
+            st.last_batch_at = now
+            if lag is not None:
+                st.lag_s = lag
+
+    def _replay(self, conn: _PodConn, start: int) -> list[list[bytes]] | None:
+        """Batches with seq >= start from the pod's replay endpoint, or ``None`` if that failed."""
+        endpoint = conn.stats.replay_endpoint
+        if endpoint is None:
+            return None
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        out: list[list[bytes]] = []
+        try:
+            sock.connect(endpoint)
+            sock.send_multipart([b"", start.to_bytes(8, "big")])
+            deadline = time.monotonic() + self.replay_timeout_s
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                    logger.warning("kv subscriber: replay from %s timed out", endpoint)
+                    return None
+                msg = sock.recv_multipart()
+                if len(msg) != 4 or len(msg[2]) != 8:
+                    logger.warning("kv subscriber: malformed replay message from %s", endpoint)
+                    return None
+                if seq_from_bytes(msg[2]) == -1:
+                    break
+                out.append(msg[1:])
+                deadline = time.monotonic() + self.replay_timeout_s
+        except zmq.ZMQError as exc:
+            logger.warning("kv subscriber: replay from %s failed: %s", endpoint, exc)
+            return None
+        finally:
+            sock.close(linger=0)
+        return out
+
+    def _fill(self, conn: _PodConn, start: int) -> None:
+        """Apply the batches from ``start`` on; if the replay buffer no longer reaches back to
+        ``start``, the missed blocks are unknowable: drop the pod and rebuild from the buffer."""
+        got = self._replay(conn, start)
+        with self._stats_lock:
+            conn.stats.replays += 1
+            if got is None:
+                conn.stats.errors += 1
+        if got is None:
+            return
+        if start > 0 and got and int.from_bytes(got[0][1], "big") > start:
+            logger.info("kv subscriber: %s replay buffer starts after seq %d; resyncing", conn.pod, start)
+            self.index.reset_pod(conn.pod)
+        for frames in got:
+            if int.from_bytes(frames[1], "big") >= start:
+                self.index.ingest(conn.pod, frames)
+        with self._stats_lock:
+            conn.stats.replayed_batches += len(got)
+            conn.stats.last_seq = self.index.last_seq(conn.pod)
+
+    def _sync(self, conn: _PodConn) -> None:
+        """On (re)connect: bring the pod's entries in line with the engine's replay buffer."""
+        if conn.stats.replay_endpoint is None:
+            return
+        got = self._replay(conn, 0)
+        with self._stats_lock:
+            conn.stats.replays += 1
+            if got is None:
+                conn.stats.errors += 1
+        if got is None:
+            return
+        last = self.index.last_seq(conn.pod)
+        if last is not None:
+            same = any(int.from_bytes(f[1], "big") == last and self.index.seen(conn.pod, last, f[2]) for f in got)
+            if not same:
+                logger.info("kv subscriber: %s has a new engine or lost history; rebuilding", conn.pod)
+                with self._stats_lock:
+                    conn.stats.restarts += 1
+                self.index.reset_pod(conn.pod)
+                last = None
+        for frames in got:
+            if last is None or int.from_bytes(frames[1], "big") > last:
+                self.index.ingest(conn.pod, frames)
+        with self._stats_lock:
+            conn.stats.replayed_batches += len(got)
+            conn.stats.last_seq = self.index.last_seq(conn.pod)
