@@ -1,0 +1,171 @@
+"""Router configuration: pods and the scheduling profile, from a YAML file and/or CLI flags.
+
+Every model forbids unknown keys, so a typo is an error that names the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag that cannot be used; the message says what and where."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PodConfig(_Strict):
+    """One vLLM pod (aggregated, or one side of a P/D pair)."""
+
+    url: str
+    #: ZMQ endpoint of the pod's KV event publisher (``tcp://host:port``); ``None``: no events
+    events: str | None = None
+    #: ZMQ ROUTER endpoint of the pod's event replay service
+    replay: str | None = None
+    role: Literal["both", "prefill", "decode"] = "both"
+    #: relative prefill speed (tokens/s over a reference pod); the cost model divides by it
+    prefill_speed: float = Field(default=1.0, gt=0)
+    #: KV cache capacity in blocks if known (otherwise scraped from ``vllm:cache_config_info``)
+    capacity_blocks: int | None = Field(default=None, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+            raise ValueError(f"worker URL must look like http://host:port, got {v!r}")
+        return v.rstrip("/")
+
+    @property
+    def pod_id(self) -> str:
+        """``host:port``, the same id the KV event topic ``kv@host:port@model`` carries."""
+        parts = urlsplit(self.url)
+        return f"{parts.hostname}:{parts.port}"
+
+
+class PluginRef(_Strict):
+    """A plugin in a profile: its registered type, an optional weight (scorers) and parameters."""
+
+    type: str
+    weight: float = Field(default=1.0, ge=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def _default_scorers() -> list[PluginRef]:
+    return [PluginRef(type="estimated-ttft")]
+
+
+class ProfileConfig(_Strict):
+    """Filters (in order) -> scorers (weighted sum of [0, 1] scores) -> picker."""
+
+    filters: list[PluginRef] = Field(default_factory=list)
+    scorers: list[PluginRef] = Field(default_factory=_default_scorers)
+    picker: PluginRef = Field(default_factory=lambda: PluginRef(type="max-score"))
+
+
+class PoolConfig(_Strict):
+    health_interval_s: float = Field(default=1.0, gt=0)
+    health_timeout_s: float = Field(default=2.0, gt=0)
+    #: consecutive failures (health checks or proxied connections) before a pod is ejected
+    failure_threshold: int = Field(default=3, ge=1)
+    #: first ejection time; doubles on each re-ejection up to ``max_ejection_s``
+    ejection_s: float = Field(default=2.0, gt=0)
+    max_ejection_s: float = Field(default=30.0, gt=0)
+    #: circuit breaker: a pod with this many router requests in flight takes no more
+    max_inflight_per_pod: int = Field(default=4096, ge=1)
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+    #: other pods tried when the connection fails before the first byte
+    max_retries: int = Field(default=2, ge=0)
+    metrics_interval_s: float = Field(default=0.05, gt=0)
+    metrics_stale_s: float = Field(default=1.0, gt=0)
+
+
+class TokenizerConfig(_Strict):
+    path: str | None = None
+    #: threads that tokenize prompts (0: tokenize on the event loop)
+    threads: int = Field(default=0, ge=0)
+    #: prompt-prefix tokenization cache (entries; 0 disables)
+    prefix_cache_entries: int = Field(default=4096, ge=0)
+    prefix_cache_chunk_chars: int = Field(default=1024, ge=64)
+
+
+class IndexConfig(_Strict):
+    #: canonical block size (tokens) of the router's own block keys
+    block_size: int = Field(default=64, ge=1)
+    capacity_blocks: int = Field(default=10_000_000, ge=1)
+    #: per-pod capacity of the approximate (routing-decision) memory, in blocks
+    memory_blocks_per_pod: int = Field(default=100_000, ge=1)
+    #: how long a speculative entry (routed, events not yet seen) counts in precise mode
+    speculative_ttl_s: float = Field(default=10.0, ge=0)
+
+
+class RouterConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    #: served model name(s); requests naming another model get 404
+    models: list[str] = Field(default_factory=list)
+    pods: list[PodConfig] = Field(default_factory=list)
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    pool: PoolConfig = Field(default_factory=PoolConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    #: request header that carries a session id (session-affinity scorer)
+    session_header: str = "x-session-id"
+    log_level: str = "info"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key {loc!r}")
+        else:
+            lines.append(f"{source}: {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> RouterConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return RouterConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path) -> RouterConfig:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    return parse_config(data, str(p))
+
+
+def parse_worker_flag(value: str) -> PodConfig:
+    """``URL[=EVENTS_ENDPOINT[,REPLAY_ENDPOINT]]`` -> :class:`PodConfig`."""
+    url, _, rest = value.partition("=")
+    events = replay = None
+    if rest:
+        events, _, replay_part = rest.partition(",")
+        replay = replay_part or None
+        for ep in (events, replay):
+            if ep is not None and not ep.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ConfigError(f"--worker {value}: event endpoints must be tcp://, ipc:// or inproc://, got {ep!r}")
+    try:
+        return PodConfig(url=url, events=events or None, replay=replay)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, f"--worker {value}")) from None

@@ -1,0 +1,58 @@
+"""The router's own Prometheus metrics (a private registry, served on ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "llmd_router_requests", "Requests answered by the router", ["endpoint", "code"], registry=r
+        )
+        self.decisions = Counter("llmd_router_decisions", "Scheduling decisions by chosen pod", ["pod"], registry=r)
+        self.scorer_decisive = Counter(
+            "llmd_router_scorer_agrees",
+            "Decisions where this scorer's own best pod was the one chosen",
+            ["scorer"],
+            registry=r,
+        )
+        self.scorer_score = Histogram(
+            "llmd_router_scorer_chosen_score",
+            "Score each scorer gave the chosen pod",
+            ["scorer"],
+            buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0),
+            registry=r,
+        )
+        self.decision_seconds = Histogram(
+            "llmd_router_decision_seconds",
+            "Time to tokenize and schedule one request",
+            buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1),
+            registry=r,
+        )
+        self.predicted_hit_tokens = Counter(
+            "llmd_router_prefix_predicted_hit_tokens", "Prompt tokens the router expected cached", ["pod"], registry=r
+        )
+        self.reported_hit_tokens = Counter(
+            "llmd_router_prefix_reported_hit_tokens",
+            "Prompt tokens the engine reported cached (usage.prompt_tokens_details.cached_tokens)",
+            ["pod"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "llmd_router_prompt_tokens", "Prompt tokens routed (router tokenization)", ["pod"], registry=r
+        )
+        self.retries = Counter(
+            "llmd_router_upstream_retries", "Requests retried on another pod before the first byte", ["pod"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "llmd_router_upstream_errors", "Upstream failures by pod and kind", ["pod", "kind"], registry=r
+        )
+        self.inflight = Gauge("llmd_router_inflight_requests", "Router requests in flight", ["pod"], registry=r)
+        self.pod_available = Gauge("llmd_router_pod_available", "1 if the pod takes traffic", ["pod"], registry=r)
+        self.index_blocks = Gauge("llmd_router_index_blocks", "Block keys in the KV event index", registry=r)
+        self.memory_blocks = Gauge("llmd_router_memory_blocks", "Block keys in the routing memory", registry=r)
+        self.tokenizer_cache_hits = Gauge(
+            "llmd_router_tokenizer_prefix_cache_hits", "Prompts tokenized from a cached prefix", registry=r
+        )

@@ -1,0 +1,186 @@
+"""The pods the router can send to: health (active checks + passive outlier detection), circuit
+breaking, and the fast ``/metrics`` scrape loop.
+
+A discovery source (flags, YAML, later Kubernetes) calls :meth:`PodPool.set_pods` with the full
+list whenever it changes; pods keep their state across updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from vllm_llmd.router.config import PodConfig, PoolConfig
+from vllm_llmd.router.pod_metrics import PodMetrics, parse_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Pod:
+    config: PodConfig
+    id: str = ""
+    url: str = ""
+    #: set by active health checks; a new pod is assumed up until a check says otherwise
+    healthy: bool = True
+    consecutive_failures: int = 0
+    ejected_until: float = 0.0
+    ejections: int = 0
+    inflight_requests: int = 0
+    metrics: PodMetrics = field(default_factory=PodMetrics)
+
+    def __post_init__(self) -> None:
+        self.id = self.config.pod_id
+        self.url = self.config.url
+
+    @property
+    def role(self) -> str:
+        return self.config.role
+
+    @property
+    def prefill_speed(self) -> float:
+        return self.config.prefill_speed
+
+    @property
+    def capacity_blocks(self) -> int | None:
+        return self.config.capacity_blocks or self.metrics.num_gpu_blocks
+
+    def available(self, now: float, max_inflight: int) -> bool:
+        return self.healthy and now >= self.ejected_until and self.inflight_requests < max_inflight
+
+
+class PodPool:
+    def __init__(self, cfg: PoolConfig, on_change: Callable[[list[Pod]], None] | None = None) -> None:
+        self.cfg = cfg
+        self._pods: dict[str, Pod] = {}
+        self._order: list[Pod] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._on_change = on_change
+        self.scrape_metrics = False
+
+    # ---- membership --------------------------------------------------------------------------
+    def set_pods(self, configs: Iterable[PodConfig]) -> None:
+        new: dict[str, Pod] = {}
+        for c in configs:
+            old = self._pods.get(c.pod_id)
+            if old is not None and old.config == c:
+                new[c.pod_id] = old
+            else:
+                new[c.pod_id] = Pod(c)
+        self._pods = new
+        self._order = list(new.values())
+        if self._on_change is not None:
+            self._on_change(self._order)
+
+    @property
+    def pods(self) -> list[Pod]:
+        return self._order
+
+    def get(self, pod_id: str) -> Pod | None:
+        return self._pods.get(pod_id)
+
+    def available(self, now: float | None = None) -> list[Pod]:
+        t = time.monotonic() if now is None else now
+        m = self.cfg.max_inflight_per_pod
+        return [p for p in self._order if p.available(t, m)]
+
+    def retry_after_s(self) -> int:
+        """Seconds until an ejected pod comes back (for ``Retry-After``), at least 1."""
+        now = time.monotonic()
+        waits = [p.ejected_until - now for p in self._order if p.ejected_until > now]
+        return max(1, int(min(waits) + 0.999)) if waits else max(1, int(self.cfg.health_interval_s + 0.999))
+
+    # ---- passive outlier detection -----------------------------------------------------------
+    def report_failure(self, pod: Pod, reason: str) -> None:
+        pod.consecutive_failures += 1
+        if pod.consecutive_failures >= self.cfg.failure_threshold and time.monotonic() >= pod.ejected_until:
+            self._eject(pod, reason)
+
+    def report_connect_failure(self, pod: Pod, reason: str) -> None:
+        """A refused/reset connection is a strong signal: eject at once."""
+        pod.consecutive_failures = max(pod.consecutive_failures + 1, self.cfg.failure_threshold)
+        self._eject(pod, reason)
+
+    def report_success(self, pod: Pod) -> None:
+        pod.consecutive_failures = 0
+        if pod.ejections and time.monotonic() >= pod.ejected_until:
+            pod.ejections = 0
+
+    def _eject(self, pod: Pod, reason: str) -> None:
+        dur = min(self.cfg.max_ejection_s, self.cfg.ejection_s * (2 ** min(pod.ejections, 10)))
+        pod.ejections += 1
+        pod.ejected_until = time.monotonic() + dur
+        log.warning("pod %s ejected for %.1fs: %s", pod.id, dur, reason)
+
+    # ---- background loops --------------------------------------------------------------------
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="router-health"))
+        if self.scrape_metrics:
+            self._tasks.append(asyncio.create_task(self._metrics_loop(), name="router-metrics"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+
+    async def check_health(self, pod: Pod) -> bool:
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                pod.url + "/health", timeout=aiohttp.ClientTimeout(total=self.cfg.health_timeout_s)
+            ) as r:
+                ok = r.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            ok = False
+        if ok:
+            if not pod.healthy:
+                log.info("pod %s is healthy again", pod.id)
+            pod.healthy = True
+            if pod.ejected_until > time.monotonic():
+                # the pod answers again: let traffic probe it right away
+                pod.ejected_until = 0.0
+            pod.consecutive_failures = 0
+        else:
+            pod.consecutive_failures += 1
+            if pod.healthy and pod.consecutive_failures >= self.cfg.failure_threshold:
+                log.warning("pod %s failed %d health checks: marked unhealthy", pod.id, pod.consecutive_failures)
+                pod.healthy = False
+        return ok
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check_health(p) for p in list(self._order)))
+
+    async def _health_loop(self) -> None:
+        while True:
+            await self.check_all()
+            await asyncio.sleep(self.cfg.health_interval_s)
+
+    async def scrape(self, pod: Pod) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                pod.url + "/metrics", timeout=aiohttp.ClientTimeout(total=max(1.0, self.cfg.metrics_stale_s))
+            ) as r:
+                if r.status != 200:
+                    return
+                text = await r.text()
+        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
+            return
+        pod.metrics = parse_metrics(text)
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            t0 = time.monotonic()
+            await asyncio.gather(*(self.scrape(p) for p in list(self._order) if p.healthy))
+            await asyncio.sleep(max(0.0, self.cfg.metrics_interval_s - (time.monotonic() - t0)))

@@ -1,0 +1,118 @@
+"""What the router itself remembers about where prompts went: chained block hashes -> pods.
+
+Used two ways:
+
+* **approximate prefix cache** (pods that publish no KV events): every routing decision inserts the
+  prompt's block keys for the chosen pod; a per-pod LRU bounded in blocks stands in for the engine's
+  own eviction (llm-d's approximate prefix producer, peers.md §3);
+* **speculative entries** (pods with events): a decision counts for ``ttl_s`` seconds, closing the
+  gap between routing a request and the engine's ``BlockStored`` events for it, so concurrent
+  requests of a new prefix follow the first one instead of spreading.
+
+Keys: ``h_0 = seed``, ``h_i = xxh3_64(bytes(block_i), h_{i-1})``; a block is ``block_size`` token ids
+(little-endian uint32) or, without a tokenizer, ``4 * block_size`` UTF-8 characters of the prompt text.
+Nothing here touches HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import xxhash
+
+
+def token_block_keys(token_ids: Sequence[int], block_size: int, seed: int = 0) -> list[int]:
+    """Chained hashes of the full ``block_size`` blocks of ``token_ids`` (the partial tail is dropped)."""
+    raw = array("I", token_ids).tobytes() if not isinstance(token_ids, array) else token_ids.tobytes()
+    step = 4 * block_size
+    keys = []
+    h = seed
+    for i in range(step, len(raw) + 1, step):
+        h = xxhash.xxh3_64_intdigest(raw[i - step : i], h)
+        keys.append(h)
+    return keys
+
+
+def text_block_keys(text: str, block_size: int, seed: int = 0, chars_per_token: int = 4) -> list[int]:
+    """Chained hashes of ``chars_per_token * block_size``-character chunks (approximate, no tokenizer)."""
+    step = chars_per_token * block_size
+    keys = []
+    h = seed
+    for i in range(step, len(text) + 1, step):
+        h = xxhash.xxh3_64_intdigest(text[i - step : i].encode("utf-8", "surrogatepass"), h)
+        keys.append(h)
+    return keys
+
+
+class PrefixMemory:
+    """Block key -> {pod: last time routed}, with a per-pod LRU bounded in blocks."""
+
+    def __init__(self, blocks_per_pod: int = 100_000) -> None:
+        self.blocks_per_pod = blocks_per_pod
+        self._where: dict[int, dict[str, float]] = {}
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def blocks_on(self, pod: str) -> int:
+        lru = self._lru.get(pod)
+        return 0 if lru is None else len(lru)
+
+    def insert(self, pod: str, keys: Iterable[int], now: float | None = None) -> None:
+        t = time.monotonic() if now is None else now
+        lru = self._lru.setdefault(pod, OrderedDict())
+        where = self._where
+        for k in keys:
+            pods = where.get(k)
+            if pods is None:
+                where[k] = {pod: t}
+            else:
+                pods[pod] = t
+            if k in lru:
+                lru.move_to_end(k)
+            else:
+                lru[k] = None
+        while len(lru) > self.blocks_per_pod:
+            old, _ = lru.popitem(last=False)
+            pods = where.get(old)
+            if pods is not None:
+                pods.pop(pod, None)
+                if not pods:
+                    del where[old]
+
+    def match(self, keys: Sequence[int], max_age_s: float | None = None, now: float | None = None) -> dict[str, int]:
+        """Number of leading blocks of ``keys`` each pod holds (consecutive from the first)."""
+        out: dict[str, int] = {}
+        if not keys:
+            return out
+        cutoff = None
+        if max_age_s is not None:
+            cutoff = (time.monotonic() if now is None else now) - max_age_s
+        where = self._where
+        alive: set[str] | None = None
+        for i, k in enumerate(keys):
+            pods = where.get(k)
+            if not pods:
+                break
+            cur = {p for p, t in pods.items() if cutoff is None or t >= cutoff}
+            alive = cur if alive is None else alive & cur
+            if not alive:
+                break
+            for p in alive:
+                out[p] = i + 1
+        return out
+
+    def remove_pod(self, pod: str) -> None:
+        lru = self._lru.pop(pod, None)
+        if not lru:
+            return
+        for k in lru:
+            pods = self._where.get(k)
+            if pods is not None:
+                pods.pop(pod, None)
+                if not pods:
+                    del self._where[k]

@@ -1,0 +1,424 @@
+"""The OpenAI-compatible proxy: parse just enough of the request to route it, pick a pod, stream
+the pod's answer back unchanged.
+
+Bodies and headers pass through as sent, except hop-by-hop headers and a client-sent
+``kv_transfer_params``, which is always stripped (clients must never steer KV transfers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from vllm_llmd.router.config import RouterConfig
+from vllm_llmd.router.inflight import InflightTracker
+from vllm_llmd.router.metrics import RouterMetrics
+from vllm_llmd.router.pool import Pod, PodPool
+from vllm_llmd.router.prefix_memory import text_block_keys, token_block_keys
+from vllm_llmd.router.scheduling import Candidate, Decision, SchedRequest, Scheduler
+from vllm_llmd.router.scheduling.profile import NoCandidate
+from vllm_llmd.router.tokenize import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Trailers",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+    )
+)
+_CACHED_TOKENS = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
+_DEFAULT_MAX_TOKENS = 16  # vLLM's completions default; chat defaults to "the rest of the context"
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+def error_response(status: int, message: str, err_type: str, headers: dict[str, str] | None = None) -> web.Response:
+    """An error in the OpenAI / vLLM ``ErrorResponse`` shape."""
+    body = {"error": {"message": message, "type": err_type, "param": None, "code": status}}
+    return web.Response(status=status, body=_encoder.encode(body), content_type="application/json", headers=headers)
+
+
+def _forward_headers(headers: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    conn_listed = {t.strip().lower() for t in headers.get("Connection", "").split(",") if t.strip()}
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk in HOP_BY_HOP or lk in conn_listed:
+            continue
+        out[k] = v
+    return out
+
+
+class BadRequest(ValueError):
+    pass
+
+
+class RouterApp:
+    """Owns the HTTP side: the aiohttp application, the client session and the proxy handlers."""
+
+    def __init__(
+        self,
+        cfg: RouterConfig,
+        pool: PodPool,
+        scheduler: Scheduler,
+        inflight: InflightTracker,
+        tokenizer: PromptTokenizer | None,
+        metrics: RouterMetrics,
+        index: Any | None = None,
+        subscriber: Any | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.scheduler = scheduler
+        self.inflight = inflight
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.index = index
+        self.subscriber = subscriber
+        self.session: aiohttp.ClientSession | None = None
+        self.models = set(cfg.models)
+        self.default_model = cfg.models[0] if cfg.models else None
+        self._chat_fallback_logged = False
+        self.app = web.Application(client_max_size=cfg.max_body_bytes)
+        self.app.router.add_post("/v1/completions", self.handle_completions)
+        self.app.router.add_post("/v1/chat/completions", self.handle_chat)
+        self.app.router.add_get("/v1/models", self.handle_models)
+        self.app.router.add_get("/health", self.handle_health)
+        self.app.router.add_get("/metrics", self.handle_metrics)
+        self.app.on_startup.append(self._startup)
+        self.app.on_cleanup.append(self._cleanup)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def _startup(self, app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.pool.connect_timeout_s),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        )
+        self.pool.scrape_metrics = self.scheduler.needs_metrics
+        await self.pool.start(self.session)
+        if self.subscriber is not None:
+            self.subscriber.start()
+
+    async def _cleanup(self, app: web.Application) -> None:
+        if self.subscriber is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.subscriber.stop)
+        await self.pool.stop()
+        if self.session is not None:
+            await self.session.close()
+
+    # ---- simple endpoints --------------------------------------------------------------------
+    async def handle_health(self, request: web.Request) -> web.Response:
+        n = len(self.pool.available())
+        if n == 0:
+            self.metrics.requests.labels("/health", "503").inc()
+            return web.json_response(
+                {"status": "unavailable", "pods_available": 0},
+                status=503,
+                headers={"Retry-After": str(self.pool.retry_after_s())},
+            )
+        return web.json_response({"status": "ok", "pods_available": n})
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        m = self.metrics
+        now = time.monotonic()
+        for p in self.pool.pods:
+            m.pod_available.labels(p.id).set(1 if p.available(now, self.cfg.pool.max_inflight_per_pod) else 0)
+            m.inflight.labels(p.id).set(p.inflight_requests)
+        m.memory_blocks.set(len(self.scheduler.ctx.memory))
+        if self.index is not None:
+            try:
+                m.index_blocks.set(self.index.stats().blocks)
+            except Exception:  # the index is another component's; its stats are best effort here
+                log.debug("index stats failed", exc_info=True)
+        if self.tokenizer is not None:
+            m.tokenizer_cache_hits.set(self.tokenizer.cache_hits)
+        resp = web.Response(body=generate_latest(m.registry))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    async def handle_models(self, request: web.Request) -> web.StreamResponse:
+        assert self.session is not None
+        for pod in self.pool.available():
+            try:
+                async with self.session.get(pod.url + "/v1/models", headers=_forward_headers(request.headers)) as r:
+                    data = await r.read()
+                    if r.status == 200:
+                        return web.Response(body=data, content_type="application/json")
+            except (aiohttp.ClientError, OSError):
+                self.pool.report_failure(pod, "GET /v1/models failed")
+        if self.models:
+            created = int(time.time())
+            data_list = [{"id": m, "object": "model", "created": created, "owned_by": "vllm-llmd"} for m in self.models]
+            return web.json_response({"object": "list", "data": data_list})
+        return error_response(
+            503, "no pod available", "ServiceUnavailableError", {"Retry-After": str(self.pool.retry_after_s())}
+        )
+
+    # ---- generation --------------------------------------------------------------------------
+    async def handle_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "/v1/completions", chat=False)
+
+    async def handle_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "/v1/chat/completions", chat=True)
+
+    async def _read_json(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as e:
+            raise _HTTPError(
+                413, f"request body exceeds {self.cfg.max_body_bytes} bytes", "RequestTooLargeError"
+            ) from e
+        if not body:
+            raise _HTTPError(400, "empty request body: expected a JSON object", "BadRequestError")
+        try:
+            payload = _decoder.decode(body)
+        except msgspec.DecodeError as e:
+            raise _HTTPError(400, f"malformed JSON body: {e}", "BadRequestError") from e
+        if not isinstance(payload, dict):
+            raise _HTTPError(400, "the JSON body must be an object", "BadRequestError")
+        return body, payload
+
+    def _check_model(self, payload: dict[str, Any]) -> str:
+        model = payload.get("model")
+        if model is None:
+            return self.default_model or ""
+        if not isinstance(model, str):
+            raise _HTTPError(400, "'model' must be a string", "BadRequestError")
+        if self.models and model not in self.models:
+            raise _HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
+        return model
+
+    def _sched_request(self, payload: dict[str, Any], model: str, chat: bool, session_id: str | None) -> SchedRequest:
+        tok = self.tokenizer
+        token_ids: list[int] | None = None
+        text = ""
+        if chat:
+            messages = payload.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise _HTTPError(400, "'messages' must be a non-empty list", "BadRequestError")
+            if tok is not None and tok.has_chat_template:
+                try:
+                    token_ids = tok.encode_chat(payload)
+                except Exception as e:  # a template error is the engine's to report; route approximately
+                    log.debug("chat template failed: %s", e)
+            if token_ids is None:
+                if tok is not None and not self._chat_fallback_logged:
+                    log.warning("chat template unavailable or failing: chat requests use approximate scoring")
+                    self._chat_fallback_logged = True
+                text = "".join(
+                    f"{m.get('role', '')}: {m.get('content', '')}\n" if isinstance(m, dict) else str(m)
+                    for m in messages
+                )
+        else:
+            prompt = payload.get("prompt")
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+                prompt = prompt[0]  # a batch: route by its first prompt
+            if isinstance(prompt, str):
+                text = prompt
+                if tok is not None:
+                    token_ids = tok.encode(prompt, add_special_tokens=bool(payload.get("add_special_tokens", True)))
+            elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+                token_ids = prompt
+            else:
+                raise _HTTPError(400, "'prompt' must be a string, a list of strings or token ids", "BadRequestError")
+        bs = self.scheduler.ctx.block_size
+        lora = None
+        if token_ids is not None:
+            if self.index is not None and hasattr(self.index, "block_keys"):
+                keys = self.index.block_keys(model, token_ids, lora=lora)
+            else:
+                keys = token_block_keys(token_ids, bs)
+            n = len(token_ids)
+        else:
+            keys = text_block_keys(text, bs)
+            n = max(1, len(text) // 4)
+        mt = payload.get("max_tokens", payload.get("max_completion_tokens"))
+        if mt is None:
+            mt = _DEFAULT_MAX_TOKENS
+        elif not isinstance(mt, int) or isinstance(mt, bool) or mt < 0:
+            raise _HTTPError(400, "'max_tokens' must be a non-negative integer", "BadRequestError")
+        return SchedRequest(model, token_ids, text, n, mt, keys, session_id=session_id, lora=lora)
+
+    def _candidates(self, pods: list[Pod]) -> list[Candidate]:
+        inflight = self.inflight
+        return [
+            Candidate(
+                id=p.id,
+                prefill_speed=p.prefill_speed,
+                has_events=p.config.events is not None,
+                role=p.role,
+                load=inflight.load(p.id),
+                metrics=p.metrics,
+                capacity_blocks=p.capacity_blocks,
+            )
+            for p in pods
+        ]
+
+    async def _generate(self, request: web.Request, path: str, chat: bool) -> web.StreamResponse:
+        m = self.metrics
+        try:
+            body, payload = await self._read_json(request)
+            t0 = time.perf_counter()
+            model = self._check_model(payload)
+            if "kv_transfer_params" in payload:
+                del payload["kv_transfer_params"]
+                body = _encoder.encode(payload)
+            pods = self.pool.available()
+            if not pods:
+                raise _HTTPError(
+                    503, "no healthy pod", "ServiceUnavailableError", {"Retry-After": str(self.pool.retry_after_s())}
+                )
+            req = self._sched_request(payload, model, chat, request.headers.get(self.cfg.session_header))
+            try:
+                decision = self.scheduler.schedule(req, self._candidates(pods))
+            except NoCandidate as e:
+                raise _HTTPError(
+                    503, str(e), "ServiceUnavailableError", {"Retry-After": str(self.pool.retry_after_s())}
+                ) from e
+            m.decision_seconds.observe(time.perf_counter() - t0)
+        except _HTTPError as e:
+            m.requests.labels(path, str(e.status)).inc()
+            return error_response(e.status, e.message, e.err_type, e.headers)
+        self._observe_decision(decision, req)
+        stream = bool(payload.get("stream", False))
+        return await self._forward(request, path, body, req, decision, stream)
+
+    def _observe_decision(self, decision: Decision, req: SchedRequest) -> None:
+        m = self.metrics
+        pid = decision.chosen.id
+        m.decisions.labels(pid).inc()
+        m.predicted_hit_tokens.labels(pid).inc(decision.predicted_cached_tokens)
+        m.prompt_tokens.labels(pid).inc(req.prompt_tokens)
+        for name, scores in decision.scores.items():
+            s = scores.get(pid, 0.0)
+            m.scorer_score.labels(name).observe(s)
+            if s >= max(scores.values()) - 1e-12:
+                m.scorer_decisive.labels(name).inc()
+
+    async def _forward(
+        self, request: web.Request, path: str, body: bytes, req: SchedRequest, decision: Decision, stream: bool
+    ) -> web.StreamResponse:
+        assert self.session is not None
+        m = self.metrics
+        headers = _forward_headers(request.headers)
+        view = req.scratch.get("prefix_view")
+        attempts = decision.ranked[: 1 + self.cfg.pool.max_retries]
+        last_err = ""
+        for i, cand in enumerate(attempts):
+            pod = self.pool.get(cand.id)
+            if pod is None:
+                continue
+            if i > 0:
+                m.retries.labels(pod.id).inc()
+                if req.block_keys:
+                    self.scheduler.ctx.memory.insert(pod.id, req.block_keys)
+            cached = view.cached.get(pod.id, 0) if view is not None else 0
+            ticket = self.inflight.start(pod.id, max(0, req.prompt_tokens - cached), req.max_tokens)
+            pod.inflight_requests += 1
+            try:
+                try:
+                    upstream = await self.session.post(pod.url + path, data=body, headers=headers)
+                except (TimeoutError, aiohttp.ClientConnectionError, OSError) as e:
+                    last_err = f"{type(e).__name__}: {e}"
+                    m.upstream_errors.labels(pod.id, "connect").inc()
+                    self.pool.report_connect_failure(pod, last_err)
+                    continue
+                try:
+                    return await self._relay(request, path, upstream, pod, ticket, stream)
+                finally:
+                    upstream.release()
+            finally:
+                self.inflight.done(ticket)
+                pod.inflight_requests -= 1
+        m.requests.labels(path, "502").inc()
+        return error_response(502, f"no pod could take the request ({last_err})", "BadGatewayError")
+
+    async def _relay(
+        self,
+        request: web.Request,
+        path: str,
+        upstream: aiohttp.ClientResponse,
+        pod: Pod,
+        ticket: Any,
+        stream: bool,
+    ) -> web.StreamResponse:
+        m = self.metrics
+        if upstream.status >= 500:
+            self.pool.report_failure(pod, f"HTTP {upstream.status}")
+            m.upstream_errors.labels(pod.id, "5xx").inc()
+        else:
+            self.pool.report_success(pod)
+        resp_headers = _forward_headers(upstream.headers)
+        m.requests.labels(path, str(upstream.status)).inc()
+        if not stream:
+            try:
+                data = await upstream.read()
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                m.upstream_errors.labels(pod.id, "midstream").inc()
+                self.pool.report_failure(pod, f"response body failed: {e}")
+                return error_response(502, f"pod {pod.id} failed while answering: {e}", "BadGatewayError")
+            self.inflight.first_token(ticket)
+            self._observe_reported(pod, data)
+            return web.Response(status=upstream.status, body=data, headers=resp_headers)
+        out = web.StreamResponse(status=upstream.status, headers=resp_headers)
+        await out.prepare(request)
+        first = True
+        it = upstream.content.iter_any().__aiter__()
+        while True:
+            try:
+                chunk = await it.__anext__()
+            except StopAsyncIteration:
+                break
+            except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+                # the pod failed mid-stream: the client already has bytes, so it cannot be retried
+                m.upstream_errors.labels(pod.id, "midstream").inc()
+                self.pool.report_failure(pod, f"stream broke: {e}")
+                upstream.close()
+                raise ConnectionResetError(f"upstream {pod.id} failed mid-stream") from e
+            if first:
+                self.inflight.first_token(ticket)
+                first = False
+            try:
+                await out.write(chunk)
+            except (ConnectionResetError, asyncio.CancelledError):
+                upstream.close()  # the client went away: drop the upstream so the engine aborts
+                raise
+            if b"cached_tokens" in chunk:
+                self._observe_reported(pod, chunk)
+        await out.write_eof()
+        return out
+
+    def _observe_reported(self, pod: Pod, data: bytes) -> None:
+        mm = _CACHED_TOKENS.search(data)
+        if mm:
+            self.metrics.reported_hit_tokens.labels(pod.id).inc(int(mm.group(1)))
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str, err_type: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.err_type, self.headers = status, message, err_type, headers

@@ -1,0 +1,101 @@
+"""Wire the router together from a :class:`RouterConfig` and run it (``vllm-llmd router``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from vllm_llmd.router.config import RouterConfig
+from vllm_llmd.router.inflight import InflightTracker
+from vllm_llmd.router.metrics import RouterMetrics
+from vllm_llmd.router.pool import PodPool
+from vllm_llmd.router.prefix_memory import PrefixMemory
+from vllm_llmd.router.proxy import RouterApp
+from vllm_llmd.router.scheduling import SchedulingContext, build_scheduler
+from vllm_llmd.router.tokenize import load_tokenizer
+
+log = logging.getLogger("vllm_llmd.router")
+
+
+def _make_index(cfg: RouterConfig) -> tuple[Any, Any]:
+    """The KV event index and its subscriber, or ``(None, None)`` when no pod publishes events."""
+    with_events = [p for p in cfg.pods if p.events]
+    if not with_events:
+        return None, None
+    from vllm_llmd.index import KVBlockIndex, KVEventSubscriber
+
+    index = KVBlockIndex(block_size=cfg.index.block_size, capacity_blocks=cfg.index.capacity_blocks)
+    sub = KVEventSubscriber(index)
+    for p in with_events:
+        sub.add_pod(p.pod_id, p.events, p.replay)
+    return index, sub
+
+
+def build_router(cfg: RouterConfig) -> RouterApp:
+    tokenizer = load_tokenizer(
+        cfg.tokenizer.path,
+        prefix_cache_entries=cfg.tokenizer.prefix_cache_entries,
+        chunk_chars=cfg.tokenizer.prefix_cache_chunk_chars,
+    )
+    index = subscriber = None
+    if tokenizer is not None:
+        index, subscriber = _make_index(cfg)
+    elif any(p.events for p in cfg.pods):
+        log.warning("KV events are configured but there is no tokenizer: events are not used")
+    inflight = InflightTracker()
+    ctx = SchedulingContext(
+        index=index,
+        memory=PrefixMemory(cfg.index.memory_blocks_per_pod),
+        inflight=inflight,
+        block_size=cfg.index.block_size,
+        speculative_ttl_s=cfg.index.speculative_ttl_s,
+        metrics_stale_s=cfg.pool.metrics_stale_s,
+    )
+    scheduler = build_scheduler(cfg.profile, ctx)
+    pool = PodPool(cfg.pool)
+    pool.set_pods(cfg.pods)
+    return RouterApp(cfg, pool, scheduler, inflight, tokenizer, RouterMetrics(), index, subscriber)
+
+
+async def serve(router: RouterApp, host: str, port: int, ready: asyncio.Event | None = None) -> None:
+    runner = web.AppRunner(router.app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    await site.start()
+    log.info(
+        "router listening on http://%s:%d, pods: %s", host, port, ", ".join(p.id for p in router.pool.pods) or "none"
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("router shutting down")
+        await runner.cleanup()
+
+
+def run(cfg: RouterConfig) -> int:
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    router = build_router(cfg)
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a base dependency off Windows
+        runner = asyncio.run
+    runner(serve(router, cfg.host, cfg.port))
+    return 0
