@@ -36,7 +36,7 @@ class MaxScorePicker:
         def key(p: Candidate) -> tuple[float, float, int, int]:
             t = totals[p.id]
             # quantise near-ties of the best score into one bucket
-            bucket = 0.0 if best - t <= eps else -t
+            bucket = -best if best - t <= eps else -t
             return (bucket, p.load.prefill_tokens + dw * p.load.decode_tokens, p.load.requests, last.get(p.id, -1))
 
         ranked = sorted(pods, key=key)

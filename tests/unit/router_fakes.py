@@ -1,0 +1,112 @@
+"""Our own in-process OpenAI-style backends for router unit tests (not mocks of a third-party API:
+they answer the few routes the router forwards, in the shape vLLM's OpenAI server uses)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from vllm_llmd.router.config import PodConfig, RouterConfig
+from vllm_llmd.router.proxy import RouterApp
+from vllm_llmd.router.server import build_router
+
+
+@dataclass
+class FakeBackend:
+    name: str
+    received: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    healthy: bool = True
+    #: a streaming answer waits on this after its first chunk (to prove the router does not buffer)
+    gate: asyncio.Event | None = None
+    cached_tokens: int = 0
+    server: TestServer | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.generate)
+        app.router.add_post("/v1/chat/completions", self.generate)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def start(self) -> FakeBackend:
+        self.server = TestServer(self.app(), host="127.0.0.1")
+        await self.server.start_server()
+        return self
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}"
+
+    @property
+    def pod_id(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.port}"
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "test-model", "object": "model"}]})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text='vllm:num_requests_waiting{engine="0"} 0.0\n')
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.received.append(body)
+        self.headers.append(dict(request.headers))
+        usage = {
+            "prompt_tokens": 10,
+            "completion_tokens": 2,
+            "total_tokens": 12,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "id": "cmpl-1",
+                    "object": "text_completion",
+                    "model": body.get("model"),
+                    "served_by": self.name,
+                    "choices": [{"index": 0, "text": "hi", "finish_reason": "length"}],
+                    "usage": usage,
+                },
+                headers={"X-Served-By": self.name},
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Served-By": self.name})
+        await resp.prepare(request)
+        await resp.write(
+            b"data: " + json.dumps({"choices": [{"text": "a"}], "served_by": self.name}).encode() + b"\n\n"
+        )
+        if self.gate is not None:
+            await self.gate.wait()
+        await resp.write(b"data: " + json.dumps({"choices": [{"text": "b"}], "usage": usage}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+async def start_router(cfg: RouterConfig) -> tuple[RouterApp, TestServer]:
+    router = build_router(cfg)
+    server = TestServer(router.app, host="127.0.0.1")
+    await server.start_server()
+    return router, server
+
+
+def config_for(backends: list[FakeBackend], **kw: Any) -> RouterConfig:
+    data: dict[str, Any] = {"models": ["test-model"], "pods": [PodConfig(url=b.url).model_dump() for b in backends]}
+    data.update(kw)
+    return RouterConfig.model_validate(data)
