@@ -310,6 +310,16 @@ class RouterApp:
     def _observe_decision(self, decision: Decision, req: SchedRequest) -> None:
         m = self.metrics
         pid = decision.chosen.id
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "route prompt=%d tokens first_key=%x -> %s predicted_cached=%d totals=%s costs=%s",
+                req.prompt_tokens,
+                req.block_keys[0] if req.block_keys else 0,
+                pid,
+                decision.predicted_cached_tokens,
+                {k: round(v, 3) for k, v in decision.totals.items()},
+                req.scratch.get("estimated_ttft_cost"),
+            )
         m.decisions.labels(pid).inc()
         m.predicted_hit_tokens.labels(pid).inc(decision.predicted_cached_tokens)
         m.prompt_tokens.labels(pid).inc(req.prompt_tokens)
