@@ -25,6 +25,8 @@ class FakeBackend:
     #: a streaming answer waits on this after its first chunk (to prove the router does not buffer)
     gate: asyncio.Event | None = None
     cached_tokens: int = 0
+    #: "before_first_byte": drop the connection before answering; "midstream": after the first chunk
+    die: str | None = None
     server: TestServer | None = None
 
     def app(self) -> web.Application:
@@ -68,6 +70,10 @@ class FakeBackend:
         body = await request.json()
         self.received.append(body)
         self.headers.append(dict(request.headers))
+        if self.die == "before_first_byte":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
         usage = {
             "prompt_tokens": 10,
             "completion_tokens": 2,
@@ -91,6 +97,10 @@ class FakeBackend:
         await resp.write(
             b"data: " + json.dumps({"choices": [{"text": "a"}], "served_by": self.name}).encode() + b"\n\n"
         )
+        if self.die == "midstream":
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
         if self.gate is not None:
             await self.gate.wait()
         await resp.write(b"data: " + json.dumps({"choices": [{"text": "b"}], "usage": usage}).encode() + b"\n\n")

@@ -196,3 +196,30 @@ async def test_metrics_report_decisions_and_engine_cached_tokens(backends, clien
         assert 'llmd_router_scorer_agrees_total{scorer="estimated-ttft"}' in text
     finally:
         await srv.close()
+
+
+async def test_pod_dying_before_first_byte_is_retried_midstream_is_not(backends, client) -> None:
+    router, srv = await start_router(config_for(backends))
+    try:
+        url = f"http://127.0.0.1:{srv.port}/v1/completions"
+        backends[0].die = "before_first_byte"
+        for stream in (False, True):
+            for i in range(3):
+                body = {"model": "test-model", "prompt": f"r{stream}{i}", "max_tokens": 1, "stream": stream}
+                async with client.post(url, json=body) as r:
+                    assert r.status == 200
+                    assert r.headers["X-LLMD-Pod"] == backends[1].pod_id
+                    await r.read()
+        assert len(backends[1].received) == 6
+        # mid-stream: the client has bytes already, so it sees a broken stream and nothing is re-sent
+        backends[0].die, backends[1].die = None, "midstream"
+        router.pool.pods[0].ejected_until = float("inf")  # force the dying pod
+        n0 = len(backends[0].received)
+        body = {"model": "test-model", "prompt": "mid", "max_tokens": 1, "stream": True}
+        async with client.post(url, json=body) as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+        assert len(backends[0].received) == n0
+    finally:
+        await srv.close()

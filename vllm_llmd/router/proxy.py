@@ -332,6 +332,8 @@ class RouterApp:
     async def _forward(
         self, request: web.Request, path: str, body: bytes, req: SchedRequest, decision: Decision, stream: bool
     ) -> web.StreamResponse:
+        """Send to the best pod; until the client has received a byte, a failed pod is replaced by
+        the next one in the ranking (``pool.max_retries`` times)."""
         assert self.session is not None
         m = self.metrics
         headers = _forward_headers(request.headers)
@@ -349,76 +351,84 @@ class RouterApp:
             cached = view.cached.get(pod.id, 0) if view is not None else 0
             ticket = self.inflight.start(pod.id, max(0, req.prompt_tokens - cached), req.max_tokens)
             pod.inflight_requests += 1
+            upstream: aiohttp.ClientResponse | None = None
             try:
-                try:
-                    upstream = await self.session.post(pod.url + path, data=body, headers=headers)
-                except (TimeoutError, aiohttp.ClientConnectionError, OSError) as e:
-                    last_err = f"{type(e).__name__}: {e}"
-                    m.upstream_errors.labels(pod.id, "connect").inc()
-                    self.pool.report_connect_failure(pod, last_err)
-                    continue
-                try:
-                    return await self._relay(request, path, upstream, pod, ticket, stream)
-                finally:
-                    upstream.release()
+                upstream = await self.session.post(pod.url + path, data=body, headers=headers)
+                if stream and upstream.status == 200:
+                    first = await upstream.content.readany()
+                    if not first:
+                        raise aiohttp.ServerDisconnectedError("stream ended before the first byte")
+                    return await self._relay_stream(request, upstream, first, pod, ticket)
+                return await self._relay_whole(request, path, upstream, pod, ticket)
+            except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
+                # nothing has reached the client yet: try the next pod
+                last_err = f"{type(e).__name__}: {e}"
+                m.upstream_errors.labels(pod.id, "before_first_byte").inc()
+                self.pool.report_connect_failure(pod, last_err)
+                continue
             finally:
+                if upstream is not None:
+                    upstream.release()
                 self.inflight.done(ticket)
                 pod.inflight_requests -= 1
         m.requests.labels(path, "502").inc()
         return error_response(502, f"no pod could take the request ({last_err})", "BadGatewayError")
 
-    async def _relay(
-        self,
-        request: web.Request,
-        path: str,
-        upstream: aiohttp.ClientResponse,
-        pod: Pod,
-        ticket: Any,
-        stream: bool,
+    def _response_headers(self, upstream: aiohttp.ClientResponse, pod: Pod) -> dict[str, str]:
+        h = _forward_headers(upstream.headers)
+        h["X-LLMD-Pod"] = pod.id
+        return h
+
+    async def _relay_whole(
+        self, request: web.Request, path: str, upstream: aiohttp.ClientResponse, pod: Pod, ticket: Any
     ) -> web.StreamResponse:
+        """A non-streaming answer (or an error answer): read it whole, then send it."""
         m = self.metrics
+        data = await upstream.read()  # a failure here has sent nothing yet: the caller retries
         if upstream.status >= 500:
             self.pool.report_failure(pod, f"HTTP {upstream.status}")
             m.upstream_errors.labels(pod.id, "5xx").inc()
         else:
             self.pool.report_success(pod)
-        resp_headers = _forward_headers(upstream.headers)
+        self.inflight.first_token(ticket)
+        self._observe_reported(pod, data)
         m.requests.labels(path, str(upstream.status)).inc()
-        if not stream:
-            try:
-                data = await upstream.read()
-            except (TimeoutError, aiohttp.ClientError, OSError) as e:
-                m.upstream_errors.labels(pod.id, "midstream").inc()
-                self.pool.report_failure(pod, f"response body failed: {e}")
-                return error_response(502, f"pod {pod.id} failed while answering: {e}", "BadGatewayError")
-            self.inflight.first_token(ticket)
-            self._observe_reported(pod, data)
-            return web.Response(status=upstream.status, body=data, headers=resp_headers)
-        out = web.StreamResponse(status=upstream.status, headers=resp_headers)
+        return web.Response(status=upstream.status, body=data, headers=self._response_headers(upstream, pod))
+
+    async def _relay_stream(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, first: bytes, pod: Pod, ticket: Any
+    ) -> web.StreamResponse:
+        """Relay an SSE stream chunk by chunk as it arrives (no buffering)."""
+        m = self.metrics
+        self.pool.report_success(pod)
+        self.inflight.first_token(ticket)
+        m.requests.labels(request.path, "200").inc()
+        out = web.StreamResponse(status=upstream.status, headers=self._response_headers(upstream, pod))
         await out.prepare(request)
-        first = True
-        it = upstream.content.iter_any().__aiter__()
-        while True:
+        chunk = first
+        while chunk:
             try:
-                chunk = await it.__anext__()
-            except StopAsyncIteration:
-                break
+                await out.write(chunk)
+            except ConnectionResetError:
+                upstream.close()  # the client went away: drop the upstream so the engine aborts
+                return out
+            except asyncio.CancelledError:
+                upstream.close()
+                raise
+            if b"cached_tokens" in chunk:
+                self._observe_reported(pod, chunk)
+            try:
+                chunk = await upstream.content.readany()
             except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
                 # the pod failed mid-stream: the client already has bytes, so it cannot be retried
                 m.upstream_errors.labels(pod.id, "midstream").inc()
                 self.pool.report_failure(pod, f"stream broke: {e}")
                 upstream.close()
-                raise ConnectionResetError(f"upstream {pod.id} failed mid-stream") from e
-            if first:
-                self.inflight.first_token(ticket)
-                first = False
-            try:
-                await out.write(chunk)
-            except (ConnectionResetError, asyncio.CancelledError):
-                upstream.close()  # the client went away: drop the upstream so the engine aborts
-                raise
-            if b"cached_tokens" in chunk:
-                self._observe_reported(pod, chunk)
+                # the client must see a broken stream, not a clean end: abort its connection
+                log.warning("pod %s failed mid-stream (%s): aborting the client stream", pod.id, e)
+                if request.transport is not None:
+                    request.transport.abort()
+                return out
         await out.write_eof()
         return out
 
