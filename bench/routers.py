@@ -1,0 +1,283 @@
+"""The routers the benchmarks compare, started as child processes and stopped by their own handles.
+
+Each router row is a :class:`RouterKind`: a name, how to build its command line for a list of
+workers, and (for vllm-router's ``kv_aware``) the engine settings it needs. :class:`RouterProcess`
+starts one in its own process group and stops exactly that group, so nothing else on the machine
+is touched. Shared by ``bench/serving.py`` (real engines) and ``bench/overhead/run.py`` (a trivial
+backend).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:port (connections in TIME_WAIT do not count, as for any server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@dataclass
+class Worker:
+    """One backend as a router sees it."""
+
+    url: str
+    events: str | None = None  # tcp://host:port of the KV event publisher
+    replay: str | None = None  # tcp://host:port of the replay endpoint
+    model_dir: Path | None = None
+    served_name: str = "test-model"
+
+
+@dataclass
+class Launch:
+    cmd: list[str]
+    port: int
+    #: extra ports the router opens (e.g. vllm-router's Prometheus listener) that must be free again after stop
+    side_ports: list[int] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RouterKind:
+    name: str
+    label: str
+    build: Callable[[list[Worker], int], Launch]
+    #: environment and extra vLLM flags the engines need for this router (applied to this row only)
+    engine_env: dict[str, str] = field(default_factory=dict)
+    engine_args: list[str] = field(default_factory=list)
+    #: serve the model under its directory path instead of the short name (a router that loads the
+    #: tokenizer from the model identity needs a path it can open)
+    served_name_is_path: bool = False
+    available: Callable[[], str | None] = lambda: None  # None = available, else why not
+
+
+def _vllm_router_bin() -> str | None:
+    cand = VENV_BIN / "vllm-router"
+    if cand.exists():
+        return str(cand)
+    peers = BENCH_DIR / ".venv-peers" / "bin" / "vllm-router"
+    if peers.exists():
+        return str(peers)
+    return shutil.which("vllm-router")
+
+
+def _vllm_router_missing() -> str | None:
+    return None if _vllm_router_bin() else "vllm-router not installed (run bench/setup.sh)"
+
+
+def _vllm_router(policy: str) -> Callable[[list[Worker], int], Launch]:
+    def build(workers: list[Worker], port: int) -> Launch:
+        prom = free_port()
+        cmd = [
+            str(_vllm_router_bin()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--policy",
+            policy,
+            "--worker-urls",
+            *[w.url for w in workers],
+            "--prometheus-port",
+            str(prom),
+            "--prometheus-host",
+            "127.0.0.1",
+            "--worker-startup-check-interval",
+            "1",
+            "--log-level",
+            "warning",
+        ]
+        if policy == "kv_aware":
+            for w in workers:
+                if w.events:
+                    cmd += ["--kv-event-source", f"{w.url}={w.events}"]
+                if w.replay:
+                    cmd += ["--kv-event-replay-source", f"{w.url}={w.replay}"]
+            cmd += ["--kv-event-block-size", "64", "--kv-event-model", workers[0].served_name]
+        return Launch(cmd=cmd, port=port, side_ports=[prom])
+
+    return build
+
+
+def _oracle(workers: list[Worker], port: int) -> Launch:
+    cmd = [sys.executable, str(BENCH_DIR / "oracle_router.py"), "--port", str(port)]
+    for w in workers:
+        cmd += ["--worker", w.url]
+    return Launch(cmd=cmd, port=port)
+
+
+def _ours(workers: list[Worker], port: int) -> Launch:
+    cmd = [str(VENV_BIN / "vllm-llmd"), "router", "--host", "127.0.0.1", "--port", str(port)]
+    for w in workers:
+        spec = w.url
+        if w.events:
+            spec += "=" + w.events + ("," + w.replay if w.replay else "")
+        cmd += ["--worker", spec]
+    if workers and workers[0].model_dir is not None:
+        cmd += ["--tokenizer", str(workers[0].model_dir)]
+    if workers:
+        cmd += ["--model", workers[0].served_name]
+    cmd += ["--log-level", "warning"]
+    return Launch(cmd=cmd, port=port)
+
+
+def _ours_missing() -> str | None:
+    exe = VENV_BIN / "vllm-llmd"
+    if not exe.exists():
+        return "vllm-llmd console script not installed"
+    r = subprocess.run([str(exe), "router", "--help"], capture_output=True, timeout=60)
+    return None if r.returncode == 0 else "`vllm-llmd router` CLI not available yet"
+
+
+ROUTERS: dict[str, RouterKind] = {
+    k.name: k
+    for k in (
+        RouterKind(
+            "rr",
+            "round-robin (vllm-router round_robin)",
+            _vllm_router("round_robin"),
+            available=_vllm_router_missing,
+        ),
+        RouterKind(
+            "cache_aware",
+            "vllm-router cache_aware",
+            _vllm_router("cache_aware"),
+            available=_vllm_router_missing,
+        ),
+        RouterKind(
+            "kv_aware",
+            "vllm-router kv_aware (engine events)",
+            _vllm_router("kv_aware"),
+            # What vllm-router's kv_aware needs from the engines (its docs/kv_aware.md): vLLM's
+            # sha256_cbor block hashes with a fixed hash seed, sent as full bytes.
+            engine_env={"PYTHONHASHSEED": "0", "VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES": "0"},
+            engine_args=["--prefix-caching-hash-algo", "sha256_cbor"],
+            served_name_is_path=True,
+            available=_vllm_router_missing,
+        ),
+        RouterKind("oracle", "static oracle (prefix k -> engine k mod N)", _oracle),
+        RouterKind("ours", "vllm-llmd router (ours)", _ours, available=_ours_missing),
+    )
+}
+
+
+class RouterStartError(RuntimeError):
+    pass
+
+
+class RouterProcess:
+    """A router child process in its own process group; ``stop()`` ends exactly that group."""
+
+    def __init__(self, kind: RouterKind, launch: Launch, log_path: Path) -> None:
+        self.kind = kind
+        self.launch = launch
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.launch.port}"
+
+    def start(self) -> RouterProcess:
+        for p in [self.launch.port, *self.launch.side_ports]:
+            if not port_is_free(p):
+                raise RouterStartError(f"port {p} is busy before starting {self.kind.name}")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(self.launch.env)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(self.launch.cmd)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.launch.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 120.0, path: str = "/v1/models") -> RouterProcess:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RouterStartError(f"{self.kind.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.3)
+        raise RouterStartError(f"{self.kind.name} not ready in {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def get(self, path: str, port: int | None = None) -> str | None:
+        url = f"http://127.0.0.1:{port or self.launch.port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:
+            os.killpg(pgid, signal.SIGKILL)  # nothing of the group may outlive its leader
+        except ProcessLookupError:
+            pass
+        self.proc = None
+        # the listener ports (incl. vllm-router's Prometheus one) must be free again for the next row
+        deadline = time.monotonic() + 15
+        ports = [self.launch.port, *self.launch.side_ports]
+        while time.monotonic() < deadline and not all(port_is_free(p) for p in ports):
+            time.sleep(0.2)
+        busy = [p for p in ports if not port_is_free(p)]
+        if busy:
+            print(f"warning: ports {busy} still busy after stopping {self.kind.name}", file=sys.stderr)
