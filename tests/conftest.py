@@ -67,3 +67,47 @@ def engines(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     finally:
         for e in pair:
             e.stop()
+
+
+@dataclass
+class EnvEventsEngine:
+    """An engine started WITHOUT ``--kv-events-config``: KV events come from ``LLMD_KV_EVENTS=1``."""
+
+    engine: EngineProcess
+    events_endpoint: str
+    replay_endpoint: str
+    pod: str  # "127.0.0.1:<port>", what the plugin puts in the topic (from POD_IP)
+
+
+@pytest.fixture(scope="session")
+def env_events_engine(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnvEventsEngine]:
+    """One engine (block 128, the CPU default) whose KV events are switched on by the plugin from the
+    environment only, as in a Kubernetes pod (``POD_IP`` from the downward API)."""
+    from vllm_llmd.testing.engine import free_port
+
+    logs = Path(os.environ.get("LLMD_TEST_LOG_DIR") or tmp_path_factory.mktemp("engine-logs"))
+    events_port, replay_port = free_port(), free_port()
+    spec = EngineSpec(
+        model=test_model_dir,
+        block_size=128,
+        served_model_name=MODEL_NAME,
+        events_port=None,
+        replay_port=None,
+        extra_env={
+            "LLMD_KV_EVENTS": "1",
+            "LLMD_KV_EVENTS_PORT": str(events_port),
+            "LLMD_KV_EVENTS_REPLAY_PORT": str(replay_port),
+            "POD_IP": "127.0.0.1",
+        },
+    )
+    engine = EngineProcess(spec, logs / "engine-env-events.log")
+    try:
+        engine.start().wait_ready()
+        yield EnvEventsEngine(
+            engine,
+            f"tcp://127.0.0.1:{events_port}",
+            f"tcp://127.0.0.1:{replay_port}",
+            f"127.0.0.1:{spec.port}",
+        )
+    finally:
+        engine.stop()

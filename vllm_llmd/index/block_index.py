@@ -437,13 +437,21 @@ class KVBlockIndex:
                 r = records.get(h)
                 if r is not None:
                     r.ckeys.append(keys[0])
-        aligned = off0 == 0 and bs % cbs == 0 and xb is None
-        ratio = bs // cbs
-        for j, h in enumerate(hashes):
-            if aligned:
-                ck = keys[j * ratio : (j + 1) * ratio]
-                rec_base, rec_pending, rec_owners, rec_pextra = ck[-1] if ck else base, b"", (), b""
+        if off0 == 0 and bs % cbs == 0 and xb is None:
+            # the common case: engine blocks are whole canonical blocks, nothing pending
+            ratio = bs // cbs
+            get = records.get
+            if ratio == 1:
+                for h, k in zip(hashes, keys, strict=True):
+                    old = get(h)
+                    records[h] = _Record([k], tbit | old.tiers if old else tbit, k, b"", (), b"")
             else:
+                for j, h in enumerate(hashes):
+                    ck = keys[j * ratio : (j + 1) * ratio]
+                    old = get(h)
+                    records[h] = _Record(ck, tbit | old.tiers if old else tbit, ck[-1], b"", (), b"")
+        else:
+            for j, h in enumerate(hashes):
                 start = off0 + j * eb
                 end = start + eb
                 ck = keys[start // cb : min(nfull, -(-end // cb))]
@@ -460,11 +468,31 @@ class KVBlockIndex:
                         rec_owners, rec_pextra = owners + own, pextra + xs2
                     else:
                         rec_owners, rec_pextra = own, xs2
-            old = records.get(h)
-            tiers = tbit | (old.tiers if old is not None else 0)
-            records[h] = _Record(ck, tiers, rec_base, rec_pending, rec_owners, rec_pextra)
+                old = records.get(h)
+                tiers = tbit | (old.tiers if old is not None else 0)
+                records[h] = _Record(ck, tiers, rec_base, rec_pending, rec_owners, rec_pextra)
+        # add the pod to every new canonical block (inlined _add_locked: this is the hot loop)
+        table = self._table
+        tget = table.get
+        move = table.move_to_end
+        width = 1 + len(self._tiers)
+        ti = t + 1
         for k in keys:
-            self._add_locked(k, bit, t)
+            e = tget(k)
+            if e is None:
+                e = [0] * width
+                table[k] = e
+            else:
+                move(k)
+                if len(e) <= ti:
+                    e.extend([0] * (ti + 1 - len(e)))
+            e[0] |= bit
+            e[ti] |= bit
+        over = len(table) - self.capacity_blocks
+        if over > 0:
+            for _ in range(over):
+                table.popitem(last=False)
+            c["evictions"] += over
         c["block_events"] += nblocks
 
     def _removed_locked(self, p: _Pod, ev: tuple[Any, ...]) -> None:
