@@ -2,11 +2,15 @@
 
 Data layout (see docs/kv-events.md):
 
-* ``_table``: canonical block key -> ``[any_mask, tier0_mask, tier1_mask, ...]``, where bit ``i``
-  of a mask is the pod with index ``i``. An ``OrderedDict`` in least-recently-stored order gives
-  the LRU bound (``capacity_blocks``).
-* per pod, ``records``: engine block hash -> :class:`_Record` (the canonical keys it covers, the
-  tiers it is held in, and the chain state at its end so children can continue the chain).
+* ``_any``: canonical block key -> pod bitmask (bit ``i`` is the pod with index ``i``) of pods
+  holding it in any tier; an ``OrderedDict`` in least-recently-stored order gives the LRU bound
+  (``capacity_blocks``). ``_tier_masks[t]``: key -> pod bitmask for tier ``t``.
+* per pod, ``records``: engine block hash -> record tuple ``(canonical keys it covers, chain key at
+  its end, pending tokens, pending owners, pending extra)`` so children can continue the chain, and
+  ``tiers``: engine block hash -> bitset of the tiers it is held in.
+
+Everything in these maps is ints, bytes and tuples of them: the garbage collector never has to
+traverse millions of index entries.
 
 ``match`` walks the prompt's canonical keys once, AND-ing pod masks: O(blocks) big-int operations,
 independent of the number of pods holding the prefix.
@@ -77,30 +81,22 @@ class IndexStats:
         return asdict(self)
 
 
-class _Record:
-    """One engine block of one pod."""
-
-    __slots__ = ("base", "ckeys", "owners", "pending", "pextra", "tiers")
-
-    def __init__(
-        self, ckeys: list[int], tiers: int, base: int, pending: bytes, owners: tuple[int, ...], pextra: bytes
-    ) -> None:
-        self.ckeys = ckeys  # complete canonical keys overlapping this block
-        self.tiers = tiers  # bitset of tier ids
-        self.base = base  # canonical key at the last canonical boundary at or before this block's end
-        self.pending = pending  # token bytes between that boundary and this block's end
-        self.owners = owners  # engine hashes overlapping the pending bytes
-        self.pextra = pextra  # extra-key bytes of the pending canonical block
+#: One engine block of one pod: (complete canonical keys overlapping it, canonical key at the last
+#: canonical boundary at or before its end, token bytes between that boundary and its end, engine
+#: hashes overlapping those pending bytes, extra-key bytes of the pending canonical block).
+_Record = tuple[tuple[int, ...], int, bytes, tuple[int, ...], bytes]
+CKEYS, BASE, PENDING, OWNERS, PEXTRA = range(5)
 
 
 class _Pod:
-    __slots__ = ("bit", "index", "last_seq", "name", "nonfull_groups", "recent", "records")
+    __slots__ = ("bit", "index", "last_seq", "name", "nonfull_groups", "recent", "records", "tiers")
 
     def __init__(self, name: str, index: int) -> None:
         self.name = name
         self.index = index
         self.bit = 1 << index
         self.records: dict[int, _Record] = {}
+        self.tiers: dict[int, int] = {}
         self.last_seq: int | None = None
         self.recent: OrderedDict[int, int] = OrderedDict()
         self.nonfull_groups: set[int] = set()
@@ -148,8 +144,9 @@ class KVBlockIndex:
         self.block_size = block_size
         self.capacity_blocks = capacity_blocks
         self._lock = threading.Lock()
-        self._table: OrderedDict[int, list[int]] = OrderedDict()
         self._tiers: list[str] = [t.upper() for t in tiers]
+        self._any: OrderedDict[int, int] = OrderedDict()
+        self._tier_masks: list[dict[int, int]] = [{} for _ in self._tiers]
         self._tier_ids: dict[str, int] = {t: i for i, t in enumerate(self._tiers)}
         self._pods: dict[str, _Pod] = {}
         self._by_index: list[_Pod | None] = []
@@ -211,29 +208,24 @@ class KVBlockIndex:
         if not keys:
             return {}
         with self._lock:
-            table = self._table
-            e = table.get(keys[0])
-            if e is None:
+            anyget = self._any.get
+            topget = self._tier_masks[0].get
+            k = keys[0]
+            active = anyget(k)
+            if not active:
                 return {}
-            active = e[0]
-            nontop = active & ~e[1]
-            entries = [e]
+            nontop = active & ~topget(k, 0)
             ends: list[tuple[int, int]] = []
             n = len(keys)
             for i in range(1, n):
-                e = table.get(keys[i])
-                if e is None:
-                    ends.append((active, i))
-                    active = 0
-                    break
-                m = active & e[0]
+                k = keys[i]
+                m = active & anyget(k, 0)
                 if m != active:
                     ends.append((active ^ m, i))
                     active = m
                     if not m:
                         break
-                nontop |= active & ~e[1]
-                entries.append(e)
+                nontop |= active & ~topget(k, 0)
             if active:
                 ends.append((active, n))
             out: dict[str, PrefixMatch] = {}
@@ -247,17 +239,15 @@ class KVBlockIndex:
                     pod = by_index[low.bit_length() - 1]
                     if pod is None:
                         continue
-                    if low & nontop:
-                        tiers = [self._best_tier(entries[j], low) for j in range(length)]
-                    else:
-                        tiers = [top] * length
+                    mixed = low & nontop  # some matched block of this pod is not in the top tier
+                    tiers = [self._best_tier(keys[j], low) for j in range(length)] if mixed else [top] * length
                     out[pod.name] = PrefixMatch(length * bs, tiers)
             return out
 
-    def _best_tier(self, entry: list[int], bit: int) -> str:
-        for t in range(1, len(entry)):
-            if entry[t] & bit:
-                return self._tiers[t - 1]
+    def _best_tier(self, key: int, bit: int) -> str:
+        for t, masks in enumerate(self._tier_masks):
+            if masks.get(key, 0) & bit:
+                return self._tiers[t]
         return self._tiers[0]  # pragma: no cover - any-mask set implies a tier bit
 
     # ---------------------------------------------------------------- ingest
@@ -334,36 +324,55 @@ class KVBlockIndex:
         if t is None:
             t = self._tier_ids[medium] = len(self._tiers)
             self._tiers.append(medium)
+            self._tier_masks.append({})
         return t
 
-    def _add_locked(self, key: int, bit: int, t: int) -> None:
-        table = self._table
-        e = table.get(key)
-        if e is None:
-            e = [0] * (1 + len(self._tiers))
-            table[key] = e
-            if len(table) > self.capacity_blocks:
-                table.popitem(last=False)
-                self._c["evictions"] += 1
-        else:
-            table.move_to_end(key)
-            if len(e) <= t + 1:
-                e.extend([0] * (t + 2 - len(e)))
-        e[0] |= bit
-        e[t + 1] |= bit
+    def _add_keys_locked(self, keys: Iterable[int], bit: int, t: int) -> None:
+        """Mark ``keys`` held by the pod ``bit`` in tier ``t`` (the hot loop of ingest)."""
+        anyd = self._any
+        aget = anyd.get
+        move = anyd.move_to_end
+        td = self._tier_masks[t]
+        tget = td.get
+        for k in keys:
+            v = aget(k)
+            if v is None:
+                anyd[k] = bit
+            else:
+                anyd[k] = v | bit
+                move(k)
+            td[k] = tget(k, 0) | bit
+        over = len(anyd) - self.capacity_blocks
+        if over > 0:
+            masks = self._tier_masks
+            for _ in range(over):
+                k, _v = anyd.popitem(last=False)
+                for d in masks:
+                    d.pop(k, None)
+            self._c["evictions"] += over
 
     def _clear_locked(self, key: int, bit: int, t: int) -> None:
-        e = self._table.get(key)
-        if e is None or len(e) <= t + 1:
+        """The pod ``bit`` no longer holds ``key`` in tier ``t``."""
+        masks = self._tier_masks
+        td = masks[t]
+        v = td.get(key)
+        if v is None or not v & bit:
             return
-        e[t + 1] &= ~bit
-        held = 0
-        for m in e[1:]:
-            held |= m
-        if not held & bit:
-            e[0] &= ~bit
-            if not e[0]:
-                del self._table[key]
+        v &= ~bit
+        if v:
+            td[key] = v
+        else:
+            del td[key]
+        for d in masks:
+            if d.get(key, 0) & bit:
+                return  # still held in another tier
+        v = self._any.get(key)
+        if v is not None:
+            v &= ~bit
+            if v:
+                self._any[key] = v
+            else:
+                del self._any[key]
 
     def _stored_locked(self, p: _Pod, model: str, ev: tuple[Any, ...]) -> None:
         _, hashes, parent, tokens, bs, medium, lora, extra_keys, group, full = ev
@@ -378,15 +387,15 @@ class KVBlockIndex:
         tbit = 1 << t
         bit = p.bit
         records = p.records
+        ptiers = p.tiers
         if not tokens:  # a location update: known blocks now also in this tier
             for h in hashes:
                 rec = records.get(h)
                 if rec is None:
                     c["orphans"] += 1
                     continue
-                rec.tiers |= tbit
-                for k in rec.ckeys:
-                    self._add_locked(k, bit, t)
+                ptiers[h] = ptiers.get(h, 0) | tbit
+                self._add_keys_locked(rec[CKEYS], bit, t)
             c["block_events"] += nblocks
             return
         try:
@@ -404,7 +413,7 @@ class KVBlockIndex:
             if prec is None:
                 c["orphans"] += nblocks
                 return
-            base, pending, owners, pextra = prec.base, prec.pending, prec.owners, prec.pextra
+            _, base, pending, owners, pextra = prec
         cbs = self.block_size
         cb = cbs * TOKEN_BYTES
         eb = bs * TOKEN_BYTES
@@ -436,25 +445,25 @@ class KVBlockIndex:
             for h in owners:
                 r = records.get(h)
                 if r is not None:
-                    r.ckeys.append(keys[0])
+                    records[h] = (r[CKEYS] + (keys[0],), *r[1:])
         if off0 == 0 and bs % cbs == 0 and xb is None:
             # the common case: engine blocks are whole canonical blocks, nothing pending
             ratio = bs // cbs
-            get = records.get
+            tget = ptiers.get
             if ratio == 1:
                 for h, k in zip(hashes, keys, strict=True):
-                    old = get(h)
-                    records[h] = _Record([k], tbit | old.tiers if old else tbit, k, b"", (), b"")
+                    records[h] = ((k,), k, b"", (), b"")
+                    ptiers[h] = tget(h, 0) | tbit
             else:
                 for j, h in enumerate(hashes):
-                    ck = keys[j * ratio : (j + 1) * ratio]
-                    old = get(h)
-                    records[h] = _Record(ck, tbit | old.tiers if old else tbit, ck[-1], b"", (), b"")
+                    ck = tuple(keys[j * ratio : (j + 1) * ratio])
+                    records[h] = (ck, ck[-1], b"", (), b"")
+                    ptiers[h] = tget(h, 0) | tbit
         else:
             for j, h in enumerate(hashes):
                 start = off0 + j * eb
                 end = start + eb
-                ck = keys[start // cb : min(nfull, -(-end // cb))]
+                ck = tuple(keys[start // cb : min(nfull, -(-end // cb))])
                 b = end // cb
                 rec_base = keys[b - 1] if b > 0 else base
                 rec_pending = buf[b * cb : end]
@@ -468,31 +477,9 @@ class KVBlockIndex:
                         rec_owners, rec_pextra = owners + own, pextra + xs2
                     else:
                         rec_owners, rec_pextra = own, xs2
-                old = records.get(h)
-                tiers = tbit | (old.tiers if old is not None else 0)
-                records[h] = _Record(ck, tiers, rec_base, rec_pending, rec_owners, rec_pextra)
-        # add the pod to every new canonical block (inlined _add_locked: this is the hot loop)
-        table = self._table
-        tget = table.get
-        move = table.move_to_end
-        width = 1 + len(self._tiers)
-        ti = t + 1
-        for k in keys:
-            e = tget(k)
-            if e is None:
-                e = [0] * width
-                table[k] = e
-            else:
-                move(k)
-                if len(e) <= ti:
-                    e.extend([0] * (ti + 1 - len(e)))
-            e[0] |= bit
-            e[ti] |= bit
-        over = len(table) - self.capacity_blocks
-        if over > 0:
-            for _ in range(over):
-                table.popitem(last=False)
-            c["evictions"] += over
+                records[h] = (ck, rec_base, rec_pending, rec_owners, rec_pextra)
+                ptiers[h] = ptiers.get(h, 0) | tbit
+        self._add_keys_locked(keys, bit, t)
         c["block_events"] += nblocks
 
     def _removed_locked(self, p: _Pod, ev: tuple[Any, ...]) -> None:
@@ -505,16 +492,20 @@ class KVBlockIndex:
         tbit = 1 << t
         bit = p.bit
         records = p.records
+        ptiers = p.tiers
         for h in hashes:
-            rec = records.get(h)
-            if rec is None:
+            held = ptiers.get(h)
+            if held is None:
                 c["unknown_removals"] += 1
                 continue
-            if rec.tiers & tbit:
-                rec.tiers &= ~tbit
-                for k in rec.ckeys:
+            if held & tbit:
+                held &= ~tbit
+                for k in records[h][CKEYS]:
                     self._clear_locked(k, bit, t)
-            if not rec.tiers:
+            if held:
+                ptiers[h] = held
+            else:
+                del ptiers[h]
                 del records[h]
         c["block_events"] += len(hashes)
 
@@ -532,18 +523,29 @@ class KVBlockIndex:
         return p
 
     def _reset_pod_locked(self, p: _Pod) -> None:
-        table = self._table
+        anyd = self._any
+        masks = self._tier_masks
         keep = ~p.bit
         for rec in p.records.values():
-            for k in rec.ckeys:
-                e = table.get(k)
-                if e is None:
+            for k in rec[CKEYS]:
+                v = anyd.get(k)
+                if v is None:
                     continue
-                for i in range(len(e)):
-                    e[i] &= keep
-                if not e[0]:
-                    del table[k]
+                for d in masks:
+                    m = d.get(k)
+                    if m is not None:
+                        m &= keep
+                        if m:
+                            d[k] = m
+                        else:
+                            del d[k]
+                v &= keep
+                if v:
+                    anyd[k] = v
+                else:
+                    del anyd[k]
         p.records.clear()
+        p.tiers.clear()
         p.nonfull_groups.clear()
 
     def reset_pod(self, pod: str) -> None:
@@ -588,7 +590,7 @@ class KVBlockIndex:
             return IndexStats(
                 block_size=self.block_size,
                 capacity_blocks=self.capacity_blocks,
-                blocks=len(self._table),
+                blocks=len(self._any),
                 pods=len(self._pods),
                 engine_blocks=sum(len(p.records) for p in self._pods.values()),
                 **self._c,
