@@ -89,8 +89,6 @@ class PoolConfig(_Strict):
 
 class TokenizerConfig(_Strict):
     path: str | None = None
-    #: threads that tokenize prompts (0: tokenize on the event loop)
-    threads: int = Field(default=0, ge=0)
     #: prompt-prefix tokenization cache (entries; 0 disables)
     prefix_cache_entries: int = Field(default=4096, ge=0)
     prefix_cache_chunk_chars: int = Field(default=1024, ge=64)
