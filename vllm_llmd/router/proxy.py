@@ -304,6 +304,7 @@ class RouterApp:
             m.requests.labels(path, str(e.status)).inc()
             return error_response(e.status, e.message, e.err_type, e.headers)
         self._observe_decision(decision, req)
+        request["llmd_predicted_cached"] = decision.predicted_cached_tokens
         stream = bool(payload.get("stream", False))
         return await self._forward(request, path, body, req, decision, stream)
 
@@ -349,6 +350,7 @@ class RouterApp:
                 if req.block_keys:
                     self.scheduler.ctx.memory.insert(pod.id, req.block_keys)
             cached = view.cached.get(pod.id, 0) if view is not None else 0
+            request["llmd_predicted_cached"] = cached
             ticket = self.inflight.start(pod.id, max(0, req.prompt_tokens - cached), req.max_tokens)
             pod.inflight_requests += 1
             upstream: aiohttp.ClientResponse | None = None
@@ -374,9 +376,10 @@ class RouterApp:
         m.requests.labels(path, "502").inc()
         return error_response(502, f"no pod could take the request ({last_err})", "BadGatewayError")
 
-    def _response_headers(self, upstream: aiohttp.ClientResponse, pod: Pod) -> dict[str, str]:
+    def _response_headers(self, request: web.Request, upstream: aiohttp.ClientResponse, pod: Pod) -> dict[str, str]:
         h = _forward_headers(upstream.headers)
         h["X-LLMD-Pod"] = pod.id
+        h["X-LLMD-Predicted-Cached-Tokens"] = str(request.get("llmd_predicted_cached", 0))
         return h
 
     async def _relay_whole(
@@ -393,7 +396,7 @@ class RouterApp:
         self.inflight.first_token(ticket)
         self._observe_reported(pod, data)
         m.requests.labels(path, str(upstream.status)).inc()
-        return web.Response(status=upstream.status, body=data, headers=self._response_headers(upstream, pod))
+        return web.Response(status=upstream.status, body=data, headers=self._response_headers(request, upstream, pod))
 
     async def _relay_stream(
         self, request: web.Request, upstream: aiohttp.ClientResponse, first: bytes, pod: Pod, ticket: Any
@@ -403,7 +406,7 @@ class RouterApp:
         self.pool.report_success(pod)
         self.inflight.first_token(ticket)
         m.requests.labels(request.path, "200").inc()
-        out = web.StreamResponse(status=upstream.status, headers=self._response_headers(upstream, pod))
+        out = web.StreamResponse(status=upstream.status, headers=self._response_headers(request, upstream, pod))
         await out.prepare(request)
         chunk = first
         while chunk:
