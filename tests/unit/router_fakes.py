@@ -80,6 +80,26 @@ class FakeBackend:
             "total_tokens": 12,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+        kv = body.get("kv_transfer_params") or {}
+        if kv.get("do_remote_decode"):
+            # what vLLM's NixlConnector producer answers on a prefill leg (vllm/distributed/
+            # kv_transfer/kv_connector/v1/nixl/: request_finished -> kv_transfer_params)
+            return web.json_response(
+                {
+                    "id": "cmpl-p",
+                    "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+                    "kv_transfer_params": {
+                        "do_remote_prefill": True,
+                        "do_remote_decode": False,
+                        "remote_block_ids": [1, 2],
+                        "remote_engine_id": f"engine-{self.name}",
+                        "remote_request_id": "req-1",
+                        "remote_host": "127.0.0.1",
+                        "remote_port": 5600,
+                        "tp_size": 1,
+                    },
+                }
+            )
         if not body.get("stream"):
             return web.json_response(
                 {

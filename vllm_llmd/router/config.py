@@ -104,6 +104,15 @@ class IndexConfig(_Strict):
     speculative_ttl_s: float = Field(default=10.0, ge=0)
 
 
+class PDConfig(_Strict):
+    """Prefill/decode disaggregation, active when the pool has ``role: prefill`` pods."""
+
+    #: disaggregate when the chosen decode pod would compute more than this many prompt tokens itself
+    threshold_tokens: int = Field(default=256, ge=0)
+    #: profile that picks the prefill pod (default: the main profile)
+    prefill_profile: ProfileConfig | None = None
+
+
 class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -114,6 +123,7 @@ class RouterConfig(_Strict):
     pool: PoolConfig = Field(default_factory=PoolConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
+    pd: PDConfig = Field(default_factory=PDConfig)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     #: request header that carries a session id (session-affinity scorer)
     session_header: str = "x-session-id"

@@ -49,6 +49,12 @@ class RouterMetrics:
         self.upstream_errors = Counter(
             "llmd_router_upstream_errors", "Upstream failures by pod and kind", ["pod", "kind"], registry=r
         )
+        self.pd_requests = Counter(
+            "llmd_router_pd_requests",
+            "Requests in a pool with prefill pods, by outcome (disaggregated, aggregated, fallback)",
+            ["outcome"],
+            registry=r,
+        )
         self.inflight = Gauge("llmd_router_inflight_requests", "Router requests in flight", ["pod"], registry=r)
         self.pod_available = Gauge("llmd_router_pod_available", "1 if the pod takes traffic", ["pod"], registry=r)
         self.index_blocks = Gauge("llmd_router_index_blocks", "Block keys in the KV event index", registry=r)

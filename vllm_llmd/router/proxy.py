@@ -11,12 +11,20 @@ import asyncio
 import logging
 import re
 import time
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import msgspec
 from aiohttp import web
 
+from vllm_llmd.pd import (
+    PDError,
+    build_decode_request,
+    build_prefill_request,
+    should_disaggregate,
+    strip_client_kv_params,
+)
 from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.inflight import InflightTracker
 from vllm_llmd.router.metrics import RouterMetrics
@@ -47,6 +55,8 @@ HOP_BY_HOP = frozenset(
 )
 _CACHED_TOKENS = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 _DEFAULT_MAX_TOKENS = 16  # vLLM's completions default; chat defaults to "the rest of the context"
+_PREDICTED = web.RequestKey("llmd_predicted_cached", int)
+_PREFILL_POD = web.RequestKey("llmd_prefill_pod", str)
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
@@ -85,10 +95,12 @@ class RouterApp:
         metrics: RouterMetrics,
         index: Any | None = None,
         subscriber: Any | None = None,
+        prefill_scheduler: Scheduler | None = None,
     ) -> None:
         self.cfg = cfg
         self.pool = pool
         self.scheduler = scheduler
+        self.prefill_scheduler = prefill_scheduler or scheduler
         self.inflight = inflight
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -284,10 +296,13 @@ class RouterApp:
             body, payload = await self._read_json(request)
             t0 = time.perf_counter()
             model = self._check_model(payload)
-            if "kv_transfer_params" in payload:
-                del payload["kv_transfer_params"]
+            extra = payload.get("extra_body")
+            if "kv_transfer_params" in payload or (isinstance(extra, dict) and "kv_transfer_params" in extra):
+                payload = strip_client_kv_params(payload)
                 body = _encoder.encode(payload)
-            pods = self.pool.available()
+            available = self.pool.available()
+            pods = [p for p in available if p.role != "prefill"]
+            prefill_pods = [p for p in available if p.role == "prefill"]
             if not pods:
                 raise _HTTPError(
                     503, "no healthy pod", "ServiceUnavailableError", {"Retry-After": str(self.pool.retry_after_s())}
@@ -304,9 +319,68 @@ class RouterApp:
             m.requests.labels(path, str(e.status)).inc()
             return error_response(e.status, e.message, e.err_type, e.headers)
         self._observe_decision(decision, req)
-        request["llmd_predicted_cached"] = decision.predicted_cached_tokens
+        request[_PREDICTED] = decision.predicted_cached_tokens
         stream = bool(payload.get("stream", False))
-        return await self._forward(request, path, body, req, decision, stream)
+        remote_kv = False
+        if prefill_pods:
+            if should_disaggregate(req.prompt_tokens, decision.predicted_cached_tokens, self.cfg.pd.threshold_tokens):
+                decode_body = await self._prefill_leg(request, path, payload, req, prefill_pods, chat)
+                if decode_body is not None:
+                    body, remote_kv = decode_body, True
+                    m.pd_requests.labels("disaggregated").inc()
+                else:
+                    m.pd_requests.labels("fallback").inc()
+            else:
+                m.pd_requests.labels("aggregated").inc()
+        return await self._forward(request, path, body, req, decision, stream, remote_kv)
+
+    async def _prefill_leg(
+        self,
+        request: web.Request,
+        path: str,
+        payload: dict[str, Any],
+        req: SchedRequest,
+        prefill_pods: list[Pod],
+        chat: bool,
+    ) -> bytes | None:
+        """Run the prefill leg on a prefill pod; the decode body (with the prefill engine's
+        ``kv_transfer_params``), or ``None`` to serve the request aggregated on the decode pod."""
+        assert self.session is not None
+        preq = replace(req, scratch={})
+        try:
+            decision = self.prefill_scheduler.schedule(preq, self._candidates(prefill_pods))
+        except NoCandidate:
+            return None
+        leg = _encoder.encode(build_prefill_request(payload, chat=chat))
+        headers = _forward_headers(request.headers)
+        for cand in decision.ranked[: 1 + self.cfg.pool.max_retries]:
+            pod = self.pool.get(cand.id)
+            if pod is None:
+                continue
+            ticket = self.inflight.start(pod.id, max(0, req.prompt_tokens - decision.predicted_cached_tokens), 1)
+            pod.inflight_requests += 1
+            try:
+                async with self.session.post(pod.url + path, data=leg, headers=headers) as r:
+                    data = await r.read()
+                    if r.status != 200:
+                        log.warning("prefill pod %s answered %d: serving aggregated", pod.id, r.status)
+                        if r.status >= 500:
+                            self.pool.report_failure(pod, f"prefill HTTP {r.status}")
+                        return None
+                self.pool.report_success(pod)
+                decode = build_decode_request(payload, _decoder.decode(data))
+                request[_PREFILL_POD] = pod.id
+                return _encoder.encode(decode)
+            except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
+                self.pool.report_connect_failure(pod, f"prefill leg: {type(e).__name__}: {e}")
+                continue
+            except (PDError, msgspec.DecodeError) as e:
+                log.warning("prefill pod %s gave no usable kv_transfer_params (%s): serving aggregated", pod.id, e)
+                return None
+            finally:
+                self.inflight.done(ticket)
+                pod.inflight_requests -= 1
+        return None
 
     def _observe_decision(self, decision: Decision, req: SchedRequest) -> None:
         m = self.metrics
@@ -331,7 +405,14 @@ class RouterApp:
                 m.scorer_decisive.labels(name).inc()
 
     async def _forward(
-        self, request: web.Request, path: str, body: bytes, req: SchedRequest, decision: Decision, stream: bool
+        self,
+        request: web.Request,
+        path: str,
+        body: bytes,
+        req: SchedRequest,
+        decision: Decision,
+        stream: bool,
+        remote_kv: bool = False,
     ) -> web.StreamResponse:
         """Send to the best pod; until the client has received a byte, a failed pod is replaced by
         the next one in the ranking (``pool.max_retries`` times)."""
@@ -350,8 +431,10 @@ class RouterApp:
                 if req.block_keys:
                     self.scheduler.ctx.memory.insert(pod.id, req.block_keys)
             cached = view.cached.get(pod.id, 0) if view is not None else 0
-            request["llmd_predicted_cached"] = cached
-            ticket = self.inflight.start(pod.id, max(0, req.prompt_tokens - cached), req.max_tokens)
+            request[_PREDICTED] = cached
+            # with remote KV the decode pod loads the prompt instead of computing it
+            uncached = 0 if remote_kv else max(0, req.prompt_tokens - cached)
+            ticket = self.inflight.start(pod.id, uncached, req.max_tokens)
             pod.inflight_requests += 1
             upstream: aiohttp.ClientResponse | None = None
             try:
@@ -379,7 +462,9 @@ class RouterApp:
     def _response_headers(self, request: web.Request, upstream: aiohttp.ClientResponse, pod: Pod) -> dict[str, str]:
         h = _forward_headers(upstream.headers)
         h["X-LLMD-Pod"] = pod.id
-        h["X-LLMD-Predicted-Cached-Tokens"] = str(request.get("llmd_predicted_cached", 0))
+        h["X-LLMD-Predicted-Cached-Tokens"] = str(request.get(_PREDICTED, 0))
+        if _PREFILL_POD in request:
+            h["X-LLMD-Prefill-Pod"] = request[_PREFILL_POD]
         return h
 
     async def _relay_whole(

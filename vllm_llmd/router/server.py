@@ -56,9 +56,10 @@ def build_router(cfg: RouterConfig) -> RouterApp:
         metrics_stale_s=cfg.pool.metrics_stale_s,
     )
     scheduler = build_scheduler(cfg.profile, ctx)
+    prefill_scheduler = build_scheduler(cfg.pd.prefill_profile or cfg.profile, ctx, "pd.prefill_profile")
     pool = PodPool(cfg.pool)
     pool.set_pods(cfg.pods)
-    return RouterApp(cfg, pool, scheduler, inflight, tokenizer, RouterMetrics(), index, subscriber)
+    return RouterApp(cfg, pool, scheduler, inflight, tokenizer, RouterMetrics(), index, subscriber, prefill_scheduler)
 
 
 async def serve(router: RouterApp, host: str, port: int, ready: asyncio.Event | None = None) -> None:
