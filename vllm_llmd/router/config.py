@@ -91,7 +91,7 @@ class TokenizerConfig(_Strict):
     path: str | None = None
     #: prompt-prefix tokenization cache (entries; 0 disables)
     prefix_cache_entries: int = Field(default=4096, ge=0)
-    prefix_cache_chunk_chars: int = Field(default=1024, ge=64)
+    prefix_cache_chunk_chars: int = Field(default=256, ge=64)
 
 
 class IndexConfig(_Strict):

@@ -110,6 +110,7 @@ class RouterApp:
         self.models = set(cfg.models)
         self.default_model = cfg.models[0] if cfg.models else None
         self._chat_fallback_logged = False
+        self._cand_cache: dict[str, _CachedCandidate] = {}
         self.app = web.Application(client_max_size=cfg.max_body_bytes)
         self.app.router.add_post("/v1/completions", self.handle_completions)
         self.app.router.add_post("/v1/chat/completions", self.handle_chat)
@@ -276,19 +277,31 @@ class RouterApp:
         return SchedRequest(model, token_ids, text, n, mt, keys, session_id=session_id, lora=lora)
 
     def _candidates(self, pods: list[Pod]) -> list[Candidate]:
-        inflight = self.inflight
-        return [
-            Candidate(
-                id=p.id,
-                prefill_speed=p.prefill_speed,
-                has_events=p.config.events is not None,
-                role=p.role,
-                load=inflight.load(p.id),
-                metrics=p.metrics,
-                capacity_blocks=p.capacity_blocks,
-            )
-            for p in pods
-        ]
+        """The scheduler's view of ``pods``; one cached :class:`Candidate` per pod (its load is a
+        live reference), refreshed only where the pod's scraped metrics changed."""
+        cache = self._cand_cache
+        out = []
+        for p in pods:
+            c = cache.get(p.id)
+            if c is None or c.pod is not p:
+                c = cache[p.id] = _CachedCandidate(
+                    Candidate(
+                        id=p.id,
+                        prefill_speed=p.prefill_speed,
+                        has_events=p.config.events is not None,
+                        role=p.role,
+                        load=self.inflight.load(p.id),
+                        metrics=p.metrics,
+                        capacity_blocks=p.capacity_blocks,
+                    ),
+                    p,
+                )
+            cand = c.cand
+            if cand.metrics is not p.metrics:
+                cand.metrics = p.metrics
+                cand.capacity_blocks = p.capacity_blocks
+            out.append(cand)
+        return out
 
     async def _generate(self, request: web.Request, path: str, chat: bool) -> web.StreamResponse:
         m = self.metrics
@@ -524,6 +537,13 @@ class RouterApp:
         mm = _CACHED_TOKENS.search(data)
         if mm:
             self.metrics.reported_hit_tokens.labels(pod.id).inc(int(mm.group(1)))
+
+
+class _CachedCandidate:
+    __slots__ = ("cand", "pod")
+
+    def __init__(self, cand: Candidate, pod: Pod) -> None:
+        self.cand, self.pod = cand, pod
 
 
 class _HTTPError(Exception):

@@ -55,7 +55,7 @@ def _content_text(content: Any) -> str:
 class PromptTokenizer:
     """Tokenizes completion prompts and chat conversations; thread-safe for concurrent encodes."""
 
-    def __init__(self, model_dir: str | Path, prefix_cache_entries: int = 4096, chunk_chars: int = 1024) -> None:
+    def __init__(self, model_dir: str | Path, prefix_cache_entries: int = 4096, chunk_chars: int = 256) -> None:
         from tokenizers import Tokenizer
 
         d = Path(model_dir)
