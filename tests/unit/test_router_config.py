@@ -62,3 +62,14 @@ def test_cli_check_reports_plugin_errors(tmp_path: Path, capsys: pytest.CaptureF
     assert rc == 2 and "duplicate pods" in capsys.readouterr().err
     rc = main(["router", "--worker", "http://127.0.0.1:9=tcp://127.0.0.1:10", "--check"])
     assert rc == 0 and "config OK: 1 pods" in capsys.readouterr().out
+
+
+def test_shipped_example_config_builds() -> None:
+    from importlib.resources import files
+
+    from vllm_llmd.router.server import build_router
+
+    cfg = load_config(str(files("vllm_llmd.router") / "scheduling.example.yaml"))
+    assert [p.pod_id for p in cfg.pods] == ["127.0.0.1:8001", "127.0.0.1:8002"]
+    router = build_router(cfg)  # no tokenizer: the approximate path, events ignored
+    assert [s.scorer.name for s in router.scheduler.scorers] == ["estimated-ttft"]
