@@ -1,0 +1,96 @@
+"""Failover with real engines: kill one engine while the router has traffic in flight; no request
+that had not started streaming is lost; the engine is restarted and takes traffic again.
+
+Runs last (``zz``) because it kills a shared engine; it leaves it running and healthy."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+from router_harness import pod_id, prose, routed
+
+pytestmark = pytest.mark.engine
+
+
+@dataclass
+class Outcome:
+    i: int
+    started: bool = False  # the client received at least one byte of the answer
+    ok: bool = False  # the stream ended with [DONE]
+    pod: str = ""
+    error: str = ""
+
+
+async def _one(s: aiohttp.ClientSession, base: str, i: int, prefix_seed: int | None = None) -> Outcome:
+    o = Outcome(i)
+    body = {
+        "model": "test-model",
+        "prompt": prose(i % 4 if prefix_seed is None else prefix_seed, 200) + f" request {i}",
+        "max_tokens": 24,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    try:
+        async with s.post(base + "/v1/completions", json=body) as r:
+            o.pod = r.headers.get("X-LLMD-Pod", "")
+            if r.status != 200:
+                o.error = f"HTTP {r.status}: {await r.text()}"
+                return o
+            data = b""
+            async for chunk in r.content.iter_any():
+                o.started = True
+                data += chunk
+            o.ok = data.rstrip().endswith(b"data: [DONE]")
+    except (TimeoutError, aiohttp.ClientError) as e:
+        o.error = f"{type(e).__name__}: {e}"
+    return o
+
+
+async def test_engine_killed_mid_run_loses_no_unstarted_request(engines, test_model_dir) -> None:
+    victim, survivor = engines.a, engines.b
+    pool = {"health_interval_s": 0.2, "failure_threshold": 2}
+    loop = asyncio.get_running_loop()
+    async with routed(engines, test_model_dir, pool=pool) as (_router, base), aiohttp.ClientSession() as s:
+        sem = asyncio.Semaphore(6)
+        done: list[Outcome] = []
+
+        async def run(i: int) -> Outcome:
+            async with sem:
+                o = await _one(s, base, i)
+                done.append(o)
+                return o
+
+        tasks = [asyncio.create_task(run(i)) for i in range(36)]
+        deadline = time.monotonic() + 120
+        # kill the victim once it has served some traffic and more is in flight
+        while not any(o.pod == pod_id(victim) and o.ok for o in done) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert any(o.pod == pod_id(victim) for o in done), "the victim never got traffic"
+        killed_after = len(done)
+        await loop.run_in_executor(None, victim.kill)
+        results = await asyncio.gather(*tasks)
+        try:
+            lost = [o for o in results if not o.ok and not o.started]
+            assert not lost, f"requests lost before streaming: {lost}"
+            assert killed_after < len(results)
+            after = [o for o in results if o.ok and o.pod == pod_id(survivor)]
+            assert after, "the survivor served nothing"
+            m = await (await s.get(base + "/metrics")).text()
+            assert "llmd_router_upstream_errors_total" in m
+        finally:
+            # leave the shared engine running and healthy for the rest of the session
+            await loop.run_in_executor(None, lambda: victim.start().wait_ready())
+        # the router notices the restart and sends to the victim again
+        deadline = time.monotonic() + 60
+        seen = False
+        i = 1000
+        while time.monotonic() < deadline and not seen:
+            o = await _one(s, base, i, prefix_seed=i)  # a new prefix: cold on both engines
+            assert o.ok, o
+            seen = o.pod == pod_id(victim)
+            i += 1
+        assert seen, "the restarted engine never got traffic again"
