@@ -205,3 +205,24 @@ def test_remove_pod_and_garbage_on_the_socket(idx: KVBlockIndex, sub: KVEventSub
         assert holds(idx, good) == 0 and idx.pods() == []
     finally:
         raw.close(linger=0)
+
+
+def test_a_failed_sync_is_retried_until_the_replay_endpoint_answers(idx: KVBlockIndex, sub: KVEventSubscriber) -> None:
+    """An engine that is still starting does not answer replay requests yet: keep trying."""
+    raw = zmq.Context.instance().socket(zmq.PUB)
+    port = raw.bind_to_random_port("tcp://127.0.0.1")
+    replay_port = free_port()  # nothing listens there yet
+    sub.replay_timeout_s = 0.2
+    pub = None
+    try:
+        sub.add_pod(POD, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{replay_port}")
+        wait_for(lambda: connected(sub) and sub.stats()[POD].replays >= 2)
+        assert sub.stats()[POD].errors >= 2
+        pub = Publisher(free_port(), replay_port)  # now the replay endpoint comes up, with history
+        early = prompt(7)
+        pub.store(early)
+        wait_for(lambda: holds(idx, early) == 64)
+    finally:
+        raw.close(linger=0)
+        if pub is not None:
+            pub.close()

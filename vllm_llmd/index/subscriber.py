@@ -10,7 +10,9 @@ we ask it with a short-lived DEALER, ``[b"", start_seq]`` -> ``[b"", topic, seq,
   pod's entries and rebuild from the replay). This also rebuilds the index when the router restarts.
 * a live batch after a gap in seq -> fetch the missing batches from the replay endpoint;
 * a live batch whose seq went backwards (and is no duplicate) -> engine restart: drop the pod's
-  entries, replay from 0.
+  entries, replay from 0;
+* a replay that fails (times out: an engine still starting, or overloaded) is retried every
+  second while connected; a gap that could not be filled makes the next sync rebuild the pod.
 
 Without a replay endpoint gaps are only counted, and a restart is noticed at its first batch.
 """
@@ -44,6 +46,8 @@ class _BatchHead(msgspec.Struct, array_like=True):
 
 
 _head = msgspec.msgpack.Decoder(_BatchHead)
+#: seconds between retries of a failed sync (replay request)
+RETRY_SYNC_S = 1.0
 _HANDSHAKE = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
 
 
@@ -70,6 +74,10 @@ class _PodConn:
         self.mon = mon
         self.stats = PodStats(endpoint, replay)
         self.ever_connected = False
+        #: when to (re)try a sync that failed (replay timed out, e.g. an engine still starting)
+        self.sync_due: float | None = None
+        #: a gap could not be filled: the next successful sync drops the pod and rebuilds it
+        self.rebuild = False
 
 
 class KVEventSubscriber:
@@ -236,6 +244,13 @@ class KVEventSubscriber:
                     logger.exception("kv subscriber: error handling %s", conn.pod)
                     with self._stats_lock:
                         conn.stats.errors += 1
+            now = time.monotonic()
+            for conn in list(self._conns.values()):
+                if conn.sync_due is not None and conn.sync_due <= now and conn.stats.connected:
+                    try:
+                        self._sync(conn)
+                    except Exception:
+                        logger.exception("kv subscriber: sync of %s failed", conn.pod)
 
     def _on_monitor(self, conn: _PodConn) -> None:
         assert conn.mon is not None
@@ -339,6 +354,8 @@ class KVEventSubscriber:
             if got is None:
                 conn.stats.errors += 1
         if got is None:
+            conn.rebuild = True  # the missing batches are unknown: rebuild once a replay works
+            conn.sync_due = time.monotonic() + RETRY_SYNC_S
             return
         if start > 0 and got and int.from_bytes(got[0][1], "big") > start:
             logger.info("kv subscriber: %s replay buffer starts after seq %d; resyncing", conn.pod, start)
@@ -360,8 +377,14 @@ class KVEventSubscriber:
             if got is None:
                 conn.stats.errors += 1
         if got is None:
+            conn.sync_due = time.monotonic() + RETRY_SYNC_S
             return
+        conn.sync_due = None
         last = self.index.last_seq(conn.pod)
+        if conn.rebuild:
+            conn.rebuild = False
+            self.index.reset_pod(conn.pod)
+            last = None
         if last is not None:
             same = any(int.from_bytes(f[1], "big") == last and self.index.seen(conn.pod, last, f[2]) for f in got)
             if not same:
