@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", action="append", default=[], help="served model name (repeatable)")
     r.add_argument("--block-size", type=int, default=None, help="router block size in tokens (default 64)")
     r.add_argument("--max-body-bytes", type=int, default=None, help="largest accepted request body")
-    r.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    r.add_argument("--log-level", default=None, type=str.lower, choices=["debug", "info", "warning", "error"])
     r.add_argument("--check", action="store_true", help="validate the configuration and exit")
     r.set_defaults(func=_router)
     return parser
