@@ -493,12 +493,36 @@ class KVBlockIndex:
         bit = p.bit
         records = p.records
         ptiers = p.tiers
+        td = self._tier_masks[t]
+        tget = td.get
+        anyd = self._any
+        aget = anyd.get
+        nbit = ~bit
+        multi_tier = any(d for d in self._tier_masks if d is not td)  # any pod holds any other tier
         for h in hashes:
             held = ptiers.get(h)
             if held is None:
                 c["unknown_removals"] += 1
                 continue
-            if held & tbit:
+            if held == tbit and not multi_tier:
+                # the only tier this pod ever used: clear the tier mask and the any mask inline
+                held = 0
+                for k in records[h][CKEYS]:
+                    v = tget(k)
+                    if v is not None and v & bit:
+                        v &= nbit
+                        if v:
+                            td[k] = v
+                        else:
+                            del td[k]
+                        v = aget(k)
+                        if v is not None:
+                            v &= nbit
+                            if v:
+                                anyd[k] = v
+                            else:
+                                del anyd[k]
+            elif held & tbit:
                 held &= ~tbit
                 for k in records[h][CKEYS]:
                     self._clear_locked(k, bit, t)
