@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_index.py [--pods 100] [--prompt-tokens 8192] [--block-size 64]
 
 Targets (issue 3): >= 500k block events/s ingested; p99 match <= 200 us for 8k-token prompts with
-100 pods' worth of entries. Numbers are printed, never asserted.
+100 pods' worth of entries. Numbers are printed, never asserted. Both wall-clock and thread CPU time
+are printed: on a shared, busy machine the CPU time is the fairer "one core" figure.
 """
 
 from __future__ import annotations
@@ -52,16 +53,16 @@ def ingest_bench(engine_bs: int, canon_bs: int, blocks_per_event: int, n_blocks:
         frames.append([topic, seq_to_bytes(seq), encode_batch(events, ts=time.time())])
         seq += 1
     idx = KVBlockIndex(block_size=canon_bs, capacity_blocks=2_000_000)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     for f in frames:
         idx.ingest("10.0.0.1:8000", f)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
     s = idx.stats()
     assert s.decode_errors == 0 and s.orphans == 0, s
     print(
         f"ingest  engine block {engine_bs:>3} -> index block {canon_bs}: "
-        f"{s.block_events / dt / 1e3:8.0f}k block events/s"
-        f"  ({s.block_events} block events, {len(frames)} batches, {dt:.2f} s; {s.blocks} index blocks)"
+        f"{s.block_events / cpu / 1e3:6.0f}k block events per CPU-second ({s.block_events / dt / 1e3:.0f}k/s wall)"
+        f"  ({s.block_events} block events, {len(frames)} batches; {s.blocks} index blocks)"
     )
 
 
@@ -95,18 +96,22 @@ def match_bench(pods: int, prompt_tokens: int, canon_bs: int, queries: int) -> N
         ("block_keys(...) only   ", lambda i: idx.block_keys(MODEL, prompts[i])),
         ("match_keys(keys)       ", lambda i: idx.match_keys(keys[i])),
     ):
-        lat = []
+        lat, cpu = [], []
         hits = 0
         for i in range(queries):
+            c0 = time.thread_time_ns()
             t0 = time.perf_counter_ns()
             r = fn(i)
             lat.append((time.perf_counter_ns() - t0) / 1e3)
+            cpu.append((time.thread_time_ns() - c0) / 1e3)
             hits += len(r) if isinstance(r, dict) else 0
         lat.sort()
-        p99 = lat[int(len(lat) * 0.99) - 1]
+        cpu.sort()
+        p99 = int(len(lat) * 0.99) - 1
         print(
             f"{label} {prompt_tokens} tokens, {pods} pods, {s.blocks} index blocks: "
-            f"p50 {statistics.median(lat):6.1f} us  p99 {p99:6.1f} us"
+            f"CPU p50 {statistics.median(cpu):6.1f} us p99 {cpu[p99]:6.1f} us | "
+            f"wall p50 {statistics.median(lat):6.1f} us p99 {lat[p99]:6.1f} us"
             + (f"  (avg {hits / queries:.1f} pods matched)" if hits else "")
         )
 
