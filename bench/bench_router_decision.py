@@ -1,0 +1,81 @@
+"""Router decision cost (tokenize + hash + index lookup + schedule) per request, in-process, with
+N pods' worth of KV event index entries; no HTTP. Prints CPU ms per request and wall p50/p99.
+
+    .venv/bin/python bench/bench_router_decision.py --pods 100 --prefixes-per-pod 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from vllm_llmd.router.config import RouterConfig
+from vllm_llmd.router.server import build_router
+from vllm_llmd.testing.model import make_test_model
+from vllm_llmd.wire.kv_events import BlockStored, encode_batch, seq_to_bytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pods", type=int, default=100)
+    ap.add_argument("--prefixes-per-pod", type=int, default=40)
+    ap.add_argument("--prefix-tokens", type=int, default=2048)
+    ap.add_argument("--suffix-tokens", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=3000)
+    args = ap.parse_args()
+    model = make_test_model(Path(tempfile.mkdtemp(prefix="llmd-decision-")) / "small", shape="small")
+    pods = [{"url": f"http://10.0.{i // 250}.{i % 250}:8000", "events": "tcp://127.0.0.1:1"} for i in range(args.pods)]
+    router = build_router(RouterConfig.model_validate({"pods": pods, "tokenizer": {"path": str(model)}}))
+    assert router.tokenizer is not None and router.index is not None
+    tok = router.tokenizer._tok
+    rng = random.Random(0)
+    pool = [[rng.randrange(10, 4000) for _ in range(args.prefix_tokens)] for _ in range(400)]
+    t0 = time.perf_counter()
+    for i, pod in enumerate(router.pool.pods):
+        for j in range(args.prefixes_per_pod):
+            toks = pool[(i * 7 + j) % len(pool)]
+            ev = BlockStored(
+                block_hashes=list(range(j * 1000, j * 1000 + len(toks) // 64)),
+                parent_block_hash=None,
+                token_ids=toks,
+                block_size=64,
+                lora_id=None,
+                medium="GPU",
+                lora_name=None,
+            )
+            router.index.ingest(pod.id, [f"kv@{pod.id}@test-model".encode(), seq_to_bytes(j + 1), encode_batch([ev])])
+    print(f"indexed {router.index.stats().blocks} blocks for {args.pods} pods in {time.perf_counter() - t0:.1f}s")
+    texts = [tok.decode(p) for p in pool[:16]]
+    prompts = [
+        texts[i % 16] + tok.decode([rng.randrange(10, 4000) for _ in range(args.suffix_tokens)])
+        for i in range(args.requests)
+    ]
+    print(f"prompt ~{len(prompts[0])} characters")
+    cands = router.pool.pods
+
+    def one(p: str) -> None:
+        req = router._sched_request({"prompt": p}, "test-model", False, None)
+        router.scheduler.schedule(req, router._candidates(cands))
+
+    for p in prompts[:100]:
+        one(p)
+    lat = []
+    c0 = time.process_time()
+    for p in prompts[100:]:
+        t = time.perf_counter()
+        one(p)
+        lat.append(time.perf_counter() - t)
+    cpu = time.process_time() - c0
+    lat.sort()
+    n = len(lat)
+    print(
+        f"decision over {args.pods} pods: CPU {1e3 * cpu / n:.3f} ms/request (~{n / cpu:.0f} decisions/s/core), "
+        f"wall p50 {1e3 * lat[n // 2]:.3f} ms, p99 {1e3 * lat[int(n * 0.99)]:.3f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
