@@ -21,7 +21,19 @@ MODEL = "bench-model"
 
 
 def stored(hashes: list[int], parent: int | None, tokens: list[int], bs: int) -> BlockStored:
-    return BlockStored(hashes, parent, tokens, bs, None, "GPU", None, group_idx=0, kv_cache_spec_kind="full_attention")
+    # as vLLM 0.32 sends it: extra_keys one None per block, group 0, full attention
+    return BlockStored(
+        hashes,
+        parent,
+        tokens,
+        bs,
+        None,
+        "GPU",
+        None,
+        extra_keys=[None] * len(hashes),
+        group_idx=0,
+        kv_cache_spec_kind="full_attention",
+    )
 
 
 def ingest_bench(engine_bs: int, canon_bs: int, blocks_per_event: int, n_blocks: int) -> None:

@@ -78,7 +78,10 @@ def block_hash(value: object) -> int:
 def _hashes(value: object) -> list[int]:
     if not isinstance(value, list):
         raise BadEvent("block_hashes is not a list")
-    return [block_hash(h) for h in value]
+    try:
+        return [h & MASK64 for h in value]  # the common case: all ints
+    except TypeError:
+        return [block_hash(h) for h in value]
 
 
 def _medium(value: object) -> str:

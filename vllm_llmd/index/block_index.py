@@ -421,7 +421,7 @@ class KVBlockIndex:
         buf = pending + tb if off0 else tb
         nfull = len(buf) // cb
         xb: list[bytes] | None = None
-        if extra_keys is not None:
+        if extra_keys is not None and extra_keys.count(None) != len(extra_keys):
             xb = [_split_extra(x, lora, parent is None and j == 0)[1] for j, x in enumerate(extra_keys)]
             if not any(xb) and not pextra:
                 xb = None
