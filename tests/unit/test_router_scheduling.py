@@ -148,9 +148,13 @@ def test_speculative_entries_expire_in_precise_mode() -> None:
     first = sched.schedule(_req(ctx, _tokens(2, 0)), pods).chosen.id
     d = sched.schedule(_req(ctx, _tokens(2, 1)), pods)
     assert d.chosen.id == first and d.predicted_cached_tokens == 2048
-    ctx.speculative_ttl_s = 0.0  # expired and no event confirmed it: no longer counted
-    ctx.memory.insert("p9", [])  # (touch nothing else)
-    d2 = sched.schedule(_req(ctx, _tokens(2, 2)), pods)
+    # still in flight (no event yet): counted however long it waits
+    ctx.speculative_ttl_s = 0.0
+    assert sched.schedule(_req(ctx, _tokens(2, 2)), pods).predicted_cached_tokens == 2048
+    # the requests finished (the proxy settles the entries) and the TTL passed, no event confirmed it
+    for p in pods:
+        ctx.memory.insert(p.id, _req(ctx, _tokens(2, 0)).block_keys, now=0.0)
+    d2 = sched.schedule(_req(ctx, _tokens(2, 3)), pods)
     assert d2.predicted_cached_tokens == 0
 
 

@@ -5,9 +5,10 @@ Used two ways:
 * **approximate prefix cache** (pods that publish no KV events): every routing decision inserts the
   prompt's block keys for the chosen pod; a per-pod LRU bounded in blocks stands in for the engine's
   own eviction (llm-d's approximate prefix producer, peers.md §3);
-* **speculative entries** (pods with events): a decision counts for ``ttl_s`` seconds, closing the
-  gap between routing a request and the engine's ``BlockStored`` events for it, so concurrent
-  requests of a new prefix follow the first one instead of spreading.
+* **speculative entries** (pods with events): a decision counts while the request is in flight and
+  for ``ttl_s`` seconds after it ends, closing the gap between routing a request and the engine's
+  ``BlockStored`` events for it (a queued request may wait many seconds for its prefill), so
+  concurrent requests of a new prefix follow the first one instead of spreading.
 
 Keys: ``h_0 = seed``, ``h_i = xxh3_64(bytes(block_i), h_{i-1})``; a block is ``block_size`` token ids
 (little-endian uint32) or, without a tokenizer, ``4 * block_size`` UTF-8 characters of the prompt text.
@@ -62,8 +63,10 @@ class PrefixMemory:
         lru = self._lru.get(pod)
         return 0 if lru is None else len(lru)
 
-    def insert(self, pod: str, keys: Iterable[int], now: float | None = None) -> None:
-        t = time.monotonic() if now is None else now
+    def insert(self, pod: str, keys: Iterable[int], now: float | None = None, pending: bool = False) -> None:
+        """Record that ``pod`` got a prompt with ``keys``. ``pending``: the request is still in
+        flight, so the entry does not age until it is inserted again without ``pending``."""
+        t = float("inf") if pending else (time.monotonic() if now is None else now)
         lru = self._lru.setdefault(pod, OrderedDict())
         where = self._where
         for k in keys:

@@ -393,6 +393,8 @@ class RouterApp:
             finally:
                 self.inflight.done(ticket)
                 pod.inflight_requests -= 1
+                if req.block_keys:
+                    self.scheduler.ctx.memory.insert(pod.id, req.block_keys)
         return None
 
     def _observe_decision(self, decision: Decision, req: SchedRequest) -> None:
@@ -442,7 +444,7 @@ class RouterApp:
             if i > 0:
                 m.retries.labels(pod.id).inc()
                 if req.block_keys:
-                    self.scheduler.ctx.memory.insert(pod.id, req.block_keys)
+                    self.scheduler.ctx.memory.insert(pod.id, req.block_keys, pending=True)
             cached = view.cached.get(pod.id, 0) if view is not None else 0
             request[_PREDICTED] = cached
             # with remote KV the decode pod loads the prompt instead of computing it
@@ -469,6 +471,8 @@ class RouterApp:
                     upstream.release()
                 self.inflight.done(ticket)
                 pod.inflight_requests -= 1
+                if req.block_keys:  # the speculative entry starts to age now
+                    self.scheduler.ctx.memory.insert(pod.id, req.block_keys)
         m.requests.labels(path, "502").inc()
         return error_response(502, f"no pod could take the request ({last_err})", "BadGatewayError")
 

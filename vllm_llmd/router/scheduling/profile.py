@@ -54,7 +54,8 @@ class Scheduler:
         cached = view.cached.get(chosen.id, 0)
         # remember the decision: speculative entry (precise mode) / approximate index entry
         if req.block_keys:
-            self.ctx.memory.insert(chosen.id, req.block_keys)
+            # pending until the caller settles it (request finished): see PrefixMemory.insert
+            self.ctx.memory.insert(chosen.id, req.block_keys, pending=True)
         for h in self._hooks:
             h.on_decision(req, chosen)
         return Decision(ranked, totals, per_scorer, cached, max(0, req.prompt_tokens - cached))
