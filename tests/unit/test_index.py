@@ -298,6 +298,9 @@ def test_block_keys_and_match_keys_reuse_the_prompt_hash() -> None:
     assert len(keys) == 3  # the partial tail block has no key
     assert idx.match_keys(keys) == idx.match(MODEL, toks) == {"a:1": PrefixMatch(96, ["GPU"] * 3)}
     assert idx.block_keys(MODEL, toks[:31]) == [] and idx.match(MODEL, []) == {}
+    import numpy as np
+
+    assert idx.block_keys(MODEL, np.array(toks, dtype=np.int64)) == keys
 
 
 def test_match_is_safe_while_another_thread_ingests() -> None:

@@ -30,6 +30,9 @@ def token_bytes(token_ids: Sequence[int]) -> bytes:
     """Token ids as uint32 little-endian bytes (``OverflowError`` / ``TypeError`` on bad ids)."""
     if isinstance(token_ids, bytes | bytearray):
         return bytes(token_ids)
+    astype = getattr(token_ids, "astype", None)  # a numpy array: no per-token Python work at all
+    if astype is not None:
+        return bytes(astype("<u4").tobytes())
     return array("I", token_ids).tobytes()
 
 
