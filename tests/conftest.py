@@ -91,6 +91,7 @@ def env_events_engine(test_model_dir: Path, tmp_path_factory: pytest.TempPathFac
         model=test_model_dir,
         block_size=128,
         served_model_name=MODEL_NAME,
+        cpu_core=0,
         events_port=None,
         replay_port=None,
         extra_env={
