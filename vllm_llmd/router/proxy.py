@@ -18,13 +18,6 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from vllm_llmd.pd import (
-    PDError,
-    build_decode_request,
-    build_prefill_request,
-    should_disaggregate,
-    strip_client_kv_params,
-)
 from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.inflight import InflightTracker
 from vllm_llmd.router.metrics import RouterMetrics
@@ -311,7 +304,10 @@ class RouterApp:
             model = self._check_model(payload)
             extra = payload.get("extra_body")
             if "kv_transfer_params" in payload or (isinstance(extra, dict) and "kv_transfer_params" in extra):
-                payload = strip_client_kv_params(payload)
+                # a client never steers KV transfers (same rule as vllm_llmd.pd.strip_client_kv_params)
+                payload.pop("kv_transfer_params", None)
+                if isinstance(extra, dict):
+                    extra.pop("kv_transfer_params", None)
                 body = _encoder.encode(payload)
             available = self.pool.available()
             pods = [p for p in available if p.role != "prefill"]
@@ -336,6 +332,8 @@ class RouterApp:
         stream = bool(payload.get("stream", False))
         remote_kv = False
         if prefill_pods:
+            from vllm_llmd.pd import should_disaggregate  # P/D code is only needed with prefill pods
+
             if should_disaggregate(req.prompt_tokens, decision.predicted_cached_tokens, self.cfg.pd.threshold_tokens):
                 decode_body = await self._prefill_leg(request, path, payload, req, prefill_pods, chat)
                 if decode_body is not None:
@@ -358,6 +356,8 @@ class RouterApp:
     ) -> bytes | None:
         """Run the prefill leg on a prefill pod; the decode body (with the prefill engine's
         ``kv_transfer_params``), or ``None`` to serve the request aggregated on the decode pod."""
+        from vllm_llmd.pd import PDError, build_decode_request, build_prefill_request
+
         assert self.session is not None
         preq = replace(req, scratch={})
         try:
