@@ -94,6 +94,9 @@ def env_events_engine(test_model_dir: Path, tmp_path_factory: pytest.TempPathFac
         cpu_core=0,
         events_port=None,
         replay_port=None,
+        # no torch.compile warm-up: this engine only has to publish events, and it starts while the
+        # pair is already busy (a compiled start took over 10 minutes on a loaded 2-core box)
+        extra_args=["--enforce-eager"],
         extra_env={
             "LLMD_KV_EVENTS": "1",
             "LLMD_KV_EVENTS_PORT": str(events_port),
