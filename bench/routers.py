@@ -34,14 +34,10 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
-    """Nothing listens on 127.0.0.1:port (connections in TIME_WAIT do not count, as for any server)."""
+    """Nothing listens on 127.0.0.1:port (lingering closed connections on it do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 @dataclass

@@ -46,11 +46,7 @@ COMPLETION = (
 )
 MODELS = '{"object":"list","data":[{"id":"test-model","object":"model","owned_by":"bench"}]}'
 # enough of vLLM's /metrics for routers that scrape load (all idle)
-METRICS = (
-    "vllm:num_requests_running 0\\n"
-    "vllm:num_requests_waiting 0\\n"
-    "vllm:kv_cache_usage_perc 0\\n"
-)
+METRICS = "vllm:num_requests_running 0\\nvllm:num_requests_waiting 0\\nvllm:kv_cache_usage_perc 0\\n"
 
 
 def nginx_conf(prefix: Path, ports: list[int]) -> str:

@@ -1,0 +1,88 @@
+"""Build the two legs of a disaggregated request, and decide whether to disaggregate at all.
+
+All functions take and return plain JSON-like dicts and never mutate their arguments.
+
+Security: ``kv_transfer_params`` decide which host an engine pulls KV from. A client must never
+set them, so :func:`strip_client_kv_params` removes them from every incoming body, and the decode
+leg only ever carries the params returned by the *prefill engine's* response.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+KV_TRANSFER_PARAMS = "kv_transfer_params"
+
+#: body keys that only make sense on the decode leg (the prefill leg answers with one token, non-streamed)
+_DECODE_ONLY = ("stream", "stream_options", "n", "best_of", "logprobs", "top_logprobs", "echo")
+
+
+class PDError(ValueError):
+    """A prefill response that cannot feed a decode leg."""
+
+
+def strip_client_kv_params(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a client body without ``kv_transfer_params`` (top level or in ``extra_body``)."""
+    out = copy.deepcopy(dict(body))
+    out.pop(KV_TRANSFER_PARAMS, None)
+    extra = out.get("extra_body")
+    if isinstance(extra, dict):
+        extra.pop(KV_TRANSFER_PARAMS, None)
+    return out
+
+
+def build_prefill_request(body: Mapping[str, Any], chat: bool | None = None) -> dict[str, Any]:
+    """The prefill leg: the client's request computing one token, non-streamed, asking the engine
+    to hold the KV for a remote decode. ``chat`` defaults to "has ``messages``"."""
+    out = strip_client_kv_params(body)
+    if chat is None:
+        chat = "messages" in out
+    for key in _DECODE_ONLY:
+        out.pop(key, None)
+    out["max_tokens"] = 1
+    if chat:
+        out["max_completion_tokens"] = 1
+    else:
+        out.pop("max_completion_tokens", None)
+    out["stream"] = False
+    out[KV_TRANSFER_PARAMS] = {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "remote_engine_id": None,
+        "remote_block_ids": None,
+        "remote_host": None,
+        "remote_port": None,
+    }
+    return out
+
+
+def prefill_kv_transfer_params(response: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``kv_transfer_params`` of a prefill engine's response, checked for what a decode needs."""
+    params = response.get(KV_TRANSFER_PARAMS)
+    if not isinstance(params, dict):
+        raise PDError("the prefill response carries no kv_transfer_params (is the engine's connector a producer?)")
+    if not params.get("do_remote_prefill"):
+        raise PDError("the prefill response's kv_transfer_params do not offer a remote prefill")
+    missing = [k for k in ("remote_engine_id", "remote_request_id", "remote_host", "remote_port") if not params.get(k)]
+    if missing:
+        raise PDError(f"the prefill response's kv_transfer_params lack {missing}")
+    return copy.deepcopy(params)
+
+
+def build_decode_request(body: Mapping[str, Any], prefill_response: Mapping[str, Any]) -> dict[str, Any]:
+    """The decode leg: the client's request (minus any client ``kv_transfer_params``) plus the
+    prefill engine's ``kv_transfer_params``."""
+    out = strip_client_kv_params(body)
+    out[KV_TRANSFER_PARAMS] = prefill_kv_transfer_params(prefill_response)
+    return out
+
+
+def should_disaggregate(prompt_tokens: int, cached_tokens_on_decode: int, threshold: int) -> bool:
+    """Selective P/D: send the prompt to a prefill engine only when the decode engine would have to
+    compute more than ``threshold`` tokens itself (its prefix cache covers the rest)."""
+    if prompt_tokens < 0 or cached_tokens_on_decode < 0 or threshold < 0:
+        raise ValueError("token counts and threshold must be non-negative")
+    uncached = prompt_tokens - min(cached_tokens_on_decode, prompt_tokens)
+    return uncached > threshold
