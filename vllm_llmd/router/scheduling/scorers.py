@@ -26,7 +26,7 @@ class EstimatedTTFTParams(Params):
     #: weight of one outstanding decode token relative to one prefill token
     decode_token_weight: float = Field(default=0.05, ge=0)
     #: weight of the uncached part of *this* request (Dynamo's overlap weight)
-    prefill_weight: float = Field(default=1.0, ge=0)
+    prefill_weight: float = Field(default=2.0, ge=0)
     #: smoothing constant (tokens) of the normalisation ``(min + c) / (cost + c)``
     smoothing_tokens: float = Field(default=64.0, gt=0)
 
