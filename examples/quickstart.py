@@ -40,6 +40,7 @@ def stream_completion(base: str, prompt: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     ttft = None
     usage: dict = {}
+    text: list[str] = []
     with urllib.request.urlopen(req, timeout=300) as r:
         pod = r.headers.get("X-LLMD-Pod", "?")
         predicted = int(r.headers.get("X-LLMD-Predicted-Cached-Tokens", "0"))
@@ -50,6 +51,7 @@ def stream_completion(base: str, prompt: str, max_tokens: int) -> dict:
             chunk = json.loads(line[6:])
             if ttft is None and chunk.get("choices"):
                 ttft = time.perf_counter() - t0
+            text.extend(c.get("text", "") for c in chunk.get("choices") or [])
             usage = chunk.get("usage") or usage
     details = usage.get("prompt_tokens_details") or {}
     return {
@@ -58,6 +60,7 @@ def stream_completion(base: str, prompt: str, max_tokens: int) -> dict:
         "prompt_tokens": usage.get("prompt_tokens", 0),
         "predicted": predicted,
         "reported": details.get("cached_tokens", 0) or 0,
+        "text": "".join(text),
     }
 
 
@@ -118,12 +121,14 @@ def main() -> None:
         ]
         with ThreadPoolExecutor(args.concurrency) as pool:
             results = list(pool.map(lambda kp: (kp[0], stream_completion(base, kp[1], 16)), prompts))
-        print("\n| # | prefix | pod | prompt tokens | TTFT ms | predicted cached | engine-reported cached |")
-        print("|---|---|---|---|---|---|---|")
+        print(
+            "\n| # | prefix | pod | prompt tokens | TTFT ms | predicted cached | engine-reported cached | completion |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
         for i, (k, r) in enumerate(results):
             print(
                 f"| {i} | {k} | {r['pod']} | {r['prompt_tokens']} | {r['ttft_ms']:.0f} "
-                f"| {r['predicted']} | {r['reported']} |"
+                f"| {r['predicted']} | {r['reported']} | {r['text'][:28]!r} |"
             )
         pods_per_prefix = {k: sorted({r["pod"] for kk, r in results if kk == k}) for k in range(args.prefixes)}
         pred = sum(r["predicted"] for _, r in results)
