@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from vllm_llmd.testing.engine import stop_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -253,21 +254,7 @@ class RouterProcess:
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc is None:
             return
-        pgid = self.proc.pid
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:
-            os.killpg(pgid, signal.SIGKILL)  # nothing of the group may outlive its leader
-        except ProcessLookupError:
-            pass
+        stop_process_group(self.proc, timeout)
         self.proc = None
         # the listener ports (incl. vllm-router's Prometheus one) must be free again for the next row
         deadline = time.monotonic() + 15

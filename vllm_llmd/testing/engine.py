@@ -28,6 +28,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """End a child started with ``start_new_session=True`` and everything in its process group:
+    SIGTERM, then SIGKILL after ``timeout``; nothing of the group may outlive its leader."""
+    pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 @dataclass
 class EngineSpec:
     """How to start one vLLM CPU engine."""
@@ -190,22 +210,7 @@ class EngineProcess:
         """Stop the engine's whole process group (API server, engine core, workers)."""
         if self.proc is None:
             return
-        pgid = self.proc.pid
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-            # the leader is gone; make sure no child of the group survives it
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            break
+        stop_process_group(self.proc, timeout)
         self.proc = None
 
     def kill(self) -> None:
