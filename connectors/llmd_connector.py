@@ -1,43 +1,92 @@
 """``LLMDConnector``: the single connector name vllm-llmd registers for every platform.
 
-This first version is the connector's shell: it satisfies vLLM's V1 connector API and loads
-nothing from anywhere (every request is computed locally). The prefill/decode transfer over NIXL
-(and the RBLN path) replaces the bodies of these methods behind the same name.
+Prefill/decode disaggregation by *pull*: the prefill engine (``kv_producer`` or ``kv_both``, request
+carrying ``kv_transfer_params.do_remote_decode``) computes the prompt, holds its blocks under a
+lease and returns ``kv_transfer_params``; the decode engine (request carrying those params with
+``do_remote_prefill``) pulls the blocks through a transport (NIXL: DRAM on CPU, VRAM on GPU),
+then decodes. A failed or timed-out pull is reported as a failed receive and vLLM prefills
+locally (``kv_load_failure_policy="recompute"``, set by this connector unless configured
+otherwise): the request still completes. Requests without ``kv_transfer_params`` run as on a
+plain engine.
 
 Shape follows vLLM 0.32's ``KVConnectorBase_V1`` (vllm/distributed/kv_transfer/kv_connector/v1/
 base.py): three-argument constructor with ``kv_cache_config``; ``SupportsHMA`` so vLLM keeps the
-hybrid KV cache manager on.
+hybrid KV cache manager on. See docs/pd-disaggregation.md for the config keys and the protocol.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     SupportsHMA,
 )
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+from vllm_llmd.connectors.config import LLMDConnectorConfig
+from vllm_llmd.connectors.metadata import LLMDConnectorMetadata
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
 
+logger = logging.getLogger("vllm.vllm_llmd.connectors")
 
-class LLMDConnectorMetadata(KVConnectorMetadata):
-    """Per-step scheduler → worker message (empty in the shell)."""
+__all__ = ["LLMDConnector", "LLMDConnectorMetadata"]
 
 
 class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
-    def __init__(
-        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
-    ) -> None:
+    _cache_hit_source = CacheHitSource.P2P
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        ktc = vllm_config.kv_transfer_config
+        assert ktc is not None
+        self.cfg = LLMDConnectorConfig.from_extra(ktc.kv_connector_extra_config, default_port=0)
+        self.scheduler = None
+        self.worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            from vllm_llmd.connectors.scheduler import LLMDConnectorScheduler
+
+            # The scheduler reads the policy right after building us (vllm/v1/core/sched/scheduler.py).
+            if ktc.kv_load_failure_policy != self.cfg.load_failure_policy:
+                object.__setattr__(ktc, "kv_load_failure_policy", self.cfg.load_failure_policy)
+            self.scheduler = LLMDConnectorScheduler(vllm_config, self.cfg)
+        else:
+            from vllm_llmd.connectors.worker import LLMDConnectorWorker
+
+            self.worker = LLMDConnectorWorker(vllm_config, self.cfg, kv_cache_config)
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        # one contiguous slab per (layer, block), as vLLM's NIXL connector asks for; MLA: any
+        if vllm_config.model_config is None or vllm_config.model_config.use_mla:
+            return None
+        return "LBHNC"
 
     # ---- worker side -------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        assert self.worker is not None
+        self.worker.register_kv_caches(kv_caches)
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        return None if self.worker is None else self.worker.handshake_metadata()
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        return None
+        assert self.worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, LLMDConnectorMetadata)
+        self.worker.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None
@@ -48,17 +97,75 @@ class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
     def wait_for_save(self) -> None:
         return None
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        assert self.worker is not None
+        return self.worker.transfer_results()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        r = self.get_transfer_results(finished_req_ids)
+        return r.finished_sending or None, r.finished_recving or None
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+
     # ---- scheduler side ----------------------------------------------------------------------
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        if self.scheduler is None:
+            return
+        md = metadata.get(0)
+        if md is not None:
+            self.scheduler.set_side_channel(md.host, md.port)  # type: ignore[attr-defined]
+            logger.info("LLMDConnector: engine %s serves KV at %s:%s", self.scheduler.engine_id, md.host, md.port)  # type: ignore[attr-defined]
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return 0, False
+        assert self.scheduler is not None
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        return None
+        assert self.scheduler is not None
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
-        return LLMDConnectorMetadata()
+        assert self.scheduler is not None
+        return self.scheduler.build_connector_meta()
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        assert self.scheduler is not None
+        self.scheduler.update_connector_output(connector_output)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self.scheduler is not None
+        return self.scheduler.request_finished(request, (block_ids,))
 
     def request_finished_all_groups(
         self, request: Any, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
-        return False, None
+        assert self.scheduler is not None
+        return self.scheduler.request_finished(request, block_ids)
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        return [] if self.scheduler is None else self.scheduler.take_events()
+
+    # ---- stats (both sides) ------------------------------------------------------------------
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        side = self.scheduler or self.worker
+        return None if side is None else side.get_stats()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        from vllm_llmd.connectors.stats import LLMDConnectorStats
+
+        return LLMDConnectorStats(data=dict(data)) if data is not None else LLMDConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        from vllm_llmd.connectors.stats import LLMDPromMetrics
+
+        return LLMDPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

@@ -1,0 +1,83 @@
+"""``kv_connector_extra_config`` keys of ``LLMDConnector``, parsed and checked once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class ConnectorConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LLMDConnectorConfig:
+    #: transport moving the bytes ("nixl"; "rbln" later)
+    transport: str = "nixl"
+    #: NIXL backends (UCX moves DRAM and VRAM)
+    backends: tuple[str, ...] = ("UCX",)
+    #: address the decode side dials for the handshake; advertised in kv_transfer_params
+    side_channel_host: str = "127.0.0.1"
+    #: port of the handshake side channel; 0 = any free port (the worker tells the scheduler)
+    side_channel_port: int = 0
+    #: seconds the prefill side holds a finished request's blocks for its consumer
+    lease_seconds: float = 30.0
+    #: seconds a decode-side read (or handshake) may take before it is given up (→ local prefill)
+    transfer_timeout_seconds: float = 30.0
+    handshake_timeout_seconds: float = 5.0
+    #: what to do when a pull fails: "recompute" (prefill locally) or "fail" (error the request)
+    load_failure_policy: str = "recompute"
+    #: medium named in the KV events for blocks the connector holds under a lease
+    events_medium: str = "CPU"
+    #: largest side-channel message accepted, bytes
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any] | None, default_port: int | None = None) -> LLMDConnectorConfig:
+        extra = dict(extra or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(extra) - set(known))
+        if unknown:
+            raise ConnectorConfigError(
+                f"LLMDConnector: unknown kv_connector_extra_config key(s) {unknown}; known: {sorted(known)}"
+            )
+        values: dict[str, Any] = {}
+        if "side_channel_host" not in extra and os.environ.get("LLMD_SIDE_CHANNEL_HOST"):
+            values["side_channel_host"] = os.environ["LLMD_SIDE_CHANNEL_HOST"]
+        if "side_channel_port" not in extra and default_port is not None:
+            values["side_channel_port"] = default_port
+        for key, raw in extra.items():
+            default = getattr(cls, key) if key != "backends" else ()
+            try:
+                if isinstance(default, bool):
+                    value: Any = bool(raw)
+                elif isinstance(default, int):
+                    value = int(raw)
+                elif isinstance(default, float):
+                    value = float(raw)
+                elif isinstance(default, tuple):
+                    if isinstance(raw, str) or not all(isinstance(x, str) for x in raw):
+                        raise TypeError("expected a list of strings")
+                    value = tuple(raw)
+                else:
+                    if not isinstance(raw, str):
+                        raise TypeError("expected a string")
+                    value = raw
+            except (TypeError, ValueError) as exc:
+                raise ConnectorConfigError(f"LLMDConnector: bad value {raw!r} for {key}: {exc}") from exc
+            values[key] = value
+        cfg = cls(**values)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        if self.lease_seconds <= 0 or self.transfer_timeout_seconds <= 0 or self.handshake_timeout_seconds <= 0:
+            raise ConnectorConfigError("LLMDConnector: lease and timeouts must be positive")
+        if not 0 <= self.side_channel_port < 65536:
+            raise ConnectorConfigError(f"LLMDConnector: side_channel_port {self.side_channel_port} out of range")
+        if self.load_failure_policy not in ("recompute", "fail"):
+            raise ConnectorConfigError("LLMDConnector: load_failure_policy must be 'recompute' or 'fail'")
+        if self.max_message_bytes < 1024:
+            raise ConnectorConfigError("LLMDConnector: max_message_bytes must be at least 1024")

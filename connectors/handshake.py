@@ -1,0 +1,181 @@
+"""The side channel: a decode worker asks a prefill worker for its transport metadata.
+
+ZMQ ROUTER (prefill worker) / REQ (decode worker), msgspec msgpack only, bounded message sizes
+(``ZMQ_MAXMSGSIZE`` on both sockets), typed decoding (a malformed frame is answered with an
+error, never unpickled). The decode side checks that the two engines are compatible (model,
+dtype, block layout and size, number of regions/layers, transport) and that it reached the engine
+named in the prefill response, and raises :class:`HandshakeMismatch` with every differing field.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import msgspec
+import zmq
+from vllm_llmd.connectors.transports.base import Region
+
+logger = logging.getLogger("vllm.vllm_llmd.connectors")
+
+PROTOCOL_VERSION = 1
+#: fields both sides must agree on before any block moves
+COMPAT_FIELDS = (
+    "protocol",
+    "model",
+    "kv_dtype",
+    "block_size",
+    "num_layers",
+    "layout",
+    "block_len",
+    "transport",
+    "memory",
+)
+
+
+class HandshakeError(RuntimeError):
+    """The side channel failed (unreachable, timed out, garbage)."""
+
+
+class HandshakeMismatch(HandshakeError):
+    """The remote engine is not compatible with this one (or is not the engine expected)."""
+
+
+class EngineInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a worker tells peers about its KV cache and transport endpoint."""
+
+    protocol: int
+    engine_id: str
+    tp_rank: int
+    model: str
+    kv_dtype: str
+    block_size: int
+    num_layers: int
+    layout: str
+    block_len: int
+    transport: str
+    memory: str
+    agent_metadata: bytes
+    regions: list[Region]
+
+    def mismatches(self, other: EngineInfo) -> dict[str, tuple[object, object]]:
+        pairs = {f: (getattr(self, f), getattr(other, f)) for f in COMPAT_FIELDS}
+        return {f: v for f, v in pairs.items() if v[0] != v[1]}
+
+
+class HandshakeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="get"):
+    protocol: int
+    tp_rank: int
+
+
+class HandshakeReply(msgspec.Struct, frozen=True, tag="info"):
+    info: EngineInfo
+
+
+class HandshakeRefused(msgspec.Struct, frozen=True, tag="error"):
+    reason: str
+
+
+_req_decoder = msgspec.msgpack.Decoder(HandshakeRequest)
+_reply_decoder = msgspec.msgpack.Decoder(HandshakeReply | HandshakeRefused)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def check_compatible(local: EngineInfo, remote: EngineInfo, expected_engine_id: str | None) -> None:
+    diffs = local.mismatches(remote)
+    if expected_engine_id is not None and remote.engine_id != expected_engine_id:
+        diffs["engine_id"] = (expected_engine_id, remote.engine_id)
+    if diffs:
+        detail = ", ".join(f"{k}: local={a!r} remote={b!r}" for k, (a, b) in sorted(diffs.items()))
+        raise HandshakeMismatch(f"LLMDConnector handshake with engine {remote.engine_id!r} refused: {detail}")
+
+
+class HandshakeServer:
+    """Answers :class:`HandshakeRequest` with this worker's :class:`EngineInfo` (background thread)."""
+
+    def __init__(self, info: EngineInfo, host: str, port: int, max_message_bytes: int = 64 * 1024) -> None:
+        self.info = info
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(f"tcp://{host}:{port if port else '*'}")
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop = threading.Event()
+        self._reply = _encoder.encode(HandshakeReply(info))
+        self._thread = threading.Thread(target=self._run, name="llmd-handshake", daemon=True)
+        self._thread.start()
+        self.served = 0
+        self.refused = 0
+
+    def _answer(self, payload: bytes) -> bytes:
+        try:
+            req = _req_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.refused += 1
+            return _encoder.encode(HandshakeRefused(f"malformed handshake request: {exc}"))
+        if req.protocol != PROTOCOL_VERSION:
+            self.refused += 1
+            return _encoder.encode(
+                HandshakeRefused(f"protocol {req.protocol} not supported (this engine speaks {PROTOCOL_VERSION})")
+            )
+        if req.tp_rank != self.info.tp_rank:
+            self.refused += 1
+            return _encoder.encode(HandshakeRefused(f"this side channel serves TP rank {self.info.tp_rank}"))
+        self.served += 1
+        return self._reply
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                if not dict(poller.poll(100)):
+                    continue
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                if self._stop.is_set():
+                    return
+                continue
+            # REQ peers send [identity, b"", payload]; anything else is dropped
+            if len(frames) != 3 or frames[1] != b"":
+                logger.warning("LLMDConnector side channel: dropped a malformed message (%d frames)", len(frames))
+                continue
+            try:
+                self._sock.send_multipart([frames[0], b"", self._answer(frames[2])])
+            except zmq.ZMQError as exc:
+                logger.warning("LLMDConnector side channel: reply failed: %s", exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+
+def fetch_engine_info(
+    host: str, port: int, tp_rank: int, timeout_s: float, max_message_bytes: int = 4 * 1024 * 1024
+) -> EngineInfo:
+    """Ask the worker behind ``host:port`` for its :class:`EngineInfo`."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+    sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+    try:
+        sock.connect(f"tcp://{host}:{port}")
+        sock.send(_encoder.encode(HandshakeRequest(PROTOCOL_VERSION, tp_rank)))
+        try:
+            payload = sock.recv()
+        except zmq.Again as exc:
+            raise HandshakeError(f"no handshake answer from {host}:{port} within {timeout_s}s") from exc
+    finally:
+        sock.close(linger=0)
+    try:
+        reply = _reply_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise HandshakeError(f"malformed handshake answer from {host}:{port}: {exc}") from exc
+    if isinstance(reply, HandshakeRefused):
+        raise HandshakeError(f"{host}:{port} refused the handshake: {reply.reason}")
+    return reply.info

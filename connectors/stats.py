@@ -1,0 +1,141 @@
+"""Transfer and lease statistics: ``KVConnectorStats`` in the engine, ``llmd:*`` on ``/metrics``.
+
+Counters are deltas since the last report and are summed when vLLM aggregates worker and
+scheduler stats; gauges (``held_blocks``, ``held_requests``) come from the scheduler only and keep
+the latest value. Metric names use the ``llmd:`` prefix because vLLM unregisters every ``vllm:``
+collector when its Prometheus logger starts (see shared notes, vllm_api.md §0.9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+COUNTERS = (
+    "bytes_read",  # bytes pulled by this (decode) engine
+    "blocks_read",
+    "transfers_ok",
+    "transfers_failed",  # pulls given up (error, timeout, handshake failure) → local prefill
+    "transfer_seconds",  # sum of wall time of completed pulls
+    "handshakes_ok",
+    "handshakes_failed",
+    "leases_started",  # prefill side: requests whose blocks were held for a consumer
+    "leases_released",  # ... released because the consumer reported it read them
+    "leases_expired",  # ... released because the lease ran out
+    "blocks_leased",
+)
+GAUGES = ("held_blocks", "held_requests")
+
+
+@dataclass
+class LLMDConnectorStats(KVConnectorStats):
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in COUNTERS:
+            self.data.setdefault(key, 0)
+        self.data.setdefault("memory", "")
+
+    def add(self, key: str, value: float = 1) -> None:
+        self.data[key] = self.data.get(key, 0) + value
+
+    def set_gauge(self, key: str, value: float) -> None:
+        self.data[key] = value
+
+    def reset(self) -> None:
+        memory = self.data.get("memory", "")
+        self.data = {key: 0 for key in COUNTERS}
+        self.data["memory"] = memory
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for key in COUNTERS:
+            self.data[key] = self.data.get(key, 0) + other.data.get(key, 0)
+        for key in GAUGES:
+            if key in other.data:
+                self.data[key] = other.data[key]
+        if other.data.get("memory"):
+            self.data["memory"] = other.data["memory"]
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {k: self.data.get(k, 0) for k in COUNTERS if self.data.get(k)}
+        out.update({k: self.data[k] for k in GAUGES if k in self.data})
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(k) for k in COUNTERS) and not any(k in self.data for k in GAUGES)
+
+    def clone_and_reset(self) -> LLMDConnectorStats:
+        out = LLMDConnectorStats(data=dict(self.data))
+        self.reset()
+        return out
+
+
+class LLMDPromMetrics(KVConnectorPromMetrics):
+    """``llmd:kv_*`` series per engine."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        lbl = list(labelnames)
+        self._bytes = self._counter_cls(
+            name="llmd:kv_transfer_bytes",
+            documentation="KV bytes pulled from prefill engines by this engine's connector.",
+            labelnames=[*lbl, "memory"],
+        )
+        self._blocks = self._counter_cls(
+            name="llmd:kv_transfer_blocks", documentation="KV blocks pulled from prefill engines.", labelnames=lbl
+        )
+        self._transfers = self._counter_cls(
+            name="llmd:kv_transfers",
+            documentation="KV pulls by result (failed pulls fall back to a local prefill).",
+            labelnames=[*lbl, "result"],
+        )
+        self._seconds = self._counter_cls(
+            name="llmd:kv_transfer_seconds", documentation="Wall time spent in completed KV pulls.", labelnames=lbl
+        )
+        self._handshakes = self._counter_cls(
+            name="llmd:kv_handshakes", documentation="Side-channel handshakes by result.", labelnames=[*lbl, "result"]
+        )
+        self._leases = self._counter_cls(
+            name="llmd:kv_leases",
+            documentation="Prefill-side block leases by event (started, released by the consumer, expired).",
+            labelnames=[*lbl, "event"],
+        )
+        self._held = self._gauge_cls(
+            name="llmd:kv_lease_held_blocks",
+            documentation="Blocks held under a lease for a decode engine.",
+            labelnames=lbl,
+            multiprocess_mode="mostrecent",
+        )
+        self._held_reqs = self._gauge_cls(
+            name="llmd:kv_lease_held_requests",
+            documentation="Requests whose blocks are held under a lease.",
+            labelnames=lbl,
+            multiprocess_mode="mostrecent",
+        )
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        d = transfer_stats_data
+        labels = self.per_engine_labelvalues[engine_idx]
+        if d.get("bytes_read"):
+            self._bytes.labels(*labels, d.get("memory") or "DRAM").inc(d["bytes_read"])
+        if d.get("blocks_read"):
+            self._blocks.labels(*labels).inc(d["blocks_read"])
+        for result, key in (("ok", "transfers_ok"), ("failed", "transfers_failed")):
+            if d.get(key):
+                self._transfers.labels(*labels, result).inc(d[key])
+        if d.get("transfer_seconds"):
+            self._seconds.labels(*labels).inc(d["transfer_seconds"])
+        for result, key in (("ok", "handshakes_ok"), ("failed", "handshakes_failed")):
+            if d.get(key):
+                self._handshakes.labels(*labels, result).inc(d[key])
+        leases = (("started", "leases_started"), ("released", "leases_released"), ("expired", "leases_expired"))
+        for event, key in leases:
+            if d.get(key):
+                self._leases.labels(*labels, event).inc(d[key])
+        if "held_blocks" in d:
+            self._held.labels(*labels).set(d["held_blocks"])
+        if "held_requests" in d:
+            self._held_reqs.labels(*labels).set(d["held_requests"])

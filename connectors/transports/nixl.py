@@ -1,0 +1,215 @@
+"""NIXL transport: a thin layer over ``nixl._api.nixl_agent`` (UCX backend by default).
+
+Memory kind follows where the KV cache lives: host DRAM for CPU engines, VRAM for CUDA engines.
+Every (region, block) pair becomes one NIXL descriptor; both the local and each remote region
+table are prepared once (``prep_xfer_dlist``) so a transfer is a single ``make_prepped_xfer``.
+
+What crosses the network from here is only NIXL's own agent-metadata blob (parsed by NIXL's C++
+side) plus our msgspec region table; we never use ``get_serialized_descs`` (it pickles).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+from vllm_llmd.connectors.transports.base import (
+    KVTransport,
+    MemoryKind,
+    Peer,
+    Region,
+    TransportError,
+    XferState,
+)
+
+_LOCAL = "NIXL_INIT_AGENT"  # NIXL's name for the local side of a prepped list
+
+
+def _descs(regions: Sequence[Region]) -> np.ndarray:
+    """One ``(addr, len, dev)`` row per block of every region, region-major."""
+    rows = []
+    for r in regions:
+        addrs = r.base_addr + np.arange(r.num_blocks, dtype=np.uint64) * np.uint64(r.block_len)
+        block = np.empty((r.num_blocks, 3), dtype=np.uint64)
+        block[:, 0] = addrs
+        block[:, 1] = r.block_len
+        block[:, 2] = r.device_id
+        rows.append(block)
+    return np.concatenate(rows) if rows else np.empty((0, 3), dtype=np.uint64)
+
+
+def _offsets(regions: Sequence[Region]) -> list[int]:
+    out, acc = [], 0
+    for r in regions:
+        out.append(acc)
+        acc += r.num_blocks
+    return out
+
+
+def _indices(regions: Sequence[Region], offsets: list[int], pairs: Sequence[tuple[int, int]]) -> np.ndarray:
+    idx = np.empty(len(pairs), dtype=np.int32)
+    for i, (region, block) in enumerate(pairs):
+        if not 0 <= region < len(regions) or not 0 <= block < regions[region].num_blocks:
+            raise TransportError(f"block ({region}, {block}) is outside the registered regions")
+        idx[i] = offsets[region] + block
+    return idx
+
+
+class NixlTransport(KVTransport):
+    name = "nixl"
+
+    def __init__(
+        self,
+        memory: MemoryKind = MemoryKind.DRAM,
+        backends: Sequence[str] = ("UCX",),
+        agent_name: str | None = None,
+        num_threads: int = 0,
+    ) -> None:
+        try:
+            from nixl._api import nixl_agent, nixl_agent_config
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise TransportError("the NIXL transport needs the `nixl` package (pip install 'vllm-llmd[nixl]')") from exc
+        self.memory = memory
+        self.backends = list(backends)
+        self.agent_name = agent_name or f"llmd-{uuid.uuid4().hex}"
+        config = nixl_agent_config(backends=self.backends, num_threads=num_threads)
+        self._agent = nixl_agent(self.agent_name, config)
+        self._regions: tuple[Region, ...] = ()
+        self._offsets: list[int] = []
+        self._reg_descs = None
+        self._local_dlist = None
+        self._peers: dict[str, tuple[Peer, object, list[int]]] = {}
+
+    # ---- memory and metadata -------------------------------------------------------------
+    def register(self, regions: Sequence[Region]) -> None:
+        if self._regions:
+            raise TransportError("memory is already registered")
+        regions = tuple(regions)
+        if not regions:
+            raise TransportError("nothing to register")
+        reg = [(r.base_addr, r.nbytes, r.device_id, "") for r in regions]
+        self._reg_descs = self._agent.get_reg_descs(reg, self.memory.value)
+        self._agent.register_memory(self._reg_descs, backends=self.backends)
+        xfer = self._agent.get_xfer_descs(_descs(regions), self.memory.value)
+        self._local_dlist = self._agent.prep_xfer_dlist(_LOCAL, xfer, backends=self.backends)
+        self._regions = regions
+        self._offsets = _offsets(regions)
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return self._regions
+
+    def local_metadata(self) -> bytes:
+        return bytes(self._agent.get_agent_metadata())
+
+    def add_peer(self, metadata: bytes, regions: Sequence[Region]) -> Peer:
+        if self._local_dlist is None:
+            raise TransportError("register memory before adding peers")
+        try:
+            raw_name = self._agent.add_remote_agent(metadata)
+        except Exception as exc:
+            raise TransportError(f"NIXL rejected the peer's agent metadata: {exc}") from exc
+        name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+        regions = tuple(regions)
+        if name in self._peers:
+            return self._peers[name][0]
+        xfer = self._agent.get_xfer_descs(_descs(regions), self.memory.value)
+        dlist = self._agent.prep_xfer_dlist(name, xfer, backends=self.backends)
+        peer = Peer(name=name, regions=regions)
+        self._peers[name] = (peer, dlist, _offsets(regions))
+        return peer
+
+    def remove_peer(self, peer: Peer) -> None:
+        entry = self._peers.pop(peer.name, None)
+        if entry is None:
+            return
+        try:
+            self._agent.release_dlist_handle(entry[1])
+        except Exception:
+            pass
+        try:
+            self._agent.remove_remote_agent(peer.name)
+        except Exception:
+            pass
+
+    # ---- data movement -------------------------------------------------------------------
+    def _xfer(
+        self,
+        op: str,
+        peer: Peer,
+        local: Sequence[tuple[int, int]],
+        remote: Sequence[tuple[int, int]],
+        notif: bytes,
+    ) -> object:
+        if len(local) != len(remote):
+            raise TransportError(f"{op}: {len(local)} local blocks but {len(remote)} remote blocks")
+        entry = self._peers.get(peer.name)
+        if entry is None:
+            raise TransportError(f"unknown peer {peer.name}")
+        _, remote_dlist, remote_offsets = entry
+        local_idx = _indices(self._regions, self._offsets, local)
+        remote_idx = _indices(peer.regions, remote_offsets, remote)
+        try:
+            handle = self._agent.make_prepped_xfer(
+                op, self._local_dlist, local_idx, remote_dlist, remote_idx, notif_msg=notif, backends=self.backends
+            )
+            state = self._agent.transfer(handle)
+        except Exception as exc:
+            raise TransportError(f"NIXL {op} to {peer.name} failed to start: {exc}") from exc
+        if state == "ERR":
+            self._agent.release_xfer_handle(handle)
+            raise TransportError(f"NIXL {op} to {peer.name} failed to start")
+        return handle
+
+    def read_blocks(self, peer, local, remote, notif: bytes = b"") -> object:  # type: ignore[override]
+        return self._xfer("READ", peer, local, remote, notif)
+
+    def write_blocks(self, peer, local, remote, notif: bytes = b"") -> object:  # type: ignore[override]
+        return self._xfer("WRITE", peer, local, remote, notif)
+
+    def poll(self, handle: object) -> XferState:
+        try:
+            state = self._agent.check_xfer_state(handle)
+        except Exception:
+            return XferState.FAILED
+        if state == "DONE":
+            return XferState.DONE
+        if state == "PROC":
+            return XferState.PENDING
+        return XferState.FAILED
+
+    def release(self, handle: object) -> None:
+        try:
+            self._agent.release_xfer_handle(handle)
+        except Exception:
+            pass
+
+    def notify(self, peer: Peer, message: bytes) -> None:
+        try:
+            self._agent.send_notif(peer.name, message)
+        except Exception as exc:
+            raise TransportError(f"notification to {peer.name} failed: {exc}") from exc
+
+    def get_notifs(self) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        for name, messages in self._agent.get_new_notifs().items():
+            peer = name.decode() if isinstance(name, bytes) else str(name)
+            out.extend((peer, bytes(m)) for m in messages)
+        return out
+
+    def close(self) -> None:
+        for peer, _, _ in list(self._peers.values()):
+            self.remove_peer(peer)
+        if self._local_dlist is not None:
+            try:
+                self._agent.release_dlist_handle(self._local_dlist)
+            except Exception:
+                pass
+            self._local_dlist = None
+        if self._reg_descs is not None:
+            try:
+                self._agent.deregister_memory(self._reg_descs, backends=self.backends)
+            except Exception:
+                pass
+            self._reg_descs = None
