@@ -101,7 +101,20 @@ def reset_prefix_cache(url: str, deadline_s: float = 30) -> bool:
         time.sleep(0.5)
 
 
-def start_engines(model_dir: Path, kind: RouterKind, log_dir: Path, n: int) -> list[EngineProcess]:
+def start_engines(model_dir: Path, kind: RouterKind, log_dir: Path, n: int, attempts: int = 3) -> list[EngineProcess]:
+    """Start ``n`` engines; retried with fresh ports when one fails (free ports can be taken by
+    another process between picking and binding, e.g. "ZMQError: Address already in use")."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_engines(model_dir, kind, log_dir, n)
+        except Exception as exc:  # EngineStartError and the warm-up request
+            if attempt == attempts:
+                raise
+            print(f"  engine start failed (attempt {attempt}), retrying: {str(exc).splitlines()[0]}", flush=True)
+    raise AssertionError("unreachable")
+
+
+def _start_engines(model_dir: Path, kind: RouterKind, log_dir: Path, n: int) -> list[EngineProcess]:
     cores = os.cpu_count() or 1
     served = str(model_dir) if kind.served_name_is_path else "test-model"
     engines = []
@@ -128,8 +141,13 @@ def start_engines(model_dir: Path, kind: RouterKind, log_dir: Path, n: int) -> l
         raise
     # one short request per engine so first-call costs do not land in the measurement; shorter
     # than a block, so it caches nothing and publishes no block events
-    for e in engines:
-        post_json(e.url + "/v1/completions", {"model": served, "prompt": "warm up", "max_tokens": 4})
+    try:
+        for e in engines:
+            post_json(e.url + "/v1/completions", {"model": served, "prompt": "warm up", "max_tokens": 4})
+    except BaseException:
+        for e in engines:
+            e.stop()
+        raise
     return engines
 
 
