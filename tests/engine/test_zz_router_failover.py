@@ -85,7 +85,7 @@ async def test_engine_killed_mid_run_loses_no_unstarted_request(engines, test_mo
             assert broken or "llmd_router_upstream_errors_total{" in m
         finally:
             # leave the shared engine running and healthy for the rest of the session
-            await loop.run_in_executor(None, lambda: victim.start().wait_ready())
+            await loop.run_in_executor(None, victim.start_ready)
         # the router notices the restart and sends to the victim again
         deadline = time.monotonic() + 60
         seen = False

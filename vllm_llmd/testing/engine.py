@@ -191,10 +191,13 @@ class EngineProcess:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, timeout: float = 600.0) -> EngineProcess:
+    def wait_ready(self, timeout: float = 600.0, quiet_timeout: float | None = None) -> EngineProcess:
+        """Poll ``/health`` until it answers 200. Fails when the process exits, after ``timeout``,
+        or (with ``quiet_timeout``) when the log has not grown for that long."""
         if self.proc is None:
             raise EngineStartError("engine was not started")
         deadline = time.monotonic() + timeout
+        last_size, last_growth = -1, time.monotonic()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise EngineStartError(
@@ -203,6 +206,15 @@ class EngineProcess:
             if self.is_healthy():
                 self.started_s = time.monotonic() - self._t0
                 return self
+            if quiet_timeout is not None:
+                size = self.log_path.stat().st_size if self.log_path.exists() else 0
+                if size != last_size:
+                    last_size, last_growth = size, time.monotonic()
+                elif time.monotonic() - last_growth > quiet_timeout:
+                    raise EngineStartError(
+                        f"engine on port {self.spec.port} silent for {quiet_timeout}s while starting:\n"
+                        f"{self.log_tail()}"
+                    )
             time.sleep(0.5)
         raise EngineStartError(f"engine on port {self.spec.port} not ready in {timeout}s:\n{self.log_tail()}")
 
@@ -224,9 +236,58 @@ class EngineProcess:
         self.proc.wait(timeout=30)
         self.proc = None
 
-    def restart(self, timeout: float = 600.0) -> EngineProcess:
+    def start_ready(self, quiet_timeout: float = 180.0, timeout: float = 900.0, attempts: int = 2) -> EngineProcess:
+        """Start and wait until healthy. A start whose log has not grown for ``quiet_timeout`` seconds
+        is taken for a hang: its processes' Python stacks go into the log, it is stopped and started
+        again (up to ``attempts`` starts). A slow start that keeps logging may take up to ``timeout``.
+
+        A healthy start takes 25-90 s here. Rarely a start printed nothing at all, or stopped in a
+        worker, for 10 minutes; the stacks in the log are there to find out why.
+        """
+        for attempt in range(1, attempts + 1):
+            self.start()
+            try:
+                return self.wait_ready(timeout=timeout, quiet_timeout=quiet_timeout)
+            except EngineStartError as e:
+                self.append_stacks(f"start attempt {attempt} failed: {str(e).splitlines()[0]}")
+                self.stop()
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    def append_stacks(self, why: str) -> None:
+        """Append the Python stacks of every process in the engine's group to its log (``py-spy``)."""
+        if self.proc is None:
+            return
+        spy = Path(sys.prefix) / "bin" / "py-spy"
+        out = [f"\n=== {why}; stacks ({time.strftime('%H:%M:%S')}):"]
+        try:
+            pids = subprocess.run(
+                ["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True, timeout=10
+            ).stdout.split()
+        except (OSError, subprocess.TimeoutExpired) as e:
+            pids = [str(self.proc.pid)]
+            out.append(f"(pgrep failed: {e})")
+        for pid in pids:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                cmdline = "?"
+            out.append(f"--- pid {pid}: {cmdline[:160]}")
+            if not spy.exists():
+                out.append("(py-spy not installed)")
+                continue
+            try:
+                r = subprocess.run([str(spy), "dump", "--pid", pid], capture_output=True, text=True, timeout=30)
+                out.append(r.stdout or r.stderr)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                out.append(f"(py-spy failed: {e})")
+        with open(self.log_path, "a") as f:
+            f.write("\n".join(out) + "\n")
+
+    def restart(self) -> EngineProcess:
         self.stop()
-        return self.start().wait_ready(timeout)
+        return self.start_ready()
 
     def __enter__(self) -> EngineProcess:
         return self.start().wait_ready()

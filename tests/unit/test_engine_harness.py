@@ -1,0 +1,43 @@
+"""The engine harness's hang detection (vllm_llmd.testing.engine), with a real silent child process
+standing in for an engine that hangs at start-up (no vLLM needed to show the harness's own logic)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_llmd.testing.engine import EngineProcess, EngineSpec, EngineStartError
+
+
+class _SilentSpec(EngineSpec):
+    """Starts a Python process that prints one line and then sleeps: a start that hangs."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", "import time; print('booting', flush=True); time.sleep(600)"]
+
+
+def test_a_silent_start_is_detected_retried_and_its_stacks_logged(tmp_path: Path) -> None:
+    spec = _SilentSpec(model=tmp_path, events_port=None, replay_port=None)
+    engine = EngineProcess(spec, tmp_path / "engine.log")
+    with pytest.raises(EngineStartError, match=r"silent for 2\.0s"):
+        engine.start_ready(quiet_timeout=2.0, timeout=60.0, attempts=2)
+    log = (tmp_path / "engine.log").read_text()
+    assert len(re.findall(r"^=== start \d\d:", log, re.M)) == 2, "the hung start was retried once"
+    assert log.count("=== start attempt") == 2
+    assert "time.sleep" in log or "<module>" in log, f"no Python stack in the log:\n{log[-2000:]}"
+    assert engine.proc is None, "the hung process group was stopped"
+
+
+def test_a_child_that_exits_fails_at_once_with_its_log(tmp_path: Path) -> None:
+    class _Crashing(EngineSpec):
+        def command(self) -> list[str]:
+            return [sys.executable, "-c", "import sys; print('bad flag --foo'); sys.exit(2)"]
+
+    engine = EngineProcess(_Crashing(model=tmp_path, events_port=None, replay_port=None), tmp_path / "e.log")
+    with pytest.raises(EngineStartError, match=r"exited with 2(.|\n)*bad flag --foo"):
+        engine.start_ready(quiet_timeout=30.0, timeout=60.0, attempts=1)
+    assert os.path.exists(tmp_path / "e.log")
