@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from typing import Any
@@ -92,6 +93,12 @@ def run(cfg: RouterConfig) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     router = build_router(cfg)
+    # Start-up objects (tokenizer, config, plugin instances) never die: keep them out of every later
+    # collection, and collect the young generation less often. Per-request garbage is mostly acyclic
+    # (freed by reference counting), so this trims the collector's pauses from the latency tail.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     try:
         import uvloop
 
