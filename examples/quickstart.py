@@ -90,7 +90,7 @@ def main() -> None:
     print(f"[quickstart] test model written to {model} (random weights, local tokenizer)")
     engines = [
         EngineProcess(
-            EngineSpec(model=model, block_size=64, cpu_core=i, extra_args=["--enable-prompt-tokens-details"]),
+            EngineSpec(model=model, block_size=64, extra_args=["--enable-prompt-tokens-details"]),
             work / f"engine-{i}.log",
         )
         for i in range(2)
@@ -98,10 +98,8 @@ def main() -> None:
     router: subprocess.Popen[bytes] | None = None
     try:
         t0 = time.monotonic()
-        for e in engines:
-            e.start()
-        for e in engines:
-            e.wait_ready()
+        with ThreadPoolExecutor(2) as pool:  # a start that hangs is retried (EngineProcess.start_ready)
+            list(pool.map(lambda e: e.start_ready(), engines))
         print(f"[quickstart] 2 engines ready in {time.monotonic() - t0:.0f}s: {[e.url for e in engines]}")
         port = free_port()
         cmd = [sys.executable, "-m", "vllm_llmd.cli", "router", "--port", str(port), "--tokenizer", str(model)]

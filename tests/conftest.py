@@ -26,10 +26,10 @@ def test_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @dataclass
 class EnginePair:
-    """Two engines with different block sizes, one pinned to each core."""
+    """Two engines with different block sizes (not pinned: see ``EngineSpec.cpu_core``)."""
 
-    a: EngineProcess  # block size 32, core 0
-    b: EngineProcess  # block size 64, core 1
+    a: EngineProcess  # block size 32
+    b: EngineProcess  # block size 64
     trace_dir: Path
 
     def __iter__(self) -> Iterator[EngineProcess]:
@@ -42,21 +42,21 @@ class EnginePair:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _spec(model: Path, block_size: int, core: int, trace_dir: Path, **kw: object) -> EngineSpec:
-    spec = EngineSpec(model=model, block_size=block_size, cpu_core=core, served_model_name=MODEL_NAME, **kw)
+def _spec(model: Path, block_size: int, trace_dir: Path, **kw: object) -> EngineSpec:
+    spec = EngineSpec(model=model, block_size=block_size, served_model_name=MODEL_NAME, **kw)
     spec.extra_env["LLMD_PLUGIN_TRACE"] = str(trace_dir / f"{spec.port}.jsonl")
     return spec
 
 
 @pytest.fixture(scope="session")
 def engines(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnginePair]:
-    """Two real vLLM CPU engines (A: block 32 on core 0; B: block 64 on core 1), KV events and the
+    """Two real vLLM CPU engines (A: block 32; B: block 64), KV events and the
     replay endpoint on, the plugin installed, our connector configured by its registered name."""
     logs = Path(os.environ.get("LLMD_TEST_LOG_DIR") or tmp_path_factory.mktemp("engine-logs"))
     trace_dir = tmp_path_factory.mktemp("plugin-trace")
     connector = {"kv_connector": "LLMDConnector", "kv_role": "kv_both"}
-    a = EngineProcess(_spec(test_model_dir, 32, 0, trace_dir, kv_transfer_config=connector), logs / "engine-a.log")
-    b = EngineProcess(_spec(test_model_dir, 64, 1, trace_dir, kv_transfer_config=connector), logs / "engine-b.log")
+    a = EngineProcess(_spec(test_model_dir, 32, trace_dir, kv_transfer_config=connector), logs / "engine-a.log")
+    b = EngineProcess(_spec(test_model_dir, 64, trace_dir, kv_transfer_config=connector), logs / "engine-b.log")
     pair = EnginePair(a, b, trace_dir)
     try:
         with ThreadPoolExecutor(2) as pool:
@@ -89,7 +89,6 @@ def env_events_engine(test_model_dir: Path, tmp_path_factory: pytest.TempPathFac
         model=test_model_dir,
         block_size=128,
         served_model_name=MODEL_NAME,
-        cpu_core=0,
         events_port=None,
         replay_port=None,
         # no torch.compile warm-up: this engine only has to publish events, and it starts while the

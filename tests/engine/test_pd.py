@@ -25,24 +25,21 @@ EXTRA = {"lease_seconds": 5, "transfer_timeout_seconds": 10}
 def pd_pair(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EngineProcess, ...]]:
     logs = tmp_path_factory.mktemp("pd-logs")
 
-    def engine(role: str, core: int) -> EngineProcess:
+    def engine(role: str) -> EngineProcess:
         cfg = {"kv_connector": "LLMDConnector", "kv_role": role, "kv_connector_extra_config": EXTRA}
         spec = EngineSpec(
             model=test_model_dir,
             block_size=32,
-            cpu_core=core,
             events_port=None,
             replay_port=None,
             kv_transfer_config=cfg,
         )
         return EngineProcess(spec, logs / f"{role}.log")
 
-    p, d = engine("kv_producer", 0), engine("kv_consumer", 1)
+    p, d = engine("kv_producer"), engine("kv_consumer")
     try:
-        p.start()
-        d.start()
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda e: e.wait_ready(), (p, d)))
+            list(pool.map(lambda e: e.start_ready(), (p, d)))
         yield p, d
     finally:
         p.stop()

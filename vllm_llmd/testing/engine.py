@@ -58,7 +58,8 @@ class EngineSpec:
     block_size: int = 64
     num_gpu_blocks: int | None = 320
     max_model_len: int = 4096
-    #: pin the engine's OpenMP threads to this core (``VLLM_CPU_OMP_THREADS_BIND``)
+    #: pin the engine's OpenMP threads to this core (``VLLM_CPU_OMP_THREADS_BIND``); ``None``: no
+    #: binding and one OpenMP thread (tests and the quickstart; benchmarks pin, as the peers' rows do)
     cpu_core: int | None = None
     #: publish KV events on this port (``tcp://*:PORT``); ``None`` leaves events off
     events_port: int | None = field(default_factory=free_port)
@@ -134,6 +135,14 @@ class EngineSpec:
         )
         if self.cpu_core is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.cpu_core)
+        else:
+            # No thread binding at all, one OpenMP thread: the kernel spreads engines over the cores.
+            # vLLM's default ("auto") binds every engine to the same cores, and any binding changes a
+            # running process's affinity, which on this VM kernel (6.18, firecracker) sometimes never
+            # returns: a worker stuck in sched_setaffinity -> affine_move_task for 10 minutes,
+            # seen twice in one clean-clone test run (stacks in vllm_llmd/testing/engine.py's logs).
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+            env.setdefault("OMP_NUM_THREADS", "1")
         env.update(self.extra_env)
         return env
 

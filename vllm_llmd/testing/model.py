@@ -47,9 +47,7 @@ SHAPES: dict[str, ModelShape] = {
 
 def _corpus(seed: int, words: int = 60_000) -> list[str]:
     rng = random.Random(seed)
-    vocab = sorted(
-        {"".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(3000)}
-    )
+    vocab = sorted({"".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(3000)})
     lines: list[str] = []
     line: list[str] = []
     for _ in range(words):
@@ -172,9 +170,7 @@ def make_test_model(out_dir: str | Path, shape: ModelShape | str = "tiny", seed:
         "torch_dtype": "bfloat16",
     }
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 3})
-    )
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 3}))
     save_file(_weights(shape, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
     stamp_file.write_text(json.dumps(stamp))
     return out
