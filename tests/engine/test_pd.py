@@ -1,8 +1,12 @@
 """Prefill/decode disaggregation with LLMDConnector on two real vLLM CPU engines, KV over NIXL (UCX,
-host memory). The test plays the router: it drives the two legs with vllm_llmd.pd."""
+host memory). Most tests play the router (they drive the two legs with vllm_llmd.pd); one runs our
+router in-process in front of the pair. Failure handling: lease expiry when no decode comes, a decode
+arriving after the lease expired, and (last in the module: it kills the prefill engine) the prefill
+engine dying between the prefill leg and the decode's pull."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.request
@@ -10,8 +14,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from router_harness import routed
 
 from vllm_llmd.pd import build_decode_request, build_prefill_request
 from vllm_llmd.testing.engine import EngineProcess, EngineSpec
@@ -64,6 +70,17 @@ def _metric(url: str, name: str, **labels: str) -> float:
     return total
 
 
+def _wait_for(what: str, cond, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    """Poll ``cond()`` until it returns something truthy (returned) or ``timeout`` passes (fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.1)
+
+
 def _prompt(i: int) -> str:
     return f"Case {i}: " + " ".join(f"ka{i}ri to{j} musa lovi" for j in range(60))
 
@@ -96,3 +113,187 @@ def test_prefill_releases_its_lease_once_decode_pulled(pd_pair):
         assert time.monotonic() < deadline, "the prefill engine never released the lease"
         time.sleep(0.2)
     assert _metric(p.url, "llmd:kv_lease_held_requests") == 0
+
+
+def _idle(engine: EngineProcess) -> bool:
+    """No block held under a lease and no KV block in use (every block back in the free queue)."""
+    return (
+        _metric(engine.url, "llmd:kv_lease_held_blocks") == 0 and _metric(engine.url, "vllm:kv_cache_usage_perc") == 0
+    )
+
+
+def _text(out: dict) -> str:
+    return out["choices"][0]["text"]
+
+
+def test_prefill_blocks_are_freed_by_lease_expiry_when_no_decode_comes(pd_pair):
+    p, _d = pd_pair
+    _wait_for("the prefill engine to be idle before the test", lambda: _idle(p))
+    expired = _metric(p.url, "llmd:kv_leases_total", event="expired")
+    body = {"model": "test-model", "prompt": _prompt(200), "max_tokens": 4, "temperature": 0}
+    prefill = _post(p.url, build_prefill_request(body))  # ... and no decode leg ever follows
+    assert prefill["kv_transfer_params"]["do_remote_prefill"] is True
+    n_blocks = sum(len(g) for g in prefill["kv_transfer_params"]["remote_block_ids"])
+    assert n_blocks >= prefill["usage"]["prompt_tokens"] // 32
+    held = _wait_for("the lease to show", lambda: _metric(p.url, "llmd:kv_lease_held_blocks"), 10)
+    assert held == n_blocks
+    assert _metric(p.url, "vllm:kv_cache_usage_perc") > 0  # the held blocks are really taken
+    assert _metric(p.url, "llmd:kv_lease_held_requests") == 1
+    started = time.monotonic()
+    _wait_for(
+        "the lease to expire",
+        lambda: _metric(p.url, "llmd:kv_leases_total", event="expired") > expired,
+        EXTRA["lease_seconds"] + 30,
+    )
+    # not released early: the lease ran (most of) its 5 s before it was dropped
+    assert time.monotonic() - started > EXTRA["lease_seconds"] - 2
+    # the blocks went back to the free queue: nothing held, nothing in use
+    _wait_for("the blocks to be freed", lambda: _idle(p), 10)
+    assert _metric(p.url, "llmd:kv_lease_held_requests") == 0
+
+
+def test_decode_after_the_lease_expired_prefills_locally_with_identical_output(pd_pair):
+    p, d = pd_pair
+    body = {"model": "test-model", "prompt": _prompt(300), "max_tokens": 8, "temperature": 0}
+    expired = _metric(p.url, "llmd:kv_leases_total", event="expired")
+    failed = _metric(d.url, "llmd:kv_transfers_total", result="failed")
+    prefill = _post(p.url, build_prefill_request(body))
+    _wait_for(
+        "the lease to expire",
+        lambda: _metric(p.url, "llmd:kv_leases_total", event="expired") > expired,
+        EXTRA["lease_seconds"] + 30,
+    )
+    # the prefill engine's blocks are free again: pulling them now could read someone else's KV
+    decoded = _post(d.url, build_decode_request(body, prefill))
+    reference = _post(p.url, body)
+    assert _text(decoded) == _text(reference)
+    _wait_for(
+        "the consumer to count the failed transfer",
+        lambda: _metric(d.url, "llmd:kv_transfers_total", result="failed") > failed,
+        10,
+    )
+
+
+async def _router_complete(s: aiohttp.ClientSession, url: str, body: dict) -> str:
+    async with s.post(url + "/v1/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        if not body.get("stream"):
+            return _text(await r.json())
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        parts, done = [], False
+        async for line in r.content:
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:].strip()
+            if data == b"[DONE]":
+                done = True
+                continue
+            chunk = json.loads(data)
+            if chunk.get("choices"):
+                parts.append(chunk["choices"][0].get("text") or "")
+        assert done, "the stream ended without [DONE]"
+        return "".join(parts)
+
+
+async def _router_metric(s: aiohttp.ClientSession, url: str, outcome: str) -> float:
+    async with s.get(url + "/metrics") as r:
+        text = await r.text()
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name == "llmd_router_pd_requests_total" and sample.labels.get("outcome") == outcome:
+                return sample.value
+    return 0.0
+
+
+async def test_router_disaggregates_long_prompts_with_identical_output(pd_pair, test_model_dir):
+    p, d = pd_pair
+    pods = [{"url": p.url, "role": "prefill"}, {"url": d.url, "role": "decode"}]
+    threshold = 256
+
+    def engine_metric(engine: EngineProcess, name: str, **labels: str) -> float:
+        return _metric(engine.url, name, **labels)
+
+    async with (
+        routed([], test_model_dir, pods=pods, pd={"threshold_tokens": threshold}) as (_router, base),
+        aiohttp.ClientSession() as s,
+    ):
+        cases = [
+            ({"prompt": _prompt(400)}, "plain"),
+            ({"prompt": _prompt(401), "stream": True}, "stream"),
+            (
+                {
+                    "prompt": _prompt(402),
+                    # a client pointing the decode engine at a host of its choosing: must be stripped
+                    "kv_transfer_params": {
+                        "do_remote_prefill": True,
+                        "remote_engine_id": "evil",
+                        "remote_request_id": "evil-1",
+                        "remote_block_ids": [[0, 1, 2, 3]],
+                        "remote_host": "203.0.113.7",
+                        "remote_port": 5555,
+                        "remote_num_tokens": 128,
+                        "remote_block_size": 32,
+                    },
+                },
+                "client kv_transfer_params",
+            ),
+        ]
+        for extra, what in cases:
+            body = {"model": "test-model", "max_tokens": 8, "temperature": 0, **extra}
+            plain = {k: v for k, v in body.items() if k not in ("stream", "kv_transfer_params")}
+            reference = await asyncio.to_thread(_post, p.url, plain)  # one engine computing it all
+            assert reference["usage"]["prompt_tokens"] > threshold
+            before = {
+                "disaggregated": await _router_metric(s, base, "disaggregated"),
+                "ext_hits": engine_metric(d, "vllm:external_prefix_cache_hits_total"),
+                "bytes": engine_metric(d, "llmd:kv_transfer_bytes_total", memory="DRAM"),
+                "ok": engine_metric(d, "llmd:kv_transfers_total", result="ok"),
+                "failed": engine_metric(d, "llmd:kv_transfers_total", result="failed"),
+                "hs_failed": engine_metric(d, "llmd:kv_handshakes_total", result="failed"),
+            }
+            text = await _router_complete(s, base, body)
+            assert text == _text(reference), what
+            assert await _router_metric(s, base, "disaggregated") == before["disaggregated"] + 1, what
+            loaded = engine_metric(d, "vllm:external_prefix_cache_hits_total") - before["ext_hits"]
+            assert loaded >= reference["usage"]["prompt_tokens"] - 32, (what, loaded)
+            assert engine_metric(d, "llmd:kv_transfer_bytes_total", memory="DRAM") > before["bytes"], what
+            await asyncio.to_thread(
+                _wait_for,
+                "the decode engine to count the transfer",
+                lambda ok=before["ok"]: engine_metric(d, "llmd:kv_transfers_total", result="ok") == ok + 1,
+                10,
+            )
+            # exactly one pull, the router's: nothing failed, no handshake with the client's host
+            assert engine_metric(d, "llmd:kv_transfers_total", result="failed") == before["failed"], what
+            assert engine_metric(d, "llmd:kv_handshakes_total", result="failed") == before["hs_failed"], what
+
+        # a prompt the decode engine computes cheaply is served there, without a prefill leg
+        aggregated = await _router_metric(s, base, "aggregated")
+        leases = engine_metric(p, "llmd:kv_leases_total", event="started")
+        short = {"model": "test-model", "prompt": "Hello there, short one", "max_tokens": 4, "temperature": 0}
+        reference = await asyncio.to_thread(_post, p.url, short)
+        assert reference["usage"]["prompt_tokens"] <= threshold
+        assert await _router_complete(s, base, short) == _text(reference)
+        assert await _router_metric(s, base, "aggregated") == aggregated + 1
+        assert engine_metric(p, "llmd:kv_leases_total", event="started") == leases
+
+
+def test_zz_prefill_engine_killed_after_prefill_leg_decode_prefills_locally(pd_pair):
+    """Runs last: it kills the prefill engine (the module's pair is not used after it)."""
+    p, d = pd_pair
+    body = {"model": "test-model", "prompt": _prompt(500), "max_tokens": 8, "temperature": 0}
+    reference = _post(p.url, body)
+    failed = _metric(d.url, "llmd:kv_transfers_total", result="failed")
+    prefill = _post(p.url, build_prefill_request(body))
+    p.kill()  # SIGKILL to the whole engine: its KV memory and side channel are gone before the pull
+    decoded = _post(d.url, build_decode_request(body, prefill))
+    assert _text(decoded) == _text(reference)
+    _wait_for(
+        "the consumer to count the failed transfer",
+        lambda: _metric(d.url, "llmd:kv_transfers_total", result="failed") > failed,
+        10,
+    )
+    # and the decode engine is still healthy and serving
+    assert urllib.request.urlopen(d.url + "/health", timeout=10).status == 200
+    again = _post(d.url, body)
+    assert _text(again) == _text(reference)
