@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 from router_fakes import FakeBackend, start_router
 
+from vllm_llmd.pd import KVSource, PodCost, SelectiveParams, choose_kv_source
 from vllm_llmd.router.config import RouterConfig
 
 
@@ -78,5 +79,134 @@ async def test_prefill_pod_failure_falls_back_to_aggregated(pd_backends) -> None
         async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{srv.port}/v1/completions", json=body) as r:
             assert r.status == 200 and r.headers["X-LLMD-Pod"] == d.pod_id
         assert "kv_transfer_params" not in d.received[0]
+    finally:
+        await srv.close()
+
+
+# ---- selective P/D among colocated (role: both) pods ---------------------------------------------
+
+
+def test_selective_pd_never_disaggregates_a_short_uncached_part() -> None:
+    p = SelectiveParams(threshold_tokens=256)
+    d = PodCost("d", uncached_tokens=200)
+    assert choose_kv_source(2112, d, [PodCost("q", 0)], p) is None
+
+
+def test_selective_pd_pulls_from_the_idle_peer_that_holds_the_prefix() -> None:
+    p = SelectiveParams(threshold_tokens=256, transfer_token_weight=0.05, leg_overhead_tokens=128)
+    d = PodCost("d", uncached_tokens=2112, queued_prefill_tokens=500)
+    src = choose_kv_source(2112, d, [PodCost("q", uncached_tokens=64)], p)
+    assert src is not None and src.pod == "q"
+    assert src.local_cost == 2612
+    assert src.remote_cost == pytest.approx(64 + 0.05 * 2112 + 128)
+
+
+def test_selective_pd_declines_when_the_peer_is_busier_than_recomputing() -> None:
+    p = SelectiveParams(threshold_tokens=256)
+    d = PodCost("d", uncached_tokens=2112)
+    # the peer holds the prefix but has 4096 tokens of prefill queued: recomputing locally is sooner
+    assert choose_kv_source(2112, d, [PodCost("q", 64, queued_prefill_tokens=4096)], p) is None
+
+
+def test_selective_pd_requires_a_real_saving_not_just_a_less_loaded_peer() -> None:
+    p = SelectiveParams(threshold_tokens=256)
+    d = PodCost("d", uncached_tokens=2112, queued_prefill_tokens=8000)
+    # an idle peer that holds nothing more than d would only move the compute: not P/D's job
+    assert choose_kv_source(2112, d, [PodCost("q", 2000)], p) is None
+
+
+def test_selective_pd_picks_the_cheapest_of_several_sources_and_skips_itself() -> None:
+    p = SelectiveParams(threshold_tokens=256)
+    d = PodCost("d", uncached_tokens=4000, queued_prefill_tokens=1000)
+    peers = [PodCost("d", 0), PodCost("a", 0, queued_prefill_tokens=900), PodCost("b", 100, queued_prefill_tokens=100)]
+    src = choose_kv_source(4096, d, peers, p)
+    assert src is not None and src.pod == "b"
+
+
+def test_selective_pd_divides_by_prefill_speed() -> None:
+    p = SelectiveParams(threshold_tokens=256, transfer_token_weight=0.0, leg_overhead_tokens=0)
+    d = PodCost("d", uncached_tokens=2000, prefill_speed=4.0)  # local: 500
+    slow = PodCost("q", 0, queued_prefill_tokens=1200, prefill_speed=2.0)  # remote: 600
+    assert choose_kv_source(2000, d, [slow], p) is None
+    fast = PodCost("q", 0, queued_prefill_tokens=1200, prefill_speed=3.0)  # remote: 400
+    assert choose_kv_source(2000, d, [fast], p) == KVSource("q", 400.0, 500.0)
+
+
+def test_selective_pd_rejects_bad_numbers() -> None:
+    with pytest.raises(ValueError):
+        SelectiveParams(threshold_tokens=-1)
+    with pytest.raises(ValueError):
+        choose_kv_source(-1, PodCost("d", 0), [], SelectiveParams())
+    with pytest.raises(ValueError):
+        choose_kv_source(10, PodCost("d", 1000, prefill_speed=0), [PodCost("q", 0)], SelectiveParams())
+
+
+def _peer_cfg(a: FakeBackend, b: FakeBackend, *, peers: bool, session_weight: float) -> RouterConfig:
+    scorers = [{"type": "estimated-ttft"}]
+    if session_weight:
+        scorers.append({"type": "session-affinity", "weight": session_weight})
+    return RouterConfig.model_validate(
+        {
+            "models": ["test-model"],
+            "pods": [{"url": a.url}, {"url": b.url}],
+            "profile": {"scorers": scorers},
+            "pd": {"threshold_tokens": 256, "peers": peers},
+        }
+    )
+
+
+async def _post(port: int, body: dict, session: str | None = None) -> aiohttp.ClientResponse:
+    headers = {"x-session-id": session} if session else {}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"http://127.0.0.1:{port}/v1/completions", json=body, headers=headers) as r,
+    ):
+        await r.read()
+        return r
+
+
+@pytest.mark.parametrize("peers", [True, False])
+async def test_peer_pd_pulls_the_prefix_from_the_pod_that_holds_it(pd_backends, peers: bool) -> None:
+    a, b = pd_backends  # both role "both" here
+    router, srv = await start_router(_peer_cfg(a, b, peers=peers, session_weight=10.0))
+    try:
+        # 1) a short request opens session "s" on the first pod; 2) a long prompt goes to the other
+        # pod (tie -> the pod picked longest ago), which now holds its prefix in the routing memory
+        r1 = await _post(srv.port, {"model": "test-model", "prompt": "hi", "max_tokens": 1}, session="s")
+        long_prompt = "word " * 2000
+        r2 = await _post(srv.port, {"model": "test-model", "prompt": long_prompt, "max_tokens": 1})
+        decode_pod, holder = r1.headers["X-LLMD-Pod"], r2.headers["X-LLMD-Pod"]
+        assert decode_pod != holder
+        # 3) the same prompt in session "s": the profile picks the session's pod (no prefix there)
+        r3 = await _post(srv.port, {"model": "test-model", "prompt": long_prompt, "max_tokens": 3}, session="s")
+        assert r3.status == 200 and r3.headers["X-LLMD-Pod"] == decode_pod
+        backends = {x.pod_id: x for x in (a, b)}
+        dec = backends[decode_pod].received[-1]
+        if peers:
+            assert r3.headers["X-LLMD-Prefill-Pod"] == holder
+            leg = backends[holder].received[-1]
+            assert leg["max_tokens"] == 1 and leg["kv_transfer_params"]["do_remote_decode"] is True
+            assert dec["max_tokens"] == 3
+            assert dec["kv_transfer_params"]["remote_engine_id"] == f"engine-{backends[holder].name}"
+        else:
+            assert "X-LLMD-Prefill-Pod" not in r3.headers and "kv_transfer_params" not in dec
+            assert len(backends[holder].received) == 1
+        disagg = router.metrics.pd_requests.labels("disaggregated")._value.get()
+        assert disagg == (1 if peers else 0)
+    finally:
+        await srv.close()
+
+
+async def test_peer_pd_stays_colocated_when_the_profile_already_picks_the_holder(pd_backends) -> None:
+    a, b = pd_backends
+    router, srv = await start_router(_peer_cfg(a, b, peers=True, session_weight=0))
+    try:
+        long_prompt = "word " * 2000
+        first = await _post(srv.port, {"model": "test-model", "prompt": long_prompt, "max_tokens": 1})
+        again = await _post(srv.port, {"model": "test-model", "prompt": long_prompt + "more", "max_tokens": 1})
+        assert again.headers["X-LLMD-Pod"] == first.headers["X-LLMD-Pod"]
+        assert "X-LLMD-Prefill-Pod" not in again.headers
+        assert not any("kv_transfer_params" in body for x in (a, b) for body in x.received)
+        assert router.metrics.pd_requests.labels("aggregated")._value.get() == 2
     finally:
         await srv.close()

@@ -1,7 +1,8 @@
 """Prefill/decode request logic as pure functions (no HTTP, no router state).
 
 The router (or a test, or any proxy) calls these to turn one client request into the two legs of
-a disaggregated request; see :mod:`vllm_llmd.pd.requests`.
+a disaggregated request (:mod:`vllm_llmd.pd.requests`), and to decide whether a colocated peer
+should produce a prompt's KV instead of the decode pod computing it (:mod:`vllm_llmd.pd.selective`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ from vllm_llmd.pd.requests import (
     should_disaggregate,
     strip_client_kv_params,
 )
+from vllm_llmd.pd.selective import KVSource, PodCost, SelectiveParams, choose_kv_source
 
 __all__ = [
     "KV_TRANSFER_PARAMS",
+    "KVSource",
     "PDError",
+    "PodCost",
+    "SelectiveParams",
     "build_decode_request",
     "build_prefill_request",
+    "choose_kv_source",
     "prefill_kv_transfer_params",
     "should_disaggregate",
     "strip_client_kv_params",

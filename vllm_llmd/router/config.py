@@ -105,12 +105,21 @@ class IndexConfig(_Strict):
 
 
 class PDConfig(_Strict):
-    """Prefill/decode disaggregation, active when the pool has ``role: prefill`` pods."""
+    """Prefill/decode disaggregation, active when the pool has ``role: prefill`` pods (or, with
+    ``peers``, between ``role: both`` pods)."""
 
     #: disaggregate when the chosen decode pod would compute more than this many prompt tokens itself
     threshold_tokens: int = Field(default=256, ge=0)
     #: profile that picks the prefill pod (default: the main profile)
     prefill_profile: ProfileConfig | None = None
+    #: selective P/D among ``role: both`` pods (no dedicated prefill pods): after the decode pod is
+    #: chosen, pull the prompt's KV from a peer that holds more of the prefix and can produce it sooner
+    #: (``vllm_llmd.pd.selective``; needs a KV connector with ``kv_both`` on every pod)
+    peers: bool = False
+    #: cost of moving one prompt token's KV, relative to computing it (peers mode)
+    transfer_token_weight: float = Field(default=0.05, ge=0)
+    #: fixed cost (tokens) of the extra prefill leg (peers mode)
+    leg_overhead_tokens: float = Field(default=128.0, ge=0)
 
 
 class RouterConfig(_Strict):

@@ -331,19 +331,55 @@ class RouterApp:
         request[_PREDICTED] = decision.predicted_cached_tokens
         stream = bool(payload.get("stream", False))
         remote_kv = False
+        sources: list[Pod] | None = None
         if prefill_pods:
             from vllm_llmd.pd import should_disaggregate  # P/D code is only needed with prefill pods
 
             if should_disaggregate(req.prompt_tokens, decision.predicted_cached_tokens, self.cfg.pd.threshold_tokens):
-                decode_body = await self._prefill_leg(request, path, payload, req, prefill_pods, chat)
-                if decode_body is not None:
-                    body, remote_kv = decode_body, True
-                    m.pd_requests.labels("disaggregated").inc()
-                else:
-                    m.pd_requests.labels("fallback").inc()
-            else:
+                sources = prefill_pods
+        elif self.cfg.pd.peers and len(pods) > 1:
+            sources = self._peer_kv_source(req, decision, pods)
+        if sources is None:
+            if prefill_pods or self.cfg.pd.peers:
                 m.pd_requests.labels("aggregated").inc()
+        else:
+            decode_body = await self._prefill_leg(request, path, payload, req, sources, chat)
+            if decode_body is not None:
+                body, remote_kv = decode_body, True
+                m.pd_requests.labels("disaggregated").inc()
+            else:
+                m.pd_requests.labels("fallback").inc()
         return await self._forward(request, path, body, req, decision, stream, remote_kv)
+
+    def _peer_kv_source(self, req: SchedRequest, decision: Decision, pods: list[Pod]) -> list[Pod] | None:
+        """Selective P/D among ``role: both`` pods: the peer that should produce the prompt's KV for
+        the chosen decode pod (``vllm_llmd.pd.selective``), or ``None`` to serve it colocated."""
+        from vllm_llmd.pd import PodCost, SelectiveParams, choose_kv_source
+
+        view = req.scratch.get("prefix_view")
+        if view is None:
+            return None
+        pd = self.cfg.pd
+        params = SelectiveParams(pd.threshold_tokens, pd.transfer_token_weight, pd.leg_overhead_tokens)
+
+        def cost(p: Pod) -> PodCost:
+            ld = self.inflight.load(p.id)
+            uncached = max(0, req.prompt_tokens - view.cached.get(p.id, 0))
+            return PodCost(p.id, uncached, ld.prefill_tokens, ld.decode_tokens, p.prefill_speed)
+
+        chosen = decision.chosen.id
+        by_id = {p.id: p for p in pods if p.role == "both"}
+        if chosen not in by_id:
+            return None
+        src = choose_kv_source(
+            req.prompt_tokens, cost(by_id[chosen]), [cost(p) for i, p in by_id.items() if i != chosen], params
+        )
+        if src is None:
+            return None
+        log.debug(
+            "peer P/D: %s pulls from %s (remote %.0f < local %.0f)", chosen, src.pod, src.remote_cost, src.local_cost
+        )
+        return [by_id[src.pod]]
 
     async def _prefill_leg(
         self,
