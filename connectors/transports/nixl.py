@@ -114,8 +114,15 @@ class NixlTransport(KVTransport):
         regions = tuple(regions)
         if name in self._peers:
             return self._peers[name][0]
-        xfer = self._agent.get_xfer_descs(_descs(regions), self.memory.value)
-        dlist = self._agent.prep_xfer_dlist(name, xfer, backends=self.backends)
+        try:
+            xfer = self._agent.get_xfer_descs(_descs(regions), self.memory.value)
+            dlist = self._agent.prep_xfer_dlist(name, xfer, backends=self.backends)
+        except Exception as exc:  # e.g. a region table beyond the memory the peer registered
+            try:
+                self._agent.remove_remote_agent(name)
+            except Exception:
+                pass
+            raise TransportError(f"peer {name}'s region table does not match the memory it registered: {exc}") from exc
         peer = Peer(name=name, regions=regions)
         self._peers[name] = (peer, dlist, _offsets(regions))
         return peer
