@@ -24,6 +24,9 @@ class RemotePrefill(msgspec.Struct, frozen=True):
     remote_num_tokens: int
     remote_block_size: int
     tp_size: int = 1
+    #: wall-clock time (``time.time()``) after which the prefill engine may reuse the blocks;
+    #: a consumer must not start (or still be in) a pull by then. ``None``: not advertised.
+    lease_expires_at: float | None = None
 
 
 def parse_remote_prefill(params: dict[str, Any] | None) -> RemotePrefill | None:

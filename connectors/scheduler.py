@@ -9,6 +9,7 @@ asynchronously, and hand the worker the local/remote block mapping to pull.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVCacheEvent
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger("vllm.vllm_llmd.connectors")
+
+#: a decode request whose prefill lease ends within this many seconds is prefilled locally: a pull
+#: started that late could still be reading when the prefill engine reuses the blocks (this also
+#: absorbs small wall-clock differences between the two hosts)
+LEASE_MARGIN_SECONDS = 0.5
 
 
 class LLMDConnectorScheduler:
@@ -58,6 +64,14 @@ class LLMDConnectorScheduler:
             logger.warning("LLMDConnector: request %s: %s; prefilling locally", request.request_id, exc)
             return 0, False
         if remote is None:
+            return 0, False
+        if remote.lease_expires_at is not None and time.time() > remote.lease_expires_at - LEASE_MARGIN_SECONDS:
+            logger.warning(
+                "LLMDConnector: request %s: the prefill engine's lease on its blocks has expired; prefilling locally",
+                request.request_id,
+            )
+            request.kv_transfer_params["do_remote_prefill"] = False  # final: never pull those blocks
+            self._stats.add("transfers_failed")
             return 0, False
         if remote.remote_block_size != self.block_size:
             logger.warning(
@@ -140,6 +154,8 @@ class LLMDConnectorScheduler:
             "remote_block_size": self.block_size,
             "tp_size": 1,
             "lease_seconds": self.cfg.lease_seconds,
+            # the worker starts the lease at the next step, so the blocks are held at least this long
+            "lease_expires_at": time.time() + self.cfg.lease_seconds,
             "connector": PRODUCER_TAG,
         }
 

@@ -239,9 +239,10 @@ class LLMDConnectorWorker:
             return
         now = time.monotonic()
         nbytes = sum(self.transport.regions[r].block_len for r, _ in local)
-        self._pulls[job.request_id] = _Pull(
-            handle, job.remote.remote_engine_id, now, now + self.cfg.transfer_timeout_seconds, nbytes, len(local)
-        )
+        deadline = now + self.cfg.transfer_timeout_seconds
+        if job.remote.lease_expires_at is not None:  # past the lease the prefill engine may reuse the blocks
+            deadline = min(deadline, now + job.remote.lease_expires_at - time.time())
+        self._pulls[job.request_id] = _Pull(handle, job.remote.remote_engine_id, now, deadline, nbytes, len(local))
 
     def _poll_pulls(self) -> None:
         assert self.transport is not None

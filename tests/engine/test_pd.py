@@ -24,7 +24,9 @@ from vllm_llmd.testing.engine import EngineProcess, EngineSpec
 
 pytestmark = pytest.mark.engine
 
-EXTRA = {"lease_seconds": 5, "transfer_timeout_seconds": 10}
+# the lease must outlast the decode leg's queueing + pull (the consumer gives up at lease end): on a
+# cold, loaded 2-core machine the first hand-off took > 5 s
+EXTRA = {"lease_seconds": 10, "transfer_timeout_seconds": 10}
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,11 @@ def test_pd_output_matches_a_single_engine_and_decode_does_not_recompute(pd_pair
         loaded = _metric(d.url, "vllm:external_prefix_cache_hits_total") - ext_before
         # every full block of the prompt came from the prefill engine, not from local compute
         assert loaded >= prompt_tokens - 32, (loaded, prompt_tokens)
-        assert _metric(d.url, "llmd:kv_transfer_bytes_total", memory="DRAM") > bytes_before
+        _wait_for(
+            "the decode engine to count the bytes it pulled",
+            lambda b=bytes_before: _metric(d.url, "llmd:kv_transfer_bytes_total", memory="DRAM") > b,
+            10,
+        )
 
 
 def test_prefill_releases_its_lease_once_decode_pulled(pd_pair):
@@ -145,8 +151,8 @@ def test_prefill_blocks_are_freed_by_lease_expiry_when_no_decode_comes(pd_pair):
         lambda: _metric(p.url, "llmd:kv_leases_total", event="expired") > expired,
         EXTRA["lease_seconds"] + 30,
     )
-    # not released early: the lease ran (most of) its 5 s before it was dropped
-    assert time.monotonic() - started > EXTRA["lease_seconds"] - 2
+    # not released early: the lease ran (most of) its term before it was dropped
+    assert time.monotonic() - started > EXTRA["lease_seconds"] / 2
     # the blocks went back to the free queue: nothing held, nothing in use
     _wait_for("the blocks to be freed", lambda: _idle(p), 10)
     assert _metric(p.url, "llmd:kv_lease_held_requests") == 0
