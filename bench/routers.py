@@ -9,6 +9,7 @@ backend).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -73,6 +74,10 @@ class RouterKind:
     #: tokenizer from the model identity needs a path it can open)
     served_name_is_path: bool = False
     available: Callable[[], str | None] = lambda: None  # None = available, else why not
+    #: per-engine environment (engine index -> variables), e.g. a distinct NIXL side-channel port
+    per_engine_env: Callable[[int], dict[str, str]] | None = None
+    #: a prefill/decode row (the P/D table adds disaggregated fraction and KV bytes moved)
+    pd: bool = False
 
 
 def _vllm_router_bin() -> str | None:
@@ -145,6 +150,80 @@ def _ours(workers: list[Worker], port: int) -> Launch:
     return Launch(cmd=cmd, port=port)
 
 
+def _vllm_router_pd(workers: list[Worker], port: int) -> Launch:
+    """vLLM's own P/D stack: ``vllm-router --vllm-pd-disaggregation --kv-connector nixl``, engine 0
+    prefills, engine 1 decodes (both engines run vLLM's NixlConnector)."""
+    if len(workers) != 2:
+        raise ValueError("the P/D rows need exactly two engines (one prefill, one decode)")
+    prom = free_port()
+    cmd = [
+        str(_vllm_router_bin()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--vllm-pd-disaggregation",
+        "--kv-connector",
+        "nixl",
+        "--policy",
+        "round_robin",
+        "--prefill",
+        workers[0].url,
+        "--decode",
+        workers[1].url,
+        "--prometheus-port",
+        str(prom),
+        "--prometheus-host",
+        "127.0.0.1",
+        "--worker-startup-check-interval",
+        "1",
+        "--log-level",
+        "warning",
+    ]
+    return Launch(cmd=cmd, port=port, side_ports=[prom])
+
+
+def _ours_pd(peers: bool) -> Callable[[list[Worker], int], Launch]:
+    """Our router with P/D: dedicated roles (engine 0 prefill, engine 1 decode) or, with ``peers``,
+    both engines ``role: both`` and the selective peer decider (``pd.peers``)."""
+
+    def build(workers: list[Worker], port: int) -> Launch:
+        if len(workers) != 2:
+            raise ValueError("the P/D rows need exactly two engines")
+        roles = ["both", "both"] if peers else ["prefill", "decode"]
+        pods = []
+        for w, role in zip(workers, roles, strict=True):
+            pod: dict[str, object] = {"url": w.url, "role": role}
+            if w.events:
+                pod["events"] = w.events
+            if w.replay:
+                pod["replay"] = w.replay
+            pods.append(pod)
+        cfg = {"pods": pods, "pd": {"threshold_tokens": 256, "peers": peers}}
+        cfg_dir = BENCH_DIR / "out" / "pd_configs"
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = cfg_dir / f"{'peers' if peers else 'roles'}-{port}.json"  # JSON is YAML
+        cfg_path.write_text(json.dumps(cfg, indent=1))
+        cmd = [str(VENV_BIN / "vllm-llmd"), "router", "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--config", str(cfg_path), "--log-level", "warning"]
+        if workers[0].model_dir is not None:
+            cmd += ["--tokenizer", str(workers[0].model_dir)]
+        cmd += ["--model", workers[0].served_name]
+        return Launch(cmd=cmd, port=port)
+
+    return build
+
+
+#: engine settings of the P/D rows (both engines ``kv_both``: either may produce or consume)
+NIXL_KV = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
+LLMD_KV = {"kv_connector": "LLMDConnector", "kv_role": "kv_both"}
+
+
+def _nixl_side_channel(_i: int) -> dict[str, str]:
+    # vLLM's NixlConnector listens on VLLM_NIXL_SIDE_CHANNEL_PORT (default 5600 for every engine)
+    return {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1"}
+
+
 def _ours_missing() -> str | None:
     exe = VENV_BIN / "vllm-llmd"
     if not exe.exists():
@@ -181,6 +260,31 @@ ROUTERS: dict[str, RouterKind] = {
         ),
         RouterKind("oracle", "static oracle (prefix k -> engine k mod N)", _oracle),
         RouterKind("ours", "vllm-llmd router (ours)", _ours, available=_ours_missing),
+        RouterKind(
+            "pd_vllm_router",
+            "P/D: vllm-router --vllm-pd-disaggregation + NixlConnector (1 prefill, 1 decode)",
+            _vllm_router_pd,
+            engine_args=["--kv-transfer-config", json.dumps(NIXL_KV)],
+            per_engine_env=_nixl_side_channel,
+            available=_vllm_router_missing,
+            pd=True,
+        ),
+        RouterKind(
+            "pd_ours",
+            "P/D: vllm-llmd router + LLMDConnector (1 prefill, 1 decode, threshold 256)",
+            _ours_pd(peers=False),
+            engine_args=["--kv-transfer-config", json.dumps(LLMD_KV)],
+            available=_ours_missing,
+            pd=True,
+        ),
+        RouterKind(
+            "pd_ours_selective",
+            "P/D: vllm-llmd router + LLMDConnector, selective among 2 colocated pods (pd.peers)",
+            _ours_pd(peers=True),
+            engine_args=["--kv-transfer-config", json.dumps(LLMD_KV)],
+            available=_ours_missing,
+            pd=True,
+        ),
     )
 }
 

@@ -67,12 +67,23 @@ def engine_counters(url: str) -> dict[str, float]:
         "vllm:prefix_cache_hits_total": "hits",
         "vllm:prefix_cache_queries_total": "queries",
         "vllm:request_success_total": "requests",
+        # P/D rows: prompt tokens loaded from another engine, KV bytes pulled and pulls, for our
+        # LLMDConnector (llmd:*) and vLLM's NixlConnector (vllm:nixl_* histogram)
+        "vllm:external_prefix_cache_hits_total": "external_hits",
+        "llmd:kv_transfer_bytes_total": "kv_bytes",
+        "vllm:nixl_bytes_transferred_sum": "kv_bytes",
+        "vllm:nixl_bytes_transferred_count": "kv_pulls",
     }
     out = dict.fromkeys(want.values(), 0.0)
+    out["kv_pulls_failed"] = 0.0
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name in want:
                 out[want[s.name]] += float(s.value)
+            elif s.name == "llmd:kv_transfers_total":
+                out["kv_pulls" if s.labels.get("result") == "ok" else "kv_pulls_failed"] += float(s.value)
+            elif s.name == "vllm:nixl_num_failed_transfers_total":
+                out["kv_pulls_failed"] += float(s.value)
     return out
 
 
@@ -127,14 +138,16 @@ def _start_engines(model_dir: Path, kind: RouterKind, log_dir: Path, n: int) -> 
             max_model_len=4096,
             cpu_core=i if cores >= n else None,
             extra_args=list(kind.engine_args),
-            extra_env=dict(kind.engine_env),
+            extra_env={**kind.engine_env, **(kind.per_engine_env(i) if kind.per_engine_env else {})},
         )
         engines.append(EngineProcess(spec, log_dir / f"engine{i}.log"))
     try:
         for e in engines:
             e.start()
         for e in engines:
-            e.wait_ready(timeout=900)
+            # a start whose log stays silent for 3 min is a hang (sched_setaffinity on this VM kernel,
+            # see vllm_llmd/testing/engine.py): fail it so start_engines retries with fresh engines
+            e.wait_ready(timeout=900, quiet_timeout=180)
     except BaseException:
         for e in engines:
             e.stop()
@@ -252,6 +265,8 @@ def measured(engines: list[EngineProcess], fn: Any) -> dict[str, Any]:
     queries = sum(a["queries"] - b["queries"] for a, b in zip(after, before, strict=True))
     res["hit_rate"] = hits / queries if queries else None
     res["requests_per_engine"] = [int(a["requests"] - b["requests"]) for a, b in zip(after, before, strict=True)]
+    for key in ("external_hits", "kv_bytes", "kv_pulls", "kv_pulls_failed"):
+        res[key] = sum(a[key] - b[key] for a, b in zip(after, before, strict=True))
     return res
 
 
@@ -334,10 +349,14 @@ def run_row(model: str, kind: RouterKind, args: argparse.Namespace) -> dict[str,
             text = router.get("/metrics", port=p)
             if text:
                 (log_dir / "router_metrics.txt").write_text(text)
-        if kind.name == "ours" or kind.name == "oracle":
-            text = router.get("/metrics" if kind.name == "ours" else "/health")
+        if kind.name in ("ours", "oracle", "pd_ours", "pd_ours_selective"):
+            text = router.get("/health" if kind.name == "oracle" else "/metrics")
             if text:
                 (log_dir / "router_metrics.txt").write_text(text)
+                if kind.pd and result.get("saturate"):
+                    # the router is fresh for every row and the warm-up went to the engines directly:
+                    # its P/D counters are the saturating run's
+                    result["saturate"]["pd_outcomes"] = pd_outcomes(text)
     finally:
         if router is not None:
             router.stop()
@@ -345,6 +364,28 @@ def run_row(model: str, kind: RouterKind, args: argparse.Namespace) -> dict[str,
             e.stop()
     result["load_avg_after"] = load_avg()
     return result
+
+
+def pd_outcomes(router_metrics: str) -> dict[str, int]:
+    """``llmd_router_pd_requests_total`` by outcome (disaggregated, aggregated, fallback)."""
+    out: dict[str, int] = {}
+    for fam in text_string_to_metric_families(router_metrics):
+        for s in fam.samples:
+            if s.name == "llmd_router_pd_requests_total":
+                out[s.labels.get("outcome", "?")] = int(s.value)
+    return out
+
+
+def disaggregated_fraction(r: dict[str, Any]) -> float | None:
+    """Our router counts its decisions; vllm-router's P/D mode has none (every request takes the
+    prefill leg), so there the engines' pulls per completed request tell."""
+    oc = r.get("pd_outcomes")
+    if oc:
+        total = sum(oc.values())
+        return oc.get("disaggregated", 0) / total if total else None
+    if r.get("completed") and r.get("kv_pulls") is not None:
+        return r["kv_pulls"] / r["completed"]
+    return None
 
 
 def fmt_brief(r: dict[str, Any]) -> str:
@@ -374,6 +415,31 @@ def saturate_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['label']} | {_f(r['req_s'], 2)} | {_f(r['out_tok_s'], 1)} | {_f(r['ttft_p50_ms'])} "
             f"| {_f(r['ttft_p90_ms'])} | {_f(r['e2e_p50_ms'])} | {_f(r['hit_rate'], 2)} "
+            f"| {'/'.join(map(str, r['requests_per_engine']))} | {r['failed']} |"
+        )
+    return "\n".join(lines)
+
+
+def pd_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| router | req/s | output tok/s | TTFT p50 ms | TTFT p90 ms | E2E p50 ms | engine prefix hit rate "
+        "| disaggregated | KV pulled (MiB, pulls) | tokens loaded remotely | requests per engine | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r = row.get("saturate")
+        if not r:
+            continue
+        frac = disaggregated_fraction(r) if ROUTERS[row["router"]].pd else None
+        moved = "-"
+        if ROUTERS[row["router"]].pd and r.get("kv_bytes") is not None:
+            moved = f"{r['kv_bytes'] / 2**20:.0f} ({int(r.get('kv_pulls') or 0)}"
+            moved += f", {int(r['kv_pulls_failed'])} failed)" if r.get("kv_pulls_failed") else ")"
+        ext = r.get("external_hits")
+        lines.append(
+            f"| {row['label']} | {_f(r['req_s'], 2)} | {_f(r['out_tok_s'], 1)} | {_f(r['ttft_p50_ms'])} "
+            f"| {_f(r['ttft_p90_ms'])} | {_f(r['e2e_p50_ms'])} | {_f(r['hit_rate'], 2)} "
+            f"| {'-' if frac is None else f'{frac:.2f}'} | {moved} | {'-' if ext is None else int(ext)} "
             f"| {'/'.join(map(str, r['requests_per_engine']))} | {r['failed']} |"
         )
     return "\n".join(lines)
@@ -450,6 +516,21 @@ def acceptance(rows: dict[str, dict[str, Any]]) -> list[str]:
         notes.append(
             f"TTFT p90 ours/best vllm-router = {ratio:.2f} (target <= 0.8): {'PASS' if ratio <= 0.8 else 'MISS'}"
         )
+    sel = rows.get("pd_ours_selective", {}).get("saturate")
+    vpd = rows.get("pd_vllm_router", {}).get("saturate")
+    if sel and vpd:
+        ratio = sel["req_s"] / vpd["req_s"]
+        notes.append(
+            f"P/D throughput selective/vllm-router P/D = {ratio:.2f} (issue 5 target >= 2): "
+            f"{'PASS' if ratio >= 2 else 'MISS'}; TTFT p90 {sel['ttft_p90_ms']:.0f} vs {vpd['ttft_p90_ms']:.0f} ms "
+            f"(target lower): {'PASS' if sel['ttft_p90_ms'] < vpd['ttft_p90_ms'] else 'MISS'}"
+        )
+    if sel and ours:
+        ratio = sel["req_s"] / ours["req_s"]
+        notes.append(
+            f"P/D throughput selective/colocated ours = {ratio:.2f} (issue 5 target >= 0.9): "
+            f"{'PASS' if ratio >= 0.9 else 'MISS'}"
+        )
     rr_l = rows.get("rr", {}).get("ladder")
     ours_l = rows.get("ours", {}).get("ladder")
     if rr_l:
@@ -483,6 +564,10 @@ def report(models: list[str], order: list[str]) -> str:
         dates = sorted({r["date_utc"] for r in ordered})
         loads = [f"{r['router']}: {r['load_avg_before']}" for r in ordered]
         parts.append(f"### {model} model: saturating run\n\n{saturate_table(ordered)}\n")
+        pd_rows = [r for r in ordered if ROUTERS[r["router"]].pd]
+        if pd_rows:
+            ref = [rows[n] for n in ("ours", "rr") if n in rows]
+            parts.append(f"### {model} model: P/D vs colocated (saturating run)\n\n{pd_table(pd_rows + ref)}\n")
         if any(r.get("ladder") for r in ordered):
             parts.append(f"### {model} model: Poisson rate ladder\n\n{ladder_table(ordered)}\n")
             for p in plot_ladder(model, ordered, OUT / "serving"):
@@ -490,7 +575,7 @@ def report(models: list[str], order: list[str]) -> str:
         parts.append(f"measured {dates[0]} .. {dates[-1]} UTC; 1-min load average before each row: {'; '.join(loads)}")
         notes = acceptance(rows)
         if notes:
-            parts.append("acceptance (issue 4):\n" + "\n".join(f"- {n}" for n in notes))
+            parts.append("acceptance (issues 4 and 5):\n" + "\n".join(f"- {n}" for n in notes))
         parts.append("")
     text = "\n".join(parts)
     (OUT / "serving").mkdir(parents=True, exist_ok=True)
@@ -562,6 +647,12 @@ def main() -> int:
                     failures.append(f"{model}/{name}")
                     continue
                 dest.parent.mkdir(parents=True, exist_ok=True)
+                if dest.exists():  # keep the modes this run did not measure (e.g. the ladder of a saturate re-run)
+                    prev = json.loads(dest.read_text())
+                    for m in ("saturate", "ladder"):
+                        if m not in result and prev.get(m):
+                            result[m] = prev[m]
+                            result.setdefault("kept_from_earlier_run", {})[m] = prev.get("date_utc")
                 dest.write_text(json.dumps(result, indent=1))
     print()
     print(report(args.models, list(ROUTERS)))
