@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from router_fakes import FakeBackend, start_router
 
 from vllm_llmd.pd import KVSource, PodCost, SelectiveParams, choose_kv_source
@@ -139,6 +141,37 @@ def test_selective_pd_rejects_bad_numbers() -> None:
         choose_kv_source(-1, PodCost("d", 0), [], SelectiveParams())
     with pytest.raises(ValueError):
         choose_kv_source(10, PodCost("d", 1000, prefill_speed=0), [PodCost("q", 0)], SelectiveParams())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prompt=st.integers(0, 8192),
+    cached=st.tuples(st.integers(0, 8192), st.integers(0, 8192)),
+    queued=st.tuples(st.integers(0, 20000), st.integers(0, 20000)),
+    decode=st.tuples(st.integers(0, 2000), st.integers(0, 2000)),
+    prefill_weight=st.floats(1.0, 4.0),
+)
+def test_selective_pd_never_fires_when_the_decode_pod_won_on_the_same_ttft_cost(
+    prompt: int, cached: tuple[int, int], queued: tuple[int, int], decode: tuple[int, int], prefill_weight: float
+) -> None:
+    """docs/plugins/selective-pd.md: with equal prefill speeds, a decode pod chosen by the
+    ``estimated-ttft`` cost with ``prefill_weight`` >= 1 is never worth bypassing - the holder's own
+    queue already decided against it. (The decider can only help when the pod was chosen otherwise.)"""
+    p = SelectiveParams()
+    pods = [
+        PodCost(name, max(0, prompt - c), q, dt)
+        for name, c, q, dt in zip(("a", "b"), cached, queued, decode, strict=True)
+    ]
+
+    def ttft(c: PodCost) -> float:  # the estimated-ttft scorer's cost (docs/plugins/estimated-ttft.md)
+        return (
+            prefill_weight * c.uncached_tokens
+            + c.queued_prefill_tokens
+            + p.decode_token_weight * c.queued_decode_tokens
+        )
+
+    d, q = sorted(pods, key=ttft)
+    assert choose_kv_source(prompt, d, [q], p) is None
 
 
 def _peer_cfg(a: FakeBackend, b: FakeBackend, *, peers: bool, session_weight: float) -> RouterConfig:
