@@ -162,6 +162,7 @@ def test_read_scattered_blocks_arrive_exactly_and_notify(remote: RemotePeer, loc
     local_pairs = [(1, 2), (0, 0), (0, 6), (1, 4), (0, 7)]
     handle = local.transport.read_blocks(peer, local_pairs, remote_pairs, notif=b"llmd:done:req-1")
     assert _wait(local.transport, handle) == XferState.DONE
+    assert local.transport.poll(handle) == XferState.DONE  # polling again must not notify again
     local.transport.release(handle)
 
     expected = _expected()
@@ -171,9 +172,11 @@ def test_read_scattered_blocks_arrive_exactly_and_notify(remote: RemotePeer, loc
     untouched = [(r, b) for r in range(NUM_REGIONS) for b in range(NUM_BLOCKS) if (r, b) not in local_pairs]
     assert all(not local.block(r, b).any() for r, b in untouched), "a block outside the read was written"
 
-    # the notification reaches the prefill side, from this agent
-    notifs = _until(lambda: [n for n in remote.ask(op="notifs")["notifs"] if n[1] == "llmd:done:req-1"])
-    assert notifs[0][0] == local.transport.agent_name
+    # the notification reaches the prefill side, from this agent, exactly once (a later message from
+    # the same agent arrives after it: once that one is in, a duplicate would be too)
+    local.transport.notify(peer, b"marker")
+    notifs = _until(lambda: (n := remote.ask(op="notifs")["notifs"]) and n[-1][1] == "marker" and n)
+    assert [n for n in notifs if n[1] == "llmd:done:req-1"] == [[local.transport.agent_name, "llmd:done:req-1"]]
 
 
 def test_write_blocks_and_standalone_notify(remote: RemotePeer, local: Local) -> None:
