@@ -183,9 +183,10 @@ def _vllm_router_pd(workers: list[Worker], port: int) -> Launch:
     return Launch(cmd=cmd, port=port, side_ports=[prom])
 
 
-def _ours_pd(peers: bool) -> Callable[[list[Worker], int], Launch]:
+def _ours_pd(peers: bool, prefill_weight: float | None = None) -> Callable[[list[Worker], int], Launch]:
     """Our router with P/D: dedicated roles (engine 0 prefill, engine 1 decode) or, with ``peers``,
-    both engines ``role: both`` and the selective peer decider (``pd.peers``)."""
+    both engines ``role: both`` and the selective peer decider (``pd.peers``); ``prefill_weight``
+    overrides the ``estimated-ttft`` scorer's (default 2.0)."""
 
     def build(workers: list[Worker], port: int) -> Launch:
         if len(workers) != 2:
@@ -199,7 +200,10 @@ def _ours_pd(peers: bool) -> Callable[[list[Worker], int], Launch]:
             if w.replay:
                 pod["replay"] = w.replay
             pods.append(pod)
-        cfg = {"pods": pods, "pd": {"threshold_tokens": 256, "peers": peers}}
+        cfg: dict[str, object] = {"pods": pods, "pd": {"threshold_tokens": 256, "peers": peers}}
+        if prefill_weight is not None:
+            scorer = {"type": "estimated-ttft", "params": {"prefill_weight": prefill_weight}}
+            cfg["profile"] = {"scorers": [scorer]}
         cfg_dir = BENCH_DIR / "out" / "pd_configs"
         cfg_dir.mkdir(parents=True, exist_ok=True)
         cfg_path = cfg_dir / f"{'peers' if peers else 'roles'}-{port}.json"  # JSON is YAML
@@ -281,6 +285,14 @@ ROUTERS: dict[str, RouterKind] = {
             "pd_ours_selective",
             "P/D: vllm-llmd router + LLMDConnector, selective among 2 colocated pods (pd.peers)",
             _ours_pd(peers=True),
+            engine_args=["--kv-transfer-config", json.dumps(LLMD_KV)],
+            available=_ours_missing,
+            pd=True,
+        ),
+        RouterKind(
+            "pd_ours_selective_pw05",
+            "P/D: as pd_ours_selective, estimated-ttft prefill_weight 0.5 (spills more: the decider fires)",
+            _ours_pd(peers=True, prefill_weight=0.5),
             engine_args=["--kv-transfer-config", json.dumps(LLMD_KV)],
             available=_ours_missing,
             pd=True,

@@ -349,7 +349,7 @@ def run_row(model: str, kind: RouterKind, args: argparse.Namespace) -> dict[str,
             text = router.get("/metrics", port=p)
             if text:
                 (log_dir / "router_metrics.txt").write_text(text)
-        if kind.name in ("ours", "oracle", "pd_ours", "pd_ours_selective"):
+        if kind.name in ("ours", "oracle") or (kind.pd and kind.name.startswith("pd_ours")):
             text = router.get("/health" if kind.name == "oracle" else "/metrics")
             if text:
                 (log_dir / "router_metrics.txt").write_text(text)
