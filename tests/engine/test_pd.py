@@ -24,9 +24,9 @@ from vllm_llmd.testing.engine import EngineProcess, EngineSpec
 
 pytestmark = pytest.mark.engine
 
-# the lease must outlast the decode leg's queueing + pull (the consumer gives up at lease end): on a
-# cold, loaded 2-core machine the first hand-off took > 5 s
-EXTRA = {"lease_seconds": 10, "transfer_timeout_seconds": 10}
+# the lease must outlast the decode leg's queueing + pull (the consumer refuses to pull at lease end
+# and prefills locally): on a loaded 2-core machine a hand-off took > 10 s before the engines were warm
+EXTRA = {"lease_seconds": 15, "transfer_timeout_seconds": 10}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,9 @@ def pd_pair(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     try:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda e: e.start_ready(), (p, d)))
+            # one plain request each, so the first hand-off does not pay the engines' first-request costs
+            warm = {"model": "test-model", "prompt": "warm up " * 40, "max_tokens": 2, "temperature": 0}
+            list(pool.map(lambda e: _post(e.url, warm), (p, d)))
         yield p, d
     finally:
         p.stop()
@@ -63,7 +66,8 @@ def _post(url: str, body: dict) -> dict:
 
 
 def _metric(url: str, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    # generous: on the shared, overloaded 2-core machine an engine's /metrics once took > 10 s
+    text = urllib.request.urlopen(url + "/metrics", timeout=60).read().decode()
     total = 0.0
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -138,6 +142,7 @@ def test_prefill_blocks_are_freed_by_lease_expiry_when_no_decode_comes(pd_pair):
     expired = _metric(p.url, "llmd:kv_leases_total", event="expired")
     body = {"model": "test-model", "prompt": _prompt(200), "max_tokens": 4, "temperature": 0}
     prefill = _post(p.url, build_prefill_request(body))  # ... and no decode leg ever follows
+    started = time.monotonic()  # the lease began before this (when the prefill finished)
     assert prefill["kv_transfer_params"]["do_remote_prefill"] is True
     n_blocks = sum(len(g) for g in prefill["kv_transfer_params"]["remote_block_ids"])
     assert n_blocks >= prefill["usage"]["prompt_tokens"] // 32
@@ -145,7 +150,6 @@ def test_prefill_blocks_are_freed_by_lease_expiry_when_no_decode_comes(pd_pair):
     assert held == n_blocks
     assert _metric(p.url, "vllm:kv_cache_usage_perc") > 0  # the held blocks are really taken
     assert _metric(p.url, "llmd:kv_lease_held_requests") == 1
-    started = time.monotonic()
     _wait_for(
         "the lease to expire",
         lambda: _metric(p.url, "llmd:kv_leases_total", event="expired") > expired,
@@ -178,6 +182,42 @@ def test_decode_after_the_lease_expired_prefills_locally_with_identical_output(p
         lambda: _metric(d.url, "llmd:kv_transfers_total", result="failed") > failed,
         10,
     )
+
+
+def _closed_port() -> int:
+    """A localhost TCP port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_decode_pointing_at_a_gone_prefill_engine_prefills_locally_with_identical_output(pd_pair):
+    """The prefill engine the params name is not there any more (nothing answers on its side channel):
+    the consumer's handshake fails, it computes the prompt itself, and it keeps serving."""
+    p, d = pd_pair
+    body = {"model": "test-model", "prompt": _prompt(350), "max_tokens": 8, "temperature": 0}
+    prefill = _post(p.url, build_prefill_request(body))  # real params, then the engine "moves away"
+    params = dict(prefill["kv_transfer_params"])
+    params.update(remote_engine_id="gone-engine", remote_port=_closed_port())
+    failed = _metric(d.url, "llmd:kv_transfers_total", result="failed")
+    hs_failed = _metric(d.url, "llmd:kv_handshakes_total", result="failed")
+    ok = _metric(d.url, "llmd:kv_transfers_total", result="ok")
+    decoded = _post(d.url, build_decode_request(body, {**prefill, "kv_transfer_params": params}))
+    reference = _post(p.url, body)
+    assert _text(decoded) == _text(reference)
+    _wait_for(
+        "the consumer to count the failed handshake and transfer",
+        lambda: (
+            _metric(d.url, "llmd:kv_handshakes_total", result="failed") > hs_failed
+            and _metric(d.url, "llmd:kv_transfers_total", result="failed") > failed
+        ),
+        10,
+    )
+    assert _metric(d.url, "llmd:kv_transfers_total", result="ok") == ok  # nothing was pulled
+    # and the consumer keeps serving normally afterwards
+    assert _text(_post(d.url, body)) == _text(reference)
 
 
 async def _router_complete(s: aiohttp.ClientSession, url: str, body: dict) -> str:
@@ -219,10 +259,41 @@ async def test_router_disaggregates_long_prompts_with_identical_output(pd_pair, 
     def engine_metric(engine: EngineProcess, name: str, **labels: str) -> float:
         return _metric(engine.url, name, **labels)
 
+    # a client pointing the decode engine at a host of its choosing: must be stripped
+    evil_params = {
+        "do_remote_prefill": True,
+        "remote_engine_id": "evil",
+        "remote_request_id": "evil-1",
+        "remote_block_ids": [[0, 1, 2, 3]],
+        "remote_host": "203.0.113.7",
+        "remote_port": 5555,
+        "remote_num_tokens": 128,
+        "remote_block_size": 32,
+    }
     async with (
         routed([], test_model_dir, pods=pods, pd={"threshold_tokens": threshold}) as (_router, base),
         aiohttp.ClientSession() as s,
     ):
+        # a prompt the decode engine computes cheaply is served there, without a prefill leg
+        failed_before = {
+            k: engine_metric(d, name, result="failed")
+            for k, name in (("hs", "llmd:kv_handshakes_total"), ("xfer", "llmd:kv_transfers_total"))
+        }
+        aggregated = await _router_metric(s, base, "aggregated")
+        leases = engine_metric(p, "llmd:kv_leases_total", event="started")
+        short = {"model": "test-model", "prompt": "Hello there, short one", "max_tokens": 4, "temperature": 0}
+        reference = await asyncio.to_thread(_post, p.url, short)
+        assert reference["usage"]["prompt_tokens"] <= threshold
+        assert await _router_complete(s, base, short) == _text(reference)
+        assert await _router_metric(s, base, "aggregated") == aggregated + 1
+        # an aggregated request is stripped too: the client's params never reach the decode engine (were
+        # they passed on, it would try the client's host: a failed handshake, a failed transfer - checked
+        # after the disaggregated requests below, whose counted transfers show the counters are current)
+        evil = {**short, "kv_transfer_params": evil_params}
+        assert await _router_complete(s, base, evil) == _text(reference)
+        assert await _router_metric(s, base, "aggregated") == aggregated + 2
+        assert engine_metric(p, "llmd:kv_leases_total", event="started") == leases  # no prefill leg
+
         cases = [
             ({"prompt": _prompt(400)}, "plain"),
             ({"prompt": _prompt(401), "stream": True}, "stream"),
@@ -230,16 +301,7 @@ async def test_router_disaggregates_long_prompts_with_identical_output(pd_pair, 
                 {
                     "prompt": _prompt(402),
                     # a client pointing the decode engine at a host of its choosing: must be stripped
-                    "kv_transfer_params": {
-                        "do_remote_prefill": True,
-                        "remote_engine_id": "evil",
-                        "remote_request_id": "evil-1",
-                        "remote_block_ids": [[0, 1, 2, 3]],
-                        "remote_host": "203.0.113.7",
-                        "remote_port": 5555,
-                        "remote_num_tokens": 128,
-                        "remote_block_size": 32,
-                    },
+                    "kv_transfer_params": evil_params,
                 },
                 "client kv_transfer_params",
             ),
@@ -262,7 +324,12 @@ async def test_router_disaggregates_long_prompts_with_identical_output(pd_pair, 
             assert await _router_metric(s, base, "disaggregated") == before["disaggregated"] + 1, what
             loaded = engine_metric(d, "vllm:external_prefix_cache_hits_total") - before["ext_hits"]
             assert loaded >= reference["usage"]["prompt_tokens"] - 32, (what, loaded)
-            assert engine_metric(d, "llmd:kv_transfer_bytes_total", memory="DRAM") > before["bytes"], what
+            await asyncio.to_thread(
+                _wait_for,
+                "the decode engine to count the bytes it pulled",
+                lambda b=before["bytes"]: engine_metric(d, "llmd:kv_transfer_bytes_total", memory="DRAM") > b,
+                10,
+            )
             await asyncio.to_thread(
                 _wait_for,
                 "the decode engine to count the transfer",
@@ -272,16 +339,9 @@ async def test_router_disaggregates_long_prompts_with_identical_output(pd_pair, 
             # exactly one pull, the router's: nothing failed, no handshake with the client's host
             assert engine_metric(d, "llmd:kv_transfers_total", result="failed") == before["failed"], what
             assert engine_metric(d, "llmd:kv_handshakes_total", result="failed") == before["hs_failed"], what
-
-        # a prompt the decode engine computes cheaply is served there, without a prefill leg
-        aggregated = await _router_metric(s, base, "aggregated")
-        leases = engine_metric(p, "llmd:kv_leases_total", event="started")
-        short = {"model": "test-model", "prompt": "Hello there, short one", "max_tokens": 4, "temperature": 0}
-        reference = await asyncio.to_thread(_post, p.url, short)
-        assert reference["usage"]["prompt_tokens"] <= threshold
-        assert await _router_complete(s, base, short) == _text(reference)
-        assert await _router_metric(s, base, "aggregated") == aggregated + 1
-        assert engine_metric(p, "llmd:kv_leases_total", event="started") == leases
+        # nor from the aggregated request carrying the client's params
+        assert engine_metric(d, "llmd:kv_handshakes_total", result="failed") == failed_before["hs"]
+        assert engine_metric(d, "llmd:kv_transfers_total", result="failed") == failed_before["xfer"]
 
 
 def test_zz_prefill_engine_killed_after_prefill_leg_decode_prefills_locally(pd_pair):
