@@ -33,6 +33,10 @@ class LLMDConnectorConfig:
     events_medium: str = "CPU"
     #: largest side-channel message accepted, bytes
     max_message_bytes: int = 4 * 1024 * 1024
+    #: run NIXL's progress thread. Off by default: NIXL starts it with no delay, so it spins on a
+    #: core the engine needs (on 2 cores it cut colocated throughput by a third, bench/RESULTS.md);
+    #: without it UCX progresses when the worker polls (every step) and CMA reads need no peer help
+    progress_thread: bool = False
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None, default_port: int | None = None) -> LLMDConnectorConfig:
@@ -52,7 +56,12 @@ class LLMDConnectorConfig:
             default = getattr(cls, key) if key != "backends" else ()
             try:
                 if isinstance(default, bool):
-                    value: Any = bool(raw)
+                    if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                        value: Any = raw.lower() in ("true", "1", "yes", "on")
+                    elif isinstance(raw, bool | int):
+                        value = bool(raw)
+                    else:
+                        raise ValueError(f"not a boolean: {raw!r}")
                 elif isinstance(default, int):
                     value = int(raw)
                 elif isinstance(default, float):

@@ -136,7 +136,9 @@ class LLMDConnectorWorker:
         regions, self.region_groups, layout, memory = kv_regions(
             kv_caches, self.kv_cache_config.num_blocks, layer_groups
         )
-        self.transport = make_transport(self.cfg.transport, memory, backends=self.cfg.backends)
+        self.transport = make_transport(
+            self.cfg.transport, memory, backends=self.cfg.backends, progress_thread=self.cfg.progress_thread
+        )
         self.transport.register(regions)
         self._stats.data["memory"] = memory.value
         mc = self.vllm_config.model_config

@@ -10,6 +10,7 @@ side) plus our msgspec region table; we never use ``get_serialized_descs`` (it p
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Sequence
 
@@ -82,16 +83,38 @@ class NixlTransport(KVTransport):
         backends: Sequence[str] = ("UCX",),
         agent_name: str | None = None,
         num_threads: int = 0,
+        progress_thread: bool = False,
+        progress_interval_s: float = 0.001,
     ) -> None:
+        """``progress_thread``: NIXL's own progress thread, which NIXL's Python API starts with no
+        delay, so it spins a core. Without it (the default) a daemon thread of ours drives UCX
+        progress every ``progress_interval_s`` (it sleeps in between), because a READ from a peer
+        only completes when the *peer* side progresses too (seen in tests/unit/test_transport_nixl.py:
+        with neither thread, reads from an idle peer stay PENDING)."""
         try:
-            from nixl._api import nixl_agent, nixl_agent_config
+            from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise TransportError("the NIXL transport needs the `nixl` package (pip install 'vllm-llmd[nixl]')") from exc
         self.memory = memory
         self.backends = list(backends)
         self.agent_name = agent_name or f"llmd-{uuid.uuid4().hex}"
-        config = nixl_agent_config(backends=self.backends, num_threads=num_threads)
+        config = nixl_agent_config(
+            enable_prog_thread=progress_thread,
+            backends=self.backends,
+            num_threads=num_threads,
+            # our progress thread calls into the agent beside the worker: let NIXL serialise the calls
+            sync_mode=None if progress_thread else nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
+        )
         self._agent = nixl_agent(self.agent_name, config)
+        self._notif_lock = threading.Lock()
+        self._pending_notifs: list[tuple[str, bytes]] = []
+        self._stop = threading.Event()
+        self._progress: threading.Thread | None = None
+        if not progress_thread:
+            self._progress = threading.Thread(
+                target=self._progress_loop, args=(progress_interval_s,), name="llmd-nixl-progress", daemon=True
+            )
+            self._progress.start()
         self._regions: tuple[Region, ...] = ()
         self._offsets: list[int] = []
         self._reg_descs = None
@@ -224,14 +247,32 @@ class NixlTransport(KVTransport):
         except Exception as exc:
             raise TransportError(f"notification to {peer.name} failed: {exc}") from exc
 
-    def get_notifs(self) -> list[tuple[str, bytes]]:
-        out: list[tuple[str, bytes]] = []
+    def _collect_notifs(self) -> None:
+        """Progress UCX and move any new notifications into our buffer (caller holds the lock)."""
         for name, messages in self._agent.get_new_notifs().items():
             peer = name.decode() if isinstance(name, bytes) else str(name)
-            out.extend((peer, bytes(m)) for m in messages)
+            self._pending_notifs.extend((peer, bytes(m)) for m in messages)
+
+    def _progress_loop(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                with self._notif_lock:
+                    self._collect_notifs()
+            except Exception:  # an agent being torn down; close() stops the loop
+                if self._stop.is_set():
+                    return
+
+    def get_notifs(self) -> list[tuple[str, bytes]]:
+        with self._notif_lock:
+            self._collect_notifs()
+            out, self._pending_notifs = self._pending_notifs, []
         return out
 
     def close(self) -> None:
+        self._stop.set()
+        if self._progress is not None:
+            self._progress.join(timeout=5)
+            self._progress = None
         for peer, _, _ in list(self._peers.values()):
             self.remove_peer(peer)
         if self._local_dlist is not None:
