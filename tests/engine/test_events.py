@@ -15,6 +15,7 @@ import zmq
 
 from vllm_llmd.index import KVBlockIndex, KVEventSubscriber
 from vllm_llmd.testing.engine import EngineProcess
+from vllm_llmd.testing.wait import wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -25,11 +26,8 @@ VOCAB = 4096  # the tiny test model's vocabulary
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
     """Poll ``cond`` until true; return the seconds it took."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return time.monotonic() - t0
-        time.sleep(0.02)
-    raise AssertionError(f"not within {timeout}s: {what}")
+    wait_until(cond, timeout, what)
+    return time.monotonic() - t0
 
 
 def post(engine: EngineProcess, path: str, body: dict | None = None, timeout: float = 300) -> dict:

@@ -21,6 +21,7 @@ from router_harness import routed
 
 from vllm_llmd.pd import build_decode_request, build_prefill_request
 from vllm_llmd.testing.engine import EngineProcess, EngineSpec
+from vllm_llmd.testing.wait import wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -78,13 +79,7 @@ def _metric(url: str, name: str, **labels: str) -> float:
 
 def _wait_for(what: str, cond, timeout: float = 30.0):  # type: ignore[no-untyped-def]
     """Poll ``cond()`` until it returns something truthy (returned) or ``timeout`` passes (fail)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)
+    return wait_until(cond, timeout, what, interval=0.1)
 
 
 def _prompt(i: int) -> str:
@@ -118,10 +113,12 @@ def test_prefill_releases_its_lease_once_decode_pulled(pd_pair):
     released = _metric(p.url, "llmd:kv_leases_total", event="released")
     body = {"model": "test-model", "prompt": _prompt(99), "max_tokens": 4, "temperature": 0}
     _post(d.url, build_decode_request(body, _post(p.url, build_prefill_request(body))))
-    deadline = time.monotonic() + 30
-    while _metric(p.url, "llmd:kv_leases_total", event="released") <= released:
-        assert time.monotonic() < deadline, "the prefill engine never released the lease"
-        time.sleep(0.2)
+    wait_until(
+        lambda: _metric(p.url, "llmd:kv_leases_total", event="released") > released,
+        30,
+        "the prefill engine releasing the lease",
+        interval=0.2,
+    )
     assert _metric(p.url, "llmd:kv_lease_held_requests") == 0
 
 

@@ -3,13 +3,13 @@ with vLLM, streaming, malformed input."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 
 import aiohttp
 import pytest
 from router_harness import pod_id, prefix_hits, prose, routed
+
+from vllm_llmd.testing.wait import wait_until_async
 
 pytestmark = pytest.mark.engine
 
@@ -20,13 +20,11 @@ async def _complete(session: aiohttp.ClientSession, url: str, body: dict) -> tup
 
 
 async def _wait_indexed(router, keys: list[int], pod: str, min_tokens: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def held() -> bool:
         m = router.index.match_keys(keys).get(pod)
-        if m is not None and m.tokens >= min_tokens:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the index never showed {pod} holding {min_tokens} tokens: {router.index.match_keys(keys)}")
+        return m is not None and m.tokens >= min_tokens
+
+    await wait_until_async(held, timeout, f"the index showing {pod} holding {min_tokens} tokens", interval=0.05)
 
 
 async def test_routes_to_the_pod_holding_the_prefix(engines, test_model_dir) -> None:

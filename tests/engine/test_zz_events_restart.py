@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 import urllib.request
 from collections.abc import Callable
 
@@ -15,6 +14,7 @@ import pytest
 
 from vllm_llmd.index import KVBlockIndex, KVEventSubscriber
 from vllm_llmd.testing.engine import EngineProcess
+from vllm_llmd.testing.wait import wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -22,12 +22,7 @@ MODEL = "test-model"
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
+    wait_until(cond, timeout, what, interval=0.05)
 
 
 def serve(engine: EngineProcess, tokens: list[int]) -> None:

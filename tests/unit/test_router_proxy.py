@@ -11,6 +11,7 @@ import pytest
 from router_fakes import FakeBackend, config_for, start_router
 
 from vllm_llmd.testing.engine import free_port
+from vllm_llmd.testing.wait import wait_until_async
 
 
 @pytest.fixture
@@ -155,9 +156,7 @@ async def test_503_with_retry_after_when_no_pod_is_healthy(backends, client) -> 
     router, srv = await start_router(cfg)
     try:
         base = f"http://127.0.0.1:{srv.port}"
-        deadline = asyncio.get_running_loop().time() + 5
-        while router.pool.available() and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
+        await wait_until_async(lambda: not router.pool.available(), 5, "every pod marked unhealthy")
         async with client.post(base + "/v1/completions", json={"model": "test-model", "prompt": "x"}) as r:
             assert r.status == 503
             assert int(r.headers["Retry-After"]) >= 1
@@ -166,8 +165,7 @@ async def test_503_with_retry_after_when_no_pod_is_healthy(backends, client) -> 
             assert r.status == 503
         for b in backends:
             b.healthy = True
-        while not router.pool.available() and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
+        await wait_until_async(lambda: bool(router.pool.available()), 5, "a pod healthy again")
         async with client.post(base + "/v1/completions", json={"model": "test-model", "prompt": "x"}) as r:
             assert r.status == 200
     finally:

@@ -12,6 +12,7 @@ from vllm.distributed.kv_events import AllBlocksCleared, BlockStored, KVEventBat
 
 from vllm_llmd.index import KVBlockIndex, KVEventSubscriber
 from vllm_llmd.testing.engine import free_port
+from vllm_llmd.testing.wait import wait_until
 
 POD = "127.0.0.1:8000"
 TOPIC = f"kv@{POD}@m"
@@ -19,12 +20,7 @@ BS = 16
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
+    wait_until(cond, timeout)
 
 
 class Publisher:

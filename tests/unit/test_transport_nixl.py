@@ -23,6 +23,8 @@ import pytest
 from vllm_llmd.connectors.transports import MemoryKind, Region, TransportError, XferState, make_transport
 from vllm_llmd.connectors.transports.nixl import NixlTransport
 
+from vllm_llmd.testing.wait import wait_until
+
 pytestmark = pytest.mark.nixl
 
 NUM_REGIONS = 2
@@ -112,13 +114,7 @@ class RemotePeer:
 
 
 def _until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout}s")
+    return wait_until(predicate, timeout, interval=0.01)
 
 
 def _wait(transport: NixlTransport, handle: object, timeout: float = 10.0) -> XferState:
