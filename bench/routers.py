@@ -146,7 +146,11 @@ def _ours(workers: list[Worker], port: int) -> Launch:
         cmd += ["--tokenizer", str(workers[0].model_dir)]
     if workers:
         cmd += ["--model", workers[0].served_name]
-    cmd += ["--log-level", "warning"]
+    # experiments: a scheduling profile to try instead of the default, and decision logs
+    # (``route ... -> pod`` lines at debug level, in the row's logs/router.log)
+    if os.environ.get("LLMD_BENCH_OURS_CONFIG"):
+        cmd += ["--config", os.environ["LLMD_BENCH_OURS_CONFIG"]]
+    cmd += ["--log-level", os.environ.get("LLMD_BENCH_ROUTER_LOG_LEVEL", "warning")]
     return Launch(cmd=cmd, port=port)
 
 

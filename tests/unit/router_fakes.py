@@ -27,6 +27,8 @@ class FakeBackend:
     cached_tokens: int = 0
     #: "before_first_byte": drop the connection before answering; "midstream": after the first chunk
     die: str | None = None
+    #: KV capacity reported in ``vllm:cache_config_info`` (``None``: the line is left out)
+    num_gpu_blocks: int | None = None
     server: TestServer | None = None
 
     def app(self) -> web.Application:
@@ -64,7 +66,13 @@ class FakeBackend:
         return web.json_response({"object": "list", "data": [{"id": "test-model", "object": "model"}]})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text='vllm:num_requests_waiting{engine="0"} 0.0\n')
+        text = 'vllm:num_requests_waiting{engine="0"} 0.0\n'
+        if self.num_gpu_blocks is not None:  # the info gauge as vLLM's metrics logger renders it
+            text += (
+                f'vllm:cache_config_info{{block_size="64",engine="0",num_gpu_blocks="{self.num_gpu_blocks}",'
+                'enable_prefix_caching="True"} 1.0\n'
+            )
+        return web.Response(text=text)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

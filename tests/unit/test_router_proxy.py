@@ -221,3 +221,17 @@ async def test_pod_dying_before_first_byte_is_retried_midstream_is_not(backends,
         assert len(backends[0].received) == n0
     finally:
         await srv.close()
+
+
+async def test_kv_capacity_is_read_once_without_a_scrape_loop(backends) -> None:
+    """The default profile scrapes nothing, but its cost model needs each pod's KV capacity: the
+    pool reads ``vllm:cache_config_info`` at the first successful health check."""
+    backends[0].num_gpu_blocks = 320
+    router, srv = await start_router(config_for(backends))
+    try:
+        assert not router.pool.scrape_metrics
+        pods = {p.url: p for p in router.pool.pods}
+        await wait_until_async(lambda: pods[backends[0].url].capacity_blocks == 320, 10, "capacity read")
+        assert pods[backends[1].url].capacity_blocks is None  # nothing reported, nothing invented
+    finally:
+        await srv.close()

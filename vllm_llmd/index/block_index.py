@@ -89,12 +89,14 @@ CKEYS, BASE, PENDING, OWNERS, PEXTRA = range(5)
 
 
 class _Pod:
-    __slots__ = ("bit", "index", "last_seq", "name", "nonfull_groups", "recent", "records", "tiers")
+    __slots__ = ("bit", "epoch", "index", "last_seq", "name", "nonfull_groups", "recent", "records", "tiers")
 
     def __init__(self, name: str, index: int) -> None:
         self.name = name
         self.index = index
         self.bit = 1 << index
+        #: bumped whenever everything the pod held is dropped (cache cleared, engine restarted)
+        self.epoch = 0
         self.records: dict[int, _Record] = {}
         self.tiers: dict[int, int] = {}
         self.last_seq: int | None = None
@@ -571,6 +573,7 @@ class KVBlockIndex:
         p.records.clear()
         p.tiers.clear()
         p.nonfull_groups.clear()
+        p.epoch += 1
 
     def reset_pod(self, pod: str) -> None:
         """Drop everything the index holds for ``pod`` and its seq state (engine restart, resync);
@@ -602,6 +605,13 @@ class KVBlockIndex:
     def pods(self) -> list[str]:
         with self._lock:
             return list(self._pods)
+
+    def epoch(self, pod: str) -> int:
+        """How many times everything ``pod`` held was dropped (``AllBlocksCleared``, engine restart,
+        resync); 0 for a pod the index has not seen. Lets consumers forget their own per-pod
+        estimates of what the pod holds."""
+        p = self._pods.get(pod)
+        return 0 if p is None else p.epoch
 
     def last_seq(self, pod: str) -> int | None:
         """The seq of the last batch applied for ``pod`` (``None`` if none since its last reset)."""

@@ -151,6 +151,9 @@ class PodPool:
                 # the pod answers again: let traffic probe it right away
                 pod.ejected_until = 0.0
             pod.consecutive_failures = 0
+            if pod.capacity_blocks is None and not self.scrape_metrics:
+                # the cost model needs the KV capacity even when nothing scrapes metrics: read it once
+                await self.scrape(pod)
         else:
             pod.consecutive_failures += 1
             if pod.healthy and pod.consecutive_failures >= self.cfg.failure_threshold:

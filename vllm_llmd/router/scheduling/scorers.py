@@ -7,6 +7,7 @@ import time
 
 from pydantic import Field
 
+from vllm_llmd.router.scheduling.footprint import KVFootprint
 from vllm_llmd.router.scheduling.framework import Candidate, SchedRequest, SchedulingContext
 from vllm_llmd.router.scheduling.prefix_view import DEFAULT_TIER_WEIGHTS, prefix_view, tier_weight
 from vllm_llmd.router.scheduling.registry import Params, register
@@ -29,28 +30,78 @@ class EstimatedTTFTParams(Params):
     prefill_weight: float = Field(default=2.0, ge=0)
     #: smoothing constant (tokens) of the normalisation ``(min + c) / (cost + c)``
     smoothing_tokens: float = Field(default=64.0, gt=0)
+    #: how much more placing *new* KV (uncached tokens) costs on a pod per unit of relative excess
+    #: of its recent KV footprint over its fair share (``prefill_speed`` share), the excess capped at
+    #: 1 (0 = place by instantaneous queue only)
+    balance_weight: float = Field(default=8.0, ge=0)
+    #: tokens charged per block token by which placing this request's uncached blocks would push
+    #: the pod's hot footprint over ``capacity_fraction`` of its KV capacity (0 = ignore capacity;
+    #: needs the capacity: pod config or ``vllm:cache_config_info``)
+    capacity_weight: float = Field(default=2.0, ge=0)
+    capacity_fraction: float = Field(default=0.9, gt=0, le=1)
+    #: decisions the footprints are counted over
+    footprint_window: int = Field(default=128, ge=1)
 
 
 @register("scorer", "estimated-ttft", EstimatedTTFTParams)
 class EstimatedTTFTScorer(_Base):
     """Cost in tokens of serving the request on each pod, lower is better:
 
-    ``cost(p) = (prefill_weight * uncached(p) + queued_prefill(p) + decode_token_weight * queued_decode(p))
-    / prefill_speed(p)``; ``score(p) = (min_q cost(q) + c) / (cost(p) + c)``.
+    ``cost(p) = (prefill_weight * (1 + balance_weight * min(1, excess(p))) * uncached(p)
+    + capacity_weight * block_size * overflow(p) + queued_prefill(p)
+    + decode_token_weight * queued_decode(p)) / prefill_speed(p)``;
+    ``score(p) = (min_q cost(q) + c) / (cost(p) + c)``. ``excess(p)``: how far the pod's share of
+    the recent KV footprint exceeds its fair share, relative; ``overflow(p)``: blocks by which this
+    request would push the pod's hot footprint over its capacity. See docs/plugins/estimated-ttft.md.
     """
 
     params: EstimatedTTFTParams
 
+    def __init__(self, name: str, params: Params, ctx: SchedulingContext) -> None:
+        super().__init__(name, params, ctx)
+        self._footprint = KVFootprint(self.params.footprint_window)
+        self._epochs: dict[str, int] = {}
+
     def costs(self, req: SchedRequest, pods: list[Candidate]) -> dict[str, float]:
         v = prefix_view(req, pods, self.ctx)
-        pw, dw = self.params.prefill_weight, self.params.decode_token_weight
+        prm = self.params
+        pw, dw, bw, cw = prm.prefill_weight, prm.decode_token_weight, prm.balance_weight, prm.capacity_weight
         n = req.prompt_tokens
+        bs = self.ctx.block_size
+        excess: dict[str, float] = {}
+        if bw > 0 and len(pods) > 1:
+            speed = sum(p.prefill_speed for p in pods)
+            for p in pods:
+                self._check_epoch(p.id)
+            excess = self._footprint.excess({p.id: p.prefill_speed / speed for p in pods})
         out = {}
         for p in pods:
             uncached = n - v.cached.get(p.id, 0)
             ld = p.load
-            out[p.id] = (pw * uncached + ld.prefill_tokens + dw * ld.decode_tokens) / p.prefill_speed
+            cost = pw * (1.0 + bw * min(1.0, excess.get(p.id, 0.0))) * uncached
+            if cw > 0 and p.capacity_blocks and uncached > 0:
+                self._check_epoch(p.id)
+                room = prm.capacity_fraction * p.capacity_blocks - self._footprint.hot_blocks(p.id)
+                over = -(-uncached // bs) - room
+                if over > 0:
+                    cost += cw * over * bs
+            out[p.id] = (cost + ld.prefill_tokens + dw * ld.decode_tokens) / p.prefill_speed
         return out
+
+    def _check_epoch(self, pod: str) -> None:
+        """The event index saw the pod drop everything (cache cleared, restart): its hot
+        footprint starts again from nothing."""
+        index = self.ctx.index
+        if index is None:
+            return
+        e = index.epoch(pod)
+        if self._epochs.get(pod, 0) != e:
+            self._epochs[pod] = e
+            self._footprint.forget(pod)
+
+    def on_decision(self, req: SchedRequest, chosen: Candidate) -> None:
+        if req.block_keys:
+            self._footprint.record(chosen.id, req.block_keys)
 
     def score(self, req: SchedRequest, pods: list[Candidate]) -> dict[str, float]:
         costs = self.costs(req, pods)
