@@ -257,10 +257,25 @@ def run_client(
     }
 
 
-def measured(engines: list[EngineProcess], fn: Any) -> dict[str, Any]:
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of one process (all its threads), from ``/proc/PID/stat``."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(engines: list[EngineProcess], fn: Any, router_pid: int | None = None) -> dict[str, Any]:
     before = [engine_counters(e.url) for e in engines]
+    cpu0 = cpu_seconds(router_pid)
     res = fn()
+    cpu1 = cpu_seconds(router_pid)
     after = [engine_counters(e.url) for e in engines]
+    # the router shares the machine's cores with the engines: what it burns, they lose
+    res["router_cpu_s"] = round(cpu1 - cpu0, 2) if cpu0 is not None and cpu1 is not None else None
     hits = sum(a["hits"] - b["hits"] for a, b in zip(after, before, strict=True))
     queries = sum(a["queries"] - b["queries"] for a, b in zip(after, before, strict=True))
     res["hit_rate"] = hits / queries if queries else None
@@ -313,6 +328,7 @@ def run_row(model: str, kind: RouterKind, args: argparse.Namespace) -> dict[str,
         launch = kind.build(workers, free_port())
         router = RouterProcess(kind, launch, log_dir / "router.log").start()
         router.wait_ready(timeout=180)
+        router_pid = router.proc.pid if router.proc is not None else None
         result["router_cmd"] = " ".join(launch.cmd)
         print(f"[{time.strftime('%H:%M:%S')}] {model}/{kind.name}: router up at {router.url}", flush=True)
 
@@ -331,7 +347,7 @@ def run_row(model: str, kind: RouterKind, args: argparse.Namespace) -> dict[str,
             )
 
         if "saturate" in args.modes:
-            r = measured(engines, lambda: client(args.num_prompts, "inf", args.concurrency, 0, "saturate"))
+            r = measured(engines, lambda: client(args.num_prompts, "inf", args.concurrency, 0, "saturate"), router_pid)
             result["saturate"] = r
             print(f"  saturate: {fmt_brief(r)}", flush=True)
         if "ladder" in args.modes:
@@ -339,7 +355,9 @@ def run_row(model: str, kind: RouterKind, args: argparse.Namespace) -> dict[str,
             for i, rate in enumerate(args.ladder_rates):
                 result.setdefault("reset_ok", []).append(all(reset_prefix_cache(e.url) for e in engines))
                 r = measured(
-                    engines, lambda rate=rate, i=i: client(args.ladder_prompts, str(rate), None, 100 + i, f"rate{rate}")
+                    engines,
+                    lambda rate=rate, i=i: client(args.ladder_prompts, str(rate), None, 100 + i, f"rate{rate}"),
+                    router_pid,
                 )
                 r["rate"] = rate
                 steps.append(r)
@@ -391,7 +409,8 @@ def disaggregated_fraction(r: dict[str, Any]) -> float | None:
 def fmt_brief(r: dict[str, Any]) -> str:
     return (
         f"{r['req_s']:.2f} req/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms p90 {r['ttft_p90_ms']:.0f} ms, "
-        f"hit rate {r['hit_rate']:.2f}, per engine {r['requests_per_engine']}, failed {r['failed']}"
+        f"hit rate {r['hit_rate']:.2f}, per engine {r['requests_per_engine']}, failed {r['failed']}, "
+        f"router CPU {r.get('router_cpu_s')} s"
     )
 
 
