@@ -13,6 +13,13 @@ Everything binds 127.0.0.1. wrk, the router and nginx share the machine's cores 
 router's figures include that contention; the direct row is measured the same way.
 
     .venv/bin/python bench/overhead/run.py --routers rr,cache_aware,ours --duration 10
+
+With ``--pods 100 --index-prefixes 40`` nginx listens on 100 ports (100 "pods" for every router) and,
+for our router, this script publishes KV events for each pod on its own ZMQ PUB socket (vLLM's wire
+format: ``vllm_llmd.wire.kv_events``): ``index-prefixes`` random 2048-token prefixes per pod, until
+the router's ``llmd_router_index_blocks`` shows them all. Then every decision scores 100 pods against
+a populated index (the wrk prompts themselves miss it; ``bench/bench_router_decision.py`` measures
+the hit path in-process).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ (route
 from routers import REPO, ROUTERS, RouterProcess, Worker, free_port, port_is_free
 
 from vllm_llmd.testing.model import make_test_model
+from vllm_llmd.wire.kv_events import BlockStored, encode_batch, seq_to_bytes
 
 HERE = Path(__file__).resolve().parent
 OUT = REPO / "bench" / "out" / "overhead"
@@ -128,6 +136,68 @@ class Nginx:
         self.proc = None
 
 
+class EventFeed:
+    """One ZMQ PUB socket per pod, publishing ``prefixes`` random prefixes per pod as BlockStored
+    batches; :meth:`fill` repeats rounds (new seqs: the router may join late) until the router's
+    index holds them all."""
+
+    def __init__(self, pods: list[str], prefixes: int, prefix_tokens: int = 2048, block: int = 64) -> None:
+        import random
+
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.socks = []
+        self.endpoints = []
+        self.pods = pods
+        for _ in pods:
+            sock = self.ctx.socket(zmq.PUB)
+            port = sock.bind_to_random_port("tcp://127.0.0.1")
+            self.socks.append(sock)
+            self.endpoints.append(f"tcp://127.0.0.1:{port}")
+        rng = random.Random(0)
+        self.batches: list[list[bytes]] = []
+        for i in range(len(pods)):
+            per_pod = []
+            for j in range(prefixes):
+                toks = [rng.randrange(10, 4000) for _ in range(prefix_tokens)]
+                ev = BlockStored(
+                    block_hashes=[(i << 32) | (j << 16) | b for b in range(prefix_tokens // block)],
+                    parent_block_hash=None,
+                    token_ids=toks,
+                    block_size=block,
+                    lora_id=None,
+                    medium="GPU",
+                    lora_name=None,
+                )
+                per_pod.append(encode_batch([ev]))
+            self.batches.append(per_pod)
+        self.expected_blocks = len(pods) * prefixes * (prefix_tokens // block)
+        self.seq = 0
+
+    def fill(self, router_url: str, timeout: float = 120) -> int:
+        deadline = time.monotonic() + timeout
+        blocks = 0
+        while time.monotonic() < deadline:
+            self.seq += 1
+            for pod, sock, per_pod in zip(self.pods, self.socks, self.batches, strict=True):
+                for b in per_pod:
+                    sock.send_multipart([f"kv@{pod}@test-model".encode(), seq_to_bytes(self.seq), b])
+                    self.seq += 1
+            time.sleep(0.5)  # a round is published; give the router's subscriber time to apply it
+            with urllib.request.urlopen(router_url + "/metrics", timeout=5) as r:
+                m = re.search(rb"^llmd_router_index_blocks (\S+)", r.read(), re.M)
+            blocks = int(float(m.group(1))) if m else 0
+            if blocks >= self.expected_blocks:
+                return blocks
+        raise RuntimeError(f"router index holds {blocks} of {self.expected_blocks} blocks after {timeout}s")
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close(linger=0)
+        self.ctx.term()
+
+
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
@@ -213,19 +283,27 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2, help="wrk threads")
     ap.add_argument("--prefix-words", type=int, default=4150, help="~5.3 bytes per word: 4150 -> ~22 KB bodies")
+    ap.add_argument("--pods", type=int, default=2, help="backend ports (pods) every router gets")
+    ap.add_argument("--index-prefixes", type=int, default=0, help="per pod: prefixes published as KV events (ours)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
     OUT.mkdir(parents=True, exist_ok=True)
     model_dir = make_test_model(REPO / "bench" / "out" / "models" / "small", shape="small")
     env = {"BENCH_PREFIX_WORDS": str(args.prefix_words), "BENCH_MODEL": "test-model"}
-    ports = [free_port(), free_port()]
+    ports: list[int] = []
+    while len(ports) < args.pods:  # free_port() may hand out a port twice: keep distinct ones
+        p = free_port()
+        if p not in ports:
+            ports.append(p)
     meta = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "load_avg_before": [round(x, 2) for x in os.getloadavg()],
         "cores": os.cpu_count(),
         "command": " ".join(sys.argv),
         "backend": "nginx (worker_processes 1) returning a fixed completion JSON",
+        "pods": args.pods,
+        "index_prefixes_per_pod": args.index_prefixes,
     }
     rows: list[dict[str, Any]] = []
     nginx = Nginx(ports).start()
@@ -235,8 +313,16 @@ def main() -> int:
             {"router": "direct", "label": "direct to backend (nginx)"}
             | measure(f"http://127.0.0.1:{ports[0]}", args, env, "direct")
         )
-        workers = [Worker(f"http://127.0.0.1:{p}", model_dir=model_dir, served_name="test-model") for p in ports]
+        plain = [Worker(f"http://127.0.0.1:{p}", model_dir=model_dir, served_name="test-model") for p in ports]
         for name in [r for r in args.routers.split(",") if r]:
+            workers = plain
+            feed = None
+            if args.index_prefixes and name == "ours":
+                feed = EventFeed([f"127.0.0.1:{p}" for p in ports], args.index_prefixes)
+                workers = [
+                    Worker(w.url, events=ep, model_dir=model_dir, served_name="test-model")
+                    for w, ep in zip(plain, feed.endpoints, strict=True)
+                ]
             kind = ROUTERS[name]
             why = kind.available()
             if why:
@@ -246,13 +332,18 @@ def main() -> int:
             router = RouterProcess(kind, launch, OUT / f"router_{name}.log")
             try:
                 router.start().wait_ready(timeout=120)
-                print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
                 row = {"router": name, "label": kind.label, "router_cmd": " ".join(launch.cmd)}
+                if feed is not None:
+                    row["index_blocks"] = feed.fill(router.url)
+                    row["label"] += f" ({row['index_blocks']} index blocks)"
+                print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
                 rows.append(row | measure(router.url, args, env, name))
             except Exception as exc:
                 print(f"{name}: FAILED: {exc}", file=sys.stderr, flush=True)
             finally:
                 router.stop()
+                if feed is not None:
+                    feed.close()
     finally:
         nginx.stop()
     meta["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -262,7 +353,8 @@ def main() -> int:
     md = table(rows, args.connections)
     body = rows[0]["saturated"].get("body_bytes")
     summary = (
-        f"{md}\n\nbody {body} bytes; wrk -t{args.threads} -c{args.connections} -d{args.duration}s and -c1; "
+        f"{md}\n\n{args.pods} pods; body {body} bytes; "
+        f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s and -c1; "
         f"measured {meta['date_utc']} UTC on {meta['cores']} cores, load average before {meta['load_avg_before']}, "
         f"after {meta['load_avg_after']}\n"
     )

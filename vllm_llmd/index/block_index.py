@@ -146,6 +146,7 @@ class KVBlockIndex:
         self.block_size = block_size
         self.capacity_blocks = capacity_blocks
         self._lock = threading.Lock()
+        self._epochs_total = 0
         self._tiers: list[str] = [t.upper() for t in tiers]
         self._any: OrderedDict[int, int] = OrderedDict()
         self._tier_masks: list[dict[int, int]] = [{} for _ in self._tiers]
@@ -574,6 +575,7 @@ class KVBlockIndex:
         p.tiers.clear()
         p.nonfull_groups.clear()
         p.epoch += 1
+        self._epochs_total += 1
 
     def reset_pod(self, pod: str) -> None:
         """Drop everything the index holds for ``pod`` and its seq state (engine restart, resync);
@@ -605,6 +607,10 @@ class KVBlockIndex:
     def pods(self) -> list[str]:
         with self._lock:
             return list(self._pods)
+
+    def epochs_total(self) -> int:
+        """Sum of every pod's :meth:`epoch` so far: unchanged means no pod dropped anything."""
+        return self._epochs_total
 
     def epoch(self, pod: str) -> int:
         """How many times everything ``pod`` held was dropped (``AllBlocksCleared``, engine restart,

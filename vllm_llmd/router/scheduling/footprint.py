@@ -10,73 +10,86 @@ rate).
 
 from __future__ import annotations
 
+from collections import deque
+
 
 class KVFootprint:
     """Per pod, the distinct block keys of the requests routed there in the last ``window``
     decisions (all pods counted): its *footprint*; and how many of them were routed there at least
     twice: its *hot* footprint, the blocks its KV cache must keep to go on hitting (blocks used
     once, such as unique suffixes, do not count). A hot footprint above the pod's capacity means
-    LRU eviction of hot prefixes, which are then prefilled again."""
+    LRU eviction of hot prefixes, which are then prefilled again.
+
+    Decisions expire from a log as new ones are recorded, so reading a pod's footprint is O(1) and
+    recording costs O(keys) amortised, however many pods there are."""
 
     def __init__(self, window: int) -> None:
         if window < 1:
             raise ValueError("window must be >= 1")
         self.window = window
         self._seq = 0
-        #: pod -> key -> [last decision seq, uses], oldest first
+        #: pod -> key -> [last decision seq, uses]
         self._pods: dict[str, dict[int, list[int]]] = {}
         self._hot: dict[str, int] = {}
+        #: the decisions still in the window: (seq, pod, keys)
+        self._log: deque[tuple[int, str, tuple[int, ...]]] = deque()
 
     def record(self, pod: str, keys: list[int]) -> None:
         self._seq += 1
+        seq = self._seq
         d = self._pods.setdefault(pod, {})
         hot = self._hot.get(pod, 0)
         for k in keys:
-            e = d.pop(k, None)
+            e = d.get(k)
             if e is None:
-                d[k] = [self._seq, 1]
+                d[k] = [seq, 1]
             else:
-                e[0] = self._seq
+                e[0] = seq
                 e[1] += 1
                 if e[1] == 2:
                     hot += 1
-                d[k] = e
         self._hot[pod] = hot
-        self._trim(pod)
+        self._log.append((seq, pod, tuple(keys)))
+        self._expire()
 
-    def _trim(self, pod: str) -> None:
-        d = self._pods.get(pod)
-        if not d:
-            return
+    def _expire(self) -> None:
+        """Drop the keys whose last use is ``window`` or more decisions old."""
         lo = self._seq - self.window
-        hot = self._hot.get(pod, 0)
-        while d:
-            k = next(iter(d))
-            e = d[k]
-            if e[0] > lo:
-                break
-            del d[k]
-            if e[1] >= 2:
-                hot -= 1
-        self._hot[pod] = hot
+        log = self._log
+        while log and log[0][0] <= lo:
+            s, pod, keys = log.popleft()
+            d = self._pods.get(pod)
+            if d is None:
+                continue
+            hot = self._hot.get(pod, 0)
+            for k in keys:
+                e = d.get(k)
+                if e is not None and e[0] == s:  # not used again since
+                    del d[k]
+                    if e[1] >= 2:
+                        hot -= 1
+            self._hot[pod] = hot
 
     def hot_blocks(self, pod: str) -> int:
-        self._trim(pod)
         return self._hot.get(pod, 0)
 
     def blocks(self, pod: str) -> int:
-        self._trim(pod)
-        return len(self._pods.get(pod, ()))
+        d = self._pods.get(pod)
+        return len(d) if d is not None else 0
 
     def excess(self, fair: dict[str, float]) -> dict[str, float]:
         """Per pod in ``fair`` (pod -> fair share, summing to 1): ``max(0, share / fair - 1)``
         where ``share`` is the pod's part of these pods' summed footprints; 0 everywhere while
         nothing was routed."""
-        fp = {p: self.blocks(p) for p in fair}
+        pods = self._pods
+        fp = {p: len(pods.get(p, ())) for p in fair}
         total = sum(fp.values())
         if total <= 0:
-            return {p: 0.0 for p in fair}
+            return dict.fromkeys(fair, 0.0)
         return {p: (max(0.0, fp[p] / (total * f) - 1.0) if f > 0 else 0.0) for p, f in fair.items()}
+
+    def pods(self) -> list[str]:
+        return list(self._pods)
 
     def forget(self, pod: str) -> None:
         """Drop the pod's footprint (its cache was cleared: nothing of it is held any more)."""

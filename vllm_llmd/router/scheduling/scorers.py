@@ -61,6 +61,7 @@ class EstimatedTTFTScorer(_Base):
         super().__init__(name, params, ctx)
         self._footprint = KVFootprint(self.params.footprint_window)
         self._epochs: dict[str, int] = {}
+        self._epochs_total = 0
 
     def costs(self, req: SchedRequest, pods: list[Candidate]) -> dict[str, float]:
         v = prefix_view(req, pods, self.ctx)
@@ -68,11 +69,10 @@ class EstimatedTTFTScorer(_Base):
         pw, dw, bw, cw = prm.prefill_weight, prm.decode_token_weight, prm.balance_weight, prm.capacity_weight
         n = req.prompt_tokens
         bs = self.ctx.block_size
+        self._sync_epochs()
         excess: dict[str, float] = {}
         if bw > 0 and len(pods) > 1:
             speed = sum(p.prefill_speed for p in pods)
-            for p in pods:
-                self._check_epoch(p.id)
             excess = self._footprint.excess({p.id: p.prefill_speed / speed for p in pods})
         out = {}
         for p in pods:
@@ -80,7 +80,6 @@ class EstimatedTTFTScorer(_Base):
             ld = p.load
             cost = pw * (1.0 + bw * min(1.0, excess.get(p.id, 0.0))) * uncached
             if cw > 0 and p.capacity_blocks and uncached > 0:
-                self._check_epoch(p.id)
                 room = prm.capacity_fraction * p.capacity_blocks - self._footprint.hot_blocks(p.id)
                 over = -(-uncached // bs) - room
                 if over > 0:
@@ -88,16 +87,21 @@ class EstimatedTTFTScorer(_Base):
             out[p.id] = (cost + ld.prefill_tokens + dw * ld.decode_tokens) / p.prefill_speed
         return out
 
-    def _check_epoch(self, pod: str) -> None:
-        """The event index saw the pod drop everything (cache cleared, restart): its hot
-        footprint starts again from nothing."""
+    def _sync_epochs(self) -> None:
+        """A pod the event index saw drop everything (cache cleared, restart) starts its footprint
+        again from nothing. One integer compare per request unless something was dropped."""
         index = self.ctx.index
         if index is None:
             return
-        e = index.epoch(pod)
-        if self._epochs.get(pod, 0) != e:
-            self._epochs[pod] = e
-            self._footprint.forget(pod)
+        total = index.epochs_total()
+        if total == self._epochs_total:
+            return
+        self._epochs_total = total
+        for pod in {*index.pods(), *self._footprint.pods()}:
+            e = index.epoch(pod)
+            if self._epochs.get(pod, 0) != e:
+                self._epochs[pod] = e
+                self._footprint.forget(pod)
 
     def on_decision(self, req: SchedRequest, chosen: Candidate) -> None:
         if req.block_keys:
