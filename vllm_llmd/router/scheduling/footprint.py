@@ -28,8 +28,10 @@ class KVFootprint:
             raise ValueError("window must be >= 1")
         self.window = window
         self._seq = 0
-        #: pod -> key -> [last decision seq, uses]
-        self._pods: dict[str, dict[int, list[int]]] = {}
+        #: pod -> key -> last decision seq, and pod -> key -> uses (int-only dicts: the garbage
+        #: collector does not track them)
+        self._pods: dict[str, dict[int, int]] = {}
+        self._uses: dict[str, dict[int, int]] = {}
         self._hot: dict[str, int] = {}
         #: the decisions still in the window: (seq, pod, keys)
         self._log: deque[tuple[int, str, tuple[int, ...]]] = deque()
@@ -37,17 +39,15 @@ class KVFootprint:
     def record(self, pod: str, keys: list[int]) -> None:
         self._seq += 1
         seq = self._seq
-        d = self._pods.setdefault(pod, {})
+        last = self._pods.setdefault(pod, {})
+        uses = self._uses.setdefault(pod, {})
         hot = self._hot.get(pod, 0)
         for k in keys:
-            e = d.get(k)
-            if e is None:
-                d[k] = [seq, 1]
-            else:
-                e[0] = seq
-                e[1] += 1
-                if e[1] == 2:
-                    hot += 1
+            n = uses.get(k, 0) + 1
+            uses[k] = n
+            last[k] = seq
+            if n == 2:
+                hot += 1
         self._hot[pod] = hot
         self._log.append((seq, pod, tuple(keys)))
         self._expire()
@@ -58,15 +58,15 @@ class KVFootprint:
         log = self._log
         while log and log[0][0] <= lo:
             s, pod, keys = log.popleft()
-            d = self._pods.get(pod)
-            if d is None:
+            last = self._pods.get(pod)
+            if last is None:
                 continue
+            uses = self._uses[pod]
             hot = self._hot.get(pod, 0)
             for k in keys:
-                e = d.get(k)
-                if e is not None and e[0] == s:  # not used again since
-                    del d[k]
-                    if e[1] >= 2:
+                if last.get(k) == s:  # not used again since
+                    del last[k]
+                    if uses.pop(k, 0) >= 2:
                         hot -= 1
             self._hot[pod] = hot
 
@@ -94,4 +94,5 @@ class KVFootprint:
     def forget(self, pod: str) -> None:
         """Drop the pod's footprint (its cache was cleared: nothing of it is held any more)."""
         self._pods.pop(pod, None)
+        self._uses.pop(pod, None)
         self._hot.pop(pod, None)
