@@ -103,15 +103,15 @@ def test_served_by_a_then_both(engines, tracked: Tracked) -> None:
 
 def reset_prefix_cache(engine: EngineProcess) -> None:
     """``/reset_prefix_cache`` fails while requests run on the (shared) engine: retry briefly."""
-    deadline = time.monotonic() + 60
-    while True:
+
+    def reset() -> bool:
         try:
             post(engine, "/reset_prefix_cache")
-            return
         except urllib.error.HTTPError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            return False
+        return True
+
+    wait_until(reset, 60, "/reset_prefix_cache accepted", interval=0.2)
 
 
 def test_reset_prefix_cache_reaches_the_index_within_a_second_on_an_idle_engine(engines, tracked: Tracked) -> None:

@@ -13,6 +13,8 @@ import aiohttp
 import pytest
 from router_harness import pod_id, prose, routed
 
+from vllm_llmd.testing.wait import wait_until_async
+
 pytestmark = pytest.mark.engine
 
 
@@ -65,11 +67,10 @@ async def test_engine_killed_mid_run_loses_no_unstarted_request(engines, test_mo
                 return o
 
         tasks = [asyncio.create_task(run(i)) for i in range(36)]
-        deadline = time.monotonic() + 120
         # kill the victim once it has served some traffic and more is in flight
-        while not any(o.pod == pod_id(victim) and o.ok for o in done) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert any(o.pod == pod_id(victim) for o in done), "the victim never got traffic"
+        await wait_until_async(
+            lambda: any(o.pod == pod_id(victim) and o.ok for o in done), 120, "the victim served a request"
+        )
         killed_after = len(done)
         await loop.run_in_executor(None, victim.kill)
         results = await asyncio.gather(*tasks)

@@ -6,12 +6,12 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 
 import aiohttp
 from router_fakes import FakeBackend
 
 from vllm_llmd.testing.engine import free_port
+from vllm_llmd.testing.wait import wait_until_async
 
 
 async def test_cli_router_serves_and_stops_on_sigterm() -> None:
@@ -24,17 +24,16 @@ async def test_cli_router_serves_and_stops_on_sigterm() -> None:
     try:
         base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as s:
-            deadline = time.monotonic() + 30
-            while True:
+
+            async def healthy() -> bool:
+                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
                 try:
                     async with s.get(base + "/health") as r:
-                        if r.status == 200:
-                            break
+                        return r.status == 200
                 except aiohttp.ClientConnectionError:
-                    pass
-                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-                assert time.monotonic() < deadline, "router did not come up"
-                await asyncio.sleep(0.1)
+                    return False
+
+            await wait_until_async(healthy, 30, "router /health answers 200", interval=0.1)
             body = {"model": "test-model", "prompt": "hello", "max_tokens": 1}
             async with s.post(base + "/v1/completions", json=body) as r:
                 assert r.status == 200 and (await r.json())["served_by"] == "a"

@@ -118,10 +118,16 @@ def _until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
 
 
 def _wait(transport: NixlTransport, handle: object, timeout: float = 10.0) -> XferState:
-    deadline = time.monotonic() + timeout
-    while (state := transport.poll(handle)) == XferState.PENDING and time.monotonic() < deadline:
-        time.sleep(0.001)
-    return state
+    """The transfer's final state, or ``PENDING`` if it did not finish within ``timeout``."""
+
+    def finished() -> XferState | None:
+        state = transport.poll(handle)
+        return None if state == XferState.PENDING else state
+
+    try:
+        return wait_until(finished, timeout, "transfer finished", interval=0.001)
+    except AssertionError:
+        return XferState.PENDING
 
 
 class Local:
