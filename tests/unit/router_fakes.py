@@ -29,6 +29,8 @@ class FakeBackend:
     die: str | None = None
     #: KV capacity reported in ``vllm:cache_config_info`` (``None``: the line is left out)
     num_gpu_blocks: int | None = None
+    health_requests: int = 0
+    metrics_requests: int = 0
     server: TestServer | None = None
 
     def app(self) -> web.Application:
@@ -60,12 +62,14 @@ class FakeBackend:
         return f"127.0.0.1:{self.server.port}"
 
     async def health(self, request: web.Request) -> web.Response:
+        self.health_requests += 1
         return web.Response(status=200 if self.healthy else 503)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "test-model", "object": "model"}]})
 
     async def metrics(self, request: web.Request) -> web.Response:
+        self.metrics_requests += 1
         text = 'vllm:num_requests_waiting{engine="0"} 0.0\n'
         if self.num_gpu_blocks is not None:  # the info gauge as vLLM's metrics logger renders it
             text += (

@@ -227,11 +227,14 @@ async def test_kv_capacity_is_read_once_without_a_scrape_loop(backends) -> None:
     """The default profile scrapes nothing, but its cost model needs each pod's KV capacity: the
     pool reads ``vllm:cache_config_info`` at the first successful health check."""
     backends[0].num_gpu_blocks = 320
-    router, srv = await start_router(config_for(backends))
+    router, srv = await start_router(config_for(backends, pool={"health_interval_s": 0.05}))
     try:
         assert not router.pool.scrape_metrics
         pods = {p.url: p for p in router.pool.pods}
         await wait_until_async(lambda: pods[backends[0].url].capacity_blocks == 320, 10, "capacity read")
+        # several health checks later: a backend that reports no capacity was asked once, not every time
+        await wait_until_async(lambda: backends[1].health_requests >= 4, 10, "health checks of b")
         assert pods[backends[1].url].capacity_blocks is None  # nothing reported, nothing invented
+        assert backends[1].metrics_requests == 1 and backends[0].metrics_requests == 1
     finally:
         await srv.close()

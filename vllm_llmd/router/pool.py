@@ -34,6 +34,8 @@ class Pod:
     ejections: int = 0
     inflight_requests: int = 0
     metrics: PodMetrics = field(default_factory=PodMetrics)
+    #: ``/metrics`` was read once for the KV capacity since the pod last became healthy
+    capacity_read: bool = False
 
     def __post_init__(self) -> None:
         self.id = self.config.pod_id
@@ -154,14 +156,16 @@ class PodPool:
                 # the pod answers again: let traffic probe it right away
                 pod.ejected_until = 0.0
             pod.consecutive_failures = 0
-            if pod.capacity_blocks is None and not self.scrape_metrics:
+            if not pod.capacity_read and not self.scrape_metrics and pod.config.capacity_blocks is None:
                 # the cost model needs the KV capacity even when nothing scrapes metrics: read it once
-                await self.scrape(pod)
+                # per healthy spell (a backend without vllm:cache_config_info is not asked again)
+                pod.capacity_read = await self.scrape(pod)
         else:
             pod.consecutive_failures += 1
             if pod.healthy and pod.consecutive_failures >= self.cfg.failure_threshold:
                 log.warning("pod %s failed %d health checks: marked unhealthy", pod.id, pod.consecutive_failures)
                 pod.healthy = False
+                pod.capacity_read = False  # it may come back as a different engine
         return ok
 
     async def check_all(self) -> None:
@@ -180,23 +184,25 @@ class PodPool:
             gap = self.cfg.health_interval_s / len(pods)
             for p in pods:
                 await asyncio.sleep(gap)
-                if p.id in self._pods:  # still a member
+                if self._pods.get(p.id) is p:  # still a member, with the same configuration
                     t = asyncio.create_task(self.check_health(p))
                     self._probes.add(t)
                     t.add_done_callback(self._probes.discard)
 
-    async def scrape(self, pod: Pod) -> None:
+    async def scrape(self, pod: Pod) -> bool:
+        """Read the pod's ``/metrics`` into ``pod.metrics``; whether that worked."""
         assert self._session is not None
         try:
             async with self._session.get(
                 pod.url + "/metrics", timeout=aiohttp.ClientTimeout(total=max(1.0, self.cfg.metrics_stale_s))
             ) as r:
                 if r.status != 200:
-                    return
+                    return False
                 text = await r.text()
         except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
-            return
+            return False
         pod.metrics = parse_metrics(text)
+        return True
 
     async def _metrics_loop(self) -> None:
         while True:
