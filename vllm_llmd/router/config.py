@@ -10,7 +10,10 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vllm_llmd.events.engine_config import DEFAULT_PORT as DEFAULT_EVENTS_PORT
+from vllm_llmd.events.engine_config import DEFAULT_REPLAY_PORT
 
 
 class ConfigError(ValueError):
@@ -122,6 +125,45 @@ class PDConfig(_Strict):
     leg_overhead_tokens: float = Field(default=128.0, ge=0)
 
 
+class DiscoveryConfig(_Strict):
+    """Kubernetes pod discovery (``vllm_llmd.discovery``, needs the ``k8s`` extra): the pods matching
+    ``selector``, or the members of the ``InferencePool`` named ``inference_pool``, in ``namespace``.
+    Per-pod labels/annotations override the defaults below (docs/kubernetes.md)."""
+
+    #: default: the router's own namespace (service account), else ``default``
+    namespace: str | None = None
+    #: label selector (``app=vllm,tier!=canary``) or a mapping of labels that must all match
+    selector: str | dict[str, str] | None = None
+    #: name of an InferencePool (Gateway API Inference Extension) whose selector and target ports are used
+    inference_pool: str | None = None
+    inference_pool_api: Literal["inference.networking.k8s.io/v1", "inference.networking.x-k8s.io/v1alpha2"] = (
+        "inference.networking.k8s.io/v1"
+    )
+    #: serving port when neither an InferencePool nor the pod's annotation gives one
+    port: int = Field(default=8000, ge=1, le=65535)
+    scheme: Literal["http", "https"] = "http"
+    #: KV event PUB / replay ports (the plugin's ``LLMD_KV_EVENTS_PORT`` / ``_REPLAY_PORT`` defaults); 0: none
+    events_port: int = Field(default=DEFAULT_EVENTS_PORT, ge=0, le=65535)
+    replay_port: int = Field(default=DEFAULT_REPLAY_PORT, ge=0, le=65535)
+    #: kubeconfig file; default: in-cluster service account, else ``$KUBECONFIG`` / ``~/.kube/config``
+    kubeconfig: str | None = None
+    #: plain-HTTP API URL without credentials (``kubectl proxy``, tests); overrides ``kubeconfig``
+    api_server: str | None = None
+    #: server-side timeout of one watch request; the watch resumes from its resourceVersion after it
+    watch_timeout_s: int = Field(default=300, ge=1)
+    #: retry delay after an API error, doubling up to ``backoff_max_s``
+    backoff_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DiscoveryConfig:
+        if (self.selector is None) == (self.inference_pool is None):
+            raise ValueError("discovery needs exactly one of 'selector' or 'inference_pool'")
+        if self.selector is not None and not self.selector:
+            raise ValueError("discovery.selector is empty: it would select every pod in the namespace")
+        return self
+
+
 class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -133,6 +175,8 @@ class RouterConfig(_Strict):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     pd: PDConfig = Field(default_factory=PDConfig)
+    #: Kubernetes pod discovery; discovered pods are added to ``pods``
+    discovery: DiscoveryConfig | None = None
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     #: request header that carries a session id (session-affinity scorer)
     session_header: str = "x-session-id"

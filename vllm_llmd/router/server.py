@@ -25,7 +25,7 @@ log = logging.getLogger("vllm_llmd.router")
 def _make_index(cfg: RouterConfig) -> tuple[Any, Any]:
     """The KV event index and its subscriber, or ``(None, None)`` when no pod publishes events."""
     with_events = [p for p in cfg.pods if p.events]
-    if not with_events:
+    if not with_events and not (cfg.discovery and cfg.discovery.events_port):
         return None, None
     from vllm_llmd.index import KVBlockIndex, KVEventSubscriber
 
@@ -45,7 +45,7 @@ def build_router(cfg: RouterConfig) -> RouterApp:
     index = subscriber = None
     if tokenizer is not None:
         index, subscriber = _make_index(cfg)
-    elif any(p.events for p in cfg.pods):
+    elif any(p.events for p in cfg.pods) or (cfg.discovery and cfg.discovery.events_port):
         log.warning("KV events are configured but there is no tokenizer: events are not used")
     inflight = InflightTracker()
     ctx = SchedulingContext(
@@ -60,7 +60,16 @@ def build_router(cfg: RouterConfig) -> RouterApp:
     prefill_scheduler = build_scheduler(cfg.pd.prefill_profile or cfg.profile, ctx, "pd.prefill_profile")
     pool = PodPool(cfg.pool)
     pool.set_pods(cfg.pods)
-    return RouterApp(cfg, pool, scheduler, inflight, tokenizer, RouterMetrics(), index, subscriber, prefill_scheduler)
+    router = RouterApp(cfg, pool, scheduler, inflight, tokenizer, RouterMetrics(), index, subscriber, prefill_scheduler)
+    router.discovery = None
+    if cfg.discovery is not None:  # Kubernetes: pods come and go without a restart
+        from vllm_llmd.discovery.source import KubernetesDiscovery
+
+        router.discovery = KubernetesDiscovery(
+            cfg.discovery, pool, subscriber, static=cfg.pods, on_removed=[ctx.memory.remove_pod]
+        )
+        router.app.cleanup_ctx.append(router.discovery.lifecycle)  # started before the pool, stopped first
+    return router
 
 
 async def serve(router: RouterApp, host: str, port: int, ready: asyncio.Event | None = None) -> None:
