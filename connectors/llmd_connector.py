@@ -9,9 +9,10 @@ locally (``kv_load_failure_policy="recompute"``, set by this connector unless co
 otherwise): the request still completes. Requests without ``kv_transfer_params`` run as on a
 plain engine.
 
-Shape follows vLLM 0.32's ``KVConnectorBase_V1`` (vllm/distributed/kv_transfer/kv_connector/v1/
-base.py): three-argument constructor with ``kv_cache_config``; ``SupportsHMA`` so vLLM keeps the
-hybrid KV cache manager on. See docs/pd-disaggregation.md for the config keys and the protocol.
+Shape follows ``KVConnectorBase_V1`` (vllm/distributed/kv_transfer/kv_connector/v1/base.py) as it
+is in vLLM 0.30-0.33: three-argument constructor with ``kv_cache_config``; ``SupportsHMA`` so vLLM
+keeps the hybrid KV cache manager on. What differs between those releases is bridged in
+:mod:`vllm_llmd.vllm_compat`. See docs/pd-disaggregation.md for the config keys and the protocol.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
     SupportsHMA,
 )
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from vllm_llmd.connectors.config import LLMDConnectorConfig
 from vllm_llmd.connectors.metadata import LLMDConnectorMetadata
+
+from vllm_llmd.vllm_compat import cache_hit_source
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -46,7 +48,8 @@ __all__ = ["LLMDConnector", "LLMDConnectorMetadata"]
 
 
 class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
-    _cache_hit_source = CacheHitSource.P2P
+    # external prefix-cache hits are KV pulled from a peer engine (read by vLLM 0.32+ only)
+    _cache_hit_source = cache_hit_source("P2P")
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
@@ -66,6 +69,12 @@ class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
             from vllm_llmd.connectors.worker import LLMDConnectorWorker
 
             self.worker = LLMDConnectorWorker(vllm_config, self.cfg, kv_cache_config)
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        # asked by vLLM 0.33+ (vllm/config/vllm.py refuses sleep mode on False): the transport
+        # registered the KV cache at fixed addresses and does not re-register after a remap
+        return False
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:

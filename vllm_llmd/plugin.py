@@ -5,7 +5,9 @@ worker, and the model-inspection subprocess). It must be cheap, idempotent, free
 beyond registration, and must never abort vLLM's start-up: every step logs and carries on.
 
 What it does:
-1. announces itself with the process role (``api_server``, ``engine_core``, ``worker``, ``other``);
+1. announces itself with the process role (``api_server``, ``engine_core``, ``worker``, ``other``)
+   and the vLLM release, with a warning when that release is not one we support
+   (:mod:`vllm_llmd.vllm_compat`);
 2. registers our KV connector names with vLLM's ``KVConnectorFactory`` (lazily: nothing of the
    connector is imported until vLLM resolves the name);
 3. (see :mod:`vllm_llmd.events.engine_config`) fills in KV-event settings from the environment.
@@ -100,10 +102,17 @@ def register() -> None:
             from vllm_llmd.events.engine_config import apply_event_defaults
 
             events = apply_event_defaults(role)
+            from vllm_llmd.vllm_compat import installed_vllm_version, version_note
+
+            version = installed_vllm_version()
+            supported, note = version_note(version)
+            if not supported:
+                logger.warning("vllm_llmd: %s; loading anyway", note)
             logger.info(
-                "vllm_llmd plugin loaded (role=%s pid=%d connectors=%s events=%s)",
+                "vllm_llmd plugin loaded (role=%s pid=%d vllm=%s connectors=%s events=%s)",
                 role,
                 os.getpid(),
+                version,
                 ",".join(connectors) or "-",
                 events,
             )

@@ -41,3 +41,10 @@ def test_a_child_that_exits_fails_at_once_with_its_log(tmp_path: Path) -> None:
     with pytest.raises(EngineStartError, match=r"exited with 2(.|\n)*bad flag --foo"):
         engine.start_ready(quiet_timeout=30.0, timeout=60.0, attempts=1)
     assert os.path.exists(tmp_path / "e.log")
+
+
+def test_an_engine_can_run_under_another_venvs_python(tmp_path: Path) -> None:
+    spec = EngineSpec(model=tmp_path, events_port=None, replay_port=None)
+    assert spec.command()[0] == sys.executable
+    other = EngineSpec(model=tmp_path, events_port=None, replay_port=None, python="/opt/venv-030/bin/python")
+    assert other.command()[:3] == ["/opt/venv-030/bin/python", "-m", "vllm.entrypoints.openai.api_server"]

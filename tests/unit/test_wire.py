@@ -80,3 +80,15 @@ def test_seq_framing() -> None:
     assert seq_from_bytes(seq_to_bytes(5)) == 5
     assert seq_from_bytes(b"\xff" * 8) == -1  # the replay's end marker
     assert seq_to_bytes(-1) == b"\xff" * 8
+
+
+def test_vllm_033_lookahead_tokens_are_a_known_field() -> None:
+    """vLLM 0.33 appends ``BlockStored.lookahead_token_ids`` (vllm/distributed/kv_events.py, set only
+    with EAGLE block-drop speculative decoding); it is read as a known field and changes no key."""
+    plain = msgspec.msgpack.decode(encode_batch(_ours()[:1]))
+    ahead = msgspec.msgpack.decode(encode_batch(_ours()[:1]))
+    ahead[1][0]["lookahead_token_ids"] = [[9], [10]]
+    a, b = decode_payload(msgspec.msgpack.encode(plain)), decode_payload(msgspec.msgpack.encode(ahead))
+    assert a.events == b.events and b.unknown_fields == 0 and b.bad_events == 0
+    ahead[1][0]["something_new"] = 1  # while a field we do not know is still counted
+    assert decode_payload(msgspec.msgpack.encode(ahead)).unknown_fields == 1

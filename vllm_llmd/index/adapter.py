@@ -2,7 +2,9 @@
 
 Accepts the map-encoded events of current vLLM (``{"type": "BlockStored", ...}``) and the
 positional arrays of older vLLM / llm-d tooling (``["BlockStored", hashes, parent, tokens,
-block_size, lora_id, medium, lora_name, extra_keys, group_idx, kind, sliding_window]``).
+block_size, lora_id, medium, lora_name, extra_keys, group_idx, kind, sliding_window]``). vLLM
+0.30-0.32 publish the same fields; 0.33 may add ``lookahead_token_ids`` (known, ignored: our keys
+come from ``token_ids``).
 Nothing here raises on bad input: a payload that is not a batch counts one ``bad_batches``; an
 event that is malformed counts one ``bad_events`` and is dropped; unknown event types and unknown
 map fields are counted and ignored.
@@ -39,6 +41,7 @@ _STORED_FIELDS = frozenset(
         "locality",
         "ownership",
         "session_id",
+        "lookahead_token_ids",  # vLLM 0.33+; our keys come from token_ids alone
     }
 )
 _REMOVED_FIELDS = frozenset({"type", "block_hashes", "medium", "group_idx", "locality", "ownership"})

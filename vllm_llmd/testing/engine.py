@@ -69,6 +69,9 @@ class EngineSpec:
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
     kv_cache_gib: int = 1
+    #: the Python that runs the engine (another venv's, e.g. ``.venv-030/bin/python`` for vLLM 0.30);
+    #: ``None``: this process's interpreter
+    python: str | None = None
 
     @property
     def url(self) -> str:
@@ -84,7 +87,7 @@ class EngineSpec:
 
     def command(self) -> list[str]:
         cmd = [
-            sys.executable,
+            self.python or sys.executable,
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
