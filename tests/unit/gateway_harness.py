@@ -1,5 +1,5 @@
-"""A real Envoy in front of in-process stand-in backends, with gateway mode (``serve_gateway``) in
-the test's event loop: the fast gateway tests share this."""
+"""A real Envoy in front of in-process stand-in backends, with gateway mode in the test's event loop
+(``vllm_llmd.testing.gateway``): the fast gateway tests share this."""
 
 from __future__ import annotations
 
@@ -13,21 +13,20 @@ from typing import Any
 from aiohttp import web
 from router_fakes import FakeBackend
 
-from vllm_llmd.gateway.envoy_config import EnvoyOptions, bootstrap
-from vllm_llmd.gateway.server import GatewayOptions, serve_gateway
 from vllm_llmd.router.config import PodConfig, RouterConfig
-from vllm_llmd.router.proxy import RouterApp
-from vllm_llmd.router.server import build_router
 from vllm_llmd.testing.engine import free_port
-from vllm_llmd.testing.envoy import EnvoyProcess
+from vllm_llmd.testing.gateway import GatewayStack, gateway_stack
 
 
 class HoldingBackend(FakeBackend):
-    """A :class:`FakeBackend` that can hold its answer (no response headers) until ``hold`` is set."""
+    """A :class:`FakeBackend` that can hold its answer (no response headers) until ``hold`` is set,
+    stream like vLLM (response headers at once, the first chunk when ``first_chunk`` is set), and
+    keeps each request's transport (a test can break a stream)."""
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.hold: asyncio.Event | None = None
+        self.first_chunk: asyncio.Event | None = None
         self.arrived = 0
         self.transports: list[Any] = []
 
@@ -36,29 +35,22 @@ class HoldingBackend(FakeBackend):
         self.transports.append(request.transport)
         if self.hold is not None:
             await self.hold.wait()
+        if self.first_chunk is not None:
+            # vLLM (Starlette's StreamingResponse) sends the headers at admission, then the tokens
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            resp._payload_writer.send_headers()  # aiohttp would hold them until the first chunk
+            await self.first_chunk.wait()
+            await resp.write(b'data: {"choices": [{"text": "a"}]}\n\n')
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
         return await super().generate(request)
 
 
 @dataclass
-class Gateway:
-    url: str  # Envoy's listener
-    router: RouterApp
-    router_url: str  # the router's own HTTP side (/metrics, /health)
-    envoy: EnvoyProcess
-    backends: list[HoldingBackend]
-
-    def load(self) -> dict[str, tuple[int, int, int]]:
-        """The picker's in-flight accounting per pod: (requests, prefill tokens, decode tokens)."""
-        out = {}
-        for p in self.router.pool.pods:
-            ld = self.router.inflight.load(p.id)
-            out[p.id] = (ld.requests, ld.prefill_tokens, ld.decode_tokens)
-        return out
-
-    def idle(self) -> bool:
-        return all(v == (0, 0, 0) for v in self.load().values()) and all(
-            p.inflight_requests == 0 for p in self.router.pool.pods
-        )
+class Gateway(GatewayStack):
+    backends: list[HoldingBackend] | None = None
 
 
 @contextlib.asynccontextmanager
@@ -69,7 +61,7 @@ async def gateway(
     envoy: dict[str, Any] | None = None,
     gw: dict[str, Any] | None = None,
     **router_cfg: Any,
-) -> AsyncIterator[Gateway]:
+) -> AsyncIterator[Any]:
     """``n`` live stand-in backends plus ``dead`` pods nothing listens on, the picker, and Envoy."""
     backends = [await HoldingBackend(f"b{i}").start() for i in range(n)]
     urls = [b.url for b in backends] + [f"http://127.0.0.1:{free_port()}" for _ in range(dead)]
@@ -79,33 +71,9 @@ async def gateway(
         "port": free_port(),
     }
     data.update(router_cfg)
-    cfg = RouterConfig.model_validate(data)
-    router = build_router(cfg)
-    picker_addr = f"127.0.0.1:{free_port()}"
-    ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve_gateway(router, GatewayOptions(ext_proc=picker_addr, **(gw or {})), ready, stop))
-    proc: EnvoyProcess | None = None
     try:
-        await asyncio.wait_for(ready.wait(), 30)
-        opts = EnvoyOptions(
-            pods=[u.removeprefix("http://") for u in urls],
-            picker=picker_addr,
-            listen_port=free_port(),
-            admin_port=free_port(),
-            max_body_bytes=cfg.max_body_bytes,
-            retries=cfg.pool.max_retries,
-            connect_timeout_s=cfg.pool.connect_timeout_s,
-        )
-        for k, v in (envoy or {}).items():
-            setattr(opts, k, v)
-        proc = EnvoyProcess(bootstrap(opts), tmp_path / "envoy.log")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, proc.start_ready)
-        yield Gateway(f"http://127.0.0.1:{opts.listen_port}", router, f"http://127.0.0.1:{cfg.port}", proc, backends)
+        async with gateway_stack(RouterConfig.model_validate(data), tmp_path, envoy, gw) as st:
+            yield Gateway(st.url, st.router, st.router_url, st.envoy, backends)
     finally:
-        if proc is not None:
-            proc.stop()
-        stop.set()
-        await asyncio.wait_for(task, 30)
         for b in backends:
             await b.close()

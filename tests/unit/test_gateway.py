@@ -165,6 +165,21 @@ async def test_sse_passes_through_unbuffered_and_times_the_first_token(tmp_path)
             assert f'llmd_router_prefix_reported_hit_tokens_total{{pod="{b.pod_id}"}} 7.0' in await r.text()
 
 
+@pytest.mark.parametrize("watch", [True, False])
+async def test_first_token_is_the_first_chunk_when_watching_else_the_headers(tmp_path, watch) -> None:
+    async with gateway(tmp_path, n=1, gw={"watch_streams": watch}) as gw, aiohttp.ClientSession() as s:
+        b = gw.backends[0]
+        b.first_chunk = asyncio.Event()
+        body = {"model": "test-model", "prompt": prompt(5), "stream": True, "max_tokens": 3}
+        async with s.post(gw.url + "/v1/completions", json=body) as r:
+            assert r.status == 200  # the headers are out, no token yet
+            _, prefill, _ = gw.load()[b.pod_id]
+            assert (prefill > 0) is watch  # watching: the prompt is still queued for prefill
+            b.first_chunk.set()
+            assert (await r.read()).endswith(b"data: [DONE]\n\n")
+        await wait_until_async(gw.idle, 5, "accounting released")
+
+
 async def test_streams_envoy_aborts_release_accounting(tmp_path) -> None:
     async with gateway(tmp_path, n=1) as gw:
         b = gw.backends[0]
