@@ -69,6 +69,7 @@ async def test_gateway_keeps_prefixes_on_one_pod_engine_hit_rate(engines, test_m
         # prefix (the first of each prefix computes it), so at most ~0.75 of the prompt tokens can hit
         assert all(len(p) == 1 for p in where.values()), where
         assert queries > 0 and hits / queries >= 0.6, (hits, queries)
+        print(f"gateway: engine-reported prefix hit rate {hits / queries:.3f} ({hits:.0f}/{queries:.0f} tokens)")
         await wait_until_async(gw.idle, 10, "the picker's accounting released")
 
 
