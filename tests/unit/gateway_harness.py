@@ -60,6 +60,7 @@ async def gateway(
     dead: int = 0,
     envoy: dict[str, Any] | None = None,
     gw: dict[str, Any] | None = None,
+    edit: Any = None,
     **router_cfg: Any,
 ) -> AsyncIterator[Any]:
     """``n`` live stand-in backends plus ``dead`` pods nothing listens on, the picker, and Envoy."""
@@ -72,7 +73,7 @@ async def gateway(
     }
     data.update(router_cfg)
     try:
-        async with gateway_stack(RouterConfig.model_validate(data), tmp_path, envoy, gw) as st:
+        async with gateway_stack(RouterConfig.model_validate(data), tmp_path, envoy, gw, edit) as st:
             yield Gateway(st.url, st.router, st.router_url, st.envoy, backends)
     finally:
         for b in backends:

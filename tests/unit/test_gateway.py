@@ -235,3 +235,17 @@ async def test_envoy_retries_a_dead_pod_on_the_pickers_fallback(tmp_path) -> Non
         await wait_until_async(gw.idle, 5, "accounting released (and moved off the dead pod)")
         async with s.get(gw.router_url + "/metrics") as r:
             assert 'llmd_router_upstream_retries_total{pod="' in await r.text()
+
+
+async def test_an_envoy_mode_the_picker_cannot_speak_fails_closed_with_a_clear_error(tmp_path, caplog) -> None:
+    def full_duplex(boot: dict) -> None:  # llm-d's EPP mode: bodies streamed both ways and echoed back
+        hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ext = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+        ext["processing_mode"].update(
+            request_body_mode="FULL_DUPLEX_STREAMED", request_trailer_mode="SEND", response_body_mode="NONE"
+        )
+
+    async with gateway(tmp_path, n=1, edit=full_duplex) as gw, aiohttp.ClientSession() as s:
+        status, _, _ = await post(s, gw.url, {"model": "test-model", "prompt": "x"})
+        assert status == 500 and gw.backends[0].received == []  # never routed blind
+        assert "request_body_mode FULL_DUPLEX_STREAMED: the picker needs BUFFERED" in caplog.text

@@ -22,6 +22,10 @@ Messages of one HTTP request, with the processing mode of ``vllm_llmd.gateway.en
 5. The gRPC stream ends (Envoy closes it when the HTTP stream is done or aborted): the picker's
    ``on_response_end`` releases the request's load, whatever happened before.
 
+Envoy announces its processing mode (``protocol_config``) on the first message; a mode this
+servicer cannot speak (a request body not BUFFERED, a FULL_DUPLEX_STREAMED response) ends the
+stream with ``FAILED_PRECONDITION`` and one error log naming the setting.
+
 Bounded input: the body is refused with 413 past ``max_body_bytes`` (Envoy's own buffer limit is
 the first bound, see ``envoy_config``); gRPC messages are capped by the server's
 ``max_receive_message_length``. A picker that raises ends the stream with gRPC ``INTERNAL``; Envoy
@@ -54,7 +58,20 @@ _REQ_HEADERS_CONTINUE = pb.ProcessingResponse(request_headers=pb.HeadersResponse
 _RESP_BODY_CONTINUE = pb.ProcessingResponse(response_body=pb.BodyResponse())
 _REQ_TRAILERS_CONTINUE = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 _RESP_TRAILERS_CONTINUE = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
-_STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+_MODE = processing_mode_pb2.ProcessingMode
+_STREAMED = _MODE.STREAMED
+#: body modes this servicer speaks (it never echoes bodies, as FULL_DUPLEX_STREAMED would need)
+_REQUEST_BODY_MODES = frozenset((_MODE.BUFFERED,))
+_RESPONSE_BODY_MODES = frozenset((_MODE.NONE, _MODE.STREAMED))
+
+
+def unsupported_mode(pc: Any) -> str | None:
+    """Why Envoy's announced ``protocol_config`` cannot work with this servicer, or ``None``."""
+    if pc.request_body_mode not in _REQUEST_BODY_MODES:
+        return f"request_body_mode {_MODE.BodySendMode.Name(pc.request_body_mode)}: the picker needs BUFFERED"
+    if pc.response_body_mode not in _RESPONSE_BODY_MODES:
+        return f"response_body_mode {_MODE.BodySendMode.Name(pc.response_body_mode)}: use NONE (or STREAMED)"
+    return None
 
 
 def _header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
@@ -123,6 +140,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.max_body_bytes = max_body_bytes
         self.watch_streams = watch_streams
         self.metrics = GatewayMetrics(registry)
+        self._mode_warned = False
 
     async def _decide(self, path: str, headers: Mapping[str, str], body: bytes, context: Any) -> Pick | Reject:
         try:
@@ -174,6 +192,16 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     common, meta = destination_common(pick)
                     yield pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=meta)
                 elif kind == "request_headers":
+                    if req.HasField("protocol_config"):
+                        why = unsupported_mode(req.protocol_config)
+                        if why is not None:
+                            self.metrics.failed.inc()
+                            if not self._mode_warned:
+                                self._mode_warned = True
+                                log.error(
+                                    "Envoy's ext_proc processing mode is unsupported (%s): see docs/gateway.md", why
+                                )
+                            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"vllm-llmd picker: {why}")
                     rh = req.request_headers
                     headers = _headers_dict(rh.headers)
                     path = headers.get(":path", "")

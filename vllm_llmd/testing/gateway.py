@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +44,15 @@ class GatewayStack:
 
 @contextlib.asynccontextmanager
 async def gateway_stack(
-    cfg: RouterConfig, log_dir: Path, envoy: dict[str, Any] | None = None, gw: dict[str, Any] | None = None
+    cfg: RouterConfig,
+    log_dir: Path,
+    envoy: dict[str, Any] | None = None,
+    gw: dict[str, Any] | None = None,
+    edit: Callable[[dict[str, Any]], None] | None = None,
 ) -> AsyncIterator[GatewayStack]:
     """The picker for ``cfg`` (its ``port`` serves the router's HTTP side) and an Envoy whose pods are
-    ``cfg.pods``; ``envoy`` / ``gw`` override :class:`EnvoyOptions` / :class:`GatewayOptions` fields."""
+    ``cfg.pods``; ``envoy`` / ``gw`` override :class:`EnvoyOptions` / :class:`GatewayOptions` fields,
+    ``edit`` may change the generated bootstrap in place."""
     router = build_router(cfg)
     picker_addr = f"127.0.0.1:{free_port()}"
     ready, stop = asyncio.Event(), asyncio.Event()
@@ -66,7 +71,10 @@ async def gateway_stack(
         )
         for k, v in (envoy or {}).items():
             setattr(opts, k, v)
-        proc = EnvoyProcess(bootstrap(opts), log_dir / "envoy.log")
+        boot = bootstrap(opts)
+        if edit is not None:
+            edit(boot)
+        proc = EnvoyProcess(boot, log_dir / "envoy.log")
         await asyncio.get_running_loop().run_in_executor(None, proc.start_ready)
         yield GatewayStack(f"http://127.0.0.1:{opts.listen_port}", router, f"http://127.0.0.1:{cfg.port}", proc)
     finally:
