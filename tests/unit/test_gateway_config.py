@@ -80,6 +80,16 @@ def test_unsafe_or_unusable_configurations_are_refused(capsys) -> None:
     assert pods["type"] == "ORIGINAL_DST" and pods["original_dst_lb_config"]["http_header_name"] == DESTINATION
 
 
+def test_a_picker_service_name_is_resolved_by_dns(tmp_path) -> None:
+    # Kubernetes: Envoy reaches the router replicas through a (headless) Service name
+    opts = EnvoyOptions(pods=[], picker="vllm-llmd-router-ext-proc:9002", cluster="original-dst", retries=0)
+    picker = bootstrap(opts)["static_resources"]["clusters"][1]
+    assert picker["name"] == "llmd_picker" and picker["type"] == "STRICT_DNS"
+    path = tmp_path / "envoy.yaml"
+    path.write_text(render(opts))
+    _validate(path)
+
+
 def test_router_cli_has_the_gateway_flags() -> None:
     args = build_parser().parse_args(
         ["router", "--ext-proc", "127.0.0.1:9002", "--ext-proc-fallbacks", "0", "--no-watch-streams"]

@@ -217,19 +217,24 @@ def _strip_client_destination() -> dict[str, Any]:
     }
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _check(o: EnvoyOptions) -> None:
     if o.cluster == "override-host":
         if not o.pods:
             raise ValueError("the override-host cluster needs the pods' ip:port list")
         for p in o.pods:
-            host = p.rpartition(":")[0].strip("[]")
-            try:
-                ipaddress.ip_address(host)
-            except ValueError:
+            if not _is_ip(p.rpartition(":")[0].strip("[]")):
                 raise ValueError(
                     f"pod {p!r}: the override-host cluster needs IP addresses (Envoy matches the picker's "
                     "ip:port against its hosts); use EDS/a Service in production or --cluster original-dst"
-                ) from None
+                )
     elif o.failure_mode_allow:
         # without a destination header an ORIGINAL_DST cluster connects to the listener's own address
         raise ValueError("original-dst with failure_mode_allow would loop requests back into Envoy: fail closed")
@@ -264,9 +269,11 @@ def bootstrap(o: EnvoyOptions) -> dict[str, Any]:
             },
         ],
     }
+    picker_host = o.picker.rpartition(":")[0].strip("[]")
     picker = {
         "name": "llmd_picker",
-        "type": "STATIC",
+        # a Service name (e.g. a headless Service over the router replicas) is resolved by DNS
+        "type": "STATIC" if _is_ip(picker_host) else "STRICT_DNS",
         "connect_timeout": "1s",
         "circuit_breakers": _BREAKERS,
         "typed_extension_protocol_options": {
