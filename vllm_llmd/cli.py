@@ -56,30 +56,25 @@ def _router(args: argparse.Namespace) -> int:
             from vllm_llmd.gateway.server import GatewayOptions
             from vllm_llmd.gateway.server import run as run_gateway
         except ImportError as e:
-            print(f"vllm-llmd router --ext-proc needs the gateway extra (pip install 'vllm-llmd[gateway]'): {e}")
+            print(
+                f"vllm-llmd router --ext-proc needs the gateway extra (pip install 'vllm-llmd[gateway]'): {e}",
+                file=sys.stderr,
+            )
             return 2
         return run_gateway(cfg, GatewayOptions(args.ext_proc, args.ext_proc_fallbacks, args.watch_streams))
     return run(cfg)
-
-
-def _load_router_config(args: argparse.Namespace) -> object:
-    from vllm_llmd.router.config import RouterConfig, load_config, parse_worker_flag
-
-    cfg = load_config(args.config) if args.config else RouterConfig()
-    if args.worker:
-        cfg = cfg.model_copy(update={"pods": [*cfg.pods, *(parse_worker_flag(w) for w in args.worker)]})
-    return cfg
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
     from urllib.parse import urlsplit
 
     from vllm_llmd.gateway.envoy_config import EnvoyOptions, render
-    from vllm_llmd.router.config import ConfigError, RouterConfig
+    from vllm_llmd.router.config import ConfigError, RouterConfig, load_config, parse_worker_flag
 
     try:
-        cfg = _load_router_config(args)
-        assert isinstance(cfg, RouterConfig)
+        cfg = load_config(args.config) if args.config else RouterConfig()
+        if args.worker:
+            cfg = cfg.model_copy(update={"pods": [*cfg.pods, *(parse_worker_flag(w) for w in args.worker)]})
         pods = [f"{urlsplit(p.url).hostname}:{urlsplit(p.url).port}" for p in cfg.pods if p.role != "prefill"]
         lhost, _, lport = args.listen.rpartition(":")
         ahost, _, aport = args.admin.rpartition(":")
