@@ -51,7 +51,57 @@ def _router(args: argparse.Namespace) -> int:
     except (ConfigError, PluginError) as e:
         print(f"vllm-llmd router: {e}", file=sys.stderr)
         return 2
+    if args.ext_proc:
+        try:
+            from vllm_llmd.gateway.server import GatewayOptions
+            from vllm_llmd.gateway.server import run as run_gateway
+        except ImportError as e:
+            print(
+                f"vllm-llmd router --ext-proc needs the gateway extra (pip install 'vllm-llmd[gateway]'): {e}",
+                file=sys.stderr,
+            )
+            return 2
+        return run_gateway(cfg, GatewayOptions(args.ext_proc, args.ext_proc_fallbacks, args.watch_streams))
     return run(cfg)
+
+
+def _envoy_config(args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit
+
+    from vllm_llmd.gateway.envoy_config import EnvoyOptions, render
+    from vllm_llmd.router.config import ConfigError, RouterConfig, load_config, parse_worker_flag
+
+    try:
+        cfg = load_config(args.config) if args.config else RouterConfig()
+        if args.worker:
+            cfg = cfg.model_copy(update={"pods": [*cfg.pods, *(parse_worker_flag(w) for w in args.worker)]})
+        pods = [f"{urlsplit(p.url).hostname}:{urlsplit(p.url).port}" for p in cfg.pods if p.role != "prefill"]
+        lhost, _, lport = args.listen.rpartition(":")
+        ahost, _, aport = args.admin.rpartition(":")
+        opts = EnvoyOptions(
+            pods=pods,
+            picker=args.ext_proc,
+            listen_host=lhost or "0.0.0.0",
+            listen_port=int(lport),
+            admin_host=ahost or "127.0.0.1",
+            admin_port=int(aport),
+            cluster=args.cluster,
+            failure_mode_allow=args.failure_mode_allow,
+            message_timeout_s=args.message_timeout,
+            max_body_bytes=cfg.max_body_bytes,
+            retries=cfg.pool.max_retries if args.cluster == "override-host" else 0,
+            connect_timeout_s=cfg.pool.connect_timeout_s,
+        )
+        text = render(opts)
+    except (ConfigError, ValueError) as e:
+        print(f"vllm-llmd envoy-config: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +131,40 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-body-bytes", type=int, default=None, help="largest accepted request body")
     r.add_argument("--log-level", default=None, type=str.lower, choices=["debug", "info", "warning", "error"])
     r.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    r.add_argument(
+        "--ext-proc",
+        default=None,
+        metavar="HOST:PORT",
+        help="gateway mode: also serve Envoy's ext_proc gRPC protocol on this address (docs/gateway.md)",
+    )
+    r.add_argument(
+        "--ext-proc-fallbacks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fallback pods named after the best one (default: pool.max_retries; 0 for an ORIGINAL_DST cluster)",
+    )
+    r.add_argument(
+        "--watch-streams",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gateway mode: see SSE answers' chunks to time the first token (one ext_proc message per chunk)",
+    )
     r.set_defaults(func=_router)
+
+    e = sub.add_parser("envoy-config", help="print an Envoy bootstrap for gateway mode (docs/gateway.md)")
+    e.add_argument("--config", default=None, help="the router's YAML (its pods, limits and retry budget)")
+    e.add_argument("--worker", action="append", default=[], metavar="URL", help="a vLLM pod (repeatable)")
+    e.add_argument("--ext-proc", default="127.0.0.1:9002", metavar="HOST:PORT", help="the picker's gRPC address")
+    e.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT", help="Envoy's client listener")
+    e.add_argument("--admin", default="127.0.0.1:9901", metavar="HOST:PORT", help="Envoy's admin listener")
+    e.add_argument("--cluster", default="override-host", choices=["override-host", "original-dst"])
+    e.add_argument(
+        "--failure-mode-allow", action="store_true", help="fail open: forward without a pick when the picker fails"
+    )
+    e.add_argument("--message-timeout", type=float, default=5.0, help="seconds per ext_proc message")
+    e.add_argument("-o", "--output", default=None, help="write here instead of stdout")
+    e.set_defaults(func=_envoy_config)
     return parser
 
 
