@@ -30,6 +30,20 @@ EXAMPLE_ARGS = [
     "127.0.0.1:9901",
 ]
 
+#: examples/kubernetes/components/gateway/envoy.yaml is a comment block, then this command's output
+K8S_ENVOY = ROOT / "examples/kubernetes/components/gateway/envoy.yaml"
+K8S_ARGS = [
+    "envoy-config",
+    "--cluster",
+    "original-dst",
+    "--ext-proc",
+    "vllm-llmd-router-ext-proc:9002",
+    "--listen",
+    "0.0.0.0:8080",
+    "--admin",
+    "127.0.0.1:9901",
+]
+
 
 def _validate(path: Path) -> None:
     exe = envoy_binary()
@@ -65,6 +79,18 @@ def test_committed_example_is_the_generators_output(tmp_path, capsys) -> None:
     assert main(EXAMPLE_ARGS) == 0
     assert capsys.readouterr().out == (ROOT / "examples/envoy/envoy.yaml").read_text()
     _validate(ROOT / "examples/envoy/envoy.yaml")
+
+
+def test_kubernetes_gateway_config_is_the_generators_output(capsys) -> None:
+    assert main(K8S_ARGS) == 0
+    generated = capsys.readouterr().out
+    text = K8S_ENVOY.read_text()
+    assert text.endswith(generated), "regenerate: vllm-llmd " + " ".join(K8S_ARGS)
+    head = text[: len(text) - len(generated)].splitlines()
+    assert head and all(line.startswith("#") for line in head)  # only its own comment on top
+    assert "vllm-llmd " + " ".join(K8S_ARGS) in "\n".join(head)  # the command it shows is this one
+    # Envoy accepts it (tests/unit/test_k8s_manifests.py validates the rendered ConfigMap too)
+    _validate(K8S_ENVOY)
 
 
 def test_unsafe_or_unusable_configurations_are_refused(capsys) -> None:

@@ -10,7 +10,8 @@ unknown fields are errors) at the oldest Kubernetes we document (1.32) and the n
 (vllm_llmd/discovery/inferencepool.py). Semantics: the router's config parses as a RouterConfig,
 every engine pod template is read by discovery exactly as a running pod would be, the engines'
 ``--kv-transfer-config`` parses as LLMDConnector's config, RBAC lets the router's service account
-list and watch what discovery reads, and Envoy validates its own config (``envoy --mode validate``).
+list and watch what discovery reads, Envoy validates its own config (``envoy --mode validate``), and in
+the gateway overlay Envoy's picker address, the headless Service, the router's port, args and probe meet.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ import pytest
 import yaml
 from vllm_llmd.connectors.config import LLMDConnectorConfig
 
+from vllm_llmd.cli import build_parser
 from vllm_llmd.discovery.inferencepool import InferencePoolV1, parse_pool
 from vllm_llmd.discovery.pods import PodDefaults, read_pod
 from vllm_llmd.discovery.source import label_selector
+from vllm_llmd.gateway.server import HEALTH_SERVICES
 from vllm_llmd.router.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +123,7 @@ KUSTOMIZATIONS = _kustomizations()
 
 def test_the_expected_kustomizations_exist() -> None:
     names = {p.relative_to(EXAMPLES).as_posix() for p in KUSTOMIZATIONS}
-    assert names == {"base", "overlays/gpu", "overlays/npu", "overlays/mixed", "overlays/gateway-preview"}
+    assert names == {"base", "overlays/gpu", "overlays/npu", "overlays/mixed", "overlays/gateway"}
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.relative_to(EXAMPLES).as_posix())
@@ -136,7 +139,7 @@ def test_renders_and_every_object_validates(directory: Path) -> None:
 
 def test_the_validators_reject_typos() -> None:
     """The checks above can fail: one misspelt field per validator."""
-    docs = render(EXAMPLES / "overlays" / "gateway-preview")
+    docs = render(EXAMPLES / "overlays" / "gateway")
     by_kind = {d["kind"]: d for d in docs}
     dep = json.loads(json.dumps(by_kind["Deployment"]))
     dep["spec"]["replica"] = 2
@@ -173,7 +176,7 @@ def _selects(selector: str, labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in (part.split("=", 1) for part in selector.split(",")))
 
 
-@pytest.mark.parametrize("directory", ["overlays/gpu", "overlays/npu", "overlays/mixed", "overlays/gateway-preview"])
+@pytest.mark.parametrize("directory", ["overlays/gpu", "overlays/npu", "overlays/mixed", "overlays/gateway"])
 def test_discovery_finds_every_engine_as_a_running_pod(directory: str) -> None:
     cfg = _router_config(directory)
     assert cfg.discovery is not None and cfg.tokenizer.path
@@ -260,7 +263,7 @@ def test_router_deployment_rbac_and_probes() -> None:
 
 
 def test_envoy_validates_its_gateway_config(tmp_path: Path) -> None:
-    (cm,) = [c for c in _objects("overlays/gateway-preview", "ConfigMap") if "envoy" in c["metadata"]["name"]]
+    (cm,) = [c for c in _objects("overlays/gateway", "ConfigMap") if "envoy" in c["metadata"]["name"]]
     cfg = tmp_path / "envoy.yaml"
     cfg.write_text(cm["data"]["envoy.yaml"])
     envoy = _envoy()
@@ -271,6 +274,55 @@ def test_envoy_validates_its_gateway_config(tmp_path: Path) -> None:
     bad.write_text(cfg.read_text().replace("request_body_mode:", "request_body_mod:"))
     nok = subprocess.run([envoy, "--mode", "validate", "-c", str(bad)], capture_output=True, text=True, timeout=60)
     assert nok.returncode != 0
+
+
+def test_gateway_router_serves_ext_proc_where_envoy_looks() -> None:
+    """The gateway overlay's pieces meet: Envoy's picker cluster names the headless Service, the
+    Service reaches the router's ext_proc port, the router is started in gateway mode on it (its own
+    CLI parser reads the args), with no fallbacks for Envoy's ORIGINAL_DST cluster, and is probed
+    with a gRPC health service it serves."""
+    docs = render(EXAMPLES / "overlays" / "gateway")
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    (cm,) = [c for c in docs if c["kind"] == "ConfigMap" and c["metadata"]["name"].startswith("vllm-llmd-envoy")]
+    envoy_cfg = yaml.safe_load(cm["data"]["envoy.yaml"])
+    clusters = {c["name"]: c for c in envoy_cfg["static_resources"]["clusters"]}
+    # Envoy -> the headless Service
+    (lb,) = clusters["llmd_picker"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    picker = lb["endpoint"]["address"]["socket_address"]
+    svc = services[picker["address"]]
+    assert svc["spec"]["clusterIP"] == "None"  # one DNS answer per replica, Envoy balances the streams
+    (svc_port,) = [p for p in svc["spec"]["ports"] if p["port"] == picker["port_value"]]
+    # the Service -> the router pods' ext_proc port
+    router = deployments["vllm-llmd-router"]
+    tmpl = router["spec"]["template"]
+    assert svc["spec"]["selector"].items() <= tmpl["metadata"]["labels"].items()
+    (c,) = tmpl["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    ext_proc_port = ports[svc_port["targetPort"]]
+    # the router runs gateway mode there, one endpoint per pick for an ORIGINAL_DST cluster
+    assert c["args"][0] == "router"
+    args = build_parser().parse_args(c["args"])
+    host, _, port = args.ext_proc.rpartition(":")
+    assert host == "0.0.0.0" and int(port) == ext_proc_port
+    assert clusters["llmd_pods"]["type"] == "ORIGINAL_DST" and args.ext_proc_fallbacks == 0
+    # readiness: gRPC health on that port, a service the router's gRPC server registers
+    probe = c["readinessProbe"]["grpc"]
+    assert probe["port"] == ext_proc_port and probe["service"] in HEALTH_SERVICES
+    # the router image can run gateway mode (the gateway extra: grpcio, Envoy's protos)
+    install = next(ln for ln in (ROOT / "docker/router.Dockerfile").read_text().splitlines() if "pip install" in ln)
+    assert "gateway" in install.split("[", 1)[1].split("]", 1)[0].split(",")
+    # clients -> Envoy's listener, on every interface of the pod, config from the generated ConfigMap
+    listener = envoy_cfg["static_resources"]["listeners"][0]["address"]["socket_address"]
+    envoy_pod = deployments["vllm-llmd-gateway"]["spec"]["template"]["spec"]
+    (ec,) = envoy_pod["containers"]
+    assert listener["address"] == "0.0.0.0" and {"name": "http", "containerPort": listener["port_value"]} in ec["ports"]
+    assert {"name": "config", "configMap": {"name": cm["metadata"]["name"]}} in envoy_pod["volumes"]
+    assert envoy_cfg["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"  # never the cluster
+    # the InferencePool names the same picker
+    (pool,) = [d for d in docs if d["kind"] == "InferencePool"]
+    ref = pool["spec"]["endpointPickerRef"]
+    assert (ref["name"], ref["port"]["number"]) == (svc["metadata"]["name"], svc_port["port"])
 
 
 def _envoy() -> str:
