@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVCacheEvent
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 from vllm_llmd.connectors.config import LLMDConnectorConfig
-from vllm_llmd.connectors.metadata import PRODUCER_TAG, LLMDConnectorMetadata, RecvJob, parse_remote_prefill
+from vllm_llmd.connectors.metadata import (
+    PRODUCER_TAG,
+    LLMDConnectorMetadata,
+    RecvJob,
+    RemotePrefill,
+    parse_remote_prefill,
+)
 from vllm_llmd.connectors.stats import LLMDConnectorStats
 
 if TYPE_CHECKING:
@@ -142,22 +148,21 @@ class LLMDConnectorScheduler:
         self._stats.add("leases_started")
         self._stats.add("blocks_leased", n_blocks)
         self._gauges_dirty = True
-        return True, {
-            "do_remote_prefill": True,
-            "do_remote_decode": False,
-            "remote_engine_id": self.engine_id,
-            "remote_request_id": rid,
-            "remote_block_ids": [list(g) for g in block_ids],
-            "remote_host": self.side_channel_host,
-            "remote_port": self.side_channel_port,
-            "remote_num_tokens": request.num_computed_tokens,
-            "remote_block_size": self.block_size,
-            "tp_size": 1,
-            "lease_seconds": self.cfg.lease_seconds,
+        remote = RemotePrefill(
+            do_remote_prefill=True,
+            remote_engine_id=self.engine_id,
+            remote_request_id=rid,
+            remote_block_ids=[list(g) for g in block_ids],
+            remote_host=self.side_channel_host,
+            remote_port=self.side_channel_port,
+            remote_num_tokens=request.num_computed_tokens,
+            remote_block_size=self.block_size,
+            lease_seconds=self.cfg.lease_seconds,
             # the worker starts the lease at the next step, so the blocks are held at least this long
-            "lease_expires_at": time.time() + self.cfg.lease_seconds,
-            "connector": PRODUCER_TAG,
-        }
+            lease_expires_at=time.time() + self.cfg.lease_seconds,
+            connector=PRODUCER_TAG,
+        )
+        return True, remote.as_params()
 
     def _announce_held(self, request: Request) -> list[int]:
         n_full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
