@@ -20,9 +20,12 @@ class RecvJob:
     """Pull ``remote_block_ids[g][i]`` into ``local_block_ids[g][i]`` for each KV cache group."""
 
     request_id: str
-    remote: RemotePrefill
+    remote: RemotePrefill | None
     local_block_ids: list[list[int]]
     remote_block_ids: list[list[int]]
+    #: the scheduler promised vLLM a load it cannot start (why): the worker reports it failed, so
+    #: vLLM prefills locally instead of waiting for blocks that never come
+    refused: str | None = None
 
 
 @dataclass

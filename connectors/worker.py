@@ -215,6 +215,14 @@ class LLMDConnectorWorker:
 
     def _start_pull(self, job: RecvJob) -> None:
         assert self.transport is not None
+        if job.refused is not None:
+            logger.warning("LLMDConnector: pull for %s refused (%s); prefilling locally", job.request_id, job.refused)
+            self._recv_failed.add(job.request_id)
+            self._stats.add("transfers_failed")
+            if job.remote is not None:  # still tell the prefill side it can release its blocks
+                self._start_pull(RecvJob(job.request_id, job.remote, [], []))
+            return
+        assert job.remote is not None
         notif = DONE_PREFIX + job.remote.remote_request_id.encode()
         parked = any(job.local_block_ids)
         try:
