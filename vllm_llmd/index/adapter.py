@@ -17,6 +17,8 @@ from typing import Any
 
 import msgspec
 
+from vllm_llmd.wire.kv_events import POSITIONAL_FIELDS, TAG_FIELD, AllBlocksCleared, BlockRemoved, BlockStored
+
 MASK64 = (1 << 64) - 1
 
 #: Normalized event kinds (first item of each normalized tuple).
@@ -24,30 +26,32 @@ STORED = 0
 REMOVED = 1
 CLEARED = 2
 
-_STORED_FIELDS = frozenset(
-    {
-        "type",
-        "block_hashes",
-        "parent_block_hash",
-        "token_ids",
-        "block_size",
-        "lora_id",
-        "medium",
-        "lora_name",
-        "extra_keys",
-        "group_idx",
-        "kv_cache_spec_kind",
-        "kv_cache_spec_sliding_window",
-        "locality",
-        "ownership",
-        "session_id",
-        "lookahead_token_ids",  # vLLM 0.33+; our keys come from token_ids alone
-    }
+#: every field a map-form event may carry (the tag and the wire type's fields), per event type
+_KNOWN = {
+    name: frozenset((TAG_FIELD, *cls.__struct_fields__))
+    for name, cls in (
+        ("BlockStored", BlockStored),
+        ("BlockRemoved", BlockRemoved),
+        ("AllBlocksCleared", AllBlocksCleared),
+    )
+}
+#: position of each field in the positional form (the tag is at 0)
+_AT = {name: {f: i + 1 for i, f in enumerate(fields)} for name, fields in POSITIONAL_FIELDS.items()}
+_STORED_AT, _REMOVED_AT = _AT["BlockStored"], _AT["BlockRemoved"]
+#: the fields _stored() takes, in its order
+_STORED_ARGS = (
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "medium",
+    "lora_name",
+    "extra_keys",
+    "group_idx",
+    "kv_cache_spec_kind",
 )
-_REMOVED_FIELDS = frozenset({"type", "block_hashes", "medium", "group_idx", "locality", "ownership"})
-_CLEARED_FIELDS = frozenset({"type"})
-_STORED_POSITIONS = 12  # tag + the 11 positional fields we know
-_REMOVED_POSITIONS = 4
+_STORED_REQUIRED = ("block_hashes", "token_ids", "block_size")
+_STORED_POS = tuple(_STORED_AT[f] for f in _STORED_ARGS)
 
 _decoder = msgspec.msgpack.Decoder()
 
@@ -143,34 +147,23 @@ def _stored(
 
 
 def _from_map(ev: dict[Any, Any], out: DecodedBatch) -> None:
-    tag = ev.get("type")
+    tag = ev.get(TAG_FIELD)
     if tag == "BlockStored":
-        known = _STORED_FIELDS
+        for f in _STORED_REQUIRED:
+            if f not in ev:
+                raise BadEvent(f"BlockStored without {f}")
         g = ev.get
-        out.events.append(
-            _stored(
-                ev["block_hashes"],
-                g("parent_block_hash"),
-                ev["token_ids"],
-                ev["block_size"],
-                g("medium"),
-                g("lora_name"),
-                g("extra_keys"),
-                g("group_idx"),
-                g("kv_cache_spec_kind"),
-            )
-        )
+        out.events.append(_stored(*[g(f) for f in _STORED_ARGS]))
     elif tag == "BlockRemoved":
-        known = _REMOVED_FIELDS
         out.events.append(
             (REMOVED, _hashes(ev["block_hashes"]), _medium(ev.get("medium")), _opt_int(ev.get("group_idx")))
         )
     elif tag == "AllBlocksCleared":
-        known = _CLEARED_FIELDS
         out.events.append((CLEARED,))
     else:
         out.unknown_events += 1
         return
+    known = _KNOWN[tag]
     if len(ev) > len(known) or not known.issuperset(ev):
         out.unknown_fields += sum(1 for k in ev if k not in known)
 
@@ -178,28 +171,30 @@ def _from_map(ev: dict[Any, Any], out: DecodedBatch) -> None:
 def _from_array(ev: list[Any], out: DecodedBatch) -> None:
     tag = ev[0] if ev else None
     n = len(ev)
-
-    def at(i: int) -> Any:
-        return ev[i] if i < n else None
-
     if tag == "BlockStored":
-        if n < 5:
+        if n <= _STORED_AT["block_size"]:
             raise BadEvent("short BlockStored")
-        out.events.append(_stored(ev[1], ev[2], ev[3], ev[4], at(6), at(7), at(8), at(9), at(10)))
-        if n > _STORED_POSITIONS:
-            out.unknown_fields += n - _STORED_POSITIONS
+        out.events.append(_stored(*[ev[i] if i < n else None for i in _STORED_POS]))
     elif tag == "BlockRemoved":
-        if n < 2:
+        if n <= _REMOVED_AT["block_hashes"]:
             raise BadEvent("short BlockRemoved")
-        out.events.append((REMOVED, _hashes(ev[1]), _medium(at(2)), _opt_int(at(3))))
-        if n > _REMOVED_POSITIONS:
-            out.unknown_fields += n - _REMOVED_POSITIONS
-    elif tag == "AllBlocksCleared":
-        out.events.append((CLEARED,))
-        if n > 1:
-            out.unknown_fields += n - 1
+        at = _REMOVED_AT
+        out.events.append(
+            (
+                REMOVED,
+                _hashes(ev[at["block_hashes"]]),
+                _medium(ev[at["medium"]] if at["medium"] < n else None),
+                _opt_int(ev[at["group_idx"]] if at["group_idx"] < n else None),
+            )
+        )
     else:
-        out.unknown_events += 1
+        if tag != "AllBlocksCleared":
+            out.unknown_events += 1
+            return
+        out.events.append((CLEARED,))
+    extra = n - 1 - len(POSITIONAL_FIELDS[tag])
+    if extra > 0:
+        out.unknown_fields += extra
 
 
 def decode_payload(payload: bytes) -> DecodedBatch:

@@ -30,6 +30,7 @@ import xxhash
 
 from vllm_llmd.index.adapter import CLEARED, REMOVED, STORED, DecodedBatch, decode_payload
 from vllm_llmd.index.keys import TOKEN_BYTES, chain_keys, mixed_key, prompt_keys, root_key, token_bytes
+from vllm_llmd.wire.topic import parse_topic
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +103,6 @@ class _Pod:
         self.last_seq: int | None = None
         self.recent: OrderedDict[int, int] = OrderedDict()
         self.nonfull_groups: set[int] = set()
-
-
-def parse_topic(topic: str) -> tuple[str, str] | None:
-    """``kv@<host>:<port>@<model>`` -> ``("<host>:<port>", "<model>")``; ``None`` if it is not one."""
-    parts = topic.split("@", 2)
-    if len(parts) != 3 or parts[0] != "kv" or not parts[1] or not parts[2]:
-        return None
-    return parts[1], parts[2]
 
 
 def _split_extra(items: Any, lora_name: str | None, first: bool) -> tuple[str | None, bytes]:

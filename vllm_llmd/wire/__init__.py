@@ -6,6 +6,8 @@ from vllm_llmd.wire.kv_events import (
     MEDIUM_CPU,
     MEDIUM_GPU,
     MEDIUM_STORAGE,
+    POSITIONAL_FIELDS,
+    TAG_FIELD,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -25,14 +27,17 @@ from vllm_llmd.wire.kv_transfer import (
     parse_kv_transfer_params,
     parse_remote_prefill,
 )
+from vllm_llmd.wire.topic import make_topic, parse_topic
 
 __all__ = [
     "END_OF_REPLAY_SEQ",
     "MEDIUM_CPU",
     "MEDIUM_GPU",
     "MEDIUM_STORAGE",
+    "POSITIONAL_FIELDS",
     "PRODUCER_TAG",
     "REMOTE_DECODE_REQUEST",
+    "TAG_FIELD",
     "AllBlocksCleared",
     "BlockRemoved",
     "BlockStored",
@@ -43,8 +48,10 @@ __all__ = [
     "RemotePrefill",
     "encode_batch",
     "encode_positional_batch",
+    "make_topic",
     "parse_kv_transfer_params",
     "parse_remote_prefill",
+    "parse_topic",
     "seq_from_bytes",
     "seq_to_bytes",
 ]
