@@ -50,7 +50,6 @@ _STORED_ARGS = (
     "group_idx",
     "kv_cache_spec_kind",
 )
-_STORED_REQUIRED = ("block_hashes", "token_ids", "block_size")
 _STORED_POS = tuple(_STORED_AT[f] for f in _STORED_ARGS)
 
 _decoder = msgspec.msgpack.Decoder()
@@ -149,11 +148,21 @@ def _stored(
 def _from_map(ev: dict[Any, Any], out: DecodedBatch) -> None:
     tag = ev.get(TAG_FIELD)
     if tag == "BlockStored":
-        for f in _STORED_REQUIRED:
-            if f not in ev:
-                raise BadEvent(f"BlockStored without {f}")
         g = ev.get
-        out.events.append(_stored(*[g(f) for f in _STORED_ARGS]))
+        # written out (not a loop over _STORED_ARGS): this runs once per event on the ingest path
+        out.events.append(
+            _stored(
+                ev["block_hashes"],
+                g("parent_block_hash"),
+                ev["token_ids"],
+                ev["block_size"],
+                g("medium"),
+                g("lora_name"),
+                g("extra_keys"),
+                g("group_idx"),
+                g("kv_cache_spec_kind"),
+            )
+        )
     elif tag == "BlockRemoved":
         out.events.append(
             (REMOVED, _hashes(ev["block_hashes"]), _medium(ev.get("medium")), _opt_int(ev.get("group_idx")))

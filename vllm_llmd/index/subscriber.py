@@ -32,7 +32,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from vllm_llmd.index.block_index import KVBlockIndex
-from vllm_llmd.wire import seq_from_bytes
+from vllm_llmd.index.stream import Verdict, frame_seq, is_end_of_replay
 
 logger = logging.getLogger(__name__)
 
@@ -282,25 +282,28 @@ class KVEventSubscriber:
     def _on_live(self, conn: _PodConn, frames: list[bytes]) -> None:
         st = conn.stats
         now = time.time()
-        if len(frames) != 3 or len(frames[1]) != 8:
+        replay = st.replay_endpoint is not None
+        verdict = self.index.ingest(conn.pod, frames, hold=replay)
+        if verdict is Verdict.GAP:
+            last = self.index.last_seq(conn.pod)
+            self._fill(conn, 0 if last is None else last + 1)
+            self.index.ingest(conn.pod, frames)  # a duplicate now, unless the replay failed
+        elif verdict is Verdict.RESTART:
+            logger.info(
+                "kv subscriber: %s restarted (seq %s after %s); rebuilding from replay",
+                conn.pod,
+                frame_seq(frames),
+                self.index.last_seq(conn.pod),
+            )
+            with self._stats_lock:
+                st.restarts += 1
+            self.index.reset_pod(conn.pod)
+            self._fill(conn, 0)
+            self.index.ingest(conn.pod, frames)
+        elif verdict is Verdict.BAD:
             with self._stats_lock:
                 st.errors += 1
-            self.index.ingest(conn.pod, frames)  # counted there as a decode error
             return
-        seq = int.from_bytes(frames[1], "big")
-        last = self.index.last_seq(conn.pod)
-        if st.replay_endpoint is not None and last is not None:
-            if seq > last + 1:
-                self._fill(conn, last + 1)
-            elif seq <= last and not self.index.seen(conn.pod, seq, frames[2]):
-                logger.info(
-                    "kv subscriber: %s restarted (seq %d after %d); rebuilding from replay", conn.pod, seq, last
-                )
-                with self._stats_lock:
-                    st.restarts += 1
-                self.index.reset_pod(conn.pod)
-                self._fill(conn, 0)
-        self.index.ingest(conn.pod, frames)
         lag = None
         try:
             lag = max(0.0, now - _head.decode(frames[2]).ts)
@@ -334,7 +337,7 @@ class KVEventSubscriber:
                 if len(msg) != 4 or len(msg[2]) != 8:
                     logger.warning("kv subscriber: malformed replay message from %s", endpoint)
                     return None
-                if seq_from_bytes(msg[2]) == -1:
+                if is_end_of_replay(msg[1:]):
                     break
                 out.append(msg[1:])
                 deadline = time.monotonic() + self.replay_timeout_s
@@ -357,11 +360,12 @@ class KVEventSubscriber:
             conn.rebuild = True  # the missing batches are unknown: rebuild once a replay works
             conn.sync_due = time.monotonic() + RETRY_SYNC_S
             return
-        if start > 0 and got and int.from_bytes(got[0][1], "big") > start:
+        first = frame_seq(got[0]) if got else None
+        if start > 0 and first is not None and first > start:
             logger.info("kv subscriber: %s replay buffer starts after seq %d; resyncing", conn.pod, start)
             self.index.reset_pod(conn.pod)
         for frames in got:
-            if int.from_bytes(frames[1], "big") >= start:
+            if (frame_seq(frames) or 0) >= start:
                 self.index.ingest(conn.pod, frames)
         with self._stats_lock:
             conn.stats.replayed_batches += len(got)
@@ -385,16 +389,14 @@ class KVEventSubscriber:
             conn.rebuild = False
             self.index.reset_pod(conn.pod)
             last = None
-        if last is not None:
-            same = any(int.from_bytes(f[1], "big") == last and self.index.seen(conn.pod, last, f[2]) for f in got)
-            if not same:
-                logger.info("kv subscriber: %s has a new engine or lost history; rebuilding", conn.pod)
-                with self._stats_lock:
-                    conn.stats.restarts += 1
-                self.index.reset_pod(conn.pod)
-                last = None
+        if last is not None and not self.index.continues(conn.pod, got):
+            logger.info("kv subscriber: %s has a new engine or lost history; rebuilding", conn.pod)
+            with self._stats_lock:
+                conn.stats.restarts += 1
+            self.index.reset_pod(conn.pod)
+            last = None
         for frames in got:
-            if last is None or int.from_bytes(frames[1], "big") > last:
+            if last is None or (frame_seq(frames) or 0) > last:
                 self.index.ingest(conn.pod, frames)
         with self._stats_lock:
             conn.stats.replayed_batches += len(got)
