@@ -218,8 +218,10 @@ def decode_payload(payload: bytes) -> DecodedBatch:
         out.bad_batch = True
         return out
     ts = batch[0]
-    if isinstance(ts, int | float) and not isinstance(ts, bool):
-        out.ts = float(ts)
+    if not isinstance(ts, int | float) or isinstance(ts, bool):  # [ts, events, ...] or it is no batch
+        out.bad_batch = True
+        return out
+    out.ts = float(ts)
     for ev in batch[1]:
         try:
             if isinstance(ev, dict):

@@ -191,8 +191,12 @@ class KVBlockIndex:
             with self._lock:
                 self._c["decode_errors"] += 1
             return Verdict.BAD
-        digest = frame.digest
         batch = decode_payload(frame.payload)
+        if batch.bad_batch:  # only a well-formed batch may move the stream (a garbage one is no restart)
+            with self._lock:
+                self._c["decode_errors"] += 1
+            return Verdict.BAD
+        digest = frame.digest
         with self._lock:
             c = self._c
             p = self._pods.get(pod) or self._add_pod_locked(pod)
@@ -223,9 +227,6 @@ class KVBlockIndex:
 
     def _apply_locked(self, p: _Pod, model: str, batch: DecodedBatch) -> None:
         c = self._c
-        if batch.bad_batch:
-            c["decode_errors"] += 1
-            return
         c["decode_errors"] += batch.bad_events
         c["unknown_events"] += batch.unknown_events
         c["unknown_fields"] += batch.unknown_fields

@@ -11,14 +11,18 @@ we ask it with a short-lived DEALER, ``[b"", start_seq]`` -> ``[b"", topic, seq,
 * a live batch after a gap in seq -> fetch the missing batches from the replay endpoint;
 * a live batch whose seq went backwards (and is no duplicate) -> engine restart: drop the pod's
   entries, replay from 0;
-* a replay that fails (times out: an engine still starting, or overloaded) is retried every
-  second while connected; a gap that could not be filled makes the next sync rebuild the pod.
+* a replay that fails (times out: an engine still starting, or overloaded; or its answer is
+  misframed or over the bounds of :mod:`.replay`) is retried every second while connected; a gap
+  that could not be filled makes the next sync rebuild the pod.
 
-Without a replay endpoint gaps are only counted, and a restart is noticed at its first batch.
+Without a replay endpoint gaps are only counted, and a restart is noticed at its first batch. What
+counts as a gap, a duplicate or a restart is decided by :mod:`.stream` (through
+``KVBlockIndex.ingest(..., hold=True)``); only a well-formed batch can be any of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -32,7 +36,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from vllm_llmd.index.block_index import KVBlockIndex
-from vllm_llmd.index.stream import Verdict, frame_seq, is_end_of_replay
+from vllm_llmd.index.replay import MAX_BATCHES, MAX_BYTES, MAX_MESSAGE_BYTES, ReplayLimits, fetch_replay
+from vllm_llmd.index.stream import Verdict, frame_seq
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +94,14 @@ class KVEventSubscriber:
         reconnect_ivl_ms: int = 100,
         reconnect_ivl_max_ms: int = 5000,
         context: zmq.Context | None = None,
+        replay_max_batches: int = MAX_BATCHES,
+        replay_max_bytes: int = MAX_BYTES,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
+        """``replay_max_batches`` / ``replay_max_bytes``: a replay answer beyond either is a failed
+        replay; ``max_message_bytes``: largest frame accepted on the event and replay sockets."""
         self.index = index
-        self.replay_timeout_s = replay_timeout_s
+        self.limits = ReplayLimits(replay_timeout_s, replay_max_batches, replay_max_bytes, max_message_bytes)
         self.reconnect_ivl_ms = reconnect_ivl_ms
         self.reconnect_ivl_max_ms = reconnect_ivl_max_ms
         self._ctx = context or zmq.Context.instance()
@@ -108,6 +118,14 @@ class KVEventSubscriber:
         self._wake_send.connect(self._wake_addr)
 
     # ------------------------------------------------------------- public API
+
+    @property
+    def replay_timeout_s(self) -> float:
+        return self.limits.timeout_s
+
+    @replay_timeout_s.setter
+    def replay_timeout_s(self, value: float) -> None:
+        self.limits = dataclasses.replace(self.limits, timeout_s=value)
 
     def add_pod(self, pod: str, endpoint: str, replay_endpoint: str | None = None) -> None:
         self._command(self._do_add, pod, endpoint, replay_endpoint)
@@ -157,6 +175,7 @@ class KVEventSubscriber:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
+        sub.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         sub.setsockopt(zmq.RECONNECT_IVL, self.reconnect_ivl_ms)
         sub.setsockopt(zmq.RECONNECT_IVL_MAX, self.reconnect_ivl_max_ms)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -321,32 +340,7 @@ class KVEventSubscriber:
         endpoint = conn.stats.replay_endpoint
         if endpoint is None:
             return None
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        out: list[list[bytes]] = []
-        try:
-            sock.connect(endpoint)
-            sock.send_multipart([b"", start.to_bytes(8, "big")])
-            deadline = time.monotonic() + self.replay_timeout_s
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
-                    logger.warning("kv subscriber: replay from %s timed out", endpoint)
-                    return None
-                msg = sock.recv_multipart()
-                if len(msg) != 4 or len(msg[2]) != 8:
-                    logger.warning("kv subscriber: malformed replay message from %s", endpoint)
-                    return None
-                if is_end_of_replay(msg[1:]):
-                    break
-                out.append(msg[1:])
-                deadline = time.monotonic() + self.replay_timeout_s
-        except zmq.ZMQError as exc:
-            logger.warning("kv subscriber: replay from %s failed: %s", endpoint, exc)
-            return None
-        finally:
-            sock.close(linger=0)
-        return out
+        return fetch_replay(self._ctx, endpoint, start, self.limits)
 
     def _fill(self, conn: _PodConn, start: int) -> None:
         """Apply the batches from ``start`` on; if the replay buffer no longer reaches back to
