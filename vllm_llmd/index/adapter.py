@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from vllm_llmd.index.keys import token_bytes
 from vllm_llmd.wire.kv_events import POSITIONAL_FIELDS, TAG_FIELD, AllBlocksCleared, BlockRemoved, BlockStored
 
 MASK64 = (1 << 64) - 1
@@ -61,7 +62,8 @@ class BadEvent(ValueError):
 
 @dataclass(slots=True)
 class DecodedBatch:
-    #: ``(STORED, hashes, parent, tokens, block_size, medium, lora_name, extra_keys, group_idx, full_attn)``,
+    #: ``(STORED, hashes, parent, token bytes (uint32 LE), block_size, medium, lora_name, extra_keys, group_idx,
+    #: full_attn)``,
     #: ``(REMOVED, hashes, medium, group_idx)`` or ``(CLEARED,)``
     events: list[tuple[Any, ...]] = field(default_factory=list)
     ts: float | None = None
@@ -93,7 +95,7 @@ def _hashes(value: object) -> list[int]:
 def _medium(value: object) -> str:
     if value is None:
         return "GPU"
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or len(value) > 64:
         raise BadEvent("bad medium")
     return value.upper()
 
@@ -131,11 +133,15 @@ def _stored(
     if extra_keys is not None and (not isinstance(extra_keys, list) or len(extra_keys) != len(hs)):
         raise BadEvent("extra_keys is not one entry per block")
     kind_s = _opt_str(kind)
+    try:
+        tb = token_bytes(tokens)  # here, outside the index lock; bad ids make a bad event
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise BadEvent("bad token id") from exc
     return (
         STORED,
         hs,
         None if parent is None else block_hash(parent),
-        tokens,
+        tb,
         block_size,
         _medium(medium),
         _opt_str(lora_name),

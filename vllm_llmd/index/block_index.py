@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
-from vllm_llmd.index.adapter import CLEARED, REMOVED, STORED, DecodedBatch, decode_payload
-from vllm_llmd.index.chain import CKEYS, Record, extra_bytes, link, split_extra
+from vllm_llmd.index.adapter import DecodedBatch, decode_payload
+from vllm_llmd.index.apply import Applier, PodState
 from vllm_llmd.index.keys import chain_keys, prompt_keys, root_key, token_bytes
 from vllm_llmd.index.store import DEFAULT_TIERS, TierStore
 from vllm_llmd.index.stream import RECENT_SEQS, SeqState, Verdict, parse_frames
+from vllm_llmd.wire.logs import LogLimiter
 from vllm_llmd.wire.topic import parse_topic
 
 logger = logging.getLogger(__name__)
+_bug_log = LogLimiter(logger)
 
 
 @dataclass(slots=True)
@@ -66,6 +68,7 @@ class IndexStats:
     orphans: int  # stored blocks dropped because their parent was unknown
     unknown_removals: int
     skipped_blocks: int  # blocks of non-full-attention groups
+    unknown_media: int  # blocks of events naming a medium beyond the tiers kept (dropped)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -76,23 +79,6 @@ _COUNTERS = tuple(
     for f in IndexStats.__dataclass_fields__
     if f not in ("block_size", "capacity_blocks", "blocks", "pods", "engine_blocks")
 )
-
-
-class _Pod:
-    __slots__ = ("bit", "epoch", "index", "name", "nonfull_groups", "records", "stream", "tiers")
-
-    def __init__(self, name: str, index: int) -> None:
-        self.name = name
-        self.index = index
-        self.bit = 1 << index
-        #: bumped whenever everything the pod held is dropped (cache cleared, engine restarted)
-        self.epoch = 0
-        #: engine block hash -> record (:mod:`.chain`)
-        self.records: dict[int, Record] = {}
-        #: engine block hash -> bitset of the tiers it is held in
-        self.tiers: dict[int, int] = {}
-        self.stream = SeqState()
-        self.nonfull_groups: set[int] = set()
 
 
 class KVBlockIndex:
@@ -108,14 +94,33 @@ class KVBlockIndex:
             raise ValueError("capacity_blocks must be positive")
         self.block_size = block_size
         self.capacity_blocks = capacity_blocks
+        #: held by readers and by each bounded step of a writer (see :mod:`.apply`)
         self._lock = threading.Lock()
+        #: serialises writers (ingest, reset_pod, remove_pod) across their steps
+        self._write = threading.Lock()
         self._epochs_total = 0
         self._store = TierStore(tiers, capacity_blocks)
-        self._pods: dict[str, _Pod] = {}
-        self._by_index: list[_Pod | None] = []
+        self._pods: dict[str, PodState] = {}
+        self._by_index: list[PodState | None] = []
         self._free: list[int] = []
         self._roots: dict[tuple[str, str | None], int] = {}
         self._c: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._apply = Applier(self._store, self._c, self._root, block_size)
+        self._apply.on_reset = self._count_epoch
+
+    def _count_epoch(self) -> None:
+        self._epochs_total += 1
+
+    def _drive(self, steps: Iterator[None]) -> None:
+        """Run ``steps`` (caller holds ``_write``), holding ``_lock`` for one step at a time."""
+        lock = self._lock
+        while True:
+            with lock:
+                try:
+                    next(steps)
+                except StopIteration:
+                    return
+            time.sleep(0)  # let a match() waiting for the lock in before the next step
 
     # ------------------------------------------------------------------ keys
 
@@ -180,193 +185,74 @@ class KVBlockIndex:
         try:
             return self._ingest(pod, frames, hold)
         except Exception:  # a bug of ours must not kill the subscriber; count it
-            logger.exception("kv index: failed to apply a batch from %s", pod)
+            _bug_log.log(logging.ERROR, "kv index: failed to apply a batch from %s", pod, exc_info=True)
             with self._lock:
                 self._c["decode_errors"] += 1
             return Verdict.BAD
 
     def _ingest(self, pod: str, frames: Sequence[bytes], hold: bool) -> Verdict:
         frame = parse_frames(frames)
-        if frame is None:
-            with self._lock:
-                self._c["decode_errors"] += 1
-            return Verdict.BAD
-        batch = decode_payload(frame.payload)
-        if batch.bad_batch:  # only a well-formed batch may move the stream (a garbage one is no restart)
+        batch = None if frame is None else decode_payload(frame.payload)
+        if frame is None or batch is None or batch.bad_batch:
+            # only a well-formed batch may move the stream (a garbage one is no restart)
             with self._lock:
                 self._c["decode_errors"] += 1
             return Verdict.BAD
         digest = frame.digest
-        with self._lock:
-            c = self._c
-            p = self._pods.get(pod) or self._add_pod_locked(pod)
-            seq = frame.seq
-            verdict = p.stream.classify(seq, digest)
-            if verdict is Verdict.DUPLICATE:
-                c["duplicates"] += 1
-                return verdict
-            if hold and verdict in (Verdict.GAP, Verdict.RESTART):
-                return verdict
-            if verdict is Verdict.RESTART:
-                logger.info(
-                    "kv index: %s seq went back (%d after %s): engine restart, dropping its blocks",
-                    pod,
-                    seq,
-                    p.stream.last,
-                )
-                self._reset_pod_locked(p)
-                c["resets"] += 1
-            elif verdict is Verdict.GAP:
-                assert p.stream.last is not None
-                c["seq_gaps"] += 1
-                c["missing_batches"] += seq - p.stream.last - 1
-            p.stream.accept(seq, digest)
-            c["batches"] += 1
-            self._apply_locked(p, frame.model, batch)
-            return verdict
+        with self._write:
+            verdict: list[Verdict] = []
+            self._drive(self._ingest_steps(pod, frame.seq, digest, frame.model, batch, hold, verdict))
+            return verdict[0]
 
-    def _apply_locked(self, p: _Pod, model: str, batch: DecodedBatch) -> None:
+    def _ingest_steps(
+        self, pod: str, seq: int, digest: int, model: str, batch: DecodedBatch, hold: bool, out: list[Verdict]
+    ) -> Iterator[None]:
         c = self._c
-        c["decode_errors"] += batch.bad_events
-        c["unknown_events"] += batch.unknown_events
-        c["unknown_fields"] += batch.unknown_fields
-        for ev in batch.events:
-            kind = ev[0]
-            if kind == STORED:
-                self._stored_locked(p, model, ev)
-            elif kind == REMOVED:
-                self._removed_locked(p, ev)
-            elif kind == CLEARED:
-                self._reset_pod_locked(p)
-                c["clears"] += 1
-
-    def _stored_locked(self, p: _Pod, model: str, ev: tuple[Any, ...]) -> None:
-        _, hashes, parent, tokens, bs, medium, lora, extra_keys, group, full = ev
-        c = self._c
-        nblocks = len(hashes)
-        if not full:
-            if group is not None:
-                p.nonfull_groups.add(group)
-            c["skipped_blocks"] += nblocks
+        p = self._pods.get(pod) or self._add_pod_locked(pod)
+        verdict = p.stream.classify(seq, digest)
+        out.append(verdict)
+        if verdict is Verdict.DUPLICATE:
+            c["duplicates"] += 1
             return
-        store = self._store
-        t = store.tier(medium)
-        tbit = 1 << t
-        bit = p.bit
-        records = p.records
-        if not tokens:  # a location update: known blocks now also in this tier
-            ptiers = p.tiers
-            for h in hashes:
-                rec = records.get(h)
-                if rec is None:
-                    c["orphans"] += 1
-                    continue
-                ptiers[h] = ptiers.get(h, 0) | tbit
-                c["evictions"] += store.add(rec[CKEYS], bit, t)
-            c["block_events"] += nblocks
+        if hold and verdict in (Verdict.GAP, Verdict.RESTART):
             return
-        try:
-            tb = token_bytes(tokens)
-        except (OverflowError, TypeError, ValueError):
-            c["decode_errors"] += 1
-            return
-        if parent is None:
-            salt = None if extra_keys is None else split_extra(extra_keys[0], lora, True)[0]
-            prec, root = None, self._root(lora or model, salt)
-        else:
-            prec, root = records.get(parent), 0
-            if prec is None:
-                c["orphans"] += nblocks
-                return
-        xb = None if extra_keys is None else extra_bytes(extra_keys, lora, parent is None)
-        keys = link(records, p.tiers, tbit, hashes, tb, bs, self.block_size, prec, root, xb)
-        c["evictions"] += store.add(keys, bit, t)
-        c["block_events"] += nblocks
-
-    def _removed_locked(self, p: _Pod, ev: tuple[Any, ...]) -> None:
-        _, hashes, medium, group = ev
-        c = self._c
-        if group is not None and group in p.nonfull_groups:
-            c["skipped_blocks"] += len(hashes)
-            return
-        store = self._store
-        t = store.tier(medium)
-        tbit = 1 << t
-        bit = p.bit
-        records = p.records
-        ptiers = p.tiers
-        multi_tier = store.others_used(t)  # any pod holds any other tier
-        # the common case, written out (the hot loop of removals): this pod only ever used tier t
-        td = store.masks[t]
-        tget = td.get
-        anyd = store.any
-        aget = anyd.get
-        nbit = ~bit
-        for h in hashes:
-            held = ptiers.get(h)
-            if held is None:
-                c["unknown_removals"] += 1
-                continue
-            if held == tbit and not multi_tier:
-                held = 0
-                for k in records[h][CKEYS]:
-                    v = tget(k)
-                    if v is not None and v & bit:
-                        v &= nbit
-                        if v:
-                            td[k] = v
-                        else:
-                            del td[k]
-                        v = aget(k)
-                        if v is not None:
-                            v &= nbit
-                            if v:
-                                anyd[k] = v
-                            else:
-                                del anyd[k]
-            elif held & tbit:
-                held &= ~tbit
-                for k in records[h][CKEYS]:
-                    store.clear(k, bit, t)
-            if held:
-                ptiers[h] = held
-            else:
-                del ptiers[h]
-                del records[h]
-        c["block_events"] += len(hashes)
+        if verdict is Verdict.RESTART:
+            logger.info(
+                "kv index: %s seq went back (%d after %s): engine restart, dropping its blocks", pod, seq, p.stream.last
+            )
+            c["resets"] += 1
+            yield from self._apply.reset(p)
+        elif verdict is Verdict.GAP:
+            assert p.stream.last is not None
+            c["seq_gaps"] += 1
+            c["missing_batches"] += seq - p.stream.last - 1
+        p.stream.accept(seq, digest)
+        c["batches"] += 1
+        yield from self._apply.batch(p, model, batch)
 
     # ------------------------------------------------------------------ pods
 
-    def _add_pod_locked(self, name: str) -> _Pod:
+    def _add_pod_locked(self, name: str) -> PodState:
         if self._free:
             i = self._free.pop()
         else:
             i = len(self._by_index)
             self._by_index.append(None)
-        p = _Pod(name, i)
+        p = PodState(name, i, SeqState())
         self._by_index[i] = p
         self._pods[name] = p
         return p
 
-    def _reset_pod_locked(self, p: _Pod) -> None:
-        drop = self._store.drop
-        for rec in p.records.values():
-            drop(rec[CKEYS], p.bit, -1)
-        p.records.clear()
-        p.tiers.clear()
-        p.nonfull_groups.clear()
-        p.epoch += 1
-        self._epochs_total += 1
-
     def reset_pod(self, pod: str) -> None:
         """Drop everything the index holds for ``pod`` and its seq state (engine restart, resync);
         the pod stays known. Counted in ``resets``."""
-        with self._lock:
+        with self._write:
             p = self._pods.get(pod)
             if p is not None:
-                self._reset_pod_locked(p)
-                p.stream.reset()
-                self._c["resets"] += 1
+                self._drive(self._apply.reset(p))
+                with self._lock:
+                    p.stream.reset()
+                    self._c["resets"] += 1
 
     def continues(self, pod: str, replayed: Iterable[Sequence[bytes]]) -> bool:
         """Whether the replayed batches (``[topic, seq, payload]`` each) still hold the last batch
@@ -378,13 +264,15 @@ class KVBlockIndex:
 
     def remove_pod(self, pod: str) -> None:
         """Forget ``pod`` entirely (it left the pool)."""
-        with self._lock:
-            p = self._pods.pop(pod, None)
+        with self._write:
+            p = self._pods.get(pod)
             if p is None:
                 return
-            self._reset_pod_locked(p)
-            self._by_index[p.index] = None
-            self._free.append(p.index)
+            self._drive(self._apply.reset(p))
+            with self._lock:  # its bit is free again only once nothing of it is left
+                del self._pods[pod]
+                self._by_index[p.index] = None
+                self._free.append(p.index)
 
     def pods(self) -> list[str]:
         with self._lock:

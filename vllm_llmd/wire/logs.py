@@ -40,7 +40,7 @@ class LogLimiter:
             held, self.suppressed = self.suppressed, 0
             return held
 
-    def log(self, level: int, msg: str, *args: object) -> bool:
+    def log(self, level: int, msg: str, *args: object, exc_info: bool = False) -> bool:
         """Log ``msg % args`` unless the budget is spent; whether it was logged."""
         held = self._admit()
         if held is None:
@@ -48,7 +48,7 @@ class LogLimiter:
         if held:
             msg += " (%d similar messages suppressed)"
             args = (*args, held)
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
 
     def warning(self, msg: str, *args: object) -> bool:
