@@ -23,6 +23,7 @@ import msgspec
 import zmq
 from vllm_llmd.connectors.transports.base import Region
 
+from vllm_llmd.wire.curve import CurveClient, CurveServer, stop_authenticator
 from vllm_llmd.wire.logs import LogLimiter
 
 logger = logging.getLogger("vllm.vllm_llmd.connectors")
@@ -108,10 +109,19 @@ def check_compatible(local: EngineInfo, remote: EngineInfo, expected_engine_id: 
 class HandshakeServer:
     """Answers :class:`HandshakeRequest` with this worker's :class:`EngineInfo` (background thread)."""
 
-    def __init__(self, info: EngineInfo, host: str, port: int, max_message_bytes: int = MAX_REQUEST_BYTES) -> None:
+    def __init__(
+        self,
+        info: EngineInfo,
+        host: str,
+        port: int,
+        max_message_bytes: int = MAX_REQUEST_BYTES,
+        curve: CurveServer | None = None,
+    ) -> None:
         self.info = info
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
+        if curve is not None:  # only clients holding the key (and listed, with an allowlist) get in
+            curve.apply(self._sock)
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(f"tcp://{host}:{port if port else '*'}")
@@ -182,15 +192,24 @@ class HandshakeServer:
         self._stop.set()
         self._thread.join(timeout=2)
         self._sock.close(linger=0)
+        stop_authenticator(self._ctx)
         self._ctx.term()
 
 
 def fetch_engine_info(
-    host: str, port: int, tp_rank: int, timeout_s: float, max_message_bytes: int = 4 * 1024 * 1024
+    host: str,
+    port: int,
+    tp_rank: int,
+    timeout_s: float,
+    max_message_bytes: int = 4 * 1024 * 1024,
+    curve: CurveClient | None = None,
 ) -> EngineInfo:
-    """Ask the worker behind ``host:port`` for its :class:`EngineInfo`."""
+    """Ask the worker behind ``host:port`` for its :class:`EngineInfo` (as a CURVE client of it when
+    ``curve`` is given: a server without the expected key never answers)."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
+    if curve is not None:
+        curve.apply(sock)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import zmq
 
 from vllm_llmd.index.stream import is_end_of_replay
+from vllm_llmd.wire.curve import CurveClient
 from vllm_llmd.wire.logs import LogLimiter
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ class ReplayLimits:
     max_message_bytes: int = MAX_MESSAGE_BYTES
 
 
-def fetch_replay(ctx: zmq.Context, endpoint: str, start: int, limits: ReplayLimits) -> list[list[bytes]] | None:
+def fetch_replay(
+    ctx: zmq.Context, endpoint: str, start: int, limits: ReplayLimits, curve: CurveClient | None = None
+) -> list[list[bytes]] | None:
     """Batches ``[topic, seq, payload]`` with seq >= ``start``, or ``None`` if the replay failed."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -47,6 +50,8 @@ def fetch_replay(ctx: zmq.Context, endpoint: str, start: int, limits: ReplayLimi
     out: list[list[bytes]] = []
     nbytes = 0
     try:
+        if curve is not None:
+            curve.apply(sock)
         sock.connect(endpoint)
         sock.send_multipart([b"", start.to_bytes(8, "big")])
         deadline = time.monotonic() + limits.timeout_s

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import zmq
@@ -38,6 +38,7 @@ from zmq.utils.monitor import recv_monitor_message
 from vllm_llmd.index.block_index import KVBlockIndex
 from vllm_llmd.index.replay import MAX_BATCHES, MAX_BYTES, MAX_MESSAGE_BYTES, ReplayLimits, fetch_replay
 from vllm_llmd.index.stream import Verdict, frame_seq
+from vllm_llmd.wire.curve import CurveClient, client_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +98,14 @@ class KVEventSubscriber:
         replay_max_batches: int = MAX_BATCHES,
         replay_max_bytes: int = MAX_BYTES,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        curve: CurveClient | Literal["env"] | None = "env",
     ) -> None:
         """``replay_max_batches`` / ``replay_max_bytes``: a replay answer beyond either is a failed
-        replay; ``max_message_bytes``: largest frame accepted on the event and replay sockets."""
+        replay; ``max_message_bytes``: largest frame accepted on the event and replay sockets;
+        ``curve``: CURVE client keys for every pod (default: from ``LLMD_CURVE_SERVER_PUBLIC`` /
+        ``LLMD_CURVE_CLIENT_SECRET``, :mod:`vllm_llmd.wire.curve`; ``None``: plain text)."""
         self.index = index
+        self.curve = client_from_env() if curve == "env" else curve
         self.limits = ReplayLimits(replay_timeout_s, replay_max_batches, replay_max_bytes, max_message_bytes)
         self.reconnect_ivl_ms = reconnect_ivl_ms
         self.reconnect_ivl_max_ms = reconnect_ivl_max_ms
@@ -179,6 +184,8 @@ class KVEventSubscriber:
         sub.setsockopt(zmq.RECONNECT_IVL, self.reconnect_ivl_ms)
         sub.setsockopt(zmq.RECONNECT_IVL_MAX, self.reconnect_ivl_max_ms)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        if self.curve is not None:
+            self.curve.apply(sub)
         mon = None
         try:
             mon = sub.get_monitor_socket(_HANDSHAKE | zmq.EVENT_DISCONNECTED)
@@ -340,7 +347,7 @@ class KVEventSubscriber:
         endpoint = conn.stats.replay_endpoint
         if endpoint is None:
             return None
-        return fetch_replay(self._ctx, endpoint, start, self.limits)
+        return fetch_replay(self._ctx, endpoint, start, self.limits, self.curve)
 
     def _fill(self, conn: _PodConn, start: int) -> None:
         """Apply the batches from ``start`` on; if the replay buffer no longer reaches back to
