@@ -3,7 +3,8 @@
 Counters are deltas since the last report and are summed when vLLM aggregates worker and
 scheduler stats; gauges (``held_blocks``, ``held_requests``) come from the scheduler only and keep
 the latest value. Metric names use the ``llmd:`` prefix because vLLM unregisters every ``vllm:``
-collector when its Prometheus logger starts (see shared notes, vllm_api.md §0.9).
+collector when its Prometheus logger starts (vLLM 0.32: ``PrometheusStatLogger.__init__`` in
+vllm/v1/metrics/loggers.py calls ``unregister_vllm_metrics`` in vllm/v1/metrics/prometheus.py).
 """
 
 from __future__ import annotations
