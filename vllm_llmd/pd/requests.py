@@ -13,7 +13,12 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from vllm_llmd.wire.kv_transfer import KVParamsError, RemotePrefill, parse_kv_transfer_params
+from vllm_llmd.wire.kv_transfer import (
+    REMOTE_DECODE_REQUEST,
+    KVParamsError,
+    RemotePrefill,
+    parse_kv_transfer_params,
+)
 
 KV_TRANSFER_PARAMS = "kv_transfer_params"
 
@@ -49,14 +54,7 @@ def build_prefill_request(body: Mapping[str, Any], chat: bool | None = None) -> 
     else:
         out.pop("max_completion_tokens", None)
     out["stream"] = False
-    out[KV_TRANSFER_PARAMS] = {
-        "do_remote_decode": True,
-        "do_remote_prefill": False,
-        "remote_engine_id": None,
-        "remote_block_ids": None,
-        "remote_host": None,
-        "remote_port": None,
-    }
+    out[KV_TRANSFER_PARAMS] = dict(REMOTE_DECODE_REQUEST)
     return out
 
 
