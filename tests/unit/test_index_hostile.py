@@ -77,24 +77,24 @@ def test_a_clear_costs_the_pods_blocks_not_the_index() -> None:
     """AllBlocksCleared of a pod holding a few blocks is fast even when other pods hold a lot."""
     idx = KVBlockIndex(block_size=16, capacity_blocks=2_000_000)
     big = Engine(idx, "big:1", 16)
-    for i in range(40):
-        big.store(prompt(16 * 2500, seed=i))  # 100k blocks
+    for i in range(16):
+        big.store(prompt(16 * 2500, seed=i))  # 40k blocks
     small = Engine(idx, "small:1", 16)
     small.store(prompt(64, seed=999))
     t0 = time.perf_counter()
     small.send([AllBlocksCleared()])
     assert time.perf_counter() - t0 < 0.05
-    assert idx.stats().blocks == 100_000
+    assert idx.stats().blocks == 40_000
 
 
 def test_a_huge_batch_does_not_hold_the_lock_for_its_whole_apply() -> None:
-    """A 200k-block BlockStored is applied in chunks: a concurrent match waits for one chunk, not
+    """A 100k-block BlockStored is applied in chunks: a concurrent match waits for one chunk, not
     for the whole batch (before: up to 280 ms on the reporter's machine)."""
     idx = KVBlockIndex(block_size=16, capacity_blocks=4_000_000)
     e = Engine(idx, "a:1", 16)
     probe = prompt(64, seed=1)
     e.store(probe)
-    frames = e.frames([e.stored(prompt(16 * 200_000, seed=2))[0]])
+    frames = e.frames([e.stored(prompt(16 * 100_000, seed=2))[0]])
     waits: list[float] = []
     done = threading.Event()
 
@@ -111,7 +111,7 @@ def test_a_huge_batch_does_not_hold_the_lock_for_its_whole_apply() -> None:
     apply_s = time.perf_counter() - t0
     done.set()
     t.join()
-    assert idx.stats().block_events == 200_004
+    assert idx.stats().block_events == 100_004
     assert len(waits) > 3  # matches ran while the batch was applied
     # the longest wait is one chunk's hold, a small part of the whole apply (GIL switches included)
     assert max(waits) < max(0.05, apply_s / 4), (max(waits), apply_s)
