@@ -86,12 +86,10 @@ def restore_patches() -> Iterator[None]:
     orig_create = EngineArgs.create_engine_config
     orig_reset = Scheduler.reset_prefix_cache
     orig_setup = ZmqEventPublisher.__dict__["_socket_setup"]
-    orig_is_bind = ZmqEventPublisher.__dict__["_is_bind_endpoint"]
     yield
     EngineArgs.create_engine_config = orig_create  # type: ignore[method-assign]
     Scheduler.reset_prefix_cache = orig_reset  # type: ignore[method-assign]
     ZmqEventPublisher._socket_setup = orig_setup  # type: ignore[method-assign]
-    ZmqEventPublisher._is_bind_endpoint = orig_is_bind  # type: ignore[method-assign]
 
 
 def test_apply_event_defaults_by_role(monkeypatch: pytest.MonkeyPatch, restore_patches: None) -> None:

@@ -1,16 +1,16 @@
 """Where the engine's KV-event sockets listen, and CURVE on them.
 
-vLLM's ``ZmqEventPublisher`` (vllm/distributed/kv_events.py, vLLM 0.32) *binds* an endpoint with a
-wildcard (``tcp://*:5557``) and *connects* every other one (``_is_bind_endpoint``); the replay
-endpoint is always bound. So a publisher can listen on all interfaces or dial out, but not listen
+vLLM's ``ZmqEventPublisher`` (vllm/distributed/kv_events.py; ``_socket_setup`` in 0.30-0.33) *binds*
+an endpoint with a wildcard (``tcp://*:5557``) and *connects* every other one; the replay endpoint
+is always bound. So a publisher can listen on all interfaces or dial out, but not listen
 on one address. Every prompt's token ids travel on that socket, so:
 
 * **bind address.** With ``LLMD_KV_EVENTS=1`` the plugin's default endpoints name this pod's own
   address (:func:`bind_host`: ``LLMD_KV_EVENTS_BIND_HOST``, else ``POD_IP`` / ``POD_IPS`` /
   ``LLMD_KV_EVENTS_HOST`` when it is an IP, else the host name's address), e.g.
-  ``tcp://10.1.2.3:5557``, and in the engine-core process the plugin makes the publisher *bind* an
-  endpoint on exactly that host instead of connecting to it. ``LLMD_KV_EVENTS_BIND_HOST=*`` restores
-  all interfaces. A ``--kv-events-config`` of your own is used as vLLM reads it.
+  ``tcp://10.1.2.3:5557``, and in the engine-core process the plugin binds the publisher's PUB
+  socket on exactly that endpoint before vLLM's own ``_socket_setup`` would connect it.
+  ``LLMD_KV_EVENTS_BIND_HOST=*`` restores all interfaces. A ``--kv-events-config`` of your own is used as vLLM reads it.
 * **CURVE.** With ``LLMD_CURVE_SERVER_SECRET`` set (:mod:`vllm_llmd.wire.curve`), the publisher's
   PUB and replay ROUTER sockets are CURVE servers: subscribers need the server's public key (and,
   with ``LLMD_CURVE_CLIENTS``, a listed key of their own). The plugin hands the publisher a context
@@ -110,22 +110,26 @@ def patch_publisher(env: Mapping[str, str] = os.environ) -> str:
     curve = server_from_env(env)
     if host == "*" and curve is None:
         return "unchanged"
-    original_is_bind = ZmqEventPublisher._is_bind_endpoint
     original_setup = ZmqEventPublisher._socket_setup
-
-    def is_bind(ep: str) -> bool:
-        return original_is_bind(ep) or (host != "*" and _endpoint_host(ep) == host)
 
     @functools.wraps(original_setup)
     def socket_setup(self: Any) -> None:
         real = self._ctx
         self._ctx = _SecuredContext(real, curve, ":" in host)
         try:
+            if host != "*" and self._pub is None and _endpoint_host(self._endpoint or "") == host:
+                import zmq
+
+                # vLLM would *connect* this endpoint (it binds wildcards only): bind it; vLLM's own
+                # setup then skips the PUB it finds made (vLLM 0.30-0.33 all check ``_pub is None``)
+                pub = self._ctx.socket(zmq.PUB)
+                pub.set_hwm(self._hwm)
+                pub.bind(self._endpoint)
+                self._pub = pub
             original_setup(self)
         finally:
             self._ctx = real
 
     setattr(socket_setup, _PATCH_MARK, True)
-    ZmqEventPublisher._is_bind_endpoint = staticmethod(is_bind)  # type: ignore[method-assign]
     ZmqEventPublisher._socket_setup = socket_setup  # type: ignore[method-assign]
     return ("bind " + host if host != "*" else "") + (" curve" if curve else "")

@@ -36,6 +36,10 @@ _KNOWN = {
         ("AllBlocksCleared", AllBlocksCleared),
     )
 }
+#: vLLM 0.33 appends BlockStored.lookahead_token_ids (set only with EAGLE block-drop speculative
+#: decoding); our wire types mirror 0.32's byte for byte (16 fields would change msgspec's map header),
+#: so it is listed here: known, ignored (our keys come from token_ids alone)
+_KNOWN["BlockStored"] |= {"lookahead_token_ids"}
 #: position of each field in the positional form (the tag is at 0)
 _AT = {name: {f: i + 1 for i, f in enumerate(fields)} for name, fields in POSITIONAL_FIELDS.items()}
 _STORED_AT, _REMOVED_AT = _AT["BlockStored"], _AT["BlockRemoved"]

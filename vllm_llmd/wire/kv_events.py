@@ -51,8 +51,6 @@ class BlockStored(KVCacheEvent):
     locality: str | None = None
     ownership: str | None = None
     session_id: str | None = None
-    #: vLLM 0.33+ (set only with EAGLE block-drop speculative decoding); our keys use token_ids alone
-    lookahead_token_ids: list[list[int]] | None = None
 
 
 class BlockRemoved(KVCacheEvent):
