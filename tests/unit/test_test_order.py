@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+#: files whose tests kill or restart the session's shared engines
+DESTRUCTIVE_FILES = ("test_events_restart.py", "test_router_failover.py", "test_gateway_failover.py")
 
 
 def test_destructive_tests_are_ordered_by_their_marker() -> None:
@@ -19,9 +21,7 @@ def test_destructive_tests_are_ordered_by_their_marker() -> None:
     )
     ids = [line for line in out.stdout.splitlines() if "::" in line]
     assert ids, out.stdout + out.stderr
-    session = [
-        i for i, t in enumerate(ids) if t.split("::")[0].endswith(("test_events_restart.py", "test_router_failover.py"))
-    ]
+    session = [i for i, t in enumerate(ids) if t.split("::")[0].endswith(DESTRUCTIVE_FILES)]
     assert session and session == list(range(len(ids) - len(session), len(ids)))  # after everything else
     pd = [i for i, t in enumerate(ids) if "test_pd.py::" in t]
     assert pd == list(range(pd[0], pd[0] + len(pd)))  # the module's tests stay together (one engine pair)
