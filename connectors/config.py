@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -37,6 +38,10 @@ class LLMDConnectorConfig:
     #: core the engine needs (on 2 cores it cut colocated throughput by a third, bench/RESULTS.md);
     #: without it UCX progresses when the worker polls (every step) and CMA reads need no peer help
     progress_thread: bool = False
+    #: hosts a decode engine may dial for a pull: IP networks ("10.0.0.0/8") or exact host names;
+    #: empty = any (but never an unspecified or multicast address). kv_transfer_params naming any
+    #: other host are refused and the request is prefilled locally
+    allowed_peers: tuple[str, ...] = ()
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None, default_port: int | None = None) -> LLMDConnectorConfig:
@@ -53,7 +58,7 @@ class LLMDConnectorConfig:
         if "side_channel_port" not in extra and default_port is not None:
             values["side_channel_port"] = default_port
         for key, raw in extra.items():
-            default = getattr(cls, key) if key != "backends" else ()
+            default = getattr(cls, key) if key not in ("backends", "allowed_peers") else ()
             try:
                 if isinstance(default, bool):
                     if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
@@ -88,5 +93,13 @@ class LLMDConnectorConfig:
             raise ConnectorConfigError(f"LLMDConnector: side_channel_port {self.side_channel_port} out of range")
         if self.load_failure_policy not in ("recompute", "fail"):
             raise ConnectorConfigError("LLMDConnector: load_failure_policy must be 'recompute' or 'fail'")
+        for entry in self.allowed_peers:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as exc:
+                if not entry or any(c in entry for c in "/: "):
+                    raise ConnectorConfigError(
+                        f"LLMDConnector: allowed_peers entry {entry!r} is not a network or host"
+                    ) from exc
         if self.max_message_bytes < 1024:
             raise ConnectorConfigError("LLMDConnector: max_message_bytes must be at least 1024")

@@ -1,8 +1,15 @@
 """The side channel: a decode worker asks a prefill worker for its transport metadata.
 
-ZMQ ROUTER (prefill worker) / REQ (decode worker), msgspec msgpack only, bounded message sizes
-(``ZMQ_MAXMSGSIZE`` on both sockets), typed decoding (a malformed frame is answered with an
-error, never unpickled). The decode side checks that the two engines are compatible (model,
+ZMQ ROUTER (prefill worker) / REQ (decode worker), msgspec msgpack only, typed decoding (a
+malformed frame is answered with an error, never unpickled). Bounded input: ``ZMQ_MAXMSGSIZE``
+bounds each frame (the server's default, 4 KiB, is ~100 times a request); the server reads a
+message frame by frame and keeps at most the three frames a REQ peer sends, so a message with
+thousands of frames costs only what libzmq buffers of it (ZMQ delivers a multipart message whole,
+so its frame count cannot be bounded below ZMQ: a 3,000-frame message of 60 KB frames took the
+server from 20 to 353 MiB before this bound; now the first such frame disconnects the peer), and
+logs about dropped messages are rate-limited. The client accepts one-frame answers only.
+
+The decode side checks that the two engines are compatible (model,
 dtype, block layout and size, number of regions/layers, transport) and that it reached the engine
 named in the prefill response, and raises :class:`HandshakeMismatch` with every differing field.
 """
@@ -16,9 +23,18 @@ import msgspec
 import zmq
 from vllm_llmd.connectors.transports.base import Region
 
+from vllm_llmd.wire.curve import CurveClient, CurveServer, stop_authenticator
+from vllm_llmd.wire.logs import LogLimiter
+
 logger = logging.getLogger("vllm.vllm_llmd.connectors")
 
+_dropped_log = LogLimiter(logger)
+
 PROTOCOL_VERSION = 1
+#: what a REQ peer's request is on a ROUTER: [identity, b"", payload]
+REQUEST_FRAMES = 3
+#: largest request frame the server accepts (a request is ~30 bytes)
+MAX_REQUEST_BYTES = 4096
 #: fields both sides must agree on before any block moves
 COMPAT_FIELDS = (
     "protocol",
@@ -93,10 +109,19 @@ def check_compatible(local: EngineInfo, remote: EngineInfo, expected_engine_id: 
 class HandshakeServer:
     """Answers :class:`HandshakeRequest` with this worker's :class:`EngineInfo` (background thread)."""
 
-    def __init__(self, info: EngineInfo, host: str, port: int, max_message_bytes: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        info: EngineInfo,
+        host: str,
+        port: int,
+        max_message_bytes: int = MAX_REQUEST_BYTES,
+        curve: CurveServer | None = None,
+    ) -> None:
         self.info = info
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
+        if curve is not None:  # only clients holding the key (and listed, with an allowlist) get in
+            curve.apply(self._sock)
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(f"tcp://{host}:{port if port else '*'}")
@@ -107,6 +132,7 @@ class HandshakeServer:
         self._thread.start()
         self.served = 0
         self.refused = 0
+        self.dropped = 0  # misframed messages (no answer)
 
     def _answer(self, payload: bytes) -> bytes:
         try:
@@ -125,6 +151,24 @@ class HandshakeServer:
         self.served += 1
         return self._reply
 
+    def _recv(self) -> list[bytes] | None:
+        """One message, frame by frame: its frames if it has the shape of a request, else ``None``
+        (the rest of it is read and dropped without being copied)."""
+        frames: list[bytes] = []
+        count = 0
+        more = True
+        while more:
+            frame = self._sock.recv(zmq.NOBLOCK, copy=False)
+            more = frame.more
+            count += 1
+            if count <= REQUEST_FRAMES:
+                frames.append(frame.bytes)
+        if count != REQUEST_FRAMES or frames[1] != b"":
+            self.dropped += 1
+            _dropped_log.warning("LLMDConnector side channel: dropped a malformed message (%d frames)", count)
+            return None
+        return frames
+
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
@@ -132,33 +176,40 @@ class HandshakeServer:
             try:
                 if not dict(poller.poll(100)):
                     continue
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                frames = self._recv()
             except zmq.ZMQError:
                 if self._stop.is_set():
                     return
                 continue
-            # REQ peers send [identity, b"", payload]; anything else is dropped
-            if len(frames) != 3 or frames[1] != b"":
-                logger.warning("LLMDConnector side channel: dropped a malformed message (%d frames)", len(frames))
+            if frames is None:
                 continue
             try:
                 self._sock.send_multipart([frames[0], b"", self._answer(frames[2])])
             except zmq.ZMQError as exc:
-                logger.warning("LLMDConnector side channel: reply failed: %s", exc)
+                _dropped_log.warning("LLMDConnector side channel: reply failed: %s", exc)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
         self._sock.close(linger=0)
+        stop_authenticator(self._ctx)
         self._ctx.term()
 
 
 def fetch_engine_info(
-    host: str, port: int, tp_rank: int, timeout_s: float, max_message_bytes: int = 4 * 1024 * 1024
+    host: str,
+    port: int,
+    tp_rank: int,
+    timeout_s: float,
+    max_message_bytes: int = 4 * 1024 * 1024,
+    curve: CurveClient | None = None,
 ) -> EngineInfo:
-    """Ask the worker behind ``host:port`` for its :class:`EngineInfo`."""
+    """Ask the worker behind ``host:port`` for its :class:`EngineInfo` (as a CURVE client of it when
+    ``curve`` is given: a server without the expected key never answers)."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
+    if curve is not None:
+        curve.apply(sock)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
@@ -170,6 +221,8 @@ def fetch_engine_info(
             payload = sock.recv()
         except zmq.Again as exc:
             raise HandshakeError(f"no handshake answer from {host}:{port} within {timeout_s}s") from exc
+        if sock.getsockopt(zmq.RCVMORE):
+            raise HandshakeError(f"malformed handshake answer from {host}:{port}: more than one frame")
     finally:
         sock.close(linger=0)
     try:

@@ -64,7 +64,8 @@ class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
             # The scheduler reads the policy right after building us (vllm/v1/core/sched/scheduler.py).
             if ktc.kv_load_failure_policy != self.cfg.load_failure_policy:
                 object.__setattr__(ktc, "kv_load_failure_policy", self.cfg.load_failure_policy)
-            self.scheduler = LLMDConnectorScheduler(vllm_config, self.cfg)
+            groups = len(getattr(kv_cache_config, "kv_cache_groups", None) or ()) or 1
+            self.scheduler = LLMDConnectorScheduler(vllm_config, self.cfg, num_groups=groups)
         else:
             from vllm_llmd.connectors.worker import LLMDConnectorWorker
 
@@ -126,6 +127,11 @@ class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
         if md is not None:
             self.scheduler.set_side_channel(md.host, md.port)  # type: ignore[attr-defined]
             logger.info("LLMDConnector: engine %s serves KV at %s:%s", self.scheduler.engine_id, md.host, md.port)  # type: ignore[attr-defined]
+
+    def on_new_request(self, request: Any) -> None:
+        # vLLM's scheduler reads request.kv_transfer_params right after this: check them first
+        if self.scheduler is not None:
+            self.scheduler.admit(request)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self.scheduler is not None

@@ -1,46 +1,18 @@
-"""What the scheduler half tells the worker half each step, and the ``kv_transfer_params`` shapes."""
+"""What the scheduler half tells the worker half each step.
+
+The ``kv_transfer_params`` shapes themselves live in :mod:`vllm_llmd.wire.kv_transfer` (shared with
+the router).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-import msgspec
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-#: the key in kv_transfer_params telling which connector produced them
-PRODUCER_TAG = "llmd"
+from vllm_llmd.wire.kv_transfer import PRODUCER_TAG, RemotePrefill, parse_remote_prefill
 
-
-class RemotePrefill(msgspec.Struct, frozen=True):
-    """``kv_transfer_params`` a decode request carries (as the prefill engine returned them)."""
-
-    do_remote_prefill: bool
-    remote_engine_id: str
-    remote_request_id: str
-    remote_block_ids: list[list[int]]
-    remote_host: str
-    remote_port: int
-    remote_num_tokens: int
-    remote_block_size: int
-    tp_size: int = 1
-    #: wall-clock time (``time.time()``) after which the prefill engine may reuse the blocks;
-    #: a consumer must not start (or still be in) a pull by then. ``None``: not advertised.
-    lease_expires_at: float | None = None
-
-
-def parse_remote_prefill(params: dict[str, Any] | None) -> RemotePrefill | None:
-    """The remote-prefill part of ``params``; ``None`` when absent; ``ValueError`` when malformed."""
-    if not params or not params.get("do_remote_prefill"):
-        return None
-    fields = {k: params[k] for k in RemotePrefill.__struct_fields__ if k in params}
-    try:
-        out = msgspec.convert(fields, RemotePrefill)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"malformed kv_transfer_params for a remote prefill: {exc}") from exc
-    if not 0 < out.remote_port < 65536 or out.remote_block_size <= 0 or out.tp_size != 1:
-        raise ValueError("malformed kv_transfer_params for a remote prefill (port, block size or tp_size)")
-    return out
+__all__ = ["PRODUCER_TAG", "LLMDConnectorMetadata", "RecvJob", "RemotePrefill", "parse_remote_prefill"]
 
 
 @dataclass
@@ -48,9 +20,12 @@ class RecvJob:
     """Pull ``remote_block_ids[g][i]`` into ``local_block_ids[g][i]`` for each KV cache group."""
 
     request_id: str
-    remote: RemotePrefill
+    remote: RemotePrefill | None
     local_block_ids: list[list[int]]
     remote_block_ids: list[list[int]]
+    #: the scheduler promised vLLM a load it cannot start (why): the worker reports it failed, so
+    #: vLLM prefills locally instead of waiting for blocks that never come
+    refused: str | None = None
 
 
 @dataclass

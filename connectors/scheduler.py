@@ -4,10 +4,19 @@ Prefill side (``do_remote_decode``): when the one-token prefill finishes, hold i
 lease (``delay_free``), announce them in KV events, and return the ``kv_transfer_params`` a decode
 engine needs. Decode side (``do_remote_prefill``): report the prompt as external tokens loaded
 asynchronously, and hand the worker the local/remote block mapping to pull.
+
+Hostile ``kv_transfer_params``: vLLM puts whatever a client sent (body or ``vllm_xargs``) into
+``Request.kv_transfer_params``. :meth:`LLMDConnectorScheduler.admit` (vLLM's ``on_new_request``
+hook, called before vLLM's own scheduler reads the params) checks them once with
+:func:`vllm_llmd.wire.parse_kv_transfer_params` plus this engine's limits (block size, KV cache
+groups, max model length, which peers it may dial); params it refuses are replaced by ``None``
+with one (rate-limited) log line, and the request is served like a plain one. Every entry point
+vLLM calls goes through the same check and never lets an exception reach the engine core.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -15,8 +24,16 @@ from typing import TYPE_CHECKING, Any
 from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVCacheEvent
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 from vllm_llmd.connectors.config import LLMDConnectorConfig
-from vllm_llmd.connectors.metadata import PRODUCER_TAG, LLMDConnectorMetadata, RecvJob, parse_remote_prefill
+from vllm_llmd.connectors.metadata import (
+    PRODUCER_TAG,
+    LLMDConnectorMetadata,
+    RecvJob,
+    RemotePrefill,
+)
 from vllm_llmd.connectors.stats import LLMDConnectorStats
+
+from vllm_llmd.wire.kv_transfer import KVParamsError, RemoteDecode, parse_kv_transfer_params
+from vllm_llmd.wire.logs import LogLimiter
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -32,13 +49,41 @@ logger = logging.getLogger("vllm.vllm_llmd.connectors")
 LEASE_MARGIN_SECONDS = 0.5
 
 
+def peer_refusal(host: str, allowed: tuple[str, ...]) -> str | None:
+    """Why this engine must not dial ``host`` for a pull (``None``: it may). Never an unspecified or
+    multicast address; with ``allowed`` set, only hosts in those networks / with those names."""
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        ip = None
+    if ip is not None and (ip.is_unspecified or ip.is_multicast):
+        return f"remote_host {host} is not a peer address"
+    if not allowed:
+        return None
+    for entry in allowed:
+        if entry == host:
+            return None
+        if ip is not None:
+            try:
+                if ip in ipaddress.ip_network(entry, strict=False):
+                    return None
+            except ValueError:
+                continue
+    return f"remote_host {host} is not in allowed_peers"
+
+
 class LLMDConnectorScheduler:
-    def __init__(self, vllm_config: VllmConfig, cfg: LLMDConnectorConfig) -> None:
+    def __init__(
+        self, vllm_config: VllmConfig, cfg: LLMDConnectorConfig, num_groups: int = 1, max_tokens: int | None = None
+    ) -> None:
         ktc = vllm_config.kv_transfer_config
         assert ktc is not None
         self.cfg = cfg
         self.engine_id = str(ktc.engine_id)
         self.block_size = vllm_config.cache_config.block_size
+        self.num_groups = max(1, num_groups)
+        mc = getattr(vllm_config, "model_config", None)
+        self.max_tokens = max_tokens or int(getattr(mc, "max_model_len", 0) or 1 << 31)
         self.is_producer = ktc.is_kv_producer
         self.is_consumer = ktc.is_kv_consumer
         self.side_channel_host = cfg.side_channel_host
@@ -49,54 +94,82 @@ class LLMDConnectorScheduler:
         self._events: list[KVCacheEvent] = []
         self._stats = LLMDConnectorStats()
         self._gauges_dirty = False
+        self._refusals = LogLimiter(logger)
 
     # ---- start-up ------------------------------------------------------------------------
     def set_side_channel(self, host: str, port: int) -> None:
         self.side_channel_host, self.side_channel_port = host, port
 
+    # ---- kv_transfer_params --------------------------------------------------------------
+    def _refuse(self, request: Request, why: str) -> None:
+        """Serve ``request`` as a plain one: drop its params, say why once (rate-limited), count it."""
+        self._refusals.warning(
+            "LLMDConnector: request %s: refused kv_transfer_params (%s); serving it locally",
+            getattr(request, "request_id", "?"),
+            why[:300],
+        )
+        try:
+            request.kv_transfer_params = None
+        except Exception:  # pragma: no cover - a request object that refuses the attribute
+            pass
+        self._stats.add("kv_params_refused")
+
+    def admit(self, request: Request) -> RemotePrefill | RemoteDecode | None:
+        """What ``request.kv_transfer_params`` ask of this engine, checked; refused params become
+        ``None`` (a plain request). Never raises."""
+        try:
+            parsed = parse_kv_transfer_params(request.kv_transfer_params)
+            why = None
+            if isinstance(parsed, RemotePrefill):
+                why = parsed.misfit(
+                    block_size=self.block_size, num_groups=self.num_groups, max_tokens=self.max_tokens
+                ) or peer_refusal(parsed.remote_host, self.cfg.allowed_peers)
+        except KVParamsError as exc:
+            parsed, why = None, str(exc)
+        except Exception as exc:  # a bug of ours must not take the engine core down
+            parsed, why = None, f"{type(exc).__name__}: {exc}"
+        if why is not None:
+            self._refuse(request, why)
+            return None
+        return parsed
+
+    def _remote_prefill(self, request: Request) -> RemotePrefill | None:
+        parsed = self.admit(request) if self.is_consumer else None
+        return parsed if isinstance(parsed, RemotePrefill) and parsed.do_remote_prefill else None
+
     # ---- decode side ---------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        if not self.is_consumer:
-            return 0, False
-        try:
-            remote = parse_remote_prefill(request.kv_transfer_params)
-        except ValueError as exc:
-            logger.warning("LLMDConnector: request %s: %s; prefilling locally", request.request_id, exc)
-            return 0, False
+        remote = self._remote_prefill(request)
         if remote is None:
             return 0, False
-        if remote.lease_expires_at is not None and time.time() > remote.lease_expires_at - LEASE_MARGIN_SECONDS:
-            logger.warning(
-                "LLMDConnector: request %s: the prefill engine's lease on its blocks has expired; prefilling locally",
-                request.request_id,
-            )
-            request.kv_transfer_params["do_remote_prefill"] = False  # final: never pull those blocks
-            self._stats.add("transfers_failed")
+        try:
+            if remote.lease_expires_at is not None and time.time() > remote.lease_expires_at - LEASE_MARGIN_SECONDS:
+                logger.warning(
+                    "LLMDConnector: request %s: the prefill engine's lease on its blocks has expired; "
+                    "prefilling locally",
+                    request.request_id,
+                )
+                request.kv_transfer_params["do_remote_prefill"] = False  # final: never pull those blocks
+                self._stats.add("transfers_failed")
+                return 0, False
+            count = min(remote.remote_num_tokens, request.num_prompt_tokens) - num_computed_tokens
+        except Exception as exc:
+            self._refuse(request, f"{type(exc).__name__}: {exc}")
             return 0, False
-        if remote.remote_block_size != self.block_size:
-            logger.warning(
-                "LLMDConnector: request %s: prefill engine block size %d != ours %d; prefilling locally",
-                request.request_id,
-                remote.remote_block_size,
-                self.block_size,
-            )
-            return 0, False
-        count = min(remote.remote_num_tokens, request.num_prompt_tokens) - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        params = request.kv_transfer_params
-        if not self.is_consumer or not params or not params.get("do_remote_prefill"):
+        remote = self._remote_prefill(request)
+        if remote is None:
+            if num_external_tokens > 0:  # cannot happen: we reported none; never leave vLLM waiting
+                self._recv.append(RecvJob(request.request_id, None, [], [], refused="no remote prefill"))
+            return
+        # one pull per request, whatever happens next
+        request.kv_transfer_params["do_remote_prefill"] = False
+        if num_external_tokens <= 0:  # full local prefix hit: nothing to pull, just release the lease
+            self._recv.append(RecvJob(request.request_id, remote, [], []))
             return
         try:
-            remote = parse_remote_prefill(params)
-        except ValueError:
-            remote = None
-        # one pull per request, whatever happens next
-        params["do_remote_prefill"] = False
-        if remote is None or remote.remote_block_size != self.block_size:
-            return
-        if num_external_tokens > 0:
             local = blocks.get_unhashed_block_ids_all_groups()
             computed = [sum(b.block_hash is not None and not b.is_null for b in group) for group in blocks.blocks]
             remote_ids = [
@@ -105,9 +178,13 @@ class LLMDConnectorScheduler:
                 else []
                 for g in range(len(local))
             ]
-        else:  # full local prefix hit: nothing to pull, just release the prefill side's lease
-            local, remote_ids = [], []
-        self._recv.append(RecvJob(request.request_id, remote, [list(g) for g in local], remote_ids))
+            short = [g for g in range(len(local)) if len(remote_ids[g]) != len(local[g])]
+            refused = f"the prefill engine offers too few blocks in KV group(s) {short}" if short else None
+            job = RecvJob(request.request_id, remote, [list(g) for g in local], remote_ids, refused=refused)
+        except Exception as exc:
+            job = RecvJob(request.request_id, remote, [], [], refused=f"{type(exc).__name__}: {exc}")
+        # vLLM now waits for this request's blocks: the worker must answer, even if only "failed"
+        self._recv.append(job)
 
     # ---- prefill side --------------------------------------------------------------------
     def request_finished(
@@ -115,20 +192,16 @@ class LLMDConnectorScheduler:
     ) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
 
-        params = request.kv_transfer_params
-        if not params:
+        parsed = self.admit(request)
+        if parsed is None:
             return False, None
-        if params.get("do_remote_prefill") and self.is_consumer:
-            # finished (aborted) before it was scheduled: tell the prefill side to release now
-            try:
-                remote = parse_remote_prefill(params)
-            except ValueError:
-                remote = None
-            params["do_remote_prefill"] = False
-            if remote is not None:
-                self._recv.append(RecvJob(request.request_id, remote, [], []))
+        if isinstance(parsed, RemotePrefill):
+            if parsed.do_remote_prefill and self.is_consumer:
+                # finished (aborted) before it was scheduled: tell the prefill side to release now
+                request.kv_transfer_params["do_remote_prefill"] = False
+                self._recv.append(RecvJob(request.request_id, parsed, [], []))
             return False, None
-        if not params.get("do_remote_decode") or not self.is_producer:
+        if not self.is_producer:
             return False, None
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
             return False, None
@@ -142,22 +215,21 @@ class LLMDConnectorScheduler:
         self._stats.add("leases_started")
         self._stats.add("blocks_leased", n_blocks)
         self._gauges_dirty = True
-        return True, {
-            "do_remote_prefill": True,
-            "do_remote_decode": False,
-            "remote_engine_id": self.engine_id,
-            "remote_request_id": rid,
-            "remote_block_ids": [list(g) for g in block_ids],
-            "remote_host": self.side_channel_host,
-            "remote_port": self.side_channel_port,
-            "remote_num_tokens": request.num_computed_tokens,
-            "remote_block_size": self.block_size,
-            "tp_size": 1,
-            "lease_seconds": self.cfg.lease_seconds,
+        remote = RemotePrefill(
+            do_remote_prefill=True,
+            remote_engine_id=self.engine_id,
+            remote_request_id=rid,
+            remote_block_ids=[list(g) for g in block_ids],
+            remote_host=self.side_channel_host,
+            remote_port=self.side_channel_port,
+            remote_num_tokens=request.num_computed_tokens,
+            remote_block_size=self.block_size,
+            lease_seconds=self.cfg.lease_seconds,
             # the worker starts the lease at the next step, so the blocks are held at least this long
-            "lease_expires_at": time.time() + self.cfg.lease_seconds,
-            "connector": PRODUCER_TAG,
-        }
+            lease_expires_at=time.time() + self.cfg.lease_seconds,
+            connector=PRODUCER_TAG,
+        )
+        return True, remote.as_params()
 
     def _announce_held(self, request: Request) -> list[int]:
         n_full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))

@@ -3,7 +3,8 @@
 Counters are deltas since the last report and are summed when vLLM aggregates worker and
 scheduler stats; gauges (``held_blocks``, ``held_requests``) come from the scheduler only and keep
 the latest value. Metric names use the ``llmd:`` prefix because vLLM unregisters every ``vllm:``
-collector when its Prometheus logger starts (see shared notes, vllm_api.md §0.9).
+collector when its Prometheus logger starts (vLLM 0.32: ``PrometheusStatLogger.__init__`` in
+vllm/v1/metrics/loggers.py calls ``unregister_vllm_metrics`` in vllm/v1/metrics/prometheus.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ COUNTERS = (
     "leases_released",  # ... released because the consumer reported it read them
     "leases_expired",  # ... released because the lease ran out
     "blocks_leased",
+    "kv_params_refused",  # requests whose kv_transfer_params were refused (served locally instead)
 )
 GAUGES = ("held_blocks", "held_requests")
 
@@ -103,6 +105,11 @@ class LLMDPromMetrics(KVConnectorPromMetrics):
             documentation="Prefill-side block leases by event (started, released by the consumer, expired).",
             labelnames=[*lbl, "event"],
         )
+        self._refused = self._counter_cls(
+            name="llmd:kv_params_refused",
+            documentation="Requests whose kv_transfer_params the connector refused (served without a transfer).",
+            labelnames=lbl,
+        )
         self._held = self._gauge_cls(
             name="llmd:kv_lease_held_blocks",
             documentation="Blocks held under a lease for a decode engine.",
@@ -135,6 +142,8 @@ class LLMDPromMetrics(KVConnectorPromMetrics):
         for event, key in leases:
             if d.get(key):
                 self._leases.labels(*labels, event).inc(d[key])
+        if d.get("kv_params_refused"):
+            self._refused.labels(*labels).inc(d["kv_params_refused"])
         if "held_blocks" in d:
             self._held.labels(*labels).set(d["held_blocks"])
         if "held_requests" in d:

@@ -9,6 +9,7 @@ releases leased blocks when the consumer's completion notification arrives or th
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,6 +38,8 @@ from vllm_llmd.connectors.transports import (
     XferState,
     make_transport,
 )
+
+from vllm_llmd.wire.curve import client_from_env, server_from_env
 
 if TYPE_CHECKING:
     import torch
@@ -127,6 +130,9 @@ class LLMDConnectorWorker:
         self._early_done: dict[str, float] = {}
         self._early_released: set[str] = set()
         self._stats = LLMDConnectorStats()
+        # CURVE on the side channel, from LLMD_CURVE_* (vllm_llmd/wire/curve.py); a bad key stops start-up
+        self._curve_server = server_from_env(os.environ)
+        self._curve_client = client_from_env(os.environ)
 
     # ---- start-up ------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -173,7 +179,7 @@ class LLMDConnectorWorker:
     def _serve(self, info: EngineInfo) -> HandshakeServer | None:
         port = self.cfg.side_channel_port + self.tp_rank if self.cfg.side_channel_port else 0
         try:
-            return HandshakeServer(info, self.cfg.side_channel_host, port)
+            return HandshakeServer(info, self.cfg.side_channel_host, port, curve=self._curve_server)
         except Exception as exc:  # a colocated engine without P/D keeps working; no one can pull from it
             host = self.cfg.side_channel_host
             logger.warning("LLMDConnector: cannot open the side channel on %s:%s: %s", host, port, exc)
@@ -198,6 +204,7 @@ class LLMDConnectorWorker:
                 self.tp_rank,
                 self.cfg.handshake_timeout_seconds,
                 self.cfg.max_message_bytes,
+                curve=self._curve_client,
             )
             check_compatible(self.info, info, expected_engine_id=remote.remote_engine_id)
             peer = self.transport.add_peer(info.agent_metadata, info.regions)
@@ -215,6 +222,14 @@ class LLMDConnectorWorker:
 
     def _start_pull(self, job: RecvJob) -> None:
         assert self.transport is not None
+        if job.refused is not None:
+            logger.warning("LLMDConnector: pull for %s refused (%s); prefilling locally", job.request_id, job.refused)
+            self._recv_failed.add(job.request_id)
+            self._stats.add("transfers_failed")
+            if job.remote is not None:  # still tell the prefill side it can release its blocks
+                self._start_pull(RecvJob(job.request_id, job.remote, [], []))
+            return
+        assert job.remote is not None
         notif = DONE_PREFIX + job.remote.remote_request_id.encode()
         parked = any(job.local_block_ids)
         try:

@@ -1,8 +1,14 @@
 """Shared fixtures. Real vLLM CPU engines are started once per session and shared by every test
-that asks for them (they take about a minute to start)."""
+that asks for them (they take about a minute to start).
+
+Ordering: a test that kills or restarts engines carries ``@pytest.mark.destructive`` and runs after
+every other test (``scope="session"``, the default: it uses the session's shared engines) or after
+every other test of its module (``scope="module"``: it uses a module's own engines). See
+:func:`pytest_collection_modifyitems`; file names play no part."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -16,6 +22,39 @@ from vllm_llmd.testing.engine import EngineProcess, EngineSpec
 from vllm_llmd.testing.model import make_test_model
 
 MODEL_NAME = "test-model"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "destructive(scope='session'|'module'): kills or restarts engines others use; runs after the tests "
+        "of its scope (tests/conftest.py)",
+    )
+
+
+def _destructive_scope(item: pytest.Item) -> str | None:
+    mark = item.get_closest_marker("destructive")
+    if mark is None:
+        return None
+    scope = mark.kwargs.get("scope", "session")
+    if scope not in ("session", "module"):
+        raise pytest.UsageError(f"{item.nodeid}: destructive(scope={scope!r}) must be 'session' or 'module'")
+    return scope
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Destructive tests last: module-scoped ones at the end of their module (so the module's own
+    engines are not started twice), session-scoped ones after everything else, in collection order."""
+    last = [i for i in items if _destructive_scope(i) == "session"]
+    out: list[pytest.Item] = []
+    for _module, group in itertools.groupby((i for i in items if _destructive_scope(i) != "session"), _module_of):
+        g = list(group)
+        out += [i for i in g if _destructive_scope(i) is None] + [i for i in g if _destructive_scope(i) == "module"]
+    items[:] = out + last
+
+
+def _module_of(item: pytest.Item) -> object:
+    return getattr(item, "module", None)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,9 @@ What it does:
    (:mod:`vllm_llmd.vllm_compat`);
 2. registers our KV connector names with vLLM's ``KVConnectorFactory`` (lazily: nothing of the
    connector is imported until vLLM resolves the name);
-3. (see :mod:`vllm_llmd.events.engine_config`) fills in KV-event settings from the environment.
+3. (see :mod:`vllm_llmd.events.engine_config`) fills in KV-event settings from the environment;
+4. in the API server, refuses ``kv_transfer_params`` that are not an object with HTTP 400 instead
+   of vLLM's own 500 (see :mod:`vllm_llmd.connectors.api_guard`).
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ def _register_connectors() -> list[str]:
     return done
 
 
+def _guard_kv_params() -> None:
+    try:
+        from vllm_llmd.connectors.api_guard import install
+
+        install()
+    except Exception as exc:  # vLLM missing or changed: not ours to fail on
+        logger.warning("vllm_llmd: kv_transfer_params guard not installed: %s", exc)
+
+
 def _trace(role: str) -> None:
     path = os.environ.get(TRACE_ENV)
     if not path:
@@ -102,6 +113,8 @@ def register() -> None:
             from vllm_llmd.events.engine_config import apply_event_defaults
 
             events = apply_event_defaults(role)
+            if role == "api_server":
+                _guard_kv_params()
             from vllm_llmd.vllm_compat import installed_vllm_version, version_note
 
             version = installed_vllm_version()

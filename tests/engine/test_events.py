@@ -154,6 +154,10 @@ def test_env_var_alone_enables_events_with_the_pod_topic(env_events_engine) -> N
         serve(env.engine, tokens)
         # two engine blocks of 128 tokens (a multiple of the index's 64) -> 4 canonical blocks
         wait_for(lambda: (idx.match(MODEL, tokens).get(env.pod) or _none).tokens == 256, 10, "indexed")
+        # the publisher and the replay socket listen on the pod's address only (POD_IP=127.0.0.1),
+        # not on every interface (issue 9, case 9: before, the plugin bound tcp://*:<port>)
+        for ep in (env.events_endpoint, env.replay_endpoint):
+            assert _listening(int(ep.rsplit(":", 1)[1])) == {"127.0.0.1"}, ep
         # the topic is exactly kv@<POD_IP>:<serving port>@<served model name>
         dealer = zmq.Context.instance().socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
@@ -168,6 +172,25 @@ def test_env_var_alone_enables_events_with_the_pod_topic(env_events_engine) -> N
             dealer.close(linger=0)
     finally:
         sub.stop()
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on ``port`` (from /proc/net/tcp and tcp6)."""
+    import ipaddress
+    from pathlib import Path
+
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            addr, p = fields[1].split(":")
+            if int(p, 16) != port or fields[3] != "0A":
+                continue
+            raw = bytes.fromhex(addr)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            out.add(str(ipaddress.ip_address(words)))
+    return out
 
 
 class _NoMatch:

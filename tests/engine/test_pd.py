@@ -341,8 +341,9 @@ async def test_router_disaggregates_long_prompts_with_identical_output(pd_pair, 
         assert engine_metric(d, "llmd:kv_transfers_total", result="failed") == failed_before["xfer"]
 
 
-def test_zz_prefill_engine_killed_after_prefill_leg_decode_prefills_locally(pd_pair):
-    """Runs last: it kills the prefill engine (the module's pair is not used after it)."""
+@pytest.mark.destructive(scope="module")
+def test_prefill_engine_killed_after_prefill_leg_decode_prefills_locally(pd_pair):
+    """Runs last in the module (destructive): it kills the prefill engine of the module's pair."""
     p, d = pd_pair
     body = {"model": "test-model", "prompt": _prompt(500), "max_tokens": 8, "temperature": 0}
     reference = _post(p.url, body)

@@ -94,8 +94,8 @@ class FakeBackend:
         }
         kv = body.get("kv_transfer_params") or {}
         if kv.get("do_remote_decode"):
-            # what vLLM's NixlConnector producer answers on a prefill leg (vllm/distributed/
-            # kv_transfer/kv_connector/v1/nixl/: request_finished -> kv_transfer_params)
+            # what LLMDConnector's producer answers on a prefill leg (connectors/scheduler.py:
+            # request_finished -> vllm_llmd.wire.RemotePrefill)
             return web.json_response(
                 {
                     "id": "cmpl-p",
@@ -103,11 +103,13 @@ class FakeBackend:
                     "kv_transfer_params": {
                         "do_remote_prefill": True,
                         "do_remote_decode": False,
-                        "remote_block_ids": [1, 2],
+                        "remote_block_ids": [[1, 2]],
                         "remote_engine_id": f"engine-{self.name}",
                         "remote_request_id": "req-1",
                         "remote_host": "127.0.0.1",
                         "remote_port": 5600,
+                        "remote_num_tokens": 10,
+                        "remote_block_size": 16,
                         "tp_size": 1,
                     },
                 }

@@ -11,6 +11,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_llmd.events import engine_config
 from vllm_llmd.events.engine_config import apply_event_defaults, default_events_config, fill_events_config
+from vllm_llmd.events.publisher import bind_host, endpoint
 from vllm_llmd.events.topic import argv_port, derive_topic, pod_address, server_port
 
 
@@ -47,7 +48,8 @@ def test_defaults_fill_only_when_the_user_gave_no_config(monkeypatch: pytest.Mon
     cfg = args.kv_events_config
     assert isinstance(cfg, KVEventsConfig)
     assert cfg.enable_kv_cache_events and cfg.publisher == "zmq"
-    assert cfg.endpoint == "tcp://*:6000" and cfg.replay_endpoint == "tcp://*:5558"
+    # bound on the pod's own address, not on every interface (issue 9, case 9)
+    assert cfg.endpoint == "tcp://10.9.8.7:6000" and cfg.replay_endpoint == "tcp://10.9.8.7:5558"
     assert cfg.topic == "kv@10.9.8.7:8123@served"
     # the user's own config wins
     mine = KVEventsConfig(enable_kv_cache_events=True, endpoint="tcp://router:9999", topic="mine")
@@ -63,16 +65,31 @@ def test_defaults_fill_only_when_the_user_gave_no_config(monkeypatch: pytest.Mon
 def test_replay_port_can_be_turned_off() -> None:
     env = {"LLMD_KV_EVENTS_REPLAY_PORT": "off", "LLMD_KV_EVENTS_PORT": "bogus", "POD_IP": "1.2.3.4"}
     cfg = default_events_config(_args(), env)
-    assert "replay_endpoint" not in cfg and cfg["endpoint"] == "tcp://*:5557"
+    assert "replay_endpoint" not in cfg and cfg["endpoint"] == "tcp://1.2.3.4:5557"
+
+
+def test_bind_host_is_the_pods_own_address() -> None:
+    assert bind_host({"POD_IP": "10.1.2.3"}) == "10.1.2.3"
+    assert bind_host({"POD_IPS": "fd00::7,10.0.0.1"}) == "fd00::7"
+    assert endpoint("fd00::7", 5557) == "tcp://[fd00::7]:5557"
+    assert bind_host({"LLMD_KV_EVENTS_HOST": "10.0.0.9", "POD_IP": "10.1.2.3"}) == "10.0.0.9"
+    assert bind_host({"LLMD_KV_EVENTS_HOST": "pod-a.example", "POD_IP": "10.1.2.3"}) == "10.1.2.3"
+    assert bind_host({"LLMD_KV_EVENTS_BIND_HOST": "*", "POD_IP": "10.1.2.3"}) == "*"  # opt back in
+    cfg = default_events_config(_args(), {"LLMD_KV_EVENTS_BIND_HOST": "*", "POD_IP": "10.1.2.3"})
+    assert cfg["endpoint"] == "tcp://*:5557"
 
 
 @pytest.fixture
 def restore_patches() -> Iterator[None]:
+    from vllm.distributed.kv_events import ZmqEventPublisher
+
     orig_create = EngineArgs.create_engine_config
     orig_reset = Scheduler.reset_prefix_cache
+    orig_setup = ZmqEventPublisher.__dict__["_socket_setup"]
     yield
     EngineArgs.create_engine_config = orig_create  # type: ignore[method-assign]
     Scheduler.reset_prefix_cache = orig_reset  # type: ignore[method-assign]
+    ZmqEventPublisher._socket_setup = orig_setup  # type: ignore[method-assign]
 
 
 def test_apply_event_defaults_by_role(monkeypatch: pytest.MonkeyPatch, restore_patches: None) -> None:
@@ -87,10 +104,11 @@ def test_apply_event_defaults_by_role(monkeypatch: pytest.MonkeyPatch, restore_p
     assert apply_event_defaults("api_server") == "env-defaults"
     assert EngineArgs.create_engine_config is patched  # idempotent
     assert apply_event_defaults("worker") == "unchanged"
-    assert apply_event_defaults("engine_core") == "flush-on-reset"
+    monkeypatch.setenv("POD_IP", "10.1.2.3")
+    assert apply_event_defaults("engine_core") == "publisher bind 10.1.2.3, flush-on-reset"
     assert getattr(Scheduler.reset_prefix_cache, engine_config._PATCH_MARK)
     monkeypatch.setenv("LLMD_KV_EVENTS_FLUSH_ON_RESET", "0")
-    assert apply_event_defaults("engine_core") == "flush-off"
+    assert apply_event_defaults("engine_core") == "publisher already, flush-off"
 
 
 def test_a_failing_hook_never_raises(monkeypatch: pytest.MonkeyPatch, restore_patches: None) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ import pytest
 import zmq
 from vllm_llmd.connectors.handshake import (
     COMPAT_FIELDS,
+    MAX_REQUEST_BYTES,
     PROTOCOL_VERSION,
     EngineInfo,
     HandshakeError,
@@ -24,7 +29,9 @@ from vllm_llmd.connectors.handshake import (
 )
 from vllm_llmd.connectors.transports import Region
 
-SERVER_MAX = 64 * 1024  # HandshakeServer's default max_message_bytes (what the worker uses)
+from vllm_llmd.testing.wait import wait_until
+
+SERVER_MAX = MAX_REQUEST_BYTES  # HandshakeServer's default max_message_bytes (what the worker uses)
 
 
 def make_info(**changes: Any) -> EngineInfo:
@@ -305,3 +312,93 @@ def test_nobody_listening_times_out_with_a_clear_error() -> None:
 def test_a_refusal_is_reported_with_its_reason() -> None:
     with pytest.raises(HandshakeError, match="refused the handshake: go away"):
         _fetch_against(msgspec.msgpack.encode({"type": "error", "reason": "go away"}))
+
+
+# ---- bounds on whole messages (issue 9, case 8) --------------------------------------------------------
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _dealer(srv: HandshakeServer) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(srv.endpoint)
+    return sock
+
+
+_ATTACKER = """
+import sys, time, zmq
+sock = zmq.Context.instance().socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 2000)
+sock.connect(sys.argv[1])
+sock.send_multipart([b"", *([b"x" * int(sys.argv[2])] * int(sys.argv[3]))])
+time.sleep(float(sys.argv[4]))
+sock.close()
+"""
+
+
+def _attack(srv: HandshakeServer, frame_bytes: int, frames: int) -> subprocess.Popen:
+    """Another process (so its own send buffers do not count in our RSS) sends one message of
+    ``frames`` frames and stays connected for a while."""
+    args = [sys.executable, "-c", _ATTACKER, srv.endpoint, str(frame_bytes), str(frames), "3"]
+    return subprocess.Popen(args)
+
+
+def test_a_3000_frame_message_does_not_blow_up_the_server(server: HandshakeServer) -> None:
+    """Before: the size limit was per frame (64 KiB) and the server copied every frame, so 3,000
+    frames of 60 KB took it from 20 to 353 MiB. Now such a frame is over the request limit (the peer
+    is cut off) and a many-frame message of small frames is drained without copies and dropped."""
+    before = _rss_mib()
+    peak = before
+    for frame_bytes in (60_000, 1_000):
+        attacker = _attack(server, frame_bytes, 3000)
+        try:
+            t0 = time.monotonic()
+            while attacker.poll() is None and time.monotonic() - t0 < 10:
+                peak = max(peak, _rss_mib())
+                time.sleep(0.02)  # sampling our RSS while the message arrives, not a synchronisation
+            _still_serves(server)
+        finally:
+            attacker.kill()
+            attacker.wait()
+    assert server.dropped == 1  # the 1 KB-frame message (the 60 KB one never got through ZMQ)
+    assert peak - before < 48, (before, peak)
+    assert server.served >= 2
+
+
+def test_a_flood_of_misframed_messages_logs_a_bounded_number_of_lines(
+    server: HandshakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    sock = _dealer(server)
+    try:
+        with caplog.at_level(logging.WARNING, logger="vllm.vllm_llmd.connectors"):
+            for _ in range(2000):
+                sock.send_multipart([b"one", b"two", b"three"])  # no REQ envelope
+            wait_until(lambda: server.dropped >= 2000, 20, "every misframed message read")
+    finally:
+        sock.close(linger=0)
+    lines = [r for r in caplog.records if "dropped a malformed message" in r.getMessage()]
+    assert 1 <= len(lines) <= 10
+    _still_serves(server)
+
+
+def test_a_multi_frame_answer_is_refused_by_the_client() -> None:
+    fake = _FakeServer(b"")
+    info = msgspec.msgpack.encode({"type": "info", "info": msgspec.structs.asdict(make_info())})
+
+    def answer() -> None:
+        if fake.sock.poll(5000):
+            ident, empty, _ = fake.sock.recv_multipart()
+            fake.sock.send_multipart([ident, empty, info, b"extra" * 1000])
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(HandshakeError, match="more than one frame"):
+            fetch_engine_info("127.0.0.1", fake.port, 0, timeout_s=5)
+    finally:
+        t.join(timeout=10)
+        fake.close()

@@ -22,6 +22,8 @@ PREFILL_RESPONSE = {
         "remote_block_ids": [[1, 2, 3]],
         "remote_host": "10.0.0.7",
         "remote_port": 5600,
+        "remote_num_tokens": 90,
+        "remote_block_size": 32,
     },
 }
 
@@ -62,6 +64,10 @@ def test_decode_leg_carries_only_the_prefill_engines_params():
         {"kv_transfer_params": "nope"},
         {"kv_transfer_params": {"do_remote_prefill": False}},
         {"kv_transfer_params": {"do_remote_prefill": True, "remote_engine_id": "e"}},
+        # what the decode engine's connector would refuse, the router refuses too (one check)
+        {"kv_transfer_params": {**PREFILL_RESPONSE["kv_transfer_params"], "remote_block_ids": [[-1]]}},
+        {"kv_transfer_params": {**PREFILL_RESPONSE["kv_transfer_params"], "remote_host": "tcp://h:1/x"}},
+        {"kv_transfer_params": {**PREFILL_RESPONSE["kv_transfer_params"], "remote_port": "5600"}},
     ],
 )
 def test_unusable_prefill_response_is_a_clear_error(response):

@@ -48,3 +48,19 @@ def test_register_survives_a_broken_step(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(mod, "_register_connectors", boom)
     mod.register()  # must not raise: vLLM's start-up goes on
     assert "failed to register" in caplog.text
+
+
+def test_kv_params_guard_refuses_what_only_vllm_xargs_can_carry():
+    """A non-object kv_transfer_params (vllm_xargs allows strings, numbers, lists) is a client error
+    (vLLM answers 400) instead of an AttributeError inside vLLM (500)."""
+    import pytest
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm_llmd.connectors.api_guard import check_extra_args
+
+    for bad in ("anything", 7, 1.5, ["do_remote_prefill", 1]):
+        with pytest.raises(VLLMValidationError, match="kv_transfer_params must be a JSON object"):
+            check_extra_args(SamplingParams(extra_args={"kv_transfer_params": bad}))
+    for fine in (None, {}, {"do_remote_decode": True}, {"do_remote_prefill": "junk"}):  # objects: the connector's
+        check_extra_args(SamplingParams(extra_args={"kv_transfer_params": fine}))
+    check_extra_args(SamplingParams())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -222,3 +223,91 @@ def test_a_failed_sync_is_retried_until_the_replay_endpoint_answers(idx: KVBlock
         raw.close(linger=0)
         if pub is not None:
             pub.close()
+
+
+# ---- hostile or broken pods (issue 9, case 8) ----------------------------------------------------
+def _payload(tokens: list[int], first_hash: int = 0) -> bytes:
+    from vllm_llmd.wire import BlockStored as WireStored
+    from vllm_llmd.wire import encode_batch
+
+    n = len(tokens) // BS
+    return encode_batch([WireStored(list(range(first_hash, first_hash + n)), None, tokens, BS, None, "GPU", None)])
+
+
+def test_a_garbage_frame_with_an_old_seq_does_not_wipe_a_pod_without_replay(
+    idx: KVBlockIndex, sub: KVEventSubscriber
+) -> None:
+    raw = zmq.Context.instance().socket(zmq.PUB)
+    port = raw.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        sub.add_pod(POD, f"tcp://127.0.0.1:{port}")  # no replay endpoint
+        wait_for(lambda: connected(sub))
+        good = prompt(21)
+
+        def send_until_held() -> bool:
+            raw.send_multipart([TOPIC.encode(), (5).to_bytes(8, "big"), _payload(good)])
+            return holds(idx, good) == 64
+
+        wait_for(send_until_held)
+        for seq in (0, 3, 5, 2**63):  # lower, equal, and absurdly high seqs with garbage payloads
+            raw.send_multipart([TOPIC.encode(), seq.to_bytes(8, "big"), b"\x00\xff junk"])
+        nxt = prompt(22)
+        raw.send_multipart([TOPIC.encode(), (6).to_bytes(8, "big"), _payload(nxt, 100)])
+        wait_for(lambda: holds(idx, nxt) == 64)
+        assert holds(idx, good) == 64  # still there: garbage is not an engine restart
+        s = idx.stats()
+        assert s.resets == 0 and s.seq_gaps == 0 and idx.last_seq(POD) == 6
+        assert sub.stats()[POD].errors >= 4
+    finally:
+        raw.close(linger=0)
+
+
+class _FloodingReplay:
+    """A replay endpoint (ROUTER) that answers with ``n`` batches, then the end marker."""
+
+    def __init__(self, n: int, size: int = 64) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.n, self.size, self.answered = n, size, 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        payload = _payload(prompt(1, self.size))
+        while not self._stop:
+            if not self.sock.poll(50):
+                continue
+            ident, _, _start = self.sock.recv_multipart()
+            for seq in range(self.n):
+                self.sock.send_multipart([ident, b"", TOPIC.encode(), seq.to_bytes(8, "big"), payload])
+            self.sock.send_multipart([ident, b"", TOPIC.encode(), (-1).to_bytes(8, "big", signed=True), b""])
+            self.answered += 1
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(timeout=5)
+        self.sock.close(linger=0)
+
+
+def test_a_replay_answer_over_the_caps_is_a_failed_replay(idx: KVBlockIndex) -> None:
+    """Before: replay answers were buffered without a cap."""
+    sub = KVEventSubscriber(idx, reconnect_ivl_ms=50, replay_max_batches=500, replay_max_bytes=1 << 20)
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    flood = _FloodingReplay(2_000)
+    sub.start()
+    try:
+        sub.add_pod(POD, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{flood.port}")
+        wait_for(lambda: connected(sub) and sub.stats()[POD].errors >= 1 and flood.answered >= 1)
+        st = sub.stats()[POD]
+        assert st.replayed_batches == 0 and idx.stats().batches == 0  # nothing of the oversized answer applied
+        flood.n = 100  # an answer within the caps is applied
+        wait_for(lambda: sub.stats()[POD].replayed_batches == 100, timeout=15)
+        assert idx.last_seq(POD) == 99
+    finally:
+        sub.stop()
+        flood.close()
+        pub.close(linger=0)

@@ -4,12 +4,17 @@
 command line is turned into a ``VllmConfig``), wrap ``EngineArgs.create_engine_config`` so that an
 engine started *without* ``--kv-events-config`` publishes KV events:
 
-* ``endpoint`` ``tcp://*:$LLMD_KV_EVENTS_PORT`` (default 5557), ``replay_endpoint``
-  ``tcp://*:$LLMD_KV_EVENTS_REPLAY_PORT`` (default 5558; ``0`` or ``off`` for none);
+* ``endpoint`` ``tcp://<pod IP>:$LLMD_KV_EVENTS_PORT`` (default 5557), ``replay_endpoint``
+  ``tcp://<pod IP>:$LLMD_KV_EVENTS_REPLAY_PORT`` (default 5558; ``0`` or ``off`` for none), bound on
+  the pod's own address only (:mod:`vllm_llmd.events.publisher`: ``LLMD_KV_EVENTS_BIND_HOST``,
+  ``POD_IP``, ...; ``*`` for all interfaces);
 * ``topic`` ``kv@<POD_IP or host name>:<serving port>@<first served model name>``.
 
 The user's own ``--kv-events-config`` wins: it is left as given, except that an empty ``topic``
 is filled in with the derived one when ``LLMD_KV_EVENTS=1``.
+
+In the engine-core process the plugin makes vLLM's publisher bind those endpoints and, with
+``LLMD_CURVE_SERVER_SECRET``, use CURVE (:func:`vllm_llmd.events.publisher.patch_publisher`).
 
 Independently (``LLMD_KV_EVENTS_FLUSH_ON_RESET``, on by default), in the engine-core process the
 scheduler's ``reset_prefix_cache`` is wrapped to publish the resulting ``AllBlocksCleared`` at once:
@@ -28,6 +33,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from vllm_llmd.events.publisher import bind_host, endpoint, patch_publisher
 from vllm_llmd.events.topic import derive_topic
 
 logger = logging.getLogger("vllm.vllm_llmd.events")
@@ -73,15 +79,16 @@ def served_model(engine_args: Any) -> str:
 
 def default_events_config(engine_args: Any, env: Mapping[str, str]) -> dict[str, Any]:
     """The ``KVEventsConfig`` fields we set when the user gave none."""
+    host = bind_host(env)
     cfg: dict[str, Any] = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
-        "endpoint": f"tcp://*:{_port(env, PORT_ENV, DEFAULT_PORT) or DEFAULT_PORT}",
+        "endpoint": endpoint(host, _port(env, PORT_ENV, DEFAULT_PORT) or DEFAULT_PORT),
         "topic": derive_topic(served_model(engine_args), env),
     }
     replay = _port(env, REPLAY_PORT_ENV, DEFAULT_REPLAY_PORT)
     if replay is not None:
-        cfg["replay_endpoint"] = f"tcp://*:{replay}"
+        cfg["replay_endpoint"] = endpoint(host, replay)
     return cfg
 
 
@@ -163,10 +170,17 @@ def apply_event_defaults(role: str) -> str:
             _patch_engine_args()
             return "env-defaults"
         if role == "engine_core":
+            done = []
+            try:
+                done.append("publisher " + patch_publisher(env))
+            except Exception:
+                logger.exception("vllm_llmd: KV-event publisher settings not applied; vLLM's own are used")
             if env.get(FLUSH_ENV, "1").strip().lower() in _FALSE:
-                return "flush-off"
-            _patch_reset_flush()
-            return "flush-on-reset"
+                done.append("flush-off")
+            else:
+                _patch_reset_flush()
+                done.append("flush-on-reset")
+            return ", ".join(done)
     except Exception:
         logger.exception("vllm_llmd: KV-event defaults failed; vLLM continues unchanged")
         return "error"

@@ -1,10 +1,12 @@
-"""The llm-d topic convention ``kv@<pod-address>:<port>@<model>`` and where its parts come from."""
+"""Where the parts of the llm-d topic (:mod:`vllm_llmd.wire.topic`) come from on an engine."""
 
 from __future__ import annotations
 
 import socket
 import sys
 from collections.abc import Mapping, Sequence
+
+from vllm_llmd.wire.topic import make_topic
 
 #: Overrides the address part (else ``POD_IP``, else the host name).
 HOST_ENV = "LLMD_KV_EVENTS_HOST"
@@ -50,10 +52,6 @@ def server_port(env: Mapping[str, str], argv: Sequence[str] | None = None) -> in
             pass
     port = argv_port(sys.argv if argv is None else argv)
     return DEFAULT_SERVER_PORT if port is None else port
-
-
-def make_topic(address: str, port: int, model: str) -> str:
-    return f"kv@{address}:{port}@{model}"
 
 
 def derive_topic(model: str, env: Mapping[str, str], argv: Sequence[str] | None = None) -> str:

@@ -17,6 +17,9 @@ from typing import Any
 
 import msgspec
 
+from vllm_llmd.index.keys import token_bytes
+from vllm_llmd.wire.kv_events import POSITIONAL_FIELDS, TAG_FIELD, AllBlocksCleared, BlockRemoved, BlockStored
+
 MASK64 = (1 << 64) - 1
 
 #: Normalized event kinds (first item of each normalized tuple).
@@ -24,30 +27,35 @@ STORED = 0
 REMOVED = 1
 CLEARED = 2
 
-_STORED_FIELDS = frozenset(
-    {
-        "type",
-        "block_hashes",
-        "parent_block_hash",
-        "token_ids",
-        "block_size",
-        "lora_id",
-        "medium",
-        "lora_name",
-        "extra_keys",
-        "group_idx",
-        "kv_cache_spec_kind",
-        "kv_cache_spec_sliding_window",
-        "locality",
-        "ownership",
-        "session_id",
-        "lookahead_token_ids",  # vLLM 0.33+; our keys come from token_ids alone
-    }
+#: every field a map-form event may carry (the tag and the wire type's fields), per event type
+_KNOWN = {
+    name: frozenset((TAG_FIELD, *cls.__struct_fields__))
+    for name, cls in (
+        ("BlockStored", BlockStored),
+        ("BlockRemoved", BlockRemoved),
+        ("AllBlocksCleared", AllBlocksCleared),
+    )
+}
+#: vLLM 0.33 appends BlockStored.lookahead_token_ids (set only with EAGLE block-drop speculative
+#: decoding); our wire types mirror 0.32's byte for byte (16 fields would change msgspec's map header),
+#: so it is listed here: known, ignored (our keys come from token_ids alone)
+_KNOWN["BlockStored"] |= {"lookahead_token_ids"}
+#: position of each field in the positional form (the tag is at 0)
+_AT = {name: {f: i + 1 for i, f in enumerate(fields)} for name, fields in POSITIONAL_FIELDS.items()}
+_STORED_AT, _REMOVED_AT = _AT["BlockStored"], _AT["BlockRemoved"]
+#: the fields _stored() takes, in its order
+_STORED_ARGS = (
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "medium",
+    "lora_name",
+    "extra_keys",
+    "group_idx",
+    "kv_cache_spec_kind",
 )
-_REMOVED_FIELDS = frozenset({"type", "block_hashes", "medium", "group_idx", "locality", "ownership"})
-_CLEARED_FIELDS = frozenset({"type"})
-_STORED_POSITIONS = 12  # tag + the 11 positional fields we know
-_REMOVED_POSITIONS = 4
+_STORED_POS = tuple(_STORED_AT[f] for f in _STORED_ARGS)
 
 _decoder = msgspec.msgpack.Decoder()
 
@@ -58,7 +66,8 @@ class BadEvent(ValueError):
 
 @dataclass(slots=True)
 class DecodedBatch:
-    #: ``(STORED, hashes, parent, tokens, block_size, medium, lora_name, extra_keys, group_idx, full_attn)``,
+    #: ``(STORED, hashes, parent, token bytes (uint32 LE), block_size, medium, lora_name, extra_keys, group_idx,
+    #: full_attn)``,
     #: ``(REMOVED, hashes, medium, group_idx)`` or ``(CLEARED,)``
     events: list[tuple[Any, ...]] = field(default_factory=list)
     ts: float | None = None
@@ -90,7 +99,7 @@ def _hashes(value: object) -> list[int]:
 def _medium(value: object) -> str:
     if value is None:
         return "GPU"
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or len(value) > 64:
         raise BadEvent("bad medium")
     return value.upper()
 
@@ -128,11 +137,15 @@ def _stored(
     if extra_keys is not None and (not isinstance(extra_keys, list) or len(extra_keys) != len(hs)):
         raise BadEvent("extra_keys is not one entry per block")
     kind_s = _opt_str(kind)
+    try:
+        tb = token_bytes(tokens)  # here, outside the index lock; bad ids make a bad event
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise BadEvent("bad token id") from exc
     return (
         STORED,
         hs,
         None if parent is None else block_hash(parent),
-        tokens,
+        tb,
         block_size,
         _medium(medium),
         _opt_str(lora_name),
@@ -143,10 +156,10 @@ def _stored(
 
 
 def _from_map(ev: dict[Any, Any], out: DecodedBatch) -> None:
-    tag = ev.get("type")
+    tag = ev.get(TAG_FIELD)
     if tag == "BlockStored":
-        known = _STORED_FIELDS
         g = ev.get
+        # written out (not a loop over _STORED_ARGS): this runs once per event on the ingest path
         out.events.append(
             _stored(
                 ev["block_hashes"],
@@ -161,16 +174,15 @@ def _from_map(ev: dict[Any, Any], out: DecodedBatch) -> None:
             )
         )
     elif tag == "BlockRemoved":
-        known = _REMOVED_FIELDS
         out.events.append(
             (REMOVED, _hashes(ev["block_hashes"]), _medium(ev.get("medium")), _opt_int(ev.get("group_idx")))
         )
     elif tag == "AllBlocksCleared":
-        known = _CLEARED_FIELDS
         out.events.append((CLEARED,))
     else:
         out.unknown_events += 1
         return
+    known = _KNOWN[tag]
     if len(ev) > len(known) or not known.issuperset(ev):
         out.unknown_fields += sum(1 for k in ev if k not in known)
 
@@ -178,28 +190,30 @@ def _from_map(ev: dict[Any, Any], out: DecodedBatch) -> None:
 def _from_array(ev: list[Any], out: DecodedBatch) -> None:
     tag = ev[0] if ev else None
     n = len(ev)
-
-    def at(i: int) -> Any:
-        return ev[i] if i < n else None
-
     if tag == "BlockStored":
-        if n < 5:
+        if n <= _STORED_AT["block_size"]:
             raise BadEvent("short BlockStored")
-        out.events.append(_stored(ev[1], ev[2], ev[3], ev[4], at(6), at(7), at(8), at(9), at(10)))
-        if n > _STORED_POSITIONS:
-            out.unknown_fields += n - _STORED_POSITIONS
+        out.events.append(_stored(*[ev[i] if i < n else None for i in _STORED_POS]))
     elif tag == "BlockRemoved":
-        if n < 2:
+        if n <= _REMOVED_AT["block_hashes"]:
             raise BadEvent("short BlockRemoved")
-        out.events.append((REMOVED, _hashes(ev[1]), _medium(at(2)), _opt_int(at(3))))
-        if n > _REMOVED_POSITIONS:
-            out.unknown_fields += n - _REMOVED_POSITIONS
-    elif tag == "AllBlocksCleared":
-        out.events.append((CLEARED,))
-        if n > 1:
-            out.unknown_fields += n - 1
+        at = _REMOVED_AT
+        out.events.append(
+            (
+                REMOVED,
+                _hashes(ev[at["block_hashes"]]),
+                _medium(ev[at["medium"]] if at["medium"] < n else None),
+                _opt_int(ev[at["group_idx"]] if at["group_idx"] < n else None),
+            )
+        )
     else:
-        out.unknown_events += 1
+        if tag != "AllBlocksCleared":
+            out.unknown_events += 1
+            return
+        out.events.append((CLEARED,))
+    extra = n - 1 - len(POSITIONAL_FIELDS[tag])
+    if extra > 0:
+        out.unknown_fields += extra
 
 
 def decode_payload(payload: bytes) -> DecodedBatch:
@@ -214,8 +228,10 @@ def decode_payload(payload: bytes) -> DecodedBatch:
         out.bad_batch = True
         return out
     ts = batch[0]
-    if isinstance(ts, int | float) and not isinstance(ts, bool):
-        out.ts = float(ts)
+    if not isinstance(ts, int | float) or isinstance(ts, bool):  # [ts, events, ...] or it is no batch
+        out.bad_batch = True
+        return out
+    out.ts = float(ts)
     for ev in batch[1]:
         try:
             if isinstance(ev, dict):

@@ -11,28 +11,34 @@ we ask it with a short-lived DEALER, ``[b"", start_seq]`` -> ``[b"", topic, seq,
 * a live batch after a gap in seq -> fetch the missing batches from the replay endpoint;
 * a live batch whose seq went backwards (and is no duplicate) -> engine restart: drop the pod's
   entries, replay from 0;
-* a replay that fails (times out: an engine still starting, or overloaded) is retried every
-  second while connected; a gap that could not be filled makes the next sync rebuild the pod.
+* a replay that fails (times out: an engine still starting, or overloaded; or its answer is
+  misframed or over the bounds of :mod:`.replay`) is retried every second while connected; a gap
+  that could not be filled makes the next sync rebuild the pod.
 
-Without a replay endpoint gaps are only counted, and a restart is noticed at its first batch.
+Without a replay endpoint gaps are only counted, and a restart is noticed at its first batch. What
+counts as a gap, a duplicate or a restart is decided by :mod:`.stream` (through
+``KVBlockIndex.ingest(..., hold=True)``); only a well-formed batch can be any of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from vllm_llmd.index.block_index import KVBlockIndex
-from vllm_llmd.wire import seq_from_bytes
+from vllm_llmd.index.replay import MAX_BATCHES, MAX_BYTES, MAX_MESSAGE_BYTES, ReplayLimits, fetch_replay
+from vllm_llmd.index.stream import Verdict, frame_seq
+from vllm_llmd.wire.curve import CurveClient, client_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +95,18 @@ class KVEventSubscriber:
         reconnect_ivl_ms: int = 100,
         reconnect_ivl_max_ms: int = 5000,
         context: zmq.Context | None = None,
+        replay_max_batches: int = MAX_BATCHES,
+        replay_max_bytes: int = MAX_BYTES,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        curve: CurveClient | Literal["env"] | None = "env",
     ) -> None:
+        """``replay_max_batches`` / ``replay_max_bytes``: a replay answer beyond either is a failed
+        replay; ``max_message_bytes``: largest frame accepted on the event and replay sockets;
+        ``curve``: CURVE client keys for every pod (default: from ``LLMD_CURVE_SERVER_PUBLIC`` /
+        ``LLMD_CURVE_CLIENT_SECRET``, :mod:`vllm_llmd.wire.curve`; ``None``: plain text)."""
         self.index = index
-        self.replay_timeout_s = replay_timeout_s
+        self.curve = client_from_env() if curve == "env" else curve
+        self.limits = ReplayLimits(replay_timeout_s, replay_max_batches, replay_max_bytes, max_message_bytes)
         self.reconnect_ivl_ms = reconnect_ivl_ms
         self.reconnect_ivl_max_ms = reconnect_ivl_max_ms
         self._ctx = context or zmq.Context.instance()
@@ -108,6 +123,14 @@ class KVEventSubscriber:
         self._wake_send.connect(self._wake_addr)
 
     # ------------------------------------------------------------- public API
+
+    @property
+    def replay_timeout_s(self) -> float:
+        return self.limits.timeout_s
+
+    @replay_timeout_s.setter
+    def replay_timeout_s(self, value: float) -> None:
+        self.limits = dataclasses.replace(self.limits, timeout_s=value)
 
     def add_pod(self, pod: str, endpoint: str, replay_endpoint: str | None = None) -> None:
         self._command(self._do_add, pod, endpoint, replay_endpoint)
@@ -157,9 +180,12 @@ class KVEventSubscriber:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 100_000)
+        sub.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         sub.setsockopt(zmq.RECONNECT_IVL, self.reconnect_ivl_ms)
         sub.setsockopt(zmq.RECONNECT_IVL_MAX, self.reconnect_ivl_max_ms)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        if self.curve is not None:
+            self.curve.apply(sub)
         mon = None
         try:
             mon = sub.get_monitor_socket(_HANDSHAKE | zmq.EVENT_DISCONNECTED)
@@ -282,25 +308,28 @@ class KVEventSubscriber:
     def _on_live(self, conn: _PodConn, frames: list[bytes]) -> None:
         st = conn.stats
         now = time.time()
-        if len(frames) != 3 or len(frames[1]) != 8:
+        replay = st.replay_endpoint is not None
+        verdict = self.index.ingest(conn.pod, frames, hold=replay)
+        if verdict is Verdict.GAP:
+            last = self.index.last_seq(conn.pod)
+            self._fill(conn, 0 if last is None else last + 1)
+            self.index.ingest(conn.pod, frames)  # a duplicate now, unless the replay failed
+        elif verdict is Verdict.RESTART:
+            logger.info(
+                "kv subscriber: %s restarted (seq %s after %s); rebuilding from replay",
+                conn.pod,
+                frame_seq(frames),
+                self.index.last_seq(conn.pod),
+            )
+            with self._stats_lock:
+                st.restarts += 1
+            self.index.reset_pod(conn.pod)
+            self._fill(conn, 0)
+            self.index.ingest(conn.pod, frames)
+        elif verdict is Verdict.BAD:
             with self._stats_lock:
                 st.errors += 1
-            self.index.ingest(conn.pod, frames)  # counted there as a decode error
             return
-        seq = int.from_bytes(frames[1], "big")
-        last = self.index.last_seq(conn.pod)
-        if st.replay_endpoint is not None and last is not None:
-            if seq > last + 1:
-                self._fill(conn, last + 1)
-            elif seq <= last and not self.index.seen(conn.pod, seq, frames[2]):
-                logger.info(
-                    "kv subscriber: %s restarted (seq %d after %d); rebuilding from replay", conn.pod, seq, last
-                )
-                with self._stats_lock:
-                    st.restarts += 1
-                self.index.reset_pod(conn.pod)
-                self._fill(conn, 0)
-        self.index.ingest(conn.pod, frames)
         lag = None
         try:
             lag = max(0.0, now - _head.decode(frames[2]).ts)
@@ -318,32 +347,7 @@ class KVEventSubscriber:
         endpoint = conn.stats.replay_endpoint
         if endpoint is None:
             return None
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        out: list[list[bytes]] = []
-        try:
-            sock.connect(endpoint)
-            sock.send_multipart([b"", start.to_bytes(8, "big")])
-            deadline = time.monotonic() + self.replay_timeout_s
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
-                    logger.warning("kv subscriber: replay from %s timed out", endpoint)
-                    return None
-                msg = sock.recv_multipart()
-                if len(msg) != 4 or len(msg[2]) != 8:
-                    logger.warning("kv subscriber: malformed replay message from %s", endpoint)
-                    return None
-                if seq_from_bytes(msg[2]) == -1:
-                    break
-                out.append(msg[1:])
-                deadline = time.monotonic() + self.replay_timeout_s
-        except zmq.ZMQError as exc:
-            logger.warning("kv subscriber: replay from %s failed: %s", endpoint, exc)
-            return None
-        finally:
-            sock.close(linger=0)
-        return out
+        return fetch_replay(self._ctx, endpoint, start, self.limits, self.curve)
 
     def _fill(self, conn: _PodConn, start: int) -> None:
         """Apply the batches from ``start`` on; if the replay buffer no longer reaches back to
@@ -357,11 +361,12 @@ class KVEventSubscriber:
             conn.rebuild = True  # the missing batches are unknown: rebuild once a replay works
             conn.sync_due = time.monotonic() + RETRY_SYNC_S
             return
-        if start > 0 and got and int.from_bytes(got[0][1], "big") > start:
+        first = frame_seq(got[0]) if got else None
+        if start > 0 and first is not None and first > start:
             logger.info("kv subscriber: %s replay buffer starts after seq %d; resyncing", conn.pod, start)
             self.index.reset_pod(conn.pod)
         for frames in got:
-            if int.from_bytes(frames[1], "big") >= start:
+            if (frame_seq(frames) or 0) >= start:
                 self.index.ingest(conn.pod, frames)
         with self._stats_lock:
             conn.stats.replayed_batches += len(got)
@@ -385,16 +390,14 @@ class KVEventSubscriber:
             conn.rebuild = False
             self.index.reset_pod(conn.pod)
             last = None
-        if last is not None:
-            same = any(int.from_bytes(f[1], "big") == last and self.index.seen(conn.pod, last, f[2]) for f in got)
-            if not same:
-                logger.info("kv subscriber: %s has a new engine or lost history; rebuilding", conn.pod)
-                with self._stats_lock:
-                    conn.stats.restarts += 1
-                self.index.reset_pod(conn.pod)
-                last = None
+        if last is not None and not self.index.continues(conn.pod, got):
+            logger.info("kv subscriber: %s has a new engine or lost history; rebuilding", conn.pod)
+            with self._stats_lock:
+                conn.stats.restarts += 1
+            self.index.reset_pod(conn.pod)
+            last = None
         for frames in got:
-            if last is None or int.from_bytes(frames[1], "big") > last:
+            if last is None or (frame_seq(frames) or 0) > last:
                 self.index.ingest(conn.pod, frames)
         with self._stats_lock:
             conn.stats.replayed_batches += len(got)

@@ -13,6 +13,13 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+from vllm_llmd.wire.kv_transfer import (
+    REMOTE_DECODE_REQUEST,
+    KVParamsError,
+    RemotePrefill,
+    parse_kv_transfer_params,
+)
+
 KV_TRANSFER_PARAMS = "kv_transfer_params"
 
 #: body keys that only make sense on the decode leg (the prefill leg answers with one token, non-streamed)
@@ -47,27 +54,22 @@ def build_prefill_request(body: Mapping[str, Any], chat: bool | None = None) -> 
     else:
         out.pop("max_completion_tokens", None)
     out["stream"] = False
-    out[KV_TRANSFER_PARAMS] = {
-        "do_remote_decode": True,
-        "do_remote_prefill": False,
-        "remote_engine_id": None,
-        "remote_block_ids": None,
-        "remote_host": None,
-        "remote_port": None,
-    }
+    out[KV_TRANSFER_PARAMS] = dict(REMOTE_DECODE_REQUEST)
     return out
 
 
 def prefill_kv_transfer_params(response: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``kv_transfer_params`` of a prefill engine's response, checked for what a decode needs."""
+    """The ``kv_transfer_params`` of a prefill engine's response, checked exactly as the decode
+    engine's connector will check them (:func:`vllm_llmd.wire.parse_kv_transfer_params`)."""
     params = response.get(KV_TRANSFER_PARAMS)
     if not isinstance(params, dict):
         raise PDError("the prefill response carries no kv_transfer_params (is the engine's connector a producer?)")
-    if not params.get("do_remote_prefill"):
+    try:
+        remote = parse_kv_transfer_params(params)
+    except KVParamsError as exc:
+        raise PDError(f"the prefill response's {exc}") from exc
+    if not isinstance(remote, RemotePrefill):
         raise PDError("the prefill response's kv_transfer_params do not offer a remote prefill")
-    missing = [k for k in ("remote_engine_id", "remote_request_id", "remote_host", "remote_port") if not params.get(k)]
-    if missing:
-        raise PDError(f"the prefill response's kv_transfer_params lack {missing}")
     return copy.deepcopy(params)
 
 

@@ -71,6 +71,18 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     data_parallel_rank: int | None = None
 
 
+#: the positional (older vLLM, llm-d tooling) form of each event: ``[tag, *fields]``, with the
+#: fields in struct order up to the last one that form carried
+POSITIONAL_FIELDS: dict[str, tuple[str, ...]] = {
+    "BlockStored": BlockStored.__struct_fields__[
+        : BlockStored.__struct_fields__.index("kv_cache_spec_sliding_window") + 1
+    ],
+    "BlockRemoved": BlockRemoved.__struct_fields__[: BlockRemoved.__struct_fields__.index("group_idx") + 1],
+    "AllBlocksCleared": (),
+}
+#: the map form's tag field (``"type"``)
+TAG_FIELD: str = BlockStored.__struct_config__.tag_field  # type: ignore[assignment]
+
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -80,24 +92,8 @@ def encode_batch(events: list[BlockStored | BlockRemoved | AllBlocksCleared], ts
 
 
 def _positional(event: BlockStored | BlockRemoved | AllBlocksCleared) -> list[Any]:
-    if isinstance(event, BlockStored):
-        return [
-            "BlockStored",
-            event.block_hashes,
-            event.parent_block_hash,
-            event.token_ids,
-            event.block_size,
-            event.lora_id,
-            event.medium,
-            event.lora_name,
-            event.extra_keys,
-            event.group_idx,
-            event.kv_cache_spec_kind,
-            event.kv_cache_spec_sliding_window,
-        ]
-    if isinstance(event, BlockRemoved):
-        return ["BlockRemoved", event.block_hashes, event.medium, event.group_idx]
-    return ["AllBlocksCleared"]
+    tag = type(event).__name__
+    return [tag, *(getattr(event, f) for f in POSITIONAL_FIELDS[tag])]
 
 
 def encode_positional_batch(events: list[BlockStored | BlockRemoved | AllBlocksCleared], ts: float = 0.0) -> bytes:

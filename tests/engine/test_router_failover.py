@@ -1,7 +1,8 @@
 """Failover with real engines: kill one engine while the router has traffic in flight; no request
 that had not started streaming is lost; the engine is restarted and takes traffic again.
 
-Runs last (``zz``) because it kills a shared engine; it leaves it running and healthy."""
+Marked destructive (runs after every other test, tests/conftest.py) because it kills a shared
+engine; it leaves it running and healthy."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from router_harness import pod_id, prose, routed
 
 from vllm_llmd.testing.wait import wait_until_async
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.destructive]
 
 
 @dataclass

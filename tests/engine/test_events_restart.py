@@ -1,6 +1,7 @@
 """After an engine restart, the index drops the stale entries of the old engine process.
 
-Restarts the shared engine A (and leaves it running and healthy), so it runs at the end.
+Restarts the shared engine A (and leaves it running and healthy), so it is marked destructive: it
+runs after every other test (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from vllm_llmd.index import KVBlockIndex, KVEventSubscriber
 from vllm_llmd.testing.engine import EngineProcess
 from vllm_llmd.testing.wait import wait_until
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.destructive]
 
 MODEL = "test-model"
 

@@ -7,7 +7,8 @@ started (Envoy's ``retry_on: connect-failure,reset`` takes it to the picker's ne
 request that broke after its start is an error to the client (never a clean end), the picker's
 accounting is released for all of them, and the restarted engine is picked again.
 
-Runs near the end (``zz``) because it kills a shared engine; it leaves it running and healthy."""
+Marked destructive (runs after every other test, tests/conftest.py) because it kills a shared
+engine; it leaves it running and healthy."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from router_harness import pod_id, prose
 from vllm_llmd.testing.gateway import gateway_stack
 from vllm_llmd.testing.wait import wait_until_async
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.destructive]
 
 
 @dataclass

@@ -1,0 +1,165 @@
+"""An in-process transport behind ``connectors/transports/base.py``'s interface, for the connector's
+fast unit tests.
+
+It follows :class:`vllm_llmd.connectors.transports.nixl.NixlTransport` (connectors/transports/nixl.py):
+a peer is added from its metadata and region table (unknown metadata or a region table beyond the
+memory the peer registered is a :class:`TransportError`); a READ names ``(region, block)`` pairs on
+both sides and is checked against the registered regions (``_indices``); ``poll`` reports ``DONE``
+and only then sends the completion notification to the peer (``_Read``); ``release`` of a pending
+transfer cancels it. Bytes really move: a READ copies the peer's block memory into ours with
+``ctypes.memmove`` (both "engines" live in this process), as NIXL's UCX backend copies between
+processes.
+
+What a test controls (on the shared :class:`Fabric`): ``hold`` keeps new transfers ``PENDING`` until
+:meth:`Fabric.complete` (a slow network); :meth:`Fabric.fail` makes a pending transfer fail.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from vllm_llmd.connectors.transports.base import KVTransport, MemoryKind, Peer, Region, TransportError, XferState
+
+
+@dataclass
+class Xfer:
+    id: int
+    owner: FakeTransport
+    peer: str
+    copies: list[tuple[int, int, int]]  # (dst addr, src addr, nbytes)
+    notif: bytes
+    state: XferState = XferState.PENDING
+    released: bool = False
+
+
+@dataclass
+class Fabric:
+    """Every fake agent of a test, by name (the network between them)."""
+
+    agents: dict[str, FakeTransport] = field(default_factory=dict)
+    hold: bool = False
+    xfers: list[Xfer] = field(default_factory=list)
+    cancelled: int = 0
+
+    def pending(self) -> list[Xfer]:
+        return [x for x in self.xfers if x.state == XferState.PENDING and not x.released]
+
+    def complete(self, xfer: Xfer | None = None) -> None:
+        for x in [xfer] if xfer else self.pending():
+            x.state = XferState.DONE
+
+    def fail(self, xfer: Xfer | None = None) -> None:
+        for x in [xfer] if xfer else self.pending():
+            x.state = XferState.FAILED
+
+
+class FakeTransport(KVTransport):
+    name = "nixl"  # what the handshake compares; the fake stands in for NIXL
+    _ids = itertools.count()
+
+    def __init__(self, fabric: Fabric, memory: MemoryKind = MemoryKind.DRAM, **_: object) -> None:
+        self.fabric = fabric
+        self.memory = memory
+        self.agent_name = f"fake-{next(self._ids)}"
+        self._regions: tuple[Region, ...] = ()
+        self._peers: dict[str, Peer] = {}
+        self._inbox: list[tuple[str, bytes]] = []
+        self.closed = False
+        fabric.agents[self.agent_name] = self
+
+    # ---- memory and metadata
+    def register(self, regions: Sequence[Region]) -> None:
+        if self._regions:
+            raise TransportError("memory is already registered")
+        if not regions:
+            raise TransportError("nothing to register")
+        self._regions = tuple(regions)
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return self._regions
+
+    def local_metadata(self) -> bytes:
+        return self.agent_name.encode()
+
+    def add_peer(self, metadata: bytes, regions: Sequence[Region]) -> Peer:
+        if not self._regions:
+            raise TransportError("register memory before adding peers")
+        agent = self.fabric.agents.get(metadata.decode(errors="replace"))
+        if agent is None or agent.closed:
+            raise TransportError("NIXL rejected the peer's agent metadata")
+        if tuple(regions) != agent.regions:
+            raise TransportError(f"peer {agent.agent_name}'s region table does not match the memory it registered")
+        peer = Peer(name=agent.agent_name, regions=tuple(regions))
+        self._peers[peer.name] = peer
+        return peer
+
+    def remove_peer(self, peer: Peer) -> None:
+        self._peers.pop(peer.name, None)
+
+    # ---- data movement
+    @staticmethod
+    def _addrs(regions: Sequence[Region], pairs: Sequence[tuple[int, int]]) -> list[int]:
+        out = []
+        for region, block in pairs:
+            if not 0 <= region < len(regions) or not 0 <= block < regions[region].num_blocks:
+                raise TransportError(f"block ({region}, {block}) is outside the registered regions")
+            out.append(regions[region].base_addr + block * regions[region].block_len)
+        return out
+
+    def _post(self, peer: Peer, local, remote, notif: bytes, read: bool) -> Xfer:  # type: ignore[no-untyped-def]
+        if len(local) != len(remote):
+            raise TransportError(f"{len(local)} local blocks but {len(remote)} remote blocks")
+        if peer.name not in self._peers:
+            raise TransportError(f"unknown peer {peer.name}")
+        mine, theirs = self._addrs(self._regions, local), self._addrs(peer.regions, remote)
+        lens = [self._regions[r].block_len for r, _ in local]
+        pairs = zip(mine, theirs, lens, strict=True)
+        copies = [(m, t, n) if read else (t, m, n) for m, t, n in pairs]
+        x = Xfer(len(self.fabric.xfers), self, peer.name, copies, notif)
+        self.fabric.xfers.append(x)
+        if not self.fabric.hold:
+            x.state = XferState.DONE
+        return x
+
+    def read_blocks(self, peer, local, remote, notif: bytes = b"") -> object:  # type: ignore[override]
+        return self._post(peer, local, remote, notif, read=True)
+
+    def write_blocks(self, peer, local, remote, notif: bytes = b"") -> object:  # type: ignore[override]
+        return self._post(peer, local, remote, notif, read=False)
+
+    def poll(self, handle: object) -> XferState:
+        assert isinstance(handle, Xfer)
+        if handle.state == XferState.DONE and handle.copies:
+            for dst, src, n in handle.copies:
+                ctypes.memmove(dst, src, n)
+            handle.copies = []
+            if handle.notif:  # as NixlTransport: the notice goes out once the data is here
+                self._send(handle.peer, handle.notif)
+                handle.notif = b""
+        return handle.state
+
+    def release(self, handle: object) -> None:
+        assert isinstance(handle, Xfer)
+        if handle.state == XferState.PENDING and not handle.released:
+            self.fabric.cancelled += 1
+        handle.released = True
+
+    def _send(self, peer: str, message: bytes) -> None:
+        agent = self.fabric.agents.get(peer)
+        if agent is None or agent.closed:
+            raise TransportError(f"notification to {peer} failed: peer gone")
+        agent._inbox.append((self.agent_name, message))
+
+    def notify(self, peer: Peer, message: bytes) -> None:
+        self._send(peer.name, message)
+
+    def get_notifs(self) -> list[tuple[str, bytes]]:
+        out, self._inbox = self._inbox, []
+        return out
+
+    def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,28 @@
+"""Destructive engine tests run after the tests that share their engines, by marker (not file name)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+#: files whose tests kill or restart the session's shared engines
+DESTRUCTIVE_FILES = ("test_events_restart.py", "test_router_failover.py", "test_gateway_failover.py")
+
+
+def test_destructive_tests_are_ordered_by_their_marker() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/engine"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    ids = [line for line in out.stdout.splitlines() if "::" in line]
+    assert ids, out.stdout + out.stderr
+    session = [i for i, t in enumerate(ids) if t.split("::")[0].endswith(DESTRUCTIVE_FILES)]
+    assert session and session == list(range(len(ids) - len(session), len(ids)))  # after everything else
+    pd = [i for i, t in enumerate(ids) if "test_pd.py::" in t]
+    assert pd == list(range(pd[0], pd[0] + len(pd)))  # the module's tests stay together (one engine pair)
+    assert ids[pd[-1]].endswith("test_prefill_engine_killed_after_prefill_leg_decode_prefills_locally")
