@@ -7,6 +7,7 @@ N pods' worth of KV event index entries; no HTTP. Prints CPU ms per request and 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import tempfile
 import time
@@ -56,19 +57,22 @@ def main() -> None:
     print(f"prompt ~{len(prompts[0])} characters")
     cands = router.pool.pods
 
-    def one(p: str) -> None:
-        req = router._sched_request({"prompt": p}, "test-model", False, None)
+    async def one(p: str) -> None:
+        req = await router._sched_request({"prompt": p}, "test-model", False, None, len(p))
         router.scheduler.schedule(req, router._candidates(cands))
 
-    for p in prompts[:100]:
-        one(p)
-    lat = []
-    c0 = time.process_time()
-    for p in prompts[100:]:
-        t = time.perf_counter()
-        one(p)
-        lat.append(time.perf_counter() - t)
-    cpu = time.process_time() - c0
+    async def run() -> tuple[list[float], float]:
+        for p in prompts[:100]:
+            await one(p)
+        lat = []
+        c0 = time.process_time()
+        for p in prompts[100:]:
+            t = time.perf_counter()
+            await one(p)
+            lat.append(time.perf_counter() - t)
+        return lat, time.process_time() - c0
+
+    lat, cpu = asyncio.run(run())
     lat.sort()
     n = len(lat)
     print(

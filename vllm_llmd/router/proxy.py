@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -25,7 +26,7 @@ from vllm_llmd.router.pool import Pod, PodPool
 from vllm_llmd.router.prefix_memory import text_block_keys, token_block_keys
 from vllm_llmd.router.scheduling import Candidate, Decision, SchedRequest, Scheduler
 from vllm_llmd.router.scheduling.profile import NoCandidate
-from vllm_llmd.router.tokenize import PromptTokenizer
+from vllm_llmd.router.tokenize import PromptTokenizer, TokenizerPool
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,11 @@ class RouterApp:
         self.prefill_scheduler = prefill_scheduler or scheduler
         self.inflight = inflight
         self.tokenizer = tokenizer
+        self.tokenizer_pool = (
+            TokenizerPool(cfg.tokenizer.workers, cfg.tokenizer.max_pending, cfg.tokenizer.inline_chars)
+            if tokenizer is not None
+            else None
+        )
         self.metrics = metrics
         self.index = index
         self.subscriber = subscriber
@@ -133,6 +139,8 @@ class RouterApp:
         await self.pool.stop()
         if self.session is not None:
             await self.session.close()
+        if self.tokenizer_pool is not None:
+            self.tokenizer_pool.close()
 
     # ---- simple endpoints --------------------------------------------------------------------
     async def handle_health(self, request: web.Request) -> web.Response:
@@ -218,23 +226,26 @@ class RouterApp:
             raise _HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
         return model
 
-    def _sched_request(self, payload: dict[str, Any], model: str, chat: bool, session_id: str | None) -> SchedRequest:
+    async def _sched_request(
+        self, payload: dict[str, Any], model: str, chat: bool, session_id: str | None, body_size: int
+    ) -> SchedRequest:
         tok = self.tokenizer
-        token_ids: list[int] | None = None
+        pool = self.tokenizer_pool
+        token_ids: Sequence[int] | None = None
         text = ""
         if chat:
             messages = payload.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise _HTTPError(400, "'messages' must be a non-empty list", "BadRequestError")
-            if tok is not None and tok.has_chat_template:
+            if tok is not None and pool is not None and tok.has_chat_template:
                 try:
-                    token_ids = tok.encode_chat(payload)
+                    token_ids = await pool.run(body_size, tok.encode_chat_ids, payload)
                 except Exception as e:  # a template error is the engine's to report; route approximately
                     log.debug("chat template failed: %s", e)
+                    if not self._chat_fallback_logged:
+                        log.warning("chat template failing: such chat requests use approximate scoring")
+                        self._chat_fallback_logged = True
             if token_ids is None:
-                if tok is not None and not self._chat_fallback_logged:
-                    log.warning("chat template unavailable or failing: chat requests use approximate scoring")
-                    self._chat_fallback_logged = True
                 text = "".join(
                     f"{m.get('role', '')}: {m.get('content', '')}\n" if isinstance(m, dict) else str(m)
                     for m in messages
@@ -245,22 +256,26 @@ class RouterApp:
                 prompt = prompt[0]  # a batch: route by its first prompt
             if isinstance(prompt, str):
                 text = prompt
-                if tok is not None:
-                    token_ids = tok.encode(prompt, add_special_tokens=bool(payload.get("add_special_tokens", True)))
+                if tok is not None and pool is not None:
+                    specials = bool(payload.get("add_special_tokens", True))
+                    token_ids = await pool.run(len(prompt), tok.encode_ids, prompt, specials)
             elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
                 token_ids = prompt
             else:
                 raise _HTTPError(400, "'prompt' must be a string, a list of strings or token ids", "BadRequestError")
         bs = self.scheduler.ctx.block_size
         lora = None
+        # only the first max_prompt_blocks blocks take part in routing (bounds the work per request)
+        cap = self.cfg.index.max_prompt_blocks * bs
         if token_ids is not None:
+            head = token_ids if len(token_ids) <= cap else token_ids[:cap]
             if self.index is not None and hasattr(self.index, "block_keys"):
-                keys = self.index.block_keys(model, token_ids, lora=lora)
+                keys = self.index.block_keys(model, head, lora=lora)
             else:
-                keys = token_block_keys(token_ids, bs)
+                keys = token_block_keys(head, bs)
             n = len(token_ids)
         else:
-            keys = text_block_keys(text, bs)
+            keys = text_block_keys(text[: 4 * cap], bs)
             n = max(1, len(text) // 4)
         mt = payload.get("max_tokens", payload.get("max_completion_tokens"))
         if mt is None:
@@ -316,7 +331,9 @@ class RouterApp:
                 raise _HTTPError(
                     503, "no healthy pod", "ServiceUnavailableError", {"Retry-After": str(self.pool.retry_after_s())}
                 )
-            req = self._sched_request(payload, model, chat, request.headers.get(self.cfg.session_header))
+            req = await self._sched_request(
+                payload, model, chat, request.headers.get(self.cfg.session_header), len(body)
+            )
             try:
                 decision = self.scheduler.schedule(req, self._candidates(pods))
             except NoCandidate as e:

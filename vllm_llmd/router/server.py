@@ -39,8 +39,9 @@ def _make_index(cfg: RouterConfig) -> tuple[Any, Any]:
 def build_router(cfg: RouterConfig) -> RouterApp:
     tokenizer = load_tokenizer(
         cfg.tokenizer.path,
-        prefix_cache_entries=cfg.tokenizer.prefix_cache_entries,
+        prefix_cache_bytes=cfg.tokenizer.prefix_cache_bytes,
         chunk_chars=cfg.tokenizer.prefix_cache_chunk_chars,
+        max_segment_chars=cfg.tokenizer.max_segment_chars,
     )
     index = subscriber = None
     if tokenizer is not None:
