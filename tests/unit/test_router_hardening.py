@@ -71,3 +71,31 @@ async def test_one_long_prompt_neither_blows_up_memory_nor_stalls_health(backend
         await srv.close()
     assert peak < 64 << 20, f"peak {peak / 2**20:.0f} MiB"
     assert len(lat) >= 3 and max(lat) < 1.0, max(lat)
+
+
+# ---- case 2: kv_transfer_params through vllm_xargs ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"vllm_xargs": {"kv_transfer_params": "anything", "keep": 1}},
+        {"vllm_xargs": {"ec_transfer_params": "anything", "keep": 1}},
+        {"ec_transfer_params": {"remote_host": "evil"}, "vllm_xargs": {"keep": 1}},
+        {"extra_body": {"ec_transfer_params": {}}, "vllm_xargs": {"keep": 1}},
+    ],
+)
+async def test_client_transfer_params_are_stripped_from_every_place_vllm_reads_them(backends, extra) -> None:
+    """vLLM 0.32 fills ``SamplingParams.extra_args`` from ``vllm_xargs`` (then the top-level field),
+    and ``Request.kv_transfer_params`` comes from there: a client must reach neither way."""
+    _router, srv = await start_router(config_for(backends))
+    try:
+        body = {"model": "test-model", "prompt": "x", "max_tokens": 1, **extra}
+        async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{srv.port}/v1/completions", json=body) as r:
+            assert r.status == 200
+        got = next(b for b in backends if b.received).received[0]
+        for where in (got, got.get("vllm_xargs", {}), got.get("extra_body", {})):
+            assert "kv_transfer_params" not in where and "ec_transfer_params" not in where, got
+        assert got["vllm_xargs"] == {"keep": 1}  # everything else passes through
+    finally:
+        await srv.close()

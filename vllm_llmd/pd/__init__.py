@@ -8,10 +8,12 @@ should produce a prompt's KV instead of the decode pod computing it (:mod:`vllm_
 from __future__ import annotations
 
 from vllm_llmd.pd.requests import (
+    CLIENT_TRANSFER_KEYS,
     KV_TRANSFER_PARAMS,
     PDError,
     build_decode_request,
     build_prefill_request,
+    has_client_kv_params,
     prefill_kv_transfer_params,
     should_disaggregate,
     strip_client_kv_params,
@@ -19,6 +21,7 @@ from vllm_llmd.pd.requests import (
 from vllm_llmd.pd.selective import KVSource, PodCost, SelectiveParams, choose_kv_source
 
 __all__ = [
+    "CLIENT_TRANSFER_KEYS",
     "KV_TRANSFER_PARAMS",
     "KVSource",
     "PDError",
@@ -27,6 +30,7 @@ __all__ = [
     "build_decode_request",
     "build_prefill_request",
     "choose_kv_source",
+    "has_client_kv_params",
     "prefill_kv_transfer_params",
     "should_disaggregate",
     "strip_client_kv_params",

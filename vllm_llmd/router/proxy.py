@@ -1,8 +1,10 @@
 """The OpenAI-compatible proxy: parse just enough of the request to route it, pick a pod, stream
 the pod's answer back unchanged.
 
-Bodies and headers pass through as sent, except hop-by-hop headers and a client-sent
-``kv_transfer_params``, which is always stripped (clients must never steer KV transfers).
+Bodies and headers pass through as sent, except hop-by-hop headers and client-sent
+``kv_transfer_params`` / ``ec_transfer_params`` (top level, ``vllm_xargs`` or ``extra_body``: every
+way vLLM 0.32 turns a request field into ``Request.kv_transfer_params``, see
+:mod:`vllm_llmd.pd.requests`), which are always stripped: clients must never steer KV transfers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from vllm_llmd.pd.requests import has_client_kv_params, strip_client_kv_params
 from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.inflight import InflightTracker
 from vllm_llmd.router.metrics import RouterMetrics
@@ -317,12 +320,8 @@ class RouterApp:
             body, payload = await self._read_json(request)
             t0 = time.perf_counter()
             model = self._check_model(payload)
-            extra = payload.get("extra_body")
-            if "kv_transfer_params" in payload or (isinstance(extra, dict) and "kv_transfer_params" in extra):
-                # a client never steers KV transfers (same rule as vllm_llmd.pd.strip_client_kv_params)
-                payload.pop("kv_transfer_params", None)
-                if isinstance(extra, dict):
-                    extra.pop("kv_transfer_params", None)
+            if has_client_kv_params(payload):  # a client never steers a KV transfer
+                payload = strip_client_kv_params(payload)
                 body = _encoder.encode(payload)
             available = self.pool.available()
             pods = [p for p in available if p.role != "prefill"]
