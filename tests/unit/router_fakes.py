@@ -27,8 +27,9 @@ class FakeBackend:
     cached_tokens: int = 0
     #: "before_first_byte": drop the connection before answering; "midstream": after the first chunk
     die: str | None = None
-    #: KV capacity reported in ``vllm:cache_config_info`` (``None``: the line is left out)
-    num_gpu_blocks: int | None = None
+    #: KV capacity reported in ``vllm:cache_config_info`` (``None``: the line is left out; a string
+    #: is sent as is)
+    num_gpu_blocks: int | str | None = None
     health_requests: int = 0
     metrics_requests: int = 0
     server: TestServer | None = None

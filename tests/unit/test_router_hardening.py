@@ -14,6 +14,7 @@ import pytest
 from router_fakes import FakeBackend, config_for, start_router
 
 from vllm_llmd.testing.model import make_test_model
+from vllm_llmd.testing.wait import wait_until_async
 
 WORDS = "kari tone musa lovi stra ion ent verdor qua".split()
 
@@ -97,5 +98,113 @@ async def test_client_transfer_params_are_stripped_from_every_place_vllm_reads_t
         for where in (got, got.get("vllm_xargs", {}), got.get("extra_body", {})):
             assert "kv_transfer_params" not in where and "ec_transfer_params" not in where, got
         assert got["vllm_xargs"] == {"keep": 1}  # everything else passes through
+    finally:
+        await srv.close()
+
+
+# ---- case 3: numbers at their limits ------------------------------------------------------------
+
+
+async def test_a_huge_max_tokens_is_a_400_and_nobody_else_suffers(backends) -> None:
+    """A 400-digit ``max_tokens`` passed validation and, while in flight, failed every other request
+    with a 500 (``OverflowError`` in the scorers)."""
+    gate = asyncio.Event()
+    for b in backends:
+        b.gate = gate  # a stream that got through would stay in flight
+    _router, srv = await start_router(config_for(backends))
+    url = f"http://127.0.0.1:{srv.port}/v1/completions"
+    try:
+        async with aiohttp.ClientSession() as s:
+            huge = {"model": "test-model", "prompt": "x", "max_tokens": int("9" * 400), "stream": True}
+            async with s.post(url, json=huge) as r:
+                assert r.status == 400
+                assert "max_tokens" in (await r.json())["error"]["message"]
+            chat = {"model": "test-model", "messages": [{"role": "user", "content": "x"}]}
+            chat["max_completion_tokens"] = 10**30
+            async with s.post(url.replace("/completions", "/chat/completions"), json=chat) as r:
+                assert r.status == 400
+            gate.set()
+            async with s.post(url, json={"model": "test-model", "prompt": "y", "max_tokens": 2}) as r:
+                assert r.status == 200
+    finally:
+        gate.set()
+        await srv.close()
+
+
+async def test_huge_numbers_in_a_pods_metrics_never_crash_scoring_or_health(backends, caplog) -> None:
+    """A 4,000-digit ``num_gpu_blocks`` gave every request a 500; a 5,000-digit one killed the health
+    task silently, so a pod whose ``/health`` said 503 stayed available."""
+    backends[0].num_gpu_blocks = "9" * 4000
+    backends[1].num_gpu_blocks = "9" * 5000
+    router, srv = await start_router(config_for(backends, pool={"health_interval_s": 0.05, "failure_threshold": 1}))
+    url = f"http://127.0.0.1:{srv.port}/v1/completions"
+    try:
+        await wait_until_async(lambda: all(b.metrics_requests >= 1 for b in backends), 10, "capacity read")
+        assert all(p.capacity_blocks is None for p in router.pool.pods)  # rejected, not taken
+        assert "num_gpu_blocks" in caplog.text  # with a log line
+        async with aiohttp.ClientSession() as s:
+            for i in range(4):
+                async with s.post(url, json={"model": "test-model", "prompt": "p" * 300 + str(i)}) as r:
+                    assert r.status == 200
+            backends[1].healthy = False
+            await wait_until_async(lambda: len(router.pool.available()) == 1, 10, "the failing pod marked down")
+    finally:
+        await srv.close()
+
+
+async def test_a_failing_background_loop_is_logged_and_restarted(caplog) -> None:
+    from vllm_llmd.router.pool import supervise
+
+    runs = 0
+
+    async def loop() -> None:
+        nonlocal runs
+        runs += 1
+        if runs < 3:
+            raise ValueError(f"boom {runs}")
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(supervise("test", loop, first_delay_s=0.01))
+    try:
+        await wait_until_async(lambda: runs == 3, 5, "two restarts")
+    finally:
+        task.cancel()
+    assert "the test loop failed" in caplog.text and "boom 2" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("raw", "text"),
+    [
+        (b'{"model": "test-model", "prompt": [1, -1, 2]}', "token ids"),
+        (b'{"model": "test-model", "prompt": [1, 4294967296]}', "token ids"),
+        (b'{"model": "test-model", "prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "deep"),
+        (b'{"model": "test-model", "prompt": "x", "max_tokens": 1e400}', "JSON"),
+    ],
+)
+async def test_bad_numbers_and_deep_json_get_a_json_400(backends, raw: bytes, text: str) -> None:
+    """Token ids out of uint32 and 10k-deep JSON gave aiohttp's plain-text 500."""
+    _router, srv = await start_router(config_for(backends, max_body_bytes=1 << 20))
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"http://127.0.0.1:{srv.port}/v1/completions", data=raw) as r,
+        ):
+            assert r.status == 400
+            assert r.headers["Content-Type"].startswith("application/json")
+            err = (await r.json())["error"]
+            assert err["code"] == 400 and text in err["message"]
+        assert not any(b.received for b in backends)
+    finally:
+        await srv.close()
+
+
+async def test_unknown_routes_and_methods_answer_json(backends) -> None:
+    _router, srv = await start_router(config_for(backends))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{srv.port}/nope") as r:
+                assert r.status == 404 and (await r.json())["error"]["code"] == 404
+            async with s.get(f"http://127.0.0.1:{srv.port}/v1/completions") as r:
+                assert r.status == 405 and (await r.json())["error"]["type"] == "MethodNotAllowedError"
     finally:
         await srv.close()

@@ -34,9 +34,9 @@ class PodConfig(_Strict):
     replay: str | None = None
     role: Literal["both", "prefill", "decode"] = "both"
     #: relative prefill speed (tokens/s over a reference pod); the cost model divides by it
-    prefill_speed: float = Field(default=1.0, gt=0)
+    prefill_speed: float = Field(default=1.0, gt=0, le=1e6)
     #: KV cache capacity in blocks if known (otherwise scraped from ``vllm:cache_config_info``)
-    capacity_blocks: int | None = Field(default=None, gt=0)
+    capacity_blocks: int | None = Field(default=None, gt=0, le=1 << 40)
 
     @field_validator("url")
     @classmethod

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -20,6 +20,9 @@ from vllm_llmd.router.config import PodConfig, PoolConfig
 from vllm_llmd.router.pod_metrics import PodMetrics, parse_metrics
 
 log = logging.getLogger(__name__)
+
+#: largest ``/metrics`` body read from a pod
+MAX_METRICS_BYTES = 8 << 20
 
 
 @dataclass(eq=False)
@@ -126,9 +129,9 @@ class PodPool:
     # ---- background loops --------------------------------------------------------------------
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
-        self._tasks.append(asyncio.create_task(self._health_loop(), name="router-health"))
+        self._tasks.append(asyncio.create_task(supervise("health", self._health_loop), name="router-health"))
         if self.scrape_metrics:
-            self._tasks.append(asyncio.create_task(self._metrics_loop(), name="router-metrics"))
+            self._tasks.append(asyncio.create_task(supervise("metrics", self._metrics_loop), name="router-metrics"))
 
     async def stop(self) -> None:
         for t in [*self._tasks, *self._probes]:
@@ -187,10 +190,16 @@ class PodPool:
                 if self._pods.get(p.id) is p:  # still a member, with the same configuration
                     t = asyncio.create_task(self.check_health(p))
                     self._probes.add(t)
-                    t.add_done_callback(self._probes.discard)
+                    t.add_done_callback(self._probe_done)
+
+    def _probe_done(self, t: asyncio.Task[bool]) -> None:
+        self._probes.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("health probe failed unexpectedly", exc_info=t.exception())
 
     async def scrape(self, pod: Pod) -> bool:
-        """Read the pod's ``/metrics`` into ``pod.metrics``; whether that worked."""
+        """Read the pod's ``/metrics`` into ``pod.metrics``; whether that worked. A body over
+        ``MAX_METRICS_BYTES`` is not read (vLLM's is ~100 KB)."""
         assert self._session is not None
         try:
             async with self._session.get(
@@ -198,7 +207,11 @@ class PodPool:
             ) as r:
                 if r.status != 200:
                     return False
-                text = await r.text()
+                raw = await r.content.read(MAX_METRICS_BYTES + 1)
+            if len(raw) > MAX_METRICS_BYTES:
+                log.warning("pod %s: /metrics is over %d bytes: not read", pod.id, MAX_METRICS_BYTES)
+                return False
+            text = raw.decode("utf-8")
         except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
             return False
         pod.metrics = parse_metrics(text)
@@ -209,3 +222,25 @@ class PodPool:
             t0 = time.monotonic()
             await asyncio.gather(*(self.scrape(p) for p in list(self._order) if p.healthy))
             await asyncio.sleep(max(0.0, self.cfg.metrics_interval_s - (time.monotonic() - t0)))
+
+
+async def supervise(
+    name: str, loop: Callable[[], Awaitable[None]], first_delay_s: float = 1.0, max_delay_s: float = 30.0
+) -> None:
+    """Run the endless ``loop``; if it ever fails (or returns), log it with its traceback and start
+    it again after a back-off (``first_delay_s`` doubling to ``max_delay_s``; reset after a minute
+    of running)."""
+    delay = first_delay_s
+    while True:
+        started = time.monotonic()
+        try:
+            await loop()
+            log.error("the %s loop stopped: restarting it in %.0f s", name, delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the %s loop failed: restarting it in %.0f s", name, delay)
+        if time.monotonic() - started > 60.0:
+            delay = first_delay_s
+        await asyncio.sleep(delay)
+        delay = min(max_delay_s, 2 * delay)

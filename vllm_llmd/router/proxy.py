@@ -23,6 +23,7 @@ from aiohttp import web
 
 from vllm_llmd.pd.requests import has_client_kv_params, strip_client_kv_params
 from vllm_llmd.router.config import RouterConfig
+from vllm_llmd.router.errors import HTTPError, error_response, json_errors
 from vllm_llmd.router.inflight import InflightTracker
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pool import Pod, PodPool
@@ -52,16 +53,30 @@ HOP_BY_HOP = frozenset(
 )
 _CACHED_TOKENS = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 _DEFAULT_MAX_TOKENS = 16  # vLLM's completions default; chat defaults to "the rest of the context"
+#: token ids are hashed as uint32 (vllm_llmd.index.keys); vLLM rejects ids beyond the vocabulary itself
+_TOKEN_ID_LIMIT = 1 << 32
+#: far above any context length; keeps the load arithmetic in floats' range (issue 9: a 400-digit
+#: max_tokens made every other request fail with OverflowError while it was in flight)
+_MAX_TOKENS_LIMIT = (1 << 31) - 1
 _PREDICTED = web.RequestKey("llmd_predicted_cached", int)
 _PREFILL_POD = web.RequestKey("llmd_prefill_pod", str)
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
-def error_response(status: int, message: str, err_type: str, headers: dict[str, str] | None = None) -> web.Response:
-    """An error in the OpenAI / vLLM ``ErrorResponse`` shape."""
-    body = {"error": {"message": message, "type": err_type, "param": None, "code": status}}
-    return web.Response(status=status, body=_encoder.encode(body), content_type="application/json", headers=headers)
+def _max_tokens(payload: dict[str, Any], chat: bool) -> int:
+    """The request's output budget as vLLM reads it (chat: ``max_completion_tokens`` first); each
+    given value must be an integer in ``[0, _MAX_TOKENS_LIMIT]``."""
+    found: int | None = None
+    for key in ("max_completion_tokens", "max_tokens") if chat else ("max_tokens", "max_completion_tokens"):
+        v = payload.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= _MAX_TOKENS_LIMIT:
+            raise HTTPError(400, f"'{key}' must be an integer in [0, {_MAX_TOKENS_LIMIT}]", "BadRequestError")
+        if found is None:
+            found = v
+    return _DEFAULT_MAX_TOKENS if found is None else found
 
 
 def _forward_headers(headers: Any) -> dict[str, str]:
@@ -113,7 +128,7 @@ class RouterApp:
         self.default_model = cfg.models[0] if cfg.models else None
         self._chat_fallback_logged = False
         self._cand_cache: dict[str, _CachedCandidate] = {}
-        self.app = web.Application(client_max_size=cfg.max_body_bytes)
+        self.app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[json_errors])
         self.app.router.add_post("/v1/completions", self.handle_completions)
         self.app.router.add_post("/v1/chat/completions", self.handle_chat)
         self.app.router.add_get("/v1/models", self.handle_models)
@@ -206,17 +221,17 @@ class RouterApp:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge as e:
-            raise _HTTPError(
-                413, f"request body exceeds {self.cfg.max_body_bytes} bytes", "RequestTooLargeError"
-            ) from e
+            raise HTTPError(413, f"request body exceeds {self.cfg.max_body_bytes} bytes", "RequestTooLargeError") from e
         if not body:
-            raise _HTTPError(400, "empty request body: expected a JSON object", "BadRequestError")
+            raise HTTPError(400, "empty request body: expected a JSON object", "BadRequestError")
         try:
             payload = _decoder.decode(body)
         except msgspec.DecodeError as e:
-            raise _HTTPError(400, f"malformed JSON body: {e}", "BadRequestError") from e
+            raise HTTPError(400, f"malformed JSON body: {e}", "BadRequestError") from e
+        except RecursionError as e:  # msgspec's depth limit is the interpreter's recursion limit
+            raise HTTPError(400, "malformed JSON body: nested too deeply", "BadRequestError") from e
         if not isinstance(payload, dict):
-            raise _HTTPError(400, "the JSON body must be an object", "BadRequestError")
+            raise HTTPError(400, "the JSON body must be an object", "BadRequestError")
         return body, payload
 
     def _check_model(self, payload: dict[str, Any]) -> str:
@@ -224,9 +239,9 @@ class RouterApp:
         if model is None:
             return self.default_model or ""
         if not isinstance(model, str):
-            raise _HTTPError(400, "'model' must be a string", "BadRequestError")
+            raise HTTPError(400, "'model' must be a string", "BadRequestError")
         if self.models and model not in self.models:
-            raise _HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
+            raise HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
         return model
 
     async def _sched_request(
@@ -239,7 +254,7 @@ class RouterApp:
         if chat:
             messages = payload.get("messages")
             if not isinstance(messages, list) or not messages:
-                raise _HTTPError(400, "'messages' must be a non-empty list", "BadRequestError")
+                raise HTTPError(400, "'messages' must be a non-empty list", "BadRequestError")
             if tok is not None and pool is not None and tok.has_chat_template:
                 try:
                     token_ids = await pool.run(body_size, tok.encode_chat_ids, payload)
@@ -263,9 +278,11 @@ class RouterApp:
                     specials = bool(payload.get("add_special_tokens", True))
                     token_ids = await pool.run(len(prompt), tok.encode_ids, prompt, specials)
             elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+                if prompt and (min(prompt) < 0 or max(prompt) >= _TOKEN_ID_LIMIT):
+                    raise HTTPError(400, f"token ids must be in [0, {_TOKEN_ID_LIMIT})", "BadRequestError")
                 token_ids = prompt
             else:
-                raise _HTTPError(400, "'prompt' must be a string, a list of strings or token ids", "BadRequestError")
+                raise HTTPError(400, "'prompt' must be a string, a list of strings or token ids", "BadRequestError")
         bs = self.scheduler.ctx.block_size
         lora = None
         # only the first max_prompt_blocks blocks take part in routing (bounds the work per request)
@@ -280,11 +297,7 @@ class RouterApp:
         else:
             keys = text_block_keys(text[: 4 * cap], bs)
             n = max(1, len(text) // 4)
-        mt = payload.get("max_tokens", payload.get("max_completion_tokens"))
-        if mt is None:
-            mt = _DEFAULT_MAX_TOKENS
-        elif not isinstance(mt, int) or isinstance(mt, bool) or mt < 0:
-            raise _HTTPError(400, "'max_tokens' must be a non-negative integer", "BadRequestError")
+        mt = _max_tokens(payload, chat)
         return SchedRequest(model, token_ids, text, n, mt, keys, session_id=session_id, lora=lora)
 
     def _candidates(self, pods: list[Pod]) -> list[Candidate]:
@@ -327,7 +340,7 @@ class RouterApp:
             pods = [p for p in available if p.role != "prefill"]
             prefill_pods = [p for p in available if p.role == "prefill"]
             if not pods:
-                raise _HTTPError(
+                raise HTTPError(
                     503, "no healthy pod", "ServiceUnavailableError", {"Retry-After": str(self.pool.retry_after_s())}
                 )
             req = await self._sched_request(
@@ -336,11 +349,11 @@ class RouterApp:
             try:
                 decision = self.scheduler.schedule(req, self._candidates(pods))
             except NoCandidate as e:
-                raise _HTTPError(
+                raise HTTPError(
                     503, str(e), "ServiceUnavailableError", {"Retry-After": str(self.pool.retry_after_s())}
                 ) from e
             m.decision_seconds.observe(time.perf_counter() - t0)
-        except _HTTPError as e:
+        except HTTPError as e:
             m.requests.labels(path, str(e.status)).inc()
             return error_response(e.status, e.message, e.err_type, e.headers)
         self._observe_decision(decision, req)
@@ -600,9 +613,3 @@ class _CachedCandidate:
 
     def __init__(self, cand: Candidate, pod: Pod) -> None:
         self.cand, self.pod = cand, pod
-
-
-class _HTTPError(Exception):
-    def __init__(self, status: int, message: str, err_type: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.err_type, self.headers = status, message, err_type, headers
