@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from vllm_llmd.router.config import PodConfig, RouterConfig
+from vllm_llmd.router.front import RunningServer, start_server
 from vllm_llmd.router.proxy import RouterApp
 from vllm_llmd.router.server import build_router
 
@@ -142,11 +143,10 @@ class FakeBackend:
         return resp
 
 
-async def start_router(cfg: RouterConfig) -> tuple[RouterApp, TestServer]:
+async def start_router(cfg: RouterConfig) -> tuple[RouterApp, RunningServer]:
+    """The router as ``vllm-llmd router`` serves it (the front's limits included), on a free port."""
     router = build_router(cfg)
-    server = TestServer(router.app, host="127.0.0.1")
-    await server.start_server()
-    return router, server
+    return router, await start_server(router.runner(), "127.0.0.1", 0)
 
 
 def config_for(backends: list[FakeBackend], **kw: Any) -> RouterConfig:

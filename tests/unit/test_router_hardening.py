@@ -208,3 +208,79 @@ async def test_unknown_routes_and_methods_answer_json(backends) -> None:
                 assert r.status == 405 and (await r.json())["error"]["type"] == "MethodNotAllowedError"
     finally:
         await srv.close()
+
+
+# ---- case 4: slow clients ------------------------------------------------------------------------
+
+PARTIAL = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+async def test_idle_partial_connections_never_lock_new_clients_out(backends) -> None:
+    """20k idle partial connections filled the old router's fd limit and every new client was
+    refused until they closed. Here the router runs with 256 fds and takes 400 partial connections;
+    a new client is still served, and the router keeps at most its connection bound."""
+    import resource
+    import subprocess
+    import sys
+
+    from vllm_llmd.testing.engine import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm_llmd.cli", "router", "--port", str(port), "--worker", backends[0].url]
+    cmd += ["--model", "test-model", "--log-level", "warning"]
+
+    def low_fd_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    proc = subprocess.Popen(cmd, preexec_fn=low_fd_limit, stderr=subprocess.DEVNULL)
+    writers: list[asyncio.StreamWriter] = []
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as s:
+
+            async def up() -> bool:
+                assert proc.poll() is None
+                try:
+                    async with s.get(base + "/health") as r:
+                        return r.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await wait_until_async(up, 30, "router up", interval=0.1)
+            for _ in range(400):
+                try:
+                    _reader, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+                except (OSError, TimeoutError):
+                    continue  # the old router stops accepting: the point of the test is the next request
+                w.write(PARTIAL)
+                writers.append(w)
+            await asyncio.sleep(0.2)
+            # a new client (its own connection; the kept-alive /health connection above stays open)
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as fresh,
+                fresh.post(base + "/v1/completions", json={"model": "test-model", "prompt": "hi"}) as r,
+            ):
+                assert r.status == 200
+    finally:
+        for w in writers:
+            w.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_a_client_slow_to_send_headers_or_body_is_cut_off(backends) -> None:
+    router, srv = await start_router(config_for(backends, server={"header_timeout_s": 0.3, "body_timeout_s": 0.3}))
+    try:
+        reader, w = await asyncio.open_connection("127.0.0.1", srv.port)
+        w.write(PARTIAL)  # headers never finished
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the router
+        w.close()
+        reader, w = await asyncio.open_connection("127.0.0.1", srv.port)
+        w.write(PARTIAL + b"Content-Length: 100\r\n\r\n" + b'{"model": ')  # a body that never completes
+        answer = await asyncio.wait_for(reader.read(), 5)
+        assert answer.startswith(b"HTTP/1.1 408") and b"RequestTimeoutError" in answer
+        w.close()
+        assert not any(b.received for b in backends)
+        assert len(router.guard) <= 1
+    finally:
+        await srv.close()

@@ -173,6 +173,21 @@ class DiscoveryConfig(_Strict):
         return self
 
 
+class ServerConfig(_Strict):
+    """Limits of the HTTP front (``vllm_llmd.router.front``)."""
+
+    #: time a client has to send a request's headers (from connecting, or from the previous answer
+    #: on a kept-alive connection); also how long an idle kept-alive connection stays open
+    header_timeout_s: float = Field(default=30.0, gt=0)
+    #: time a client has to send a request's body once its headers are in
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    #: client connections at once (default: half the open-file limit); beyond it the oldest
+    #: connection without a complete request is closed
+    max_connections: int | None = Field(default=None, ge=1)
+    #: longest request line or header field (aiohttp's default)
+    max_header_bytes: int = Field(default=8190, ge=1024)
+
+
 class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -184,6 +199,7 @@ class RouterConfig(_Strict):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     pd: PDConfig = Field(default_factory=PDConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
     #: Kubernetes pod discovery; discovered pods are added to ``pods``
     discovery: DiscoveryConfig | None = None
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)

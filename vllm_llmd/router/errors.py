@@ -34,13 +34,20 @@ class HTTPError(Exception):
     """An error answer: raised by any request stage, turned into a response by :func:`json_errors`."""
 
     def __init__(
-        self, status: int, message: str, err_type: str | None = None, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        message: str,
+        err_type: str | None = None,
+        headers: dict[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.err_type = err_type or ERROR_TYPES.get(status, "Error")
         self.headers = headers
+        #: close the connection after the answer (e.g. the body was not read to its end)
+        self.close = close
 
 
 def error_response(
@@ -60,7 +67,10 @@ async def json_errors(
     try:
         return await handler(request)
     except HTTPError as e:
-        return error_response(e.status, e.message, e.err_type, e.headers)
+        resp = error_response(e.status, e.message, e.err_type, e.headers)
+        if e.close:
+            resp.force_close()
+        return resp
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -24,6 +24,15 @@ from aiohttp import web
 from vllm_llmd.pd.requests import has_client_kv_params, strip_client_kv_params
 from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.errors import HTTPError, error_response, json_errors
+from vllm_llmd.router.front import (
+    ConnectionGuard,
+    RouterRunner,
+    body_received,
+    default_max_connections,
+    make_runner,
+    raise_fd_limit,
+    read_body,
+)
 from vllm_llmd.router.inflight import InflightTracker
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pool import Pod, PodPool
@@ -128,7 +137,9 @@ class RouterApp:
         self.default_model = cfg.models[0] if cfg.models else None
         self._chat_fallback_logged = False
         self._cand_cache: dict[str, _CachedCandidate] = {}
-        self.app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[json_errors])
+        limit = cfg.server.max_connections or default_max_connections(raise_fd_limit())
+        self.guard = ConnectionGuard(limit)
+        self.app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[json_errors, self.guard.middleware])
         self.app.router.add_post("/v1/completions", self.handle_completions)
         self.app.router.add_post("/v1/chat/completions", self.handle_chat)
         self.app.router.add_get("/v1/models", self.handle_models)
@@ -138,6 +149,10 @@ class RouterApp:
         self.app.on_cleanup.append(self._cleanup)
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    def runner(self) -> RouterRunner:
+        """The server runner with the front's limits (``vllm_llmd.router.front``)."""
+        return make_runner(self.app, self.cfg.server, self.guard)
+
     async def _startup(self, app: web.Application) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60)
         self.session = aiohttp.ClientSession(
@@ -218,10 +233,8 @@ class RouterApp:
         return await self._generate(request, "/v1/chat/completions", chat=True)
 
     async def _read_json(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge as e:
-            raise HTTPError(413, f"request body exceeds {self.cfg.max_body_bytes} bytes", "RequestTooLargeError") from e
+        body = await read_body(request, self.cfg.max_body_bytes, self.cfg.server.body_timeout_s)
+        body_received(request, self.guard)
         if not body:
             raise HTTPError(400, "empty request body: expected a JSON object", "BadRequestError")
         try:

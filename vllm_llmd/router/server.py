@@ -8,9 +8,8 @@ import logging
 import signal
 from typing import Any
 
-from aiohttp import web
-
 from vllm_llmd.router.config import RouterConfig
+from vllm_llmd.router.front import start_server
 from vllm_llmd.router.inflight import InflightTracker
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pool import PodPool
@@ -74,12 +73,12 @@ def build_router(cfg: RouterConfig) -> RouterApp:
 
 
 async def serve(router: RouterApp, host: str, port: int, ready: asyncio.Event | None = None) -> None:
-    runner = web.AppRunner(router.app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
-    await site.start()
+    server = await start_server(router.runner(), host, port)
     log.info(
-        "router listening on http://%s:%d, pods: %s", host, port, ", ".join(p.id for p in router.pool.pods) or "none"
+        "router listening on http://%s:%d, pods: %s",
+        host,
+        server.port,
+        ", ".join(p.id for p in router.pool.pods) or "none",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -94,7 +93,7 @@ async def serve(router: RouterApp, host: str, port: int, ready: asyncio.Event | 
         await stop.wait()
     finally:
         log.info("router shutting down")
-        await runner.cleanup()
+        await server.close()
 
 
 def run(cfg: RouterConfig) -> int:
