@@ -26,8 +26,11 @@ class FakeBackend:
     #: a streaming answer waits on this after its first chunk (to prove the router does not buffer)
     gate: asyncio.Event | None = None
     cached_tokens: int = 0
-    #: "before_first_byte": drop the connection before answering; "midstream": after the first chunk
+    #: "before_first_byte": drop the connection before answering; "midstream": after the first chunk;
+    #: "hang": never answer; "hang_midstream": stop after the first chunk, never end the stream
     die: str | None = None
+    #: requests whose connection the caller dropped while this backend was still answering them
+    abandoned: int = 0
     #: KV capacity reported in ``vllm:cache_config_info`` (``None``: the line is left out; a string
     #: is sent as is)
     num_gpu_blocks: int | str | None = None
@@ -80,6 +83,13 @@ class FakeBackend:
             )
         return web.Response(text=text)
 
+    async def _hang(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:  # the caller hung up (aiohttp's test server cancels the handler)
+            self.abandoned += 1
+            raise
+
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.received.append(body)
@@ -88,6 +98,8 @@ class FakeBackend:
             assert request.transport is not None
             request.transport.abort()
             return web.Response()
+        if self.die == "hang":
+            await self._hang()
         usage = {
             "prompt_tokens": 10,
             "completion_tokens": 2,
@@ -135,6 +147,8 @@ class FakeBackend:
             assert request.transport is not None
             request.transport.abort()
             return resp
+        if self.die == "hang_midstream":
+            await self._hang()
         if self.gate is not None:
             await self.gate.wait()
         await resp.write(b"data: " + json.dumps({"choices": [{"text": "b"}], "usage": usage}).encode() + b"\n\n")

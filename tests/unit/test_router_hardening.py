@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -35,6 +37,15 @@ async def backends() -> AsyncIterator[list[FakeBackend]]:
 def _prose(n_chars: int) -> str:
     words = " ".join(f"{WORDS[i % len(WORDS)]}{(i * 7) % 97}" for i in range(n_chars // 4 + 1))
     return words[:n_chars]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 async def _probe_health(base: str, stop: asyncio.Event) -> list[float]:
@@ -220,8 +231,6 @@ async def test_idle_partial_connections_never_lock_new_clients_out(backends) -> 
     refused until they closed. Here the router runs with 256 fds and takes 400 partial connections;
     a new client is still served, and the router keeps at most its connection bound."""
     import resource
-    import subprocess
-    import sys
 
     from vllm_llmd.testing.engine import free_port
 
@@ -264,8 +273,7 @@ async def test_idle_partial_connections_never_lock_new_clients_out(backends) -> 
     finally:
         for w in writers:
             w.close()
-        proc.terminate()
-        proc.wait(10)
+        _stop(proc)
 
 
 async def test_a_client_slow_to_send_headers_or_body_is_cut_off(backends) -> None:
@@ -284,3 +292,99 @@ async def test_a_client_slow_to_send_headers_or_body_is_cut_off(backends) -> Non
         assert len(router.guard) <= 1
     finally:
         await srv.close()
+
+
+# ---- case 5: upstream timeouts and abandoned requests ------------------------------------------
+
+
+async def test_a_hung_pod_times_out_and_the_next_pod_answers(backends) -> None:
+    backends[0].die = "hang"
+    router, srv = await start_router(config_for(backends, pool={"first_byte_timeout_s": 0.5}))
+    url = f"http://127.0.0.1:{srv.port}/v1/completions"
+    try:
+        async with aiohttp.ClientSession() as s:
+            for i, stream in enumerate((False, True, False, True)):
+                t = time.monotonic()
+                body = {"model": "test-model", "prompt": f"q{i}", "max_tokens": 1, "stream": stream}
+                async with s.post(url, json=body) as r:
+                    assert r.status == 200 and r.headers["X-LLMD-Pod"] == backends[1].pod_id
+                    await r.read()
+                assert time.monotonic() - t < 5
+        assert backends[0].received  # it was tried, timed out and was given up
+        await wait_until_async(lambda: backends[0].abandoned == len(backends[0].received), 5, "hung requests dropped")
+        assert all(ld.requests == 0 for ld in (router.inflight.load(p.id) for p in router.pool.pods))
+    finally:
+        await srv.close()
+
+
+async def test_a_stream_that_stalls_is_aborted_after_the_idle_timeout(backends) -> None:
+    for b in backends:
+        b.die = "hang_midstream"
+    router, srv = await start_router(config_for(backends, pool={"stream_idle_timeout_s": 0.5}))
+    try:
+        body = {"model": "test-model", "prompt": "x", "max_tokens": 3, "stream": True}
+        async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{srv.port}/v1/completions", json=body) as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(r.read(), 10)
+        assert all(router.inflight.load(p.id).requests == 0 for p in router.pool.pods)
+    finally:
+        await srv.close()
+
+
+def _inflight(metrics_text: str, pod: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith("llmd_router_inflight_requests") and f'pod="{pod}"' in line:
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_an_abandoned_request_is_dropped_at_once_and_never_sent_again(backends) -> None:
+    """The old router kept an abandoned request (and its in-flight count) alive; when the hung pod
+    later died, it re-sent the request to another pod. Runs the router as ``vllm-llmd router``."""
+    from vllm_llmd.testing.engine import free_port
+
+    backends[0].die = "hang"
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm_llmd.cli", "router", "--port", str(port), "--model", "test-model"]
+    for b in backends:
+        cmd += ["--worker", b.url]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as s:
+
+            async def up() -> bool:
+                assert proc.poll() is None
+                try:
+                    async with s.get(base + "/health") as r:
+                        return r.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await wait_until_async(up, 30, "router up", interval=0.1)
+            for i in range(6):  # some go to the hung pod; those clients give up after 0.3 s
+                body = {"model": "test-model", "prompt": f"p{i}" * 50, "max_tokens": 1}
+                try:
+                    async with (
+                        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as c,
+                        c.post(base + "/v1/completions", json=body) as r,
+                    ):
+                        await r.read()
+                except TimeoutError:
+                    pass
+            hung = len(backends[0].received)
+            assert hung >= 1
+            served = len(backends[1].received)
+
+            async def released() -> bool:
+                async with s.get(base + "/metrics") as r:
+                    return _inflight(await r.text(), backends[0].pod_id) == 0
+
+            await wait_until_async(released, 3, "the abandoned requests' in-flight count released")
+            await wait_until_async(lambda: backends[0].abandoned == hung, 3, "the pod saw them dropped")
+            await backends[0].close()  # the hung pod dies now
+            await asyncio.sleep(1.0)  # a window for a re-send to show up (the old router's came at once)
+            assert len(backends[1].received) == served  # nothing was re-sent to the other pod
+    finally:
+        _stop(proc)

@@ -84,7 +84,12 @@ class PoolConfig(_Strict):
     #: circuit breaker: a pod with this many router requests in flight takes no more
     max_inflight_per_pod: int = Field(default=4096, ge=1)
     connect_timeout_s: float = Field(default=3.0, gt=0)
-    #: other pods tried when the connection fails before the first byte
+    #: until a pod's answer starts (a stream's first chunk; a whole non-streamed answer, so the
+    #: longest generation): the OpenAI SDK's default read timeout; then the next pod is tried
+    first_byte_timeout_s: float = Field(default=600.0, gt=0)
+    #: longest gap between two chunks of a streamed answer; then the client's stream is aborted
+    stream_idle_timeout_s: float = Field(default=600.0, gt=0)
+    #: other pods tried when one fails before the first byte
     max_retries: int = Field(default=2, ge=0)
     metrics_interval_s: float = Field(default=0.05, gt=0)
     metrics_stale_s: float = Field(default=1.0, gt=0)

@@ -88,6 +88,10 @@ def _max_tokens(payload: dict[str, Any], chat: bool) -> int:
     return _DEFAULT_MAX_TOKENS if found is None else found
 
 
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
 def _forward_headers(headers: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     conn_listed = {t.strip().lower() for t in headers.get("Connection", "").split(",") if t.strip()}
@@ -133,6 +137,10 @@ class RouterApp:
         self.index = index
         self.subscriber = subscriber
         self.session: aiohttp.ClientSession | None = None
+        #: per upstream read: connect, then the longest wait for more bytes (a stream's idle gap)
+        self._upstream_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=cfg.pool.connect_timeout_s, sock_read=cfg.pool.stream_idle_timeout_s
+        )
         self.models = set(cfg.models)
         self.default_model = cfg.models[0] if cfg.models else None
         self._chat_fallback_logged = False
@@ -451,7 +459,10 @@ class RouterApp:
             ticket = self.inflight.start(pod.id, max(0, req.prompt_tokens - decision.predicted_cached_tokens), 1)
             pod.inflight_requests += 1
             try:
-                async with self.session.post(pod.url + path, data=leg, headers=headers) as r:
+                async with (
+                    asyncio.timeout(self.cfg.pool.first_byte_timeout_s),
+                    self.session.post(pod.url + path, data=leg, headers=headers, timeout=self._upstream_timeout) as r,
+                ):
                     data = await r.read()
                     if r.status != 200:
                         log.warning("prefill pod %s answered %d: serving aggregated", pod.id, r.status)
@@ -520,6 +531,8 @@ class RouterApp:
             if pod is None:
                 continue
             if i > 0:
+                if _client_gone(request):  # a request whose client left is never sent again
+                    break
                 m.retries.labels(pod.id).inc()
                 if req.block_keys:
                     self.scheduler.ctx.memory.insert(pod.id, req.block_keys, pending=True)
@@ -531,15 +544,26 @@ class RouterApp:
             pod.inflight_requests += 1
             upstream: aiohttp.ClientResponse | None = None
             try:
-                upstream = await self.session.post(pod.url + path, data=body, headers=headers)
+                async with asyncio.timeout(self.cfg.pool.first_byte_timeout_s):
+                    upstream = await self.session.post(
+                        pod.url + path, data=body, headers=headers, timeout=self._upstream_timeout
+                    )
+                    if stream and upstream.status == 200:
+                        data = await upstream.content.readany()
+                        if not data:
+                            raise aiohttp.ServerDisconnectedError("stream ended before the first byte")
+                    else:
+                        data = await upstream.read()
                 if stream and upstream.status == 200:
-                    first = await upstream.content.readany()
-                    if not first:
-                        raise aiohttp.ServerDisconnectedError("stream ended before the first byte")
-                    return await self._relay_stream(request, upstream, first, pod, ticket)
-                return await self._relay_whole(request, path, upstream, pod, ticket)
-            except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
+                    return await self._relay_stream(request, upstream, data, pod, ticket)
+                return self._relay_whole(request, path, upstream, data, pod, ticket)
+            except TimeoutError:
                 # nothing has reached the client yet: try the next pod
+                last_err = f"no answer within {self.cfg.pool.first_byte_timeout_s:g} s"
+                m.upstream_errors.labels(pod.id, "timeout").inc()
+                self.pool.report_failure(pod, last_err)
+                continue
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
                 last_err = f"{type(e).__name__}: {e}"
                 m.upstream_errors.labels(pod.id, "before_first_byte").inc()
                 self.pool.report_connect_failure(pod, last_err)
@@ -551,8 +575,11 @@ class RouterApp:
                 pod.inflight_requests -= 1
                 if req.block_keys:  # the speculative entry starts to age now
                     self.scheduler.ctx.memory.insert(pod.id, req.block_keys)
-        m.requests.labels(path, "502").inc()
-        return error_response(502, f"no pod could take the request ({last_err})", "BadGatewayError")
+        if _client_gone(request):
+            raise asyncio.CancelledError  # nobody to answer (aiohttp cancels the handler too)
+        status = 504 if last_err.startswith("no answer within") else 502
+        m.requests.labels(path, str(status)).inc()
+        return error_response(status, f"no pod could take the request ({last_err})")
 
     def _response_headers(self, request: web.Request, upstream: aiohttp.ClientResponse, pod: Pod) -> dict[str, str]:
         h = _forward_headers(upstream.headers)
@@ -562,12 +589,11 @@ class RouterApp:
             h["X-LLMD-Prefill-Pod"] = request[_PREFILL_POD]
         return h
 
-    async def _relay_whole(
-        self, request: web.Request, path: str, upstream: aiohttp.ClientResponse, pod: Pod, ticket: Any
+    def _relay_whole(
+        self, request: web.Request, path: str, upstream: aiohttp.ClientResponse, data: bytes, pod: Pod, ticket: Any
     ) -> web.StreamResponse:
-        """A non-streaming answer (or an error answer): read it whole, then send it."""
+        """A non-streaming answer (or an error answer), read whole by the caller."""
         m = self.metrics
-        data = await upstream.read()  # a failure here has sent nothing yet: the caller retries
         if upstream.status >= 500:
             self.pool.report_failure(pod, f"HTTP {upstream.status}")
             m.upstream_errors.labels(pod.id, "5xx").inc()
