@@ -27,7 +27,8 @@ class FakeBackend:
     gate: asyncio.Event | None = None
     cached_tokens: int = 0
     #: "before_first_byte": drop the connection before answering; "midstream": after the first chunk;
-    #: "hang": never answer; "hang_midstream": stop after the first chunk, never end the stream
+    #: "hang": never answer; "hang_midstream": stop after the first chunk, never end the stream;
+    #: "error": answer 500 (in vLLM's error shape) while ``/health`` says OK
     die: str | None = None
     #: requests whose connection the caller dropped while this backend was still answering them
     abandoned: int = 0
@@ -100,6 +101,9 @@ class FakeBackend:
             return web.Response()
         if self.die == "hang":
             await self._hang()
+        if self.die == "error":
+            err = {"error": {"message": "EngineCore encountered an issue", "type": "InternalServerError", "code": 500}}
+            return web.json_response(err, status=500)
         usage = {
             "prompt_tokens": 10,
             "completion_tokens": 2,

@@ -388,3 +388,47 @@ async def test_an_abandoned_request_is_dropped_at_once_and_never_sent_again(back
             assert len(backends[1].received) == served  # nothing was re-sent to the other pod
     finally:
         _stop(proc)
+
+
+# ---- case 6: 5xx before the first byte; ejections that last ------------------------------------
+
+
+async def test_a_pod_answering_500_is_retried_around_and_stays_ejected(backends) -> None:
+    """One pod answering 500 while its ``/health`` said OK failed 9 of 20 requests: 5xx were not
+    retried, and each ejection was ended by the next passing health check ~1 s later."""
+    backends[0].die = "error"
+    cfg = config_for(backends, pool={"health_interval_s": 0.05, "ejection_s": 30.0})
+    router, srv = await start_router(cfg)
+    url = f"http://127.0.0.1:{srv.port}/v1/completions"
+    try:
+        async with aiohttp.ClientSession() as s:
+            for stream in (False, True):
+                for i in range(10):
+                    body = {"model": "test-model", "prompt": f"q{i}" * 30, "max_tokens": 1, "stream": stream}
+                    async with s.post(url, json=body) as r:
+                        assert r.status == 200, await r.text()
+                        assert r.headers["X-LLMD-Pod"] == backends[1].pod_id
+                        await r.read()
+        bad = router.pool.get(backends[0].pod_id)
+        assert bad is not None and bad.ejected_until > time.monotonic()
+        checks = backends[0].health_requests
+        await wait_until_async(lambda: backends[0].health_requests >= checks + 5, 10, "health checks passing")
+        assert bad.healthy and bad.ejected_until > time.monotonic()  # still ejected: 30 s were asked for
+        assert [p.id for p in router.pool.available()] == [backends[1].pod_id]
+        assert len(backends[0].received) <= cfg.pool.failure_threshold  # tried until ejected, then left alone
+    finally:
+        await srv.close()
+
+
+async def test_a_5xx_is_relayed_when_no_other_pod_is_left(backends) -> None:
+    for b in backends:
+        b.die = "error"
+    _router, srv = await start_router(config_for(backends, pool={"max_retries": 1}))
+    try:
+        body = {"model": "test-model", "prompt": "x", "max_tokens": 1}
+        async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{srv.port}/v1/completions", json=body) as r:
+            assert r.status == 500  # the last pod's own answer, as it sent it
+            assert (await r.json())["error"]["message"] == "EngineCore encountered an issue"
+        assert len(backends[0].received) + len(backends[1].received) == 2  # 1 + max_retries
+    finally:
+        await srv.close()

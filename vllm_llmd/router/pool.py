@@ -1,6 +1,10 @@
 """The pods the router can send to: health (active checks + passive outlier detection), circuit
 breaking, and the fast ``/metrics`` scrape loop.
 
+Active checks and outlier detection are independent, as in Envoy: a passing health check neither
+ends an ejection nor resets the failures that led to one (issue 9: a pod answering 500 while its
+``/health`` said OK was let back in a second after each ejection).
+
 A discovery source (flags, YAML, later Kubernetes) calls :meth:`PodPool.set_pods` with the full
 list whenever it changes; pods keep their state across updates.
 """
@@ -32,6 +36,9 @@ class Pod:
     url: str = ""
     #: set by active health checks; a new pod is assumed up until a check says otherwise
     healthy: bool = True
+    #: consecutive failed health checks (active)
+    health_failures: int = 0
+    #: consecutive failed requests (passive outlier detection)
     consecutive_failures: int = 0
     ejected_until: float = 0.0
     ejections: int = 0
@@ -155,18 +162,15 @@ class PodPool:
             if not pod.healthy:
                 log.info("pod %s is healthy again", pod.id)
             pod.healthy = True
-            if pod.ejected_until > time.monotonic():
-                # the pod answers again: let traffic probe it right away
-                pod.ejected_until = 0.0
-            pod.consecutive_failures = 0
+            pod.health_failures = 0
             if not pod.capacity_read and not self.scrape_metrics and pod.config.capacity_blocks is None:
                 # the cost model needs the KV capacity even when nothing scrapes metrics: read it once
                 # per healthy spell (a backend without vllm:cache_config_info is not asked again)
                 pod.capacity_read = await self.scrape(pod)
         else:
-            pod.consecutive_failures += 1
-            if pod.healthy and pod.consecutive_failures >= self.cfg.failure_threshold:
-                log.warning("pod %s failed %d health checks: marked unhealthy", pod.id, pod.consecutive_failures)
+            pod.health_failures += 1
+            if pod.healthy and pod.health_failures >= self.cfg.failure_threshold:
+                log.warning("pod %s failed %d health checks: marked unhealthy", pod.id, pod.health_failures)
                 pod.healthy = False
                 pod.capacity_read = False  # it may come back as a different engine
         return ok

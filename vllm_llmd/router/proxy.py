@@ -554,6 +554,12 @@ class RouterApp:
                             raise aiohttp.ServerDisconnectedError("stream ended before the first byte")
                     else:
                         data = await upstream.read()
+                if upstream.status >= 500 and i + 1 < len(attempts) and not _client_gone(request):
+                    # a 5xx before any byte reached the client: the next pod in the ranking gets it
+                    last_err = f"HTTP {upstream.status}"
+                    m.upstream_errors.labels(pod.id, "5xx").inc()
+                    self.pool.report_failure(pod, last_err)
+                    continue
                 if stream and upstream.status == 200:
                     return await self._relay_stream(request, upstream, data, pod, ticket)
                 return self._relay_whole(request, path, upstream, data, pod, ticket)
