@@ -432,3 +432,55 @@ async def test_a_5xx_is_relayed_when_no_other_pod_is_left(backends) -> None:
         assert len(backends[0].received) + len(backends[1].received) == 2  # 1 + max_retries
     finally:
         await srv.close()
+
+
+# ---- case 8 (router part): compressed request bodies --------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_compressed_body_is_forwarded_decoded_without_its_encoding_header(backends, encoding: str) -> None:
+    """The old router decoded a ``Content-Encoding: gzip`` body and forwarded it with the header."""
+    import gzip
+    import json
+    import zlib
+
+    _router, srv = await start_router(config_for(backends))
+    raw = json.dumps({"model": "test-model", "prompt": "hello " * 100, "max_tokens": 1}).encode()
+    data = gzip.compress(raw) if encoding == "gzip" else zlib.compress(raw)
+    headers = {"Content-Type": "application/json", "Content-Encoding": encoding}
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"http://127.0.0.1:{srv.port}/v1/completions", data=data, headers=headers) as r,
+        ):
+            assert r.status == 200
+        got = next(b for b in backends if b.received)
+        assert got.received[0]["prompt"] == "hello " * 100
+        assert "Content-Encoding" not in got.headers[0]
+    finally:
+        await srv.close()
+
+
+async def test_a_compressed_body_is_bounded_by_its_decoded_size(backends) -> None:
+    import gzip
+
+    _router, srv = await start_router(config_for(backends, max_body_bytes=1 << 20))
+    bomb = gzip.compress(b'{"model": "test-model", "prompt": "' + b"a" * (64 << 20) + b'"}')
+    assert len(bomb) < 1 << 20  # small on the wire, 64 MiB decoded
+    tracemalloc.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                f"http://127.0.0.1:{srv.port}/v1/completions",
+                data=bomb,
+                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            ) as r,
+        ):
+            assert r.status == 413
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        await srv.close()
+    assert peak < 16 << 20, peak
+    assert not any(b.received for b in backends)

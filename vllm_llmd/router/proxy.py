@@ -92,19 +92,24 @@ def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
-def _forward_headers(headers: Any) -> dict[str, str]:
+def _forward_headers(headers: Any, drop: frozenset[str] = HOP_BY_HOP) -> dict[str, str]:
     out: dict[str, str] = {}
     conn_listed = {t.strip().lower() for t in headers.get("Connection", "").split(",") if t.strip()}
     for k, v in headers.items():
         lk = k.lower()
-        if lk in HOP_BY_HOP or lk in conn_listed:
+        if lk in drop or lk in conn_listed:
             continue
         out[k] = v
     return out
 
 
-class BadRequest(ValueError):
-    pass
+#: a request body is read decoded (aiohttp decompresses ``Content-Encoding``; ``max_body_bytes``
+#: bounds the decoded size) and forwarded as read, so its encoding header must not travel with it
+_REQUEST_DROP = HOP_BY_HOP | {"content-encoding"}
+
+
+def _request_headers(request: web.Request) -> dict[str, str]:
+    return _forward_headers(request.headers, _REQUEST_DROP)
 
 
 class RouterApp:
@@ -219,7 +224,7 @@ class RouterApp:
         assert self.session is not None
         for pod in self.pool.available():
             try:
-                async with self.session.get(pod.url + "/v1/models", headers=_forward_headers(request.headers)) as r:
+                async with self.session.get(pod.url + "/v1/models", headers=_request_headers(request)) as r:
                     data = await r.read()
                     if r.status == 200:
                         return web.Response(body=data, content_type="application/json")
@@ -451,7 +456,7 @@ class RouterApp:
         except NoCandidate:
             return None
         leg = _encoder.encode(build_prefill_request(payload, chat=chat))
-        headers = _forward_headers(request.headers)
+        headers = _request_headers(request)
         for cand in decision.ranked[: 1 + self.cfg.pool.max_retries]:
             pod = self.pool.get(cand.id)
             if pod is None:
@@ -522,7 +527,7 @@ class RouterApp:
         the next one in the ranking (``pool.max_retries`` times)."""
         assert self.session is not None
         m = self.metrics
-        headers = _forward_headers(request.headers)
+        headers = _request_headers(request)
         view = req.scratch.get("prefix_view")
         attempts = decision.ranked[: 1 + self.cfg.pool.max_retries]
         last_err = ""
