@@ -1,11 +1,11 @@
 """What one huge prompt costs the router: extra RSS, and how long ``/health`` waits meanwhile.
 
 Starts the real router (``vllm-llmd router`` in its own process, with the test model's tokenizer)
-in front of a stand-in backend (its own process) that reads and discards the body, samples the router's
-RSS (``/proc/PID/status``) every 10 ms and probes ``/health`` every 20 ms while one prompt of
-``--mib`` MiB (completions, then chat) goes through. A stall of the router's event loop delays every
-probe in flight, so the slowest probe bounds the longest stall. Prints one line per request and
-exits 1 if a limit is exceeded (``--max-rss-mib``, ``--max-health-ms``).
+in front of a stand-in backend (its own process) that reads and discards the body, samples the
+router's RSS (``/proc/PID/status``) every 10 ms and probes ``/health`` every 20 ms while one prompt
+of ``--mib`` MiB (completions, then chat) goes through. A stall of the router's event loop delays
+every probe in flight, so the slowest probe bounds the longest stall. Prints one line per request
+and exits 1 if a limit is exceeded (``--max-rss-mib``, ``--max-health-ms``).
 
     .venv/bin/python tests/robustness/big_prompt.py --mib 16
 """
@@ -23,12 +23,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from vllm_llmd.testing.engine import free_port
 from vllm_llmd.testing.model import make_test_model
+from vllm_llmd.testing.wait import wait_until_async
 
 COMPLETION = {"id": "cmpl-1", "object": "text_completion", "choices": [{"index": 0, "text": "ok"}]}
 
@@ -69,7 +71,20 @@ def prose(tokenizer_dir: Path, chars: int) -> str:
     return (piece * (chars // len(piece) + 1))[:chars]
 
 
-async def measure(base: str, pid: int, body: bytes, path: str) -> dict[str, float]:
+def body_of(payload: dict[str, Any], text: str, limit: int) -> bytes:
+    """``payload`` with ``text`` as its prompt (or only message), cut so the body fits in ``limit``."""
+    while True:
+        if "messages" in payload:
+            payload["messages"] = [{"role": "user", "content": text}]
+        else:
+            payload["prompt"] = text
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        if len(body) <= limit:
+            return body
+        text = text[: len(text) - (len(body) - limit)]  # non-ASCII characters take more than a byte
+
+
+async def _measure(base: str, pid: int, body: bytes, path: str) -> dict[str, Any]:
     peak = [rss_mib(pid)]
     done = threading.Event()
 
@@ -97,7 +112,7 @@ async def measure(base: str, pid: int, body: bytes, path: str) -> dict[str, floa
             status = r.status
             await r.read()
         took = time.perf_counter() - t0
-        await asyncio.sleep(0.2)  # a few probes after the request
+        await asyncio.sleep(0.2)  # a few probes after the request (a stall at its end shows too)
         done.set()
         await prober
     th.join()
@@ -110,70 +125,52 @@ async def measure(base: str, pid: int, body: bytes, path: str) -> dict[str, floa
     }
 
 
-async def main_async(args: argparse.Namespace) -> int:
-    model = make_test_model(Path(tempfile.mkdtemp(prefix="llmd-big-")) / "tiny", shape="tiny")
+async def measure_big_prompts(mib: float, model: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Per request kind (completions, chat): HTTP status, seconds, extra RSS peak, slowest /health."""
+    if model is None:
+        model = make_test_model(Path(tempfile.mkdtemp(prefix="llmd-big-")) / "tiny", shape="tiny")
     bport, rport = free_port(), free_port()
     # the stand-in backend runs in its own process: reading 16 MiB bodies must not slow the probes
     stand_in = subprocess.Popen([sys.executable, __file__, "--serve-backend", str(bport)], start_new_session=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm_llmd.cli",
-        "router",
-        "--port",
-        str(rport),
-        "--worker",
-        f"http://127.0.0.1:{bport}",
-    ]
-    cmd += ["--tokenizer", str(model), "--model", "test-model", "--log-level", "warning"]
-    router = subprocess.Popen(cmd, start_new_session=True)
+    cmd = [sys.executable, "-m", "vllm_llmd.cli", "router", "--port", str(rport)]
+    cmd += ["--worker", f"http://127.0.0.1:{bport}", "--tokenizer", str(model), "--model", "test-model"]
+    router = subprocess.Popen([*cmd, "--log-level", "warning"], start_new_session=True)
     base = f"http://127.0.0.1:{rport}"
-    failed = False
+    out: dict[str, dict[str, Any]] = {}
     try:
         async with aiohttp.ClientSession() as s:
-            for _ in range(300):
+
+            async def up() -> bool:
+                assert router.poll() is None, "router exited"
                 try:
-                    async with s.post(base + "/v1/completions", json={"model": "test-model", "prompt": "warm up"}) as r:
-                        if r.status == 200:
-                            break
+                    async with s.post(base + "/v1/completions", json={"model": "test-model", "prompt": "warm"}) as r:
+                        return r.status == 200
                 except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        budget = int(args.mib * (1 << 20)) - 200
-        text = prose(model, budget)
+                    return False
+
+            await wait_until_async(up, 60, "router and backend up", interval=0.1)
+        limit = int(mib * (1 << 20))
+        text = prose(model, limit)
         base_rss = rss_mib(router.pid)
-        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-        print(f"router RSS before: {base_rss:.0f} MiB; prompt {len(text) / (1 << 20):.2f} MiB; load average {load}")
-        bodies = {
-            "completions": ("/v1/completions", {"model": "test-model", "prompt": text, "max_tokens": 1}),
-            "chat": ("/v1/chat/completions", {"model": "test-model", "messages": [{"role": "user", "content": text}]}),
-        }
-        for name, (path, payload) in bodies.items():
-            body = json.dumps(payload, ensure_ascii=False).encode()
-            while len(body) > budget + 200:  # non-ASCII characters take more than one byte
-                cut = len(body) - budget - 200
-                key = "prompt" if "prompt" in payload else "messages"
-                if key == "prompt":
-                    payload["prompt"] = payload["prompt"][:-cut]
-                else:
-                    payload["messages"][0]["content"] = payload["messages"][0]["content"][:-cut]
-                body = json.dumps(payload, ensure_ascii=False).encode()
-            r = await measure(base, router.pid, body, path)
-            extra = r["peak_rss_mib"] - base_rss
-            ok = r["status"] == 200 and extra < args.max_rss_mib and r["max_health_ms"] < args.max_health_ms
-            failed |= not ok
-            print(
-                f"{name}: body {len(body) / (1 << 20):.2f} MiB, HTTP {r['status']} in {r['seconds']:.2f} s, "
-                f"extra RSS peak {extra:.0f} MiB (limit {args.max_rss_mib}), slowest /health "
-                f"{r['max_health_ms']:.0f} ms of {r['probes']} probes (limit {args.max_health_ms}) -> "
-                f"{'ok' if ok else 'OVER LIMIT'}",
-                flush=True,
-            )
+        for name, path, payload in (
+            ("completions", "/v1/completions", {"model": "test-model", "max_tokens": 1}),
+            ("chat", "/v1/chat/completions", {"model": "test-model", "messages": []}),
+        ):
+            body = body_of(payload, text, limit)
+            r = await _measure(base, router.pid, body, path)
+            r["body_mib"] = len(body) / (1 << 20)
+            r["extra_rss_mib"] = r["peak_rss_mib"] - base_rss
+            r["rss_before_mib"] = base_rss
+            out[name] = r
     finally:
         for proc in (router, stand_in):
             proc.terminate()
-            proc.wait(10)
-    return 1 if failed else 0
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return out
 
 
 def main() -> int:
@@ -186,7 +183,22 @@ def main() -> int:
     if args.serve_backend is not None:
         asyncio.run(backend(args.serve_backend))
         return 0
-    return asyncio.run(main_async(args))
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    results = asyncio.run(measure_big_prompts(args.mib))
+    failed = False
+    for name, r in results.items():
+        ok = r["status"] == 200 and r["extra_rss_mib"] < args.max_rss_mib and r["max_health_ms"] < args.max_health_ms
+        failed |= not ok
+        print(
+            f"{name}: body {r['body_mib']:.2f} MiB, HTTP {r['status']} in {r['seconds']:.2f} s, router RSS "
+            f"{r['rss_before_mib']:.0f} MiB before, extra peak {r['extra_rss_mib']:.0f} MiB "
+            f"(limit {args.max_rss_mib:g}), "
+            f"slowest /health {r['max_health_ms']:.0f} ms of {r['probes']} probes (limit {args.max_health_ms:g}) -> "
+            f"{'ok' if ok else 'OVER LIMIT'}",
+            flush=True,
+        )
+    print(f"load average before: {load}; after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from taking it down.
   yet (idle or still sending headers) is closed, else the oldest still sending a body, else the new
   one: a flood of idle partial connections (issue 9: 20k of them filled the fd limit and refused
   every new client) only ever displaces itself.
+* **Logs.** aiohttp logs every malformed request at ERROR; its server logger is rate-limited
+  (:class:`RateLimitFilter`) so a client cannot flood the log.
 * **Abandoned requests.** Handlers are cancelled when their client disconnects
   (``handler_cancellation``, as aiohttp's own test server does), so the upstream request is dropped
   and its in-flight accounting released at once.
@@ -29,14 +31,45 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from vllm_llmd.router.config import ServerConfig
-from vllm_llmd.router.errors import HTTPError
+from vllm_llmd.router.errors import HTTPError, error_response
 
 log = logging.getLogger(__name__)
 
 _IDLE, _BODY, _ACTIVE = 0, 1, 2
+
+
+class RateLimitFilter(logging.Filter):
+    """At most ``per_minute`` records a minute through a logger, then one note of how many were
+    dropped: a client cannot flood the log (aiohttp logs every malformed request at ERROR)."""
+
+    def __init__(self, per_minute: int = 20) -> None:
+        super().__init__()
+        self.per_minute = per_minute
+        self._window = 0.0
+        self._count = 0
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = record.created
+        if now - self._window >= 60.0:
+            if self._dropped:
+                record.msg = f"{record.msg} (and {self._dropped} similar records dropped in the last minute)"
+            self._window, self._count, self._dropped = now, 0, 0
+        self._count += 1
+        if self._count > self.per_minute:
+            self._dropped += 1
+            return False
+        return True
+
+
+def limit_server_logs() -> None:
+    """Rate-limit aiohttp's server logger (once per process)."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, RateLimitFilter) for f in logger.filters):
+        logger.addFilter(RateLimitFilter())
 
 
 def raise_fd_limit() -> int:
@@ -119,8 +152,26 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> b
     except TimeoutError as e:
         msg = f"request body not received within {timeout_s:g} s"
         raise HTTPError(408, msg, "RequestTimeoutError", close=True) from e
+    except RequestPayloadError as e:  # e.g. a Content-Encoding the body does not match
+        cause = e.__cause__ or e
+        raise HTTPError(400, f"cannot decode the request body: {cause}", "BadRequestError", close=True) from e
     except (ConnectionError, web.HTTPBadRequest) as e:
-        raise HTTPError(400, f"cannot read the request body: {e}", "BadRequestError") from e
+        raise HTTPError(400, f"cannot read the request body: {e}", "BadRequestError", close=True) from e
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` as aiohttp answers it; any other ``Expect`` a JSON 417 (aiohttp's own
+    handler runs outside the middlewares and fails with a plain-text 500 on a non-UTF-8 value)."""
+    expect = request.headers.get("Expect", "")
+    if request.version != (1, 1):
+        return None
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return None
+    resp = error_response(417, "only 'Expect: 100-continue' is supported", "ExpectationFailedError")
+    resp.force_close()
+    return resp
 
 
 class RouterRunner(web.AppRunner):
@@ -148,6 +199,7 @@ class RouterRunner(web.AppRunner):
 
 
 def make_runner(app: web.Application, cfg: ServerConfig, guard: ConnectionGuard) -> RouterRunner:
+    limit_server_logs()
     return RouterRunner(
         app,
         guard,

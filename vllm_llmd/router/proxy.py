@@ -29,6 +29,7 @@ from vllm_llmd.router.front import (
     RouterRunner,
     body_received,
     default_max_connections,
+    expect_handler,
     make_runner,
     raise_fd_limit,
     read_body,
@@ -104,12 +105,15 @@ def _forward_headers(headers: Any, drop: frozenset[str] = HOP_BY_HOP) -> dict[st
 
 
 #: a request body is read decoded (aiohttp decompresses ``Content-Encoding``; ``max_body_bytes``
-#: bounds the decoded size) and forwarded as read, so its encoding header must not travel with it
-_REQUEST_DROP = HOP_BY_HOP | {"content-encoding"}
+#: bounds the decoded size) and forwarded as the UTF-8 JSON the router parsed, so the client's
+#: encoding and content type must not travel with it
+_REQUEST_DROP = HOP_BY_HOP | {"content-encoding", "content-type"}
 
 
 def _request_headers(request: web.Request) -> dict[str, str]:
-    return _forward_headers(request.headers, _REQUEST_DROP)
+    out = _forward_headers(request.headers, _REQUEST_DROP)
+    out["Content-Type"] = "application/json"
+    return out
 
 
 class RouterApp:
@@ -153,8 +157,8 @@ class RouterApp:
         limit = cfg.server.max_connections or default_max_connections(raise_fd_limit())
         self.guard = ConnectionGuard(limit)
         self.app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[json_errors, self.guard.middleware])
-        self.app.router.add_post("/v1/completions", self.handle_completions)
-        self.app.router.add_post("/v1/chat/completions", self.handle_chat)
+        self.app.router.add_post("/v1/completions", self.handle_completions, expect_handler=expect_handler)
+        self.app.router.add_post("/v1/chat/completions", self.handle_chat, expect_handler=expect_handler)
         self.app.router.add_get("/v1/models", self.handle_models)
         self.app.router.add_get("/health", self.handle_health)
         self.app.router.add_get("/metrics", self.handle_metrics)

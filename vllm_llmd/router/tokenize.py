@@ -26,8 +26,8 @@ encodes only the rest.
 **Off the event loop.** :class:`TokenizerPool` runs every tokenization of more than
 ``inline_chars`` on worker threads (``tokenizers`` releases the GIL while it encodes); at most
 ``max_pending`` at a time, beyond which a request is scored approximately instead of queueing.
-Measured (bench/README.md, "big prompts"): a 16 MiB prompt is tokenized on a worker while
-``/health`` keeps answering.
+Measured by ``tests/robustness/big_prompt.py``: a 16 MiB prompt is tokenized on a worker while
+``/health`` keeps answering (figures in bench/RESULTS.md).
 """
 
 from __future__ import annotations
