@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from vllm_llmd.router.config import RouterConfig
+from vllm_llmd.router.request import COMPLETIONS, ClientRequest
 from vllm_llmd.router.server import build_router
 from vllm_llmd.testing.model import make_test_model
 from vllm_llmd.wire.kv_events import BlockStored, encode_batch, seq_to_bytes
@@ -58,8 +59,10 @@ def main() -> None:
     cands = router.pool.pods
 
     async def one(p: str) -> None:
-        req = await router._sched_request({"prompt": p}, "test-model", False, None, len(p))
-        router.scheduler.schedule(req, router._candidates(cands))
+        # stages 2 and 3 of the request path (vllm_llmd/router/proxy.py): tokens and keys, then scheduling
+        creq = ClientRequest(COMPLETIONS, {"prompt": p}, b"", "test-model", 16, None, prompt_text=p)
+        req = await router.prompts.build(creq, len(p))
+        router.scheduler.schedule(req, router.candidates.of(cands))
 
     async def run() -> tuple[list[float], float]:
         for p in prompts[:100]:

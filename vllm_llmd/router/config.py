@@ -125,18 +125,34 @@ class PDConfig(_Strict):
     """Prefill/decode disaggregation, active when the pool has ``role: prefill`` pods (or, with
     ``peers``, between ``role: both`` pods)."""
 
+    #: the P/D decider by name (``vllm_llmd.router.scheduling.deciders``): ``prefix-threshold``, or
+    #: ``selective-peers``; default: ``selective-peers`` with ``peers: true``, else ``prefix-threshold``
+    decider: str | None = None
+    #: parameters for a decider beyond the ones below (which every built-in decider takes from here)
+    decider_params: dict[str, Any] = Field(default_factory=dict)
     #: disaggregate when the chosen decode pod would compute more than this many prompt tokens itself
     threshold_tokens: int = Field(default=256, ge=0)
     #: profile that picks the prefill pod (default: the main profile)
     prefill_profile: ProfileConfig | None = None
     #: selective P/D among ``role: both`` pods (no dedicated prefill pods): after the decode pod is
     #: chosen, pull the prompt's KV from a peer that holds more of the prefix and can produce it sooner
-    #: (``vllm_llmd.pd.selective``; needs a KV connector with ``kv_both`` on every pod)
+    #: (``vllm_llmd.pd.selective``; needs a KV connector with ``kv_both`` on every pod); the same as
+    #: ``decider: selective-peers``
     peers: bool = False
     #: cost of moving one prompt token's KV, relative to computing it (peers mode)
     transfer_token_weight: float = Field(default=0.05, ge=0)
     #: fixed cost (tokens) of the extra prefill leg (peers mode)
     leg_overhead_tokens: float = Field(default=128.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_decider(self) -> PDConfig:
+        if self.peers and self.decider not in (None, "selective-peers"):
+            raise ValueError(f"peers: true means decider selective-peers, not {self.decider!r}")
+        return self
+
+    @property
+    def decider_name(self) -> str:
+        return self.decider or ("selective-peers" if self.peers else "prefix-threshold")
 
 
 class DiscoveryConfig(_Strict):

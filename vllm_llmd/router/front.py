@@ -93,9 +93,11 @@ def default_max_connections(fd_limit: int) -> int:
 class ConnectionGuard:
     """Tracks client connections (oldest first) and what each is doing; keeps them under ``limit``."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_close: Callable[[str], None] | None = None) -> None:
         self.limit = limit
         self._conns: OrderedDict[RequestHandler, int] = OrderedDict()
+        #: called with "displaced" or "refused" for each connection the guard closes
+        self._on_close = on_close
         self.evicted = 0
         self.refused = 0
 
@@ -110,12 +112,16 @@ class ConnectionGuard:
             victim = next((h for h, s in self._conns.items() if s == state and h is not handler), None)
             if victim is not None:
                 self.evicted += 1
-                self.lost(victim)
-                victim.force_close()
+                self._close(victim, "displaced")
                 return
         self.refused += 1
+        self._close(handler, "refused")
+
+    def _close(self, handler: RequestHandler, reason: str) -> None:
         self.lost(handler)
         handler.force_close()
+        if self._on_close is not None:
+            self._on_close(reason)
 
     def lost(self, handler: RequestHandler) -> None:
         self._conns.pop(handler, None)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from vllm_llmd.router.config import PodConfig, PoolConfig
+from vllm_llmd.router.inflight import InflightTracker, PodLoad
 from vllm_llmd.router.pod_metrics import PodMetrics, parse_metrics
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class Pod:
     consecutive_failures: int = 0
     ejected_until: float = 0.0
     ejections: int = 0
-    inflight_requests: int = 0
+    #: the router's work in flight on the pod: the in-flight tracker's own record, not a copy
+    load: PodLoad = field(default_factory=PodLoad)
     metrics: PodMetrics = field(default_factory=PodMetrics)
     #: ``/metrics`` was read once for the KV capacity since the pod last became healthy
     capacity_read: bool = False
@@ -64,12 +66,19 @@ class Pod:
         return self.config.capacity_blocks or self.metrics.num_gpu_blocks
 
     def available(self, now: float, max_inflight: int) -> bool:
-        return self.healthy and now >= self.ejected_until and self.inflight_requests < max_inflight
+        return self.healthy and now >= self.ejected_until and self.load.requests < max_inflight
 
 
 class PodPool:
-    def __init__(self, cfg: PoolConfig, on_change: Callable[[list[Pod]], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: PoolConfig,
+        on_change: Callable[[list[Pod]], None] | None = None,
+        inflight: InflightTracker | None = None,
+    ) -> None:
         self.cfg = cfg
+        #: where each pod's in-flight work is counted (``Pod.load`` is the tracker's record)
+        self.inflight = inflight or InflightTracker()
         self._pods: dict[str, Pod] = {}
         self._order: list[Pod] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -87,7 +96,7 @@ class PodPool:
             if old is not None and old.config == c:
                 new[c.pod_id] = old
             else:
-                new[c.pod_id] = Pod(c)
+                new[c.pod_id] = Pod(c, load=self.inflight.load(c.pod_id))
         self._pods = new
         self._order = list(new.values())
         if self._on_change is not None:

@@ -15,7 +15,8 @@ from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pool import PodPool
 from vllm_llmd.router.prefix_memory import PrefixMemory
 from vllm_llmd.router.proxy import RouterApp
-from vllm_llmd.router.scheduling import SchedulingContext, build_scheduler
+from vllm_llmd.router.scheduling import Decider, SchedulingContext, build_scheduler
+from vllm_llmd.router.scheduling.registry import create_plugin, registered_params
 from vllm_llmd.router.tokenize import load_tokenizer
 
 log = logging.getLogger("vllm_llmd.router")
@@ -33,6 +34,16 @@ def _make_index(cfg: RouterConfig) -> tuple[Any, Any]:
     for p in with_events:
         sub.add_pod(p.pod_id, p.events, p.replay)
     return index, sub
+
+
+def _make_decider(cfg: RouterConfig, ctx: SchedulingContext) -> Decider:
+    """The P/D decider named in ``pd.decider``, its parameters from the ``pd`` section."""
+    pd = cfg.pd
+    params = registered_params("decider", pd.decider_name)
+    fields = set(params.model_fields) if params is not None else set()
+    raw = {k: v for k, v in pd.model_dump().items() if k in fields}
+    raw.update(pd.decider_params)
+    return create_plugin("decider", pd.decider_name, raw, ctx, "pd.decider", Decider)
 
 
 def build_router(cfg: RouterConfig) -> RouterApp:
@@ -57,11 +68,12 @@ def build_router(cfg: RouterConfig) -> RouterApp:
         metrics_stale_s=cfg.pool.metrics_stale_s,
     )
     scheduler = build_scheduler(cfg.profile, ctx)
+    ctx.decode_token_weight = scheduler.decode_token_weight  # the P/D decider uses the profile's weight
     prefill_scheduler = build_scheduler(cfg.pd.prefill_profile or cfg.profile, ctx, "pd.prefill_profile")
-    pool = PodPool(cfg.pool)
+    decider = _make_decider(cfg, ctx)
+    pool = PodPool(cfg.pool, inflight=inflight)
     pool.set_pods(cfg.pods)
-    router = RouterApp(cfg, pool, scheduler, inflight, tokenizer, RouterMetrics(), index, subscriber, prefill_scheduler)
-    router.discovery = None
+    router = RouterApp(cfg, pool, scheduler, tokenizer, RouterMetrics(), index, subscriber, prefill_scheduler, decider)
     if cfg.discovery is not None:  # Kubernetes: pods come and go without a restart
         from vllm_llmd.discovery.source import KubernetesDiscovery
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 from array import array
 from collections.abc import Callable
@@ -301,7 +302,12 @@ class TokenizerPool:
 
 
 def load_tokenizer(path: str | Path | None, **kw: Any) -> PromptTokenizer | None:
-    """The tokenizer, or ``None`` (logged once) so the router falls back to approximate scoring."""
+    """The tokenizer, or ``None`` (logged once) so the router falls back to approximate scoring.
+
+    Turns off ``tokenizers``' own thread pool unless ``TOKENIZERS_PARALLELISM`` is set: waking it
+    for every prompt cost more than it saved (bench/bench_router_decision.py, 2 busy cores: wall
+    p50 9.7 -> 2.0 ms, CPU 2.2 -> 1.75 ms a decision); large prompts get the worker threads."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if path is None:
         log.warning("no --tokenizer given: precise prefix scoring is off, using the approximate scorer")
         return None
