@@ -171,3 +171,57 @@ def config_for(backends: list[FakeBackend], **kw: Any) -> RouterConfig:
     data: dict[str, Any] = {"models": ["test-model"], "pods": [PodConfig(url=b.url).model_dump() for b in backends]}
     data.update(kw)
     return RouterConfig.model_validate(data)
+
+
+class CliRouter:
+    """``vllm-llmd router`` in its own process (as operators run it), with ``args`` after ``router``."""
+
+    def __init__(self, args: list[str], **popen: Any) -> None:
+        import subprocess
+        import sys
+
+        from vllm_llmd.testing.engine import free_port
+
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "vllm_llmd.cli", "router", "--port", str(self.port), *args]
+        popen.setdefault("stderr", subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, **popen)
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def ready(self, timeout: float = 60) -> CliRouter:
+        """Once ``/health`` answers 200 (the process must not exit meanwhile)."""
+        import aiohttp
+
+        from vllm_llmd.testing.wait import wait_until_async
+
+        async with aiohttp.ClientSession() as s:
+
+            async def up() -> bool:
+                assert self.proc.poll() is None, "the router exited"
+                try:
+                    async with s.get(self.base + "/health") as r:
+                        return r.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await wait_until_async(up, timeout, "router /health answers 200", interval=0.1)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def stop_process(proc: Any) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -13,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from router_fakes import FakeBackend, config_for, start_router
+from router_fakes import CliRouter, FakeBackend, config_for, start_router
 
 from vllm_llmd.testing.model import make_test_model
 from vllm_llmd.testing.wait import wait_until_async
@@ -37,15 +35,6 @@ async def backends() -> AsyncIterator[list[FakeBackend]]:
 def _prose(n_chars: int) -> str:
     words = " ".join(f"{WORDS[i % len(WORDS)]}{(i * 7) % 97}" for i in range(n_chars // 4 + 1))
     return words[:n_chars]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 async def _probe_health(base: str, stop: asyncio.Event) -> list[float]:
@@ -232,48 +221,33 @@ async def test_idle_partial_connections_never_lock_new_clients_out(backends) -> 
     a new client is still served, and the router keeps at most its connection bound."""
     import resource
 
-    from vllm_llmd.testing.engine import free_port
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm_llmd.cli", "router", "--port", str(port), "--worker", backends[0].url]
-    cmd += ["--model", "test-model", "--log-level", "warning"]
-
     def low_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
-    proc = subprocess.Popen(cmd, preexec_fn=low_fd_limit, stderr=subprocess.DEVNULL)
+    cli = CliRouter(["--worker", backends[0].url, "--model", "test-model"], preexec_fn=low_fd_limit)
     writers: list[asyncio.StreamWriter] = []
-    base = f"http://127.0.0.1:{port}"
     try:
+        await cli.ready()
         async with aiohttp.ClientSession() as s:
-
-            async def up() -> bool:
-                assert proc.poll() is None
-                try:
-                    async with s.get(base + "/health") as r:
-                        return r.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await wait_until_async(up, 30, "router up", interval=0.1)
+            async with s.get(cli.base + "/health") as r:  # a kept-alive connection stays open throughout
+                assert r.status == 200
             for _ in range(400):
                 try:
-                    _reader, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+                    _reader, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", cli.port), 5)
                 except (OSError, TimeoutError):
                     continue  # the old router stops accepting: the point of the test is the next request
                 w.write(PARTIAL)
                 writers.append(w)
-            await asyncio.sleep(0.2)
-            # a new client (its own connection; the kept-alive /health connection above stays open)
+            # a new client, queued behind all of them
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as fresh,
-                fresh.post(base + "/v1/completions", json={"model": "test-model", "prompt": "hi"}) as r,
+                fresh.post(cli.base + "/v1/completions", json={"model": "test-model", "prompt": "hi"}) as r,
             ):
                 assert r.status == 200
     finally:
         for w in writers:
             w.close()
-        _stop(proc)
+        cli.stop()
 
 
 async def test_a_client_slow_to_send_headers_or_body_is_cut_off(backends) -> None:
@@ -342,52 +316,36 @@ def _inflight(metrics_text: str, pod: str) -> float:
 async def test_an_abandoned_request_is_dropped_at_once_and_never_sent_again(backends) -> None:
     """The old router kept an abandoned request (and its in-flight count) alive; when the hung pod
     later died, it re-sent the request to another pod. Runs the router as ``vllm-llmd router``."""
-    from vllm_llmd.testing.engine import free_port
-
     backends[0].die = "hang"
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm_llmd.cli", "router", "--port", str(port), "--model", "test-model"]
-    for b in backends:
-        cmd += ["--worker", b.url]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    cli = CliRouter(["--model", "test-model", "--worker", backends[0].url, "--worker", backends[1].url])
     try:
+        await cli.ready()
+        for i in range(6):  # some go to the hung pod; those clients give up after 0.3 s
+            body = {"model": "test-model", "prompt": f"p{i}" * 50, "max_tokens": 1}
+            try:
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as c,
+                    c.post(cli.base + "/v1/completions", json=body) as r,
+                ):
+                    await r.read()
+            except TimeoutError:
+                pass
+        hung = len(backends[0].received)
+        assert hung >= 1
+        served = len(backends[1].received)
         async with aiohttp.ClientSession() as s:
 
-            async def up() -> bool:
-                assert proc.poll() is None
-                try:
-                    async with s.get(base + "/health") as r:
-                        return r.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await wait_until_async(up, 30, "router up", interval=0.1)
-            for i in range(6):  # some go to the hung pod; those clients give up after 0.3 s
-                body = {"model": "test-model", "prompt": f"p{i}" * 50, "max_tokens": 1}
-                try:
-                    async with (
-                        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as c,
-                        c.post(base + "/v1/completions", json=body) as r,
-                    ):
-                        await r.read()
-                except TimeoutError:
-                    pass
-            hung = len(backends[0].received)
-            assert hung >= 1
-            served = len(backends[1].received)
-
             async def released() -> bool:
-                async with s.get(base + "/metrics") as r:
+                async with s.get(cli.base + "/metrics") as r:
                     return _inflight(await r.text(), backends[0].pod_id) == 0
 
             await wait_until_async(released, 3, "the abandoned requests' in-flight count released")
-            await wait_until_async(lambda: backends[0].abandoned == hung, 3, "the pod saw them dropped")
-            await backends[0].close()  # the hung pod dies now
-            await asyncio.sleep(1.0)  # a window for a re-send to show up (the old router's came at once)
-            assert len(backends[1].received) == served  # nothing was re-sent to the other pod
+        await wait_until_async(lambda: backends[0].abandoned == hung, 3, "the pod saw them dropped")
+        await backends[0].close()  # the hung pod dies now
+        await asyncio.sleep(1.0)  # a window for a re-send to show up (the old router's came at once)
+        assert len(backends[1].received) == served  # nothing was re-sent to the other pod
     finally:
-        _stop(proc)
+        cli.stop()
 
 
 # ---- case 6: 5xx before the first byte; ejections that last ------------------------------------
