@@ -442,3 +442,15 @@ async def test_a_compressed_body_is_bounded_by_its_decoded_size(backends) -> Non
         await srv.close()
     assert peak < 16 << 20, peak
     assert not any(b.received for b in backends)
+
+
+async def test_failures_of_requests_in_flight_do_not_lengthen_an_ejection() -> None:
+    from vllm_llmd.router.config import PodConfig, PoolConfig
+    from vllm_llmd.router.pool import PodPool
+
+    pool = PodPool(PoolConfig(ejection_s=2.0, max_ejection_s=30.0))
+    pool.set_pods([PodConfig(url="http://127.0.0.1:9")])
+    pod = pool.pods[0]
+    for _ in range(10):  # ten requests in flight when the pod died, all failing at once
+        pool.report_connect_failure(pod, "connection refused")
+    assert pod.ejections == 1 and pod.ejected_until - time.monotonic() <= 2.0

@@ -127,9 +127,11 @@ class PodPool:
             self._eject(pod, reason)
 
     def report_connect_failure(self, pod: Pod, reason: str) -> None:
-        """A refused/reset connection is a strong signal: eject at once."""
+        """A refused/reset connection is a strong signal: eject at once (unless already ejected: the
+        requests that were in flight when the pod went down do not lengthen its ejection)."""
         pod.consecutive_failures = max(pod.consecutive_failures + 1, self.cfg.failure_threshold)
-        self._eject(pod, reason)
+        if time.monotonic() >= pod.ejected_until:
+            self._eject(pod, reason)
 
     def report_success(self, pod: Pod) -> None:
         pod.consecutive_failures = 0
