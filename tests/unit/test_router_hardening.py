@@ -454,3 +454,32 @@ async def test_failures_of_requests_in_flight_do_not_lengthen_an_ejection() -> N
     for _ in range(10):  # ten requests in flight when the pod died, all failing at once
         pool.report_connect_failure(pod, "connection refused")
     assert pod.ejections == 1 and pod.ejected_until - time.monotonic() <= 2.0
+
+
+async def test_request_bodies_held_at_once_are_bounded(backends) -> None:
+    """Connections x 16 MiB bodies was unbounded: bodies in flight now have a byte budget (503 beyond)."""
+    gate = asyncio.Event()
+    for b in backends:
+        b.gate = gate  # streams stay in flight, their bodies held
+    cfg = config_for(backends, max_body_bytes=32 << 10, server={"max_body_bytes_in_flight": 64 << 10})
+    router, srv = await start_router(cfg)
+    url = f"http://127.0.0.1:{srv.port}/v1/completions"
+    body = {"model": "test-model", "prompt": "x" * 30_000, "max_tokens": 1, "stream": True}
+    try:
+        async with aiohttp.ClientSession() as s:
+            held = [await s.post(url, json=body) for _ in range(2)]
+            assert [r.status for r in held] == [200, 200]
+            async with s.post(url, json=body) as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "1"
+            async with s.post(url, json={"model": "test-model", "prompt": "small"}) as r:
+                assert r.status == 200  # a small body still fits
+            gate.set()
+            for r in held:
+                await r.read()
+                r.release()
+            await wait_until_async(lambda: router.bodies.held == 0, 5, "bodies released")
+            async with s.post(url, json=body) as r:
+                assert r.status == 200
+    finally:
+        gate.set()
+        await srv.close()

@@ -207,6 +207,9 @@ class ServerConfig(_Strict):
     max_connections: int | None = Field(default=None, ge=1)
     #: longest request line or header field (aiohttp's default)
     max_header_bytes: int = Field(default=8190, ge=1024)
+    #: request bodies held at once, in bytes (a body counts its Content-Length, or max_body_bytes when
+    #: that is unknown or compressed); beyond it new requests get 503
+    max_body_bytes_in_flight: int = Field(default=512 << 20, ge=1024)
 
 
 class RouterConfig(_Strict):
@@ -227,6 +230,12 @@ class RouterConfig(_Strict):
     #: request header that carries a session id (session-affinity scorer)
     session_header: str = "x-session-id"
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _one_body_fits(self) -> RouterConfig:
+        if self.server.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError("server.max_body_bytes_in_flight must be at least max_body_bytes")
+        return self
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

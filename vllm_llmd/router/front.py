@@ -8,6 +8,10 @@ from taking it down.
   headers: ``server.header_timeout_s``.
 * **Body timeout.** The body is read by the request stage within ``server.body_timeout_s``
   (:func:`read_body`); a client trickling it gets a 408.
+* **Bodies in flight.** :class:`BodyBudget` bounds the bytes of request bodies the router holds at
+  once (``server.max_body_bytes_in_flight``): a body counts its ``Content-Length`` (or
+  ``max_body_bytes`` when that is unknown or the body is compressed) from before it is read until
+  its request ends; a request that would exceed the budget gets a 503 before its body is read.
 * **Connections.** :class:`ConnectionGuard` bounds client connections (``server.max_connections``,
   by default half the open-file limit, which the router first raises to its hard limit). When a
   new connection would exceed the bound, the oldest connection that has not sent a complete request
@@ -148,8 +152,42 @@ def body_received(request: web.Request, guard: ConnectionGuard | None) -> None:
         guard.set_state(request.protocol, _ACTIVE)
 
 
-async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
-    """The whole (decoded) request body within ``timeout_s``; ``HTTPError`` 413 / 408 / 400."""
+_RESERVED = web.RequestKey("llmd_body_bytes_reserved", int)
+
+
+class BodyBudget:
+    """Bytes of request bodies held at once; :meth:`reserve` before reading, the middleware releases."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def reserve(self, request: web.Request, max_body_bytes: int) -> None:
+        n = request.content_length
+        if n is None or n > max_body_bytes or request.headers.get("Content-Encoding", "identity") != "identity":
+            n = max_body_bytes  # the decoded size is not known before reading: the most it may be
+        if self.held + n > self.limit:
+            raise HTTPError(
+                503, "the router holds too many request bodies: retry", headers={"Retry-After": "1"}, close=True
+            )
+        self.held += n
+        request[_RESERVED] = n
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        finally:
+            self.held -= request.get(_RESERVED, 0)
+
+
+async def read_body(request: web.Request, max_bytes: int, timeout_s: float, budget: BodyBudget | None = None) -> bytes:
+    """The whole (decoded) request body within ``timeout_s``, counted in ``budget``; ``HTTPError``
+    503 / 413 / 408 / 400."""
+    if budget is not None:
+        budget.reserve(request, max_bytes)
     try:
         async with asyncio.timeout(timeout_s):
             return await request.read()

@@ -26,6 +26,7 @@ from vllm_llmd.router.candidates import CandidateViews
 from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.errors import HTTPError, error_response, json_errors
 from vllm_llmd.router.front import (
+    BodyBudget,
     ConnectionGuard,
     RouterRunner,
     default_max_connections,
@@ -79,15 +80,17 @@ class RouterApp:
             cfg.server.max_connections or default_max_connections(raise_fd_limit()),
             on_close=lambda reason: metrics.client_connections_closed.labels(reason).inc(),
         )
+        self.bodies = BodyBudget(cfg.server.max_body_bytes_in_flight)
         tc = cfg.tokenizer
         self.tokenizer_pool = TokenizerPool(tc.workers, tc.max_pending, tc.inline_chars) if tokenizer else None
         # the stages, in the order a request meets them
-        self.parser = RequestParser(cfg, self.guard)
+        self.parser = RequestParser(cfg, self.guard, self.bodies)
         self.prompts = PromptStage(tokenizer, self.tokenizer_pool, cfg.index.block_size, cfg.index.max_prompt_blocks)
         self.candidates = CandidateViews()
         self.upstream = Upstream(cfg.pool, pool, metrics)
         self.prefill_leg = PrefillLeg(cfg.pool, pool, self.upstream, self.prefill_scheduler)
-        self.app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[json_errors, self.guard.middleware])
+        middlewares = [json_errors, self.guard.middleware, self.bodies.middleware]
+        self.app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=middlewares)
         self.app.router.add_post(COMPLETIONS.path, self.handle_completions, expect_handler=expect_handler)
         self.app.router.add_post(CHAT.path, self.handle_chat, expect_handler=expect_handler)
         self.app.router.add_get("/v1/models", self.handle_models)

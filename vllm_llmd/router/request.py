@@ -19,7 +19,7 @@ from aiohttp import web
 from vllm_llmd.pd.requests import has_client_kv_params, strip_client_kv_params
 from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.errors import HTTPError
-from vllm_llmd.router.front import ConnectionGuard, body_received, read_body
+from vllm_llmd.router.front import BodyBudget, ConnectionGuard, body_received, read_body
 
 #: vLLM's completions default (chat defaults to "the rest of the context", unknown here)
 DEFAULT_MAX_TOKENS = 16
@@ -66,8 +66,9 @@ class ClientRequest:
 
 
 class RequestParser:
-    def __init__(self, cfg: RouterConfig, guard: ConnectionGuard | None) -> None:
+    def __init__(self, cfg: RouterConfig, guard: ConnectionGuard | None, budget: BodyBudget | None = None) -> None:
         self.max_body_bytes = cfg.max_body_bytes
+        self.budget = budget
         self.body_timeout_s = cfg.server.body_timeout_s
         self.session_header = cfg.session_header
         self.models = frozenset(cfg.models)
@@ -75,7 +76,7 @@ class RequestParser:
         self.guard = guard
 
     async def parse(self, request: web.Request, endpoint: Endpoint) -> ClientRequest:
-        body = await read_body(request, self.max_body_bytes, self.body_timeout_s)
+        body = await read_body(request, self.max_body_bytes, self.body_timeout_s, self.budget)
         body_received(request, self.guard)
         payload = decode_json(body)
         if has_client_kv_params(payload):  # a client never steers a KV transfer
