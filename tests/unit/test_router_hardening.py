@@ -483,3 +483,25 @@ async def test_request_bodies_held_at_once_are_bounded(backends) -> None:
     finally:
         gate.set()
         await srv.close()
+
+
+async def test_a_huge_list_of_token_ids_is_checked_off_the_event_loop(backends) -> None:
+    """A 16 MiB body of token ids (millions of them) is checked and keyed on a worker thread; a bad
+    id anywhere in it is still a 400."""
+    _router, srv = await start_router(config_for(backends, max_body_bytes=16 << 20))
+    url = f"http://127.0.0.1:{srv.port}/v1/completions"
+    stop = asyncio.Event()
+    try:
+        prober = asyncio.create_task(_probe_health(f"http://127.0.0.1:{srv.port}", stop))
+        ids = list(range(1, 1_500_000))  # ~13 MiB of JSON
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json={"model": "test-model", "prompt": ids, "max_tokens": 1}) as r:
+                assert r.status == 200
+            async with s.post(url, json={"model": "test-model", "prompt": [*ids, -1], "max_tokens": 1}) as r:
+                assert r.status == 400 and "token ids" in (await r.json())["error"]["message"]
+        stop.set()
+        lat = await prober
+    finally:
+        stop.set()
+        await srv.close()
+    assert lat and max(lat) < 1.0

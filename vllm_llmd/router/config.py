@@ -100,10 +100,11 @@ class TokenizerConfig(_Strict):
     #: prompt-prefix tokenization cache budget in bytes (0 disables)
     prefix_cache_bytes: int = Field(default=64 << 20, ge=0)
     prefix_cache_chunk_chars: int = Field(default=256, ge=128)
-    #: prompts (chat: bodies) longer than this are tokenized on worker threads, off the event loop
+    #: for a request body longer than this (bytes), the prompt's rendering, tokens and keys are made on
+    #: worker threads, off the event loop
     inline_chars: int = Field(default=32768, ge=0)
     workers: int = Field(default=2, ge=1)
-    #: tokenizations running or queued on the workers; beyond this a request is scored approximately
+    #: such jobs running or queued on the workers; beyond this a request is scored approximately
     max_pending: int = Field(default=32, ge=1)
     #: longest text handed to the tokenizer in one piece (bounds its per-token memory)
     max_segment_chars: int = Field(default=1 << 20, ge=8192)
@@ -117,8 +118,9 @@ class IndexConfig(_Strict):
     memory_blocks_per_pod: int = Field(default=100_000, ge=1)
     #: how long a speculative entry (routed, events not yet seen) counts in precise mode
     speculative_ttl_s: float = Field(default=10.0, ge=0)
-    #: only a prompt's first this many blocks take part in routing (bounds the work one request costs)
-    max_prompt_blocks: int = Field(default=16384, ge=1)
+    #: only a prompt's first this many blocks take part in routing (bounds the work one request costs:
+    #: 4096 blocks of 64 tokens are 262,144 tokens, more than common context lengths)
+    max_prompt_blocks: int = Field(default=4096, ge=1)
 
 
 class PDConfig(_Strict):

@@ -14,10 +14,13 @@ from a separate root. Only the first ``index.max_prompt_blocks`` blocks are keye
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Sequence
+from typing import Any
 
 from vllm_llmd.index.keys import chain_keys, root_key, token_bytes
-from vllm_llmd.router.request import ClientRequest
+from vllm_llmd.router.errors import HTTPError
+from vllm_llmd.router.request import TOKEN_ID_LIMIT, ClientRequest
 from vllm_llmd.router.scheduling import SchedRequest
 from vllm_llmd.router.tokenize import PromptTokenizer, TokenizerPool
 
@@ -65,23 +68,39 @@ class PromptStage:
             log.warning("the tokenizer has no chat_template: chat requests are scored approximately")
 
     async def build(self, req: ClientRequest, body_size: int) -> SchedRequest:
+        """The scheduler's request; a body over ``inline_chars`` is worked on a worker thread (its
+        rendering, tokens, token checks and keys), the event loop only waits."""
+        if self.pool is None:
+            return self._prompt(req)
+        out = await self.pool.run(body_size, self._prompt, req)
+        return out if out is not None else self._approximate(req)  # the workers are all busy
+
+    def _prompt(self, req: ClientRequest) -> SchedRequest:
         ids: Sequence[int] | None = None
         text = ""
         if req.endpoint.chat:
-            ids = await self._chat_ids(req, body_size)
+            ids = self._chat_ids(req)
             if ids is None:
-                messages = req.payload["messages"]
-                text = "".join(
-                    f"{m.get('role', '')}: {m.get('content', '')}\n" if isinstance(m, dict) else str(m)
-                    for m in messages
-                )
+                text = conversation_text(req.payload["messages"])
         elif req.prompt_ids is not None:
-            ids = req.prompt_ids
+            ids = checked_ids(req.prompt_ids)
         else:
             text = req.prompt_text or ""
-            if self.tokenizer is not None and self.pool is not None:
-                specials = bool(req.payload.get("add_special_tokens", True))
-                ids = await self.pool.run(len(text), self.tokenizer.encode_ids, text, specials)
+            if self.tokenizer is not None:
+                ids = self.tokenizer.encode_ids(text, bool(req.payload.get("add_special_tokens", True)))
+        return self._keyed(req, ids, text)
+
+    def _approximate(self, req: ClientRequest) -> SchedRequest:
+        """Without tokenizing: text keys (client token ids: their first blocks as they are)."""
+        if req.prompt_ids is not None:
+            head = checked_ids(req.prompt_ids[: self.max_blocks * self.block_size])
+            out = self._keyed(req, head, "")
+            out.prompt_tokens = len(req.prompt_ids)
+            return out
+        text = conversation_text(req.payload["messages"]) if req.endpoint.chat else req.prompt_text or ""
+        return self._keyed(req, None, text)
+
+    def _keyed(self, req: ClientRequest, ids: Sequence[int] | None, text: str) -> SchedRequest:
         bs, cap, salt = self.block_size, self.max_blocks, req.cache_salt
         if ids is not None:
             keys = token_block_keys(req.model, ids, bs, cap, salt)
@@ -91,15 +110,30 @@ class PromptStage:
             n = max(1, len(text) // CHARS_PER_TOKEN)
         return SchedRequest(req.model, ids, text, n, req.max_tokens, keys, session_id=req.session_id)
 
-    async def _chat_ids(self, req: ClientRequest, body_size: int) -> Sequence[int] | None:
-        tok, pool = self.tokenizer, self.pool
-        if tok is None or pool is None or not tok.has_chat_template:
+    def _chat_ids(self, req: ClientRequest) -> Sequence[int] | None:
+        tok = self.tokenizer
+        if tok is None or not tok.has_chat_template:
             return None
         try:
-            return await pool.run(body_size, tok.encode_chat_ids, req.payload)
+            return tok.encode_chat_ids(req.payload)
         except Exception as e:  # a template error is the engine's to report; route approximately
             log.debug("chat template failed: %s", e)
             if not self._template_failure_logged:
                 log.warning("the chat template fails on some requests: those are scored approximately (%s)", e)
                 self._template_failure_logged = True
             return None
+
+
+def conversation_text(messages: list[Any]) -> str:
+    """A conversation as text, for approximate keys when it cannot be rendered and tokenized."""
+    return "".join(
+        f"{m.get('role', '')}: {m.get('content', '')}\n" if isinstance(m, dict) else str(m) for m in messages
+    )
+
+
+def checked_ids(ids: list[int]) -> array:
+    """Client token ids as ``array('I')``: each must be an integer in ``[0, 2**32)`` (a 400 if not)."""
+    try:
+        return array("I", ids)
+    except (OverflowError, TypeError) as e:
+        raise HTTPError(400, f"token ids must be integers in [0, {TOKEN_ID_LIMIT})") from e

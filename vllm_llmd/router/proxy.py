@@ -82,7 +82,7 @@ class RouterApp:
         )
         self.bodies = BodyBudget(cfg.server.max_body_bytes_in_flight)
         tc = cfg.tokenizer
-        self.tokenizer_pool = TokenizerPool(tc.workers, tc.max_pending, tc.inline_chars) if tokenizer else None
+        self.tokenizer_pool = TokenizerPool(tc.workers, tc.max_pending, tc.inline_chars)
         # the stages, in the order a request meets them
         self.parser = RequestParser(cfg, self.guard, self.bodies)
         self.prompts = PromptStage(tokenizer, self.tokenizer_pool, cfg.index.block_size, cfg.index.max_prompt_blocks)
@@ -116,8 +116,7 @@ class RouterApp:
             await asyncio.get_running_loop().run_in_executor(None, self.subscriber.stop)
         await self.pool.stop()
         await self.upstream.close()
-        if self.tokenizer_pool is not None:
-            self.tokenizer_pool.close()
+        self.tokenizer_pool.close()
 
     # ---- the request path --------------------------------------------------------------------
     async def handle_completions(self, request: web.Request) -> web.StreamResponse:

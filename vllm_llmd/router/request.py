@@ -59,7 +59,7 @@ class ClientRequest:
     session_id: str | None
     #: completions: the prompt text, or the first prompt of a batch (``None`` for token ids)
     prompt_text: str | None = None
-    #: completions: the client's token ids (or the first list of a batch)
+    #: completions: the client's token ids (or the first list of a batch), not yet checked
     prompt_ids: list[int] | None = None
     #: the request's ``cache_salt`` (it gives the engine's blocks a separate hash chain)
     cache_salt: str | None = None
@@ -147,8 +147,6 @@ def prompt_of(payload: dict[str, Any]) -> tuple[str | None, list[int] | None]:
         prompt = prompt[0]
     if isinstance(prompt, str):
         return prompt, None
-    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        if prompt and (min(prompt) < 0 or max(prompt) >= TOKEN_ID_LIMIT):
-            raise HTTPError(400, f"token ids must be in [0, {TOKEN_ID_LIMIT})")
-        return None, prompt
+    if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
+        return None, prompt  # each id is checked while it is hashed (vllm_llmd.router.prompt.checked_ids)
     raise HTTPError(400, "'prompt' must be a string, a list of strings or token ids")

@@ -23,9 +23,10 @@ before it) and the cuts are remembered in a :class:`~.prefix_cache.TokenPrefixCa
 chained hash of the text up to the chunk end; a later prompt reuses its deepest remembered cut and
 encodes only the rest.
 
-**Off the event loop.** :class:`TokenizerPool` runs every tokenization of more than
-``inline_chars`` on worker threads (``tokenizers`` releases the GIL while it encodes); at most
-``max_pending`` at a time, beyond which a request is scored approximately instead of queueing.
+**Off the event loop.** :class:`TokenizerPool` runs the prompt work of a request body over
+``inline_chars`` (``vllm_llmd.router.prompt``: rendering, tokenizing, keys) on worker threads
+(``tokenizers`` releases the GIL while it encodes); at most ``max_pending`` at a time, beyond which
+a request is scored approximately instead of queueing.
 Measured by ``tests/robustness/big_prompt.py``: a 16 MiB prompt is tokenized on a worker while
 ``/health`` keeps answering (figures in bench/RESULTS.md).
 """
