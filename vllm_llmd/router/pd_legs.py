@@ -97,6 +97,8 @@ class PrefillLeg:
                 except TimeoutError:
                     self.pool.report_failure(pod, f"prefill leg: no answer within {self.cfg.first_byte_timeout_s:g} s")
                 except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
+                    if client_gone(request):  # our own doing: the client left and the leg was dropped
+                        raise asyncio.CancelledError from e
                     self.pool.report_connect_failure(pod, f"prefill leg: {type(e).__name__}: {e}")
                 except (PDError, msgspec.DecodeError, RecursionError) as e:
                     log.warning("prefill pod %s gave no usable kv_transfer_params (%s): serving aggregated", pod.id, e)

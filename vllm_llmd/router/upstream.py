@@ -108,7 +108,9 @@ class Upstream:
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60)
+        # an idle pooled connection is dropped before vLLM's own keep-alive timeout closes it
+        # (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s): reusing one the pod is closing fails the request there
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=4)
         self.session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
@@ -189,6 +191,8 @@ class Upstream:
                     m.upstream_errors.labels(pod.id, "timeout").inc()
                     self.pool.report_failure(pod, last_err)
                 except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:
+                    if client_gone(request):  # our own doing: the client left and its upstream was dropped
+                        raise asyncio.CancelledError from e
                     last_err = f"{type(e).__name__}: {e}"
                     m.upstream_errors.labels(pod.id, "before_first_byte").inc()
                     self.pool.report_connect_failure(pod, last_err)
