@@ -505,4 +505,3 @@ async def test_a_huge_list_of_token_ids_is_checked_off_the_event_loop(backends) 
         stop.set()
         await srv.close()
     assert lat and max(lat) < 1.0
-
