@@ -130,14 +130,14 @@ class RouterApp:
         try:
             creq = await self.parser.parse(request, endpoint)  # 1. parse and validate
             t0 = time.perf_counter()
-            decode, prefill = self._pods()
+            decode, prefill = self.candidate_pods()
             req = await self.prompts.build(creq, len(creq.body))  # 2. tokens and block keys
-            decision = self._schedule(self.scheduler, req, decode)  # 3. prefix view -> ranked pods
+            decision = self.schedule(req, decode)  # 3. prefix view -> ranked pods
             m.decision_seconds.observe(time.perf_counter() - t0)
         except HTTPError as e:
             m.requests.labels(endpoint.path, str(e.status)).inc()
             raise
-        self._observe_decision(decision, req)
+        self.observe_decision(decision, req)
         body, prefill_pod = await self._disaggregate(request, creq, req, decision, decode, prefill)  # 4. P/D
         return await self.upstream.forward(  # 5. forward and relay
             request,
@@ -150,7 +150,7 @@ class RouterApp:
             prefill_pod=prefill_pod,
         )
 
-    def _pods(self) -> tuple[list[Candidate], list[Candidate]]:
+    def candidate_pods(self) -> tuple[list[Candidate], list[Candidate]]:
         """The available pods as candidates: (decode or both, prefill)."""
         cands = self.candidates.of(self.pool.available())
         decode = [c for c in cands if c.role != "prefill"]
@@ -158,9 +158,9 @@ class RouterApp:
             raise HTTPError(503, "no healthy pod", headers={"Retry-After": str(self.pool.retry_after_s())})
         return decode, [c for c in cands if c.role == "prefill"]
 
-    def _schedule(self, scheduler: Scheduler, req: SchedRequest, pods: list[Candidate]) -> Decision:
+    def schedule(self, req: SchedRequest, pods: list[Candidate]) -> Decision:
         try:
-            return scheduler.schedule(req, pods)
+            return self.scheduler.schedule(req, pods)
         except NoCandidate as e:
             raise HTTPError(503, str(e), headers={"Retry-After": str(self.pool.retry_after_s())}) from e
 
@@ -189,7 +189,7 @@ class RouterApp:
         outcomes.labels("disaggregated").inc()
         return leg
 
-    def _observe_decision(self, decision: Decision, req: SchedRequest) -> None:
+    def observe_decision(self, decision: Decision, req: SchedRequest) -> None:
         m = self.metrics
         pid = decision.chosen.id
         if log.isEnabledFor(logging.DEBUG):

@@ -78,6 +78,10 @@ class RequestParser:
     async def parse(self, request: web.Request, endpoint: Endpoint) -> ClientRequest:
         body = await read_body(request, self.max_body_bytes, self.body_timeout_s, self.budget)
         body_received(request, self.guard)
+        return self.build(endpoint, body, request.headers.get(self.session_header))
+
+    def build(self, endpoint: Endpoint, body: bytes, session_id: str | None) -> ClientRequest:
+        """The request from a body already read (by :meth:`parse`, or by gateway mode's Envoy)."""
         payload = decode_json(body)
         if has_client_kv_params(payload):  # a client never steers a KV transfer
             payload = strip_client_kv_params(payload)
@@ -89,7 +93,7 @@ class RequestParser:
             body=body,
             model=self._model(payload),
             max_tokens=max_tokens(payload, endpoint.chat),
-            session_id=request.headers.get(self.session_header),
+            session_id=session_id,
             cache_salt=salt if isinstance(salt, str) else None,
         )
         if endpoint.chat:

@@ -233,7 +233,7 @@ class Upstream:
             self.pool.report_success(pod)
         m.requests.labels(path, str(upstream.status)).inc()
         if complete:
-            self._observe_reported(pod, data)
+            self.observe_reported(pod, data)
             return web.Response(status=upstream.status, body=data, headers=headers)
         out = web.StreamResponse(status=upstream.status, headers=headers)
         await out.prepare(request)
@@ -248,7 +248,7 @@ class Upstream:
                 upstream.close()
                 raise
             if b"cached_tokens" in chunk:
-                self._observe_reported(pod, chunk)
+                self.observe_reported(pod, chunk)
             try:
                 chunk = await upstream.content.readany()
             except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
@@ -264,7 +264,8 @@ class Upstream:
         await out.write_eof()
         return out
 
-    def _observe_reported(self, pod: Pod, data: bytes) -> None:
+    def observe_reported(self, pod: Pod, data: bytes) -> None:
+        """Count the cached prompt tokens the engine reports in an answer (its usage details)."""
         mm = _CACHED_TOKENS.search(data)
         if mm:
             self.metrics.reported_hit_tokens.labels(pod.id).inc(int(mm.group(1)))
