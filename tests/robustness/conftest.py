@@ -1,8 +1,8 @@
 """The standing robustness suite of the router's HTTP front (issue 9): property-based fuzzing
 against the real aiohttp router with stand-in backends, a bounded soak, and one huge prompt.
 
-Each test adds its counts to :data:`REPORT`; they are printed at the end of the run (inputs tried,
-crashes, requests lost, RSS and fd growth), whatever pytest captures.
+Each test adds its counts to ``harness.REPORT``; they are printed at the end of the run (inputs
+tried, crashes, requests lost, RSS and fd growth), whatever pytest captures.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pytest
 
 # the stand-in backends are the router unit tests' own (tests/unit/router_fakes.py)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-REPORT: dict[str, dict[str, Any]] = {}
+from harness import REPORT
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -16,6 +16,9 @@ from router_fakes import FakeBackend, config_for, start_router
 
 T = TypeVar("T")
 
+#: counts per test, printed at the end of the run (tests/robustness/conftest.py)
+REPORT: dict[str, dict[str, Any]] = {}
+
 
 class ThreadedRouter:
     """The router (``start_router``: the CLI's own runner and limits) and ``n`` stand-in backends."""

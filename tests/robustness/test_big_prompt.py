@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from big_prompt import measure_big_prompts
-from conftest import REPORT
+from harness import REPORT
 
 MIB = float(os.environ.get("LLMD_BIG_PROMPT_MIB", "8"))
 

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPORT
-from harness import ThreadedRouter, http_request, raw_request
+from harness import REPORT, ThreadedRouter, http_request, raw_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -202,7 +202,7 @@ async def soak(seconds: float, model_dir: Path) -> dict[str, Any]:
 
 
 def test_soak_router_stays_flat_and_loses_nothing(robustness_model: Path) -> None:
-    from conftest import REPORT
+    from harness import REPORT
 
     result = asyncio.run(soak(SOAK_SECONDS, robustness_model))
     REPORT["soak"] = result
