@@ -7,12 +7,14 @@ N pods' worth of KV event index entries; no HTTP. Prints CPU ms per request and 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import tempfile
 import time
 from pathlib import Path
 
 from vllm_llmd.router.config import RouterConfig
+from vllm_llmd.router.request import COMPLETIONS, ClientRequest
 from vllm_llmd.router.server import build_router
 from vllm_llmd.testing.model import make_test_model
 from vllm_llmd.wire.kv_events import BlockStored, encode_batch, seq_to_bytes
@@ -56,19 +58,24 @@ def main() -> None:
     print(f"prompt ~{len(prompts[0])} characters")
     cands = router.pool.pods
 
-    def one(p: str) -> None:
-        req = router._sched_request({"prompt": p}, "test-model", False, None)
-        router.scheduler.schedule(req, router._candidates(cands))
+    async def one(p: str) -> None:
+        # stages 2 and 3 of the request path (vllm_llmd/router/proxy.py): tokens and keys, then scheduling
+        creq = ClientRequest(COMPLETIONS, {"prompt": p}, b"", "test-model", 16, None, prompt_text=p)
+        req = await router.prompts.build(creq, len(p))
+        router.scheduler.schedule(req, router.candidates.of(cands))
 
-    for p in prompts[:100]:
-        one(p)
-    lat = []
-    c0 = time.process_time()
-    for p in prompts[100:]:
-        t = time.perf_counter()
-        one(p)
-        lat.append(time.perf_counter() - t)
-    cpu = time.process_time() - c0
+    async def run() -> tuple[list[float], float]:
+        for p in prompts[:100]:
+            await one(p)
+        lat = []
+        c0 = time.process_time()
+        for p in prompts[100:]:
+            t = time.perf_counter()
+            await one(p)
+            lat.append(time.perf_counter() - t)
+        return lat, time.process_time() - c0
+
+    lat, cpu = asyncio.run(run())
     lat.sort()
     n = len(lat)
     print(

@@ -104,17 +104,34 @@ def _envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = (
+    "vllm-llmd: KV-cache-aware routing and prefill/decode disaggregation for vLLM fleets. "
+    "The vLLM plugin needs no command (vLLM loads it); these commands run the router (and its Envoy "
+    "gateway mode), print an Envoy configuration for it, and make a local test model."
+)
+ROUTER_DESCRIPTION = (
+    "Run the OpenAI-compatible router in front of vLLM pods: --worker flags and/or a YAML --config "
+    "(pods, scheduling profile, limits; see docs/router.md). Flags override the file."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vllm-llmd", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vllm-llmd", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("make-test-model", help="write a small random-weight model with a local tokenizer")
+    p = sub.add_parser(
+        "make-test-model",
+        help="write a small random-weight model with a local tokenizer",
+        description="Write a small random-weight Llama-style model with a locally trained tokenizer (for tests).",
+    )
     p.add_argument("dir", help="output directory")
     p.add_argument("--shape", default="tiny", choices=["tiny", "small", "wide"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_test_model)
 
-    r = sub.add_parser("router", help="run the KV-cache- and load-aware OpenAI-compatible router")
+    r = sub.add_parser(
+        "router", help="run the KV-cache- and load-aware OpenAI-compatible router", description=ROUTER_DESCRIPTION
+    )
     r.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
     r.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
     r.add_argument(

@@ -8,9 +8,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from aiohttp.test_utils import TestServer
-
 from vllm_llmd.router.config import PodConfig, RouterConfig
+from vllm_llmd.router.front import start_server
 from vllm_llmd.router.proxy import RouterApp
 from vllm_llmd.router.server import build_router
 from vllm_llmd.testing.engine import EngineProcess
@@ -40,8 +39,7 @@ async def routed(engines: Any, model_dir: Path, **overrides: Any) -> AsyncIterat
     data: dict[str, Any] = {"models": ["test-model"], "pods": pods, "tokenizer": {"path": str(model_dir)}}
     data.update(overrides)
     router = build_router(RouterConfig.model_validate(data))
-    server = TestServer(router.app, host="127.0.0.1")
-    await server.start_server()
+    server = await start_server(router.runner(), "127.0.0.1", 0)
     try:
         yield router, f"http://127.0.0.1:{server.port}"
     finally:

@@ -98,3 +98,8 @@ async def test_malformed_input_against_real_engines(engines, test_model_dir) -> 
         status, out, _ = await _complete(s, url, body)
         assert status == 200, out
         assert out.get("kv_transfer_params") is None
+        # nor through vllm_xargs, which vLLM 0.32 copies into SamplingParams.extra_args (issue 9)
+        body = {"model": "test-model", "prompt": "x y z", "max_tokens": 1, "vllm_xargs": {"kv_transfer_params": "x"}}
+        status, out, _ = await _complete(s, url, body)
+        assert status == 200, out
+        assert out.get("kv_transfer_params") is None

@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from vllm_llmd.router.config import PodConfig, RouterConfig
+from vllm_llmd.router.front import RunningServer, start_server
 from vllm_llmd.router.proxy import RouterApp
 from vllm_llmd.router.server import build_router
 
@@ -25,16 +26,21 @@ class FakeBackend:
     #: a streaming answer waits on this after its first chunk (to prove the router does not buffer)
     gate: asyncio.Event | None = None
     cached_tokens: int = 0
-    #: "before_first_byte": drop the connection before answering; "midstream": after the first chunk
+    #: "before_first_byte": drop the connection before answering; "midstream": after the first chunk;
+    #: "hang": never answer; "hang_midstream": stop after the first chunk, never end the stream;
+    #: "error": answer 500 (in vLLM's error shape) while ``/health`` says OK
     die: str | None = None
-    #: KV capacity reported in ``vllm:cache_config_info`` (``None``: the line is left out)
-    num_gpu_blocks: int | None = None
+    #: requests whose connection the caller dropped while this backend was still answering them
+    abandoned: int = 0
+    #: KV capacity reported in ``vllm:cache_config_info`` (``None``: the line is left out; a string
+    #: is sent as is)
+    num_gpu_blocks: int | str | None = None
     health_requests: int = 0
     metrics_requests: int = 0
     server: TestServer | None = None
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=64 << 20)
         app.router.add_post("/v1/completions", self.generate)
         app.router.add_post("/v1/chat/completions", self.generate)
         app.router.add_get("/health", self.health)
@@ -78,6 +84,13 @@ class FakeBackend:
             )
         return web.Response(text=text)
 
+    async def _hang(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:  # the caller hung up (aiohttp's test server cancels the handler)
+            self.abandoned += 1
+            raise
+
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.received.append(body)
@@ -86,6 +99,11 @@ class FakeBackend:
             assert request.transport is not None
             request.transport.abort()
             return web.Response()
+        if self.die == "hang":
+            await self._hang()
+        if self.die == "error":
+            err = {"error": {"message": "EngineCore encountered an issue", "type": "InternalServerError", "code": 500}}
+            return web.json_response(err, status=500)
         usage = {
             "prompt_tokens": 10,
             "completion_tokens": 2,
@@ -135,6 +153,8 @@ class FakeBackend:
             assert request.transport is not None
             request.transport.abort()
             return resp
+        if self.die == "hang_midstream":
+            await self._hang()
         if self.gate is not None:
             await self.gate.wait()
         await resp.write(b"data: " + json.dumps({"choices": [{"text": "b"}], "usage": usage}).encode() + b"\n\n")
@@ -143,14 +163,67 @@ class FakeBackend:
         return resp
 
 
-async def start_router(cfg: RouterConfig) -> tuple[RouterApp, TestServer]:
+async def start_router(cfg: RouterConfig) -> tuple[RouterApp, RunningServer]:
+    """The router as ``vllm-llmd router`` serves it (the front's limits included), on a free port."""
     router = build_router(cfg)
-    server = TestServer(router.app, host="127.0.0.1")
-    await server.start_server()
-    return router, server
+    return router, await start_server(router.runner(), "127.0.0.1", 0)
 
 
 def config_for(backends: list[FakeBackend], **kw: Any) -> RouterConfig:
     data: dict[str, Any] = {"models": ["test-model"], "pods": [PodConfig(url=b.url).model_dump() for b in backends]}
     data.update(kw)
     return RouterConfig.model_validate(data)
+
+
+class CliRouter:
+    """``vllm-llmd router`` in its own process (as operators run it), with ``args`` after ``router``."""
+
+    def __init__(self, args: list[str], **popen: Any) -> None:
+        import subprocess
+        import sys
+
+        from vllm_llmd.testing.engine import free_port
+
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "vllm_llmd.cli", "router", "--port", str(self.port), *args]
+        popen.setdefault("stderr", subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, **popen)
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def ready(self, timeout: float = 60) -> CliRouter:
+        """Once ``/health`` answers 200 (the process must not exit meanwhile)."""
+        import aiohttp
+
+        from vllm_llmd.testing.wait import wait_until_async
+
+        async with aiohttp.ClientSession() as s:
+
+            async def up() -> bool:
+                assert self.proc.poll() is None, "the router exited"
+                try:
+                    async with s.get(self.base + "/health") as r:
+                        return r.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await wait_until_async(up, timeout, "router /health answers 200", interval=0.1)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def stop_process(proc: Any) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import aiohttp
+import pytest
 from router_fakes import FakeBackend
 
 from vllm_llmd.testing.engine import free_port
@@ -47,3 +48,15 @@ async def test_cli_router_serves_and_stops_on_sigterm() -> None:
             proc.kill()
             proc.wait()
         await backend.close()
+
+
+def test_help_is_plain_text(capsys) -> None:
+    """``vllm-llmd --help`` printed the module docstring's raw RST (````vllm-llmd````)."""
+    from vllm_llmd.cli import main
+
+    for argv in (["--help"], ["router", "--help"], ["make-test-model", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = capsys.readouterr().out
+        assert "``" not in out and ":mod:" not in out and ":class:" not in out
+        assert len(out.splitlines()) > 3

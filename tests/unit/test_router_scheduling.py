@@ -8,7 +8,8 @@ from vllm_llmd.index import KVBlockIndex
 from vllm_llmd.router.config import ProfileConfig
 from vllm_llmd.router.inflight import InflightTracker
 from vllm_llmd.router.pod_metrics import PodMetrics, parse_metrics
-from vllm_llmd.router.prefix_memory import PrefixMemory, token_block_keys
+from vllm_llmd.router.prefix_memory import PrefixMemory
+from vllm_llmd.router.prompt import token_block_keys
 from vllm_llmd.router.scheduling import Candidate, PluginError, SchedRequest, SchedulingContext, build_scheduler
 from vllm_llmd.wire.kv_events import BlockStored, encode_batch, seq_to_bytes
 
@@ -45,7 +46,7 @@ def _tokens(prefix: int, suffix: int, n_prefix: int = 2048, n_suffix: int = 64) 
 
 def _req(ctx: SchedulingContext, toks: list[int], max_tokens: int = 32, keys: list[int] | None = None) -> SchedRequest:
     if keys is None:
-        keys = ctx.index.block_keys("m", toks) if ctx.index is not None else token_block_keys(toks, BS)
+        keys = ctx.index.block_keys("m", toks) if ctx.index is not None else token_block_keys("m", toks, BS, 1 << 20)
     return SchedRequest("m", toks, "", len(toks), max_tokens, keys)
 
 
@@ -208,7 +209,7 @@ def test_prefix_affinity_filter_and_round_robin() -> None:
     sched = build_scheduler(prof, ctx)
     pods = _pods(ctx)
     toks = _tokens(7, 0)
-    ctx.memory.insert("p1", token_block_keys(toks, BS))
+    ctx.memory.insert("p1", token_block_keys("m", toks, BS, 1 << 20))
     for i in range(3):
         assert sched.schedule(_req(ctx, _tokens(7, i)), pods).chosen.id == "p1"
 

@@ -74,3 +74,94 @@ def test_chat_rendering_matches_transformers(model_dir: Path, tok: PromptTokeniz
 def test_missing_tokenizer_falls_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert load_tokenizer(tmp_path / "nothing-here") is None
     assert "approximate scorer" in caplog.text
+
+
+# ---- issue 9, case 1: one long prompt must not blow up memory or stall the event loop ---------------
+
+
+def _prose(n_chars: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    out: list[str] = []
+    size = 0
+    while size < n_chars:
+        w = rng.choice(WORDS[:9]) + str(rng.randrange(100))
+        out.append(w)
+        size += len(w) + 1
+    return " ".join(out)[:n_chars]
+
+
+def test_prefix_cache_memory_is_linear_in_the_prompt_and_bounded_in_bytes(model_dir: Path) -> None:
+    """The old cache kept a copy of all tokens so far for every 256-character chunk (quadratic) and
+    was bounded in entries: a 0.39 MB prompt took 1.8 GB. Now one 200 KB prompt costs the cache a
+    few bytes per token, and many prompts never take more than the configured bytes."""
+    import tracemalloc
+
+    tok = PromptTokenizer(model_dir, prefix_cache_bytes=4 << 20)
+    text = _prose(100_000)
+    tracemalloc.start()
+    ids = tok.encode_ids(text)
+    cached = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert ids is not None and ids.tolist() == tok._tok.encode(text).ids
+    assert len(tok.prefix_cache) > 300  # it did remember the prompt's chunks
+    # tokens (4 bytes each) plus ~200 bytes per chunk boundary; the old cache: tens of MB
+    assert cached < 4 * len(ids) * 2 + 250 * len(tok.prefix_cache) + (1 << 20), cached
+    small = PromptTokenizer(model_dir, prefix_cache_bytes=2 << 20)
+    for i in range(20):
+        small.encode_ids(_prose(40_000, seed=i + 1))
+    assert small.prefix_cache.nbytes <= 2 << 20 and small.prefix_cache.entries < 20  # older prompts evicted
+
+
+def test_prefix_cache_is_reused_and_exact_after_eviction(model_dir: Path) -> None:
+    tok = PromptTokenizer(model_dir, prefix_cache_bytes=1 << 20)
+    shared = _prose(20_000, seed=7)
+    for i in range(30):
+        s = shared + f" question {i} " + _prose(500, seed=100 + i)
+        assert tok.encode(s) == tok._tok.encode(s).ids
+    assert tok.cache_hits >= 25
+    assert tok.prefix_cache.nbytes <= 1 << 20 and tok.prefix_cache.entries < 30  # some were evicted
+
+
+def test_a_prompt_without_cut_points_is_not_tokenized_beyond_the_segment_limit(model_dir: Path) -> None:
+    tok = PromptTokenizer(model_dir, max_segment_chars=16_384)
+    assert tok.encode_ids("x" * 20_000) is None  # one word of 20k characters: no clean cut
+    s = _prose(50_000)
+    assert tok.encode(s) == tok._tok.encode(s).ids  # cut into segments of at most 16k characters
+
+
+async def test_large_prompts_are_tokenized_off_the_event_loop(model_dir: Path) -> None:
+    """A big tokenization runs on a worker thread: the event loop keeps turning meanwhile."""
+    import asyncio
+    import time
+
+    from vllm_llmd.router.tokenize import TokenizerPool
+
+    tok = PromptTokenizer(model_dir)
+    pool = TokenizerPool(workers=1, max_pending=1, inline_chars=1000)
+    text = _prose(3_000_000)
+    ticks = 0
+    worst = 0.0
+    done = False
+
+    async def tick() -> None:
+        nonlocal ticks, worst
+        while not done:
+            t = time.perf_counter()
+            await asyncio.sleep(0.002)
+            worst = max(worst, time.perf_counter() - t)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        job = asyncio.create_task(pool.run(len(text), tok.encode_ids, text, True))
+        await asyncio.sleep(0)
+        # the pool is full: another big prompt is not queued, it is scored approximately
+        assert await pool.run(len(text), tok.encode_ids, text, True) is None
+        ids = await job
+    finally:
+        done = True
+        await ticker
+        pool.close()
+    assert ids is not None and len(ids) > 100_000
+    assert ticks >= 20, ticks  # the loop went on turning while the worker tokenized
+    assert worst < 1.0, worst

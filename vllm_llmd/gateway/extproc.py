@@ -49,7 +49,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from vllm_llmd.gateway.envoy_config import DESTINATION, LB_NAMESPACE, SERVED
 from vllm_llmd.gateway.picker import Pick, Picker, Reject
-from vllm_llmd.router.proxy import error_response
+from vllm_llmd.router.errors import error_response
 
 log = logging.getLogger(__name__)
 

@@ -1,21 +1,22 @@
 """A :class:`~vllm_llmd.gateway.picker.Picker` over today's router objects (the one module to swap).
 
-It runs the same steps as the proxy's ``RouterApp._generate`` up to the decision, on the same
+It runs the proxy's request path (``vllm_llmd.router.proxy``) up to the decision, on the same
 ``RouterApp`` (``vllm_llmd.router.server.build_router``: same config, scheduler, tokenizer, index,
-pool, in-flight tracker and metrics), and then does the per-try bookkeeping of
-``RouterApp._forward`` in :class:`_Attempt`, driven by Envoy's response events instead of an HTTP
+pool, in-flight tracker and metrics), and keeps each try's bookkeeping in the router's own
+:class:`~vllm_llmd.router.attempt.Attempt`, driven by Envoy's response events instead of an HTTP
 client:
 
-* pick: ``_check_model``, the ``kv_transfer_params`` strip, ``pool.available()`` without prefill pods,
-  ``_sched_request``, ``scheduler.schedule(req, _candidates(pods))`` (which records the pending
-  routing-memory entry), ``_observe_decision``; an in-flight ticket on the best pod; the ranking's
-  first ``1 + fallbacks`` pods as Envoy's endpoint list (``fallbacks`` defaults to
-  ``pool.max_retries``, the proxy's retry budget);
+* pick: stage 1 on the body Envoy sent (``RequestParser.build``: JSON, model, max tokens, prompt,
+  the client's transfer params stripped), ``candidate_pods()`` (prefill pods are not picked),
+  stage 2 (``prompts.build``: tokens and block keys, off the event loop for big bodies), stage 3
+  (``schedule``: which runs the chosen pod's request hooks), ``observe_decision``; an attempt on the
+  best pod; the ranking's first ``1 + fallbacks`` pods as Envoy's endpoint list (``fallbacks``
+  defaults to ``pool.max_retries``, the proxy's retry budget);
 * response headers: if Envoy served from a fallback, the earlier pods failed before answering
-  (``report_connect_failure``, as the proxy does) and the ticket moves to the pod that served;
+  (``report_connect_failure``, as the proxy does) and the attempt moves to the pod that served;
   5xx counts toward ejection, anything else is a success;
-* first byte: the ticket's prefill part is released; end: the ticket is released and the routing
-  memory entry starts to age.
+* first byte: the attempt's prefill part is released; end: the attempt ends (in-flight released,
+  the routing memory entry starts to age).
 
 Not here yet: P/D (a prefill leg needs the picker to call the prefill pod before answering Envoy);
 pods with ``role: prefill`` are never picked and ``pd.peers`` is ignored (logged at start).
@@ -26,64 +27,59 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
-
-import msgspec
 
 from vllm_llmd.gateway.picker import Pick, Reject
+from vllm_llmd.router.attempt import Attempt
+from vllm_llmd.router.errors import HTTPError
 from vllm_llmd.router.pool import Pod
-from vllm_llmd.router.proxy import RouterApp, _HTTPError
+from vllm_llmd.router.proxy import RouterApp
+from vllm_llmd.router.request import CHAT, COMPLETIONS, Endpoint
 from vllm_llmd.router.scheduling import SchedRequest
-from vllm_llmd.router.scheduling.profile import NoCandidate
 
 log = logging.getLogger(__name__)
 
-_decoder = msgspec.json.Decoder()
-_encoder = msgspec.json.Encoder()
-_CHAT = "/v1/chat/completions"
-_GENERATION = frozenset(("/v1/completions", _CHAT))
+_GENERATION: dict[str, Endpoint] = {COMPLETIONS.path: COMPLETIONS, CHAT.path: CHAT}
 
 
 class _Attempt:
-    """One request's bookkeeping on the pod currently serving it (``RouterApp._forward``'s per try)."""
+    """One request's bookkeeping on the pod currently serving it: a router :class:`Attempt`, moved
+    to another pod when Envoy falls back."""
 
-    __slots__ = ("app", "cached", "done", "first", "path", "pod", "req", "ticket")
+    __slots__ = ("app", "attempt", "cached", "done", "path", "pod", "req")
 
     def __init__(self, app: RouterApp, path: str, req: SchedRequest, pod: Pod) -> None:
         self.app, self.path, self.req = app, path, req
-        self.done = self.first = False
-        self._start(pod)
+        self.done = False
+        self._start(pod, scheduled=True)
 
-    def _start(self, pod: Pod) -> None:
-        view = self.req.scratch.get("prefix_view")
+    def _start(self, pod: Pod, scheduled: bool) -> None:
+        view = self.req.view
         self.cached = view.cached.get(pod.id, 0) if view is not None else 0
         self.pod = pod
-        self.ticket = self.app.inflight.start(pod.id, max(0, self.req.prompt_tokens - self.cached), self.req.max_tokens)
-        pod.inflight_requests += 1
-
-    def _finish(self) -> None:
-        self.app.inflight.done(self.ticket)
-        self.pod.inflight_requests -= 1
-        if self.req.block_keys:  # the routing-memory entry starts to age now
-            self.app.scheduler.ctx.memory.insert(self.pod.id, self.req.block_keys)
+        self.attempt = Attempt(
+            pod,
+            self.req,
+            self.app.scheduler,
+            self.app.inflight,
+            prefill_tokens=max(0, self.req.prompt_tokens - self.cached),
+            decode_tokens=self.req.max_tokens,
+            scheduled=scheduled,
+        )
+        self.attempt.__enter__()
 
     def move_to(self, pod: Pod) -> None:
         """Envoy retried on ``pod`` (a fallback): account the request there from now on."""
-        self._finish()
+        self.attempt.__exit__(None, None, None)
         self.app.metrics.retries.labels(pod.id).inc()
-        if self.req.block_keys:
-            self.app.scheduler.ctx.memory.insert(pod.id, self.req.block_keys, pending=True)
-        self._start(pod)
+        self._start(pod, scheduled=False)
 
     def first_byte(self) -> None:
-        if not self.first:
-            self.first = True
-            self.app.inflight.first_token(self.ticket)
+        self.attempt.answering()
 
     def end(self) -> None:
         if not self.done:
             self.done = True
-            self._finish()
+            self.attempt.__exit__(None, None, None)
 
 
 class RouterAppPicker:
@@ -99,60 +95,27 @@ class RouterAppPicker:
     # ---- decision ----------------------------------------------------------------------------
     async def pick(self, path: str, headers: Mapping[str, str], body: bytes) -> Pick | Reject:
         path = path.partition("?")[0]
-        if path not in _GENERATION:
+        endpoint = _GENERATION.get(path)
+        if endpoint is None:
             return Pick([])  # not ours to route: Envoy's own load balancing
         app = self.app
         m = app.metrics
         try:
-            payload = self._payload(body)
             t0 = time.perf_counter()
-            model = app._check_model(payload)
-            new_body = self._strip_kv_params(payload)
-            pods = [p for p in app.pool.available() if p.role != "prefill"]
-            if not pods:
-                raise _HTTPError(
-                    503, "no healthy pod", "ServiceUnavailableError", {"Retry-After": str(app.pool.retry_after_s())}
-                )
-            req = app._sched_request(payload, model, path == _CHAT, headers.get(self.session_header))
-            try:
-                decision = app.scheduler.schedule(req, app._candidates(pods))
-            except NoCandidate as e:
-                raise _HTTPError(
-                    503, str(e), "ServiceUnavailableError", {"Retry-After": str(app.pool.retry_after_s())}
-                ) from e
+            creq = app.parser.build(endpoint, body, headers.get(self.session_header))  # 1.
+            decode, _prefill = app.candidate_pods()
+            req = await app.prompts.build(creq, len(body))  # 2.
+            decision = app.schedule(req, decode)  # 3.
             m.decision_seconds.observe(time.perf_counter() - t0)
-        except _HTTPError as e:
+        except HTTPError as e:
             m.requests.labels(path, str(e.status)).inc()
             return Reject(e.status, e.message, e.err_type, e.headers or {})
-        app._observe_decision(decision, req)
+        app.observe_decision(decision, req)
         ranked = decision.ranked[: 1 + self.fallbacks]
         pod = app.pool.get(ranked[0].id)
         attempt = _Attempt(app, path, req, pod) if pod is not None else None
+        new_body = creq.body if creq.body is not body else None  # re-encoded: something was stripped
         return Pick([c.id for c in ranked], new_body, attempt)
-
-    @staticmethod
-    def _payload(body: bytes) -> dict[str, Any]:
-        """The JSON body, with the proxy's errors (``RouterApp._read_json``)."""
-        if not body:
-            raise _HTTPError(400, "empty request body: expected a JSON object", "BadRequestError")
-        try:
-            payload = _decoder.decode(body)
-        except msgspec.DecodeError as e:
-            raise _HTTPError(400, f"malformed JSON body: {e}", "BadRequestError") from e
-        if not isinstance(payload, dict):
-            raise _HTTPError(400, "the JSON body must be an object", "BadRequestError")
-        return payload
-
-    @staticmethod
-    def _strip_kv_params(payload: dict[str, Any]) -> bytes | None:
-        """A client never steers KV transfers (the proxy's rule): the re-encoded body, or ``None``."""
-        extra = payload.get("extra_body")
-        if "kv_transfer_params" in payload or (isinstance(extra, dict) and "kv_transfer_params" in extra):
-            payload.pop("kv_transfer_params", None)
-            if isinstance(extra, dict):
-                extra.pop("kv_transfer_params", None)
-            return _encoder.encode(payload)
-        return None
 
     # ---- response events ---------------------------------------------------------------------
     def on_response_headers(self, pick: Pick, status: int, served: str | None) -> Mapping[str, str]:
@@ -188,7 +151,7 @@ class RouterAppPicker:
     def on_response_data(self, pick: Pick, data: bytes) -> None:
         a: _Attempt | None = pick.attempt
         if a is not None and b"cached_tokens" in data:
-            self.app._observe_reported(a.pod, data)
+            self.app.upstream.observe_reported(a.pod, data)
 
     def on_response_end(self, pick: Pick, complete: bool) -> None:
         if pick.attempt is not None:

@@ -82,7 +82,7 @@ async def serve_gateway(
 ) -> None:
     """Run both front doors until SIGINT/SIGTERM (or ``stop``)."""
     cfg = router.cfg
-    runner = web.AppRunner(router.app, access_log=None, handle_signals=False)
+    runner = router.runner()  # the router's HTTP front, with its limits
     await runner.setup()  # runs the app's startup: pool loops, KV event subscriber
     site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)
     await site.start()

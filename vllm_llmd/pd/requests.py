@@ -4,7 +4,14 @@ All functions take and return plain JSON-like dicts and never mutate their argum
 
 Security: ``kv_transfer_params`` decide which host an engine pulls KV from. A client must never
 set them, so :func:`strip_client_kv_params` removes them from every incoming body, and the decode
-leg only ever carries the params returned by the *prefill engine's* response.
+leg only ever carries the params returned by the *prefill engine's* response. vLLM 0.32 builds
+``Request.kv_transfer_params`` from ``SamplingParams.extra_args["kv_transfer_params"]``
+(``vllm/v1/request.py``), and the OpenAI completion and chat requests fill ``extra_args`` from
+``vllm_xargs`` and then from the top-level ``kv_transfer_params`` field
+(``vllm/entrypoints/openai/{completion,chat_completion}/protocol.py``, ``to_sampling_params``); the
+encoder-cache twin ``ec_transfer_params`` travels the same two ways. So all of
+:data:`CLIENT_TRANSFER_KEYS` are removed at the top level, in ``vllm_xargs``, and in
+``extra_body`` (which the OpenAI SDK merges into the top level).
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ from vllm_llmd.wire.kv_transfer import (
 )
 
 KV_TRANSFER_PARAMS = "kv_transfer_params"
+#: request fields that steer a KV (or encoder-cache) transfer: never taken from a client
+CLIENT_TRANSFER_KEYS = (KV_TRANSFER_PARAMS, "ec_transfer_params")
+#: objects of a request body whose keys vLLM (``vllm_xargs``) or the OpenAI SDK (``extra_body``) lift
+_NESTED = ("vllm_xargs", "extra_body")
 
 #: body keys that only make sense on the decode leg (the prefill leg answers with one token, non-streamed)
 _DECODE_ONLY = ("stream", "stream_options", "n", "best_of", "logprobs", "top_logprobs", "echo")
@@ -30,13 +41,24 @@ class PDError(ValueError):
     """A prefill response that cannot feed a decode leg."""
 
 
+def has_client_kv_params(body: Mapping[str, Any]) -> bool:
+    """Whether a client body carries any of :data:`CLIENT_TRANSFER_KEYS` (top level, ``vllm_xargs``
+    or ``extra_body``)."""
+    for where in (body, *(body.get(k) for k in _NESTED)):
+        if isinstance(where, Mapping) and any(k in where for k in CLIENT_TRANSFER_KEYS):
+            return True
+    return False
+
+
 def strip_client_kv_params(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a client body without ``kv_transfer_params`` (top level or in ``extra_body``)."""
-    out = copy.deepcopy(dict(body))
-    out.pop(KV_TRANSFER_PARAMS, None)
-    extra = out.get("extra_body")
-    if isinstance(extra, dict):
-        extra.pop(KV_TRANSFER_PARAMS, None)
+    """A copy of a client body without :data:`CLIENT_TRANSFER_KEYS` (top level, ``vllm_xargs`` or
+    ``extra_body``). Only the top level and those two objects are copied, never deeply (a body may
+    nest deeply and be large)."""
+    out = {k: v for k, v in body.items() if k not in CLIENT_TRANSFER_KEYS}
+    for name in _NESTED:
+        inner = out.get(name)
+        if isinstance(inner, Mapping):
+            out[name] = {k: v for k, v in inner.items() if k not in CLIENT_TRANSFER_KEYS}
     return out
 
 

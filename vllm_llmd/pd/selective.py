@@ -5,11 +5,12 @@ Pure arithmetic on token counts (no HTTP, no router state). The router chooses t
 with its normal profile, then asks :func:`choose_kv_source` whether another pod should run the
 prefill leg. Costs are in prompt-token equivalents, like the ``estimated-ttft`` scorer's::
 
-    local(d)     = (uncached(d) + queued_prefill(d) + w_dec * queued_decode(d)) / speed(d)
-    remote(q)    = (uncached(q) + queued_prefill(q) + w_dec * queued_decode(q)) / speed(q)
-                   + w_xfer * prompt_tokens + leg_overhead_tokens
+    local(d)     = (uncached(d) + queued(d)) / speed(d)
+    remote(q)    = (uncached(q) + queued(q)) / speed(q) + w_xfer * prompt_tokens + leg_overhead_tokens
 
-and the request is disaggregated through the peer ``q`` with the lowest ``remote(q)`` iff
+where ``queued(p) = queued_prefill(p) + w_dec * queued_decode(p)`` (:mod:`vllm_llmd.pd.load`; the
+router passes the weight its profile's cost scorer uses), and the request is disaggregated through
+the peer ``q`` with the lowest ``remote(q)`` iff
 
 1. ``uncached(d) > threshold_tokens`` (the decode pod would compute a long prompt part itself),
 2. ``uncached(d) - uncached(q) >= threshold_tokens`` (``q`` holds clearly more of the prefix: the
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT, queued_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +49,8 @@ class SelectiveParams:
     transfer_token_weight: float = 0.05
     #: fixed cost (tokens) of the extra prefill leg: a round trip, one generated token, a lease
     leg_overhead_tokens: float = 128.0
-    #: weight of one queued decode token (the ``estimated-ttft`` scorer's default)
-    decode_token_weight: float = 0.05
+    #: weight of one queued decode token (:mod:`vllm_llmd.pd.load`; the router passes the profile's)
+    decode_token_weight: float = DECODE_TOKEN_WEIGHT
 
     def __post_init__(self) -> None:
         if self.threshold_tokens < 0 or self.transfer_token_weight < 0 or self.leg_overhead_tokens < 0:
@@ -68,9 +71,8 @@ class KVSource:
 def _queue_cost(c: PodCost, p: SelectiveParams) -> float:
     if c.prefill_speed <= 0:
         raise ValueError(f"pod {c.pod}: prefill_speed must be positive")
-    return (c.uncached_tokens + c.queued_prefill_tokens + p.decode_token_weight * c.queued_decode_tokens) / (
-        c.prefill_speed
-    )
+    queued = queued_tokens(c.queued_prefill_tokens, c.queued_decode_tokens, p.decode_token_weight)
+    return (c.uncached_tokens + queued) / c.prefill_speed
 
 
 def local_cost(decode: PodCost, p: SelectiveParams) -> float:

@@ -34,9 +34,9 @@ class PodConfig(_Strict):
     replay: str | None = None
     role: Literal["both", "prefill", "decode"] = "both"
     #: relative prefill speed (tokens/s over a reference pod); the cost model divides by it
-    prefill_speed: float = Field(default=1.0, gt=0)
+    prefill_speed: float = Field(default=1.0, gt=0, le=1e6)
     #: KV cache capacity in blocks if known (otherwise scraped from ``vllm:cache_config_info``)
-    capacity_blocks: int | None = Field(default=None, gt=0)
+    capacity_blocks: int | None = Field(default=None, gt=0, le=1 << 40)
 
     @field_validator("url")
     @classmethod
@@ -84,7 +84,12 @@ class PoolConfig(_Strict):
     #: circuit breaker: a pod with this many router requests in flight takes no more
     max_inflight_per_pod: int = Field(default=4096, ge=1)
     connect_timeout_s: float = Field(default=3.0, gt=0)
-    #: other pods tried when the connection fails before the first byte
+    #: until a pod's answer starts (a stream's first chunk; a whole non-streamed answer, so the
+    #: longest generation): the OpenAI SDK's default read timeout; then the next pod is tried
+    first_byte_timeout_s: float = Field(default=600.0, gt=0)
+    #: longest gap between two chunks of a streamed answer; then the client's stream is aborted
+    stream_idle_timeout_s: float = Field(default=600.0, gt=0)
+    #: other pods tried when one fails before the first byte
     max_retries: int = Field(default=2, ge=0)
     metrics_interval_s: float = Field(default=0.05, gt=0)
     metrics_stale_s: float = Field(default=1.0, gt=0)
@@ -92,9 +97,17 @@ class PoolConfig(_Strict):
 
 class TokenizerConfig(_Strict):
     path: str | None = None
-    #: prompt-prefix tokenization cache (entries; 0 disables)
-    prefix_cache_entries: int = Field(default=4096, ge=0)
-    prefix_cache_chunk_chars: int = Field(default=256, ge=64)
+    #: prompt-prefix tokenization cache budget in bytes (0 disables)
+    prefix_cache_bytes: int = Field(default=64 << 20, ge=0)
+    prefix_cache_chunk_chars: int = Field(default=256, ge=128)
+    #: for a request body longer than this (bytes), the prompt's rendering, tokens and keys are made on
+    #: worker threads, off the event loop
+    inline_chars: int = Field(default=32768, ge=0)
+    workers: int = Field(default=2, ge=1)
+    #: such jobs running or queued on the workers; beyond this a request is scored approximately
+    max_pending: int = Field(default=32, ge=1)
+    #: longest text handed to the tokenizer in one piece (bounds its per-token memory)
+    max_segment_chars: int = Field(default=1 << 20, ge=8192)
 
 
 class IndexConfig(_Strict):
@@ -105,24 +118,43 @@ class IndexConfig(_Strict):
     memory_blocks_per_pod: int = Field(default=100_000, ge=1)
     #: how long a speculative entry (routed, events not yet seen) counts in precise mode
     speculative_ttl_s: float = Field(default=10.0, ge=0)
+    #: only a prompt's first this many blocks take part in routing (bounds the work one request costs:
+    #: 4096 blocks of 64 tokens are 262,144 tokens, more than common context lengths)
+    max_prompt_blocks: int = Field(default=4096, ge=1)
 
 
 class PDConfig(_Strict):
     """Prefill/decode disaggregation, active when the pool has ``role: prefill`` pods (or, with
     ``peers``, between ``role: both`` pods)."""
 
+    #: the P/D decider by name (``vllm_llmd.router.scheduling.deciders``): ``prefix-threshold``, or
+    #: ``selective-peers``; default: ``selective-peers`` with ``peers: true``, else ``prefix-threshold``
+    decider: str | None = None
+    #: parameters for a decider beyond the ones below (which every built-in decider takes from here)
+    decider_params: dict[str, Any] = Field(default_factory=dict)
     #: disaggregate when the chosen decode pod would compute more than this many prompt tokens itself
     threshold_tokens: int = Field(default=256, ge=0)
     #: profile that picks the prefill pod (default: the main profile)
     prefill_profile: ProfileConfig | None = None
     #: selective P/D among ``role: both`` pods (no dedicated prefill pods): after the decode pod is
     #: chosen, pull the prompt's KV from a peer that holds more of the prefix and can produce it sooner
-    #: (``vllm_llmd.pd.selective``; needs a KV connector with ``kv_both`` on every pod)
+    #: (``vllm_llmd.pd.selective``; needs a KV connector with ``kv_both`` on every pod); the same as
+    #: ``decider: selective-peers``
     peers: bool = False
     #: cost of moving one prompt token's KV, relative to computing it (peers mode)
     transfer_token_weight: float = Field(default=0.05, ge=0)
     #: fixed cost (tokens) of the extra prefill leg (peers mode)
     leg_overhead_tokens: float = Field(default=128.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_decider(self) -> PDConfig:
+        if self.peers and self.decider not in (None, "selective-peers"):
+            raise ValueError(f"peers: true means decider selective-peers, not {self.decider!r}")
+        return self
+
+    @property
+    def decider_name(self) -> str:
+        return self.decider or ("selective-peers" if self.peers else "prefix-threshold")
 
 
 class DiscoveryConfig(_Strict):
@@ -164,6 +196,24 @@ class DiscoveryConfig(_Strict):
         return self
 
 
+class ServerConfig(_Strict):
+    """Limits of the HTTP front (``vllm_llmd.router.front``)."""
+
+    #: time a client has to send a request's headers (from connecting, or from the previous answer
+    #: on a kept-alive connection); also how long an idle kept-alive connection stays open
+    header_timeout_s: float = Field(default=30.0, gt=0)
+    #: time a client has to send a request's body once its headers are in
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    #: client connections at once (default: half the open-file limit); beyond it the oldest
+    #: connection without a complete request is closed
+    max_connections: int | None = Field(default=None, ge=1)
+    #: longest request line or header field (aiohttp's default)
+    max_header_bytes: int = Field(default=8190, ge=1024)
+    #: request bodies held at once, in bytes (a body counts its Content-Length, or max_body_bytes when
+    #: that is unknown or compressed); beyond it new requests get 503
+    max_body_bytes_in_flight: int = Field(default=512 << 20, ge=1024)
+
+
 class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -175,12 +225,19 @@ class RouterConfig(_Strict):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     pd: PDConfig = Field(default_factory=PDConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
     #: Kubernetes pod discovery; discovered pods are added to ``pods``
     discovery: DiscoveryConfig | None = None
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     #: request header that carries a session id (session-affinity scorer)
     session_header: str = "x-session-id"
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _one_body_fits(self) -> RouterConfig:
+        if self.server.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError("server.max_body_bytes_in_flight must be at least max_body_bytes")
+        return self
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -55,6 +55,13 @@ class RouterMetrics:
             ["outcome"],
             registry=r,
         )
+        self.client_connections = Gauge("llmd_router_client_connections", "Client connections open", registry=r)
+        self.client_connections_closed = Counter(
+            "llmd_router_client_connections_closed",
+            "Client connections the router closed at its connection limit (displaced: idle or slow; refused: new)",
+            ["reason"],
+            registry=r,
+        )
         self.inflight = Gauge("llmd_router_inflight_requests", "Router requests in flight", ["pod"], registry=r)
         self.pod_available = Gauge("llmd_router_pod_available", "1 if the pod takes traffic", ["pod"], registry=r)
         self.index_blocks = Gauge("llmd_router_index_blocks", "Block keys in the KV event index", registry=r)

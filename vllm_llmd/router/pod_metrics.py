@@ -2,13 +2,22 @@
 
 Only lines starting with the wanted names are parsed (the full exposition is ~100 KB and scraped
 every 50 ms), so this stays cheap. Values are summed over label sets (e.g. several engines).
+
+A value out of range (negative, not finite, a block count of more than 13 digits) is dropped with a
+warning (at most one a minute per metric): a broken or hostile pod must never crash scoring or the
+health task (issue 9: a 4,000-digit ``num_gpu_blocks`` failed every request with ``OverflowError``,
+a 5,000-digit one killed the health task).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import time
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
@@ -20,6 +29,27 @@ CACHE_CONFIG = "vllm:cache_config_info"
 _NAMES = (WAITING, RUNNING, KV_USAGE, PREFIX_HITS, PREFIX_QUERIES, CACHE_CONFIG)
 _NUM_BLOCKS = re.compile(r'num_gpu_blocks="(\d+)"')
 _BLOCK_SIZE = re.compile(r'block_size="(\d+)"')
+#: largest block count / block size taken from a pod (2**40 blocks is far beyond any KV cache)
+MAX_BLOCKS = 1 << 40
+MAX_BLOCK_SIZE = 1 << 20
+_last_warned: dict[str, float] = {}
+
+
+def _reject(name: str, raw: str) -> None:
+    now = time.monotonic()
+    if now - _last_warned.get(name, -1e9) >= 60.0:
+        _last_warned[name] = now
+        log.warning("ignoring %s from a pod's /metrics: %s is out of range", name, raw[:40])
+
+
+def _bounded_int(m: re.Match[str] | None, name: str, limit: int) -> int | None:
+    if m is None:
+        return None
+    digits = m.group(1)
+    if len(digits) > 13 or not 0 < int(digits) <= limit:
+        _reject(name, digits)
+        return None
+    return int(digits)
 
 
 @dataclass(slots=True)
@@ -52,16 +82,20 @@ def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
         if name not in _NAMES:
             continue
         if name == CACHE_CONFIG:
-            nb = _NUM_BLOCKS.search(line)
-            bs = _BLOCK_SIZE.search(line)
-            if nb:
-                m.num_gpu_blocks = int(nb.group(1))
-            if bs:
-                m.block_size = int(bs.group(1))
+            nb = _bounded_int(_NUM_BLOCKS.search(line), "num_gpu_blocks", MAX_BLOCKS)
+            bs = _bounded_int(_BLOCK_SIZE.search(line), "block_size", MAX_BLOCK_SIZE)
+            if nb is not None:
+                m.num_gpu_blocks = nb
+            if bs is not None:
+                m.block_size = bs
             continue
+        raw = line[sp + 1 :]
         try:
-            v = float(line[sp + 1 :])
+            v = float(raw)
         except ValueError:
+            continue
+        if not (math.isfinite(v) and v >= 0):
+            _reject(name, raw)
             continue
         vals[name] = vals.get(name, 0.0) + v
     m.waiting = vals.get(WAITING, 0.0)

@@ -1,6 +1,10 @@
 """The pods the router can send to: health (active checks + passive outlier detection), circuit
 breaking, and the fast ``/metrics`` scrape loop.
 
+Active checks and outlier detection are independent, as in Envoy: a passing health check neither
+ends an ejection nor resets the failures that led to one (issue 9: a pod answering 500 while its
+``/health`` said OK was let back in a second after each ejection).
+
 A discovery source (flags, YAML, later Kubernetes) calls :meth:`PodPool.set_pods` with the full
 list whenever it changes; pods keep their state across updates.
 """
@@ -11,15 +15,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from vllm_llmd.router.config import PodConfig, PoolConfig
+from vllm_llmd.router.inflight import InflightTracker, PodLoad
 from vllm_llmd.router.pod_metrics import PodMetrics, parse_metrics
 
 log = logging.getLogger(__name__)
+
+#: largest ``/metrics`` body read from a pod
+MAX_METRICS_BYTES = 8 << 20
 
 
 @dataclass(eq=False)
@@ -29,10 +37,14 @@ class Pod:
     url: str = ""
     #: set by active health checks; a new pod is assumed up until a check says otherwise
     healthy: bool = True
+    #: consecutive failed health checks (active)
+    health_failures: int = 0
+    #: consecutive failed requests (passive outlier detection)
     consecutive_failures: int = 0
     ejected_until: float = 0.0
     ejections: int = 0
-    inflight_requests: int = 0
+    #: the router's work in flight on the pod: the in-flight tracker's own record, not a copy
+    load: PodLoad = field(default_factory=PodLoad)
     metrics: PodMetrics = field(default_factory=PodMetrics)
     #: ``/metrics`` was read once for the KV capacity since the pod last became healthy
     capacity_read: bool = False
@@ -54,12 +66,19 @@ class Pod:
         return self.config.capacity_blocks or self.metrics.num_gpu_blocks
 
     def available(self, now: float, max_inflight: int) -> bool:
-        return self.healthy and now >= self.ejected_until and self.inflight_requests < max_inflight
+        return self.healthy and now >= self.ejected_until and self.load.requests < max_inflight
 
 
 class PodPool:
-    def __init__(self, cfg: PoolConfig, on_change: Callable[[list[Pod]], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: PoolConfig,
+        on_change: Callable[[list[Pod]], None] | None = None,
+        inflight: InflightTracker | None = None,
+    ) -> None:
         self.cfg = cfg
+        #: where each pod's in-flight work is counted (``Pod.load`` is the tracker's record)
+        self.inflight = inflight or InflightTracker()
         self._pods: dict[str, Pod] = {}
         self._order: list[Pod] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -77,7 +96,7 @@ class PodPool:
             if old is not None and old.config == c:
                 new[c.pod_id] = old
             else:
-                new[c.pod_id] = Pod(c)
+                new[c.pod_id] = Pod(c, load=self.inflight.load(c.pod_id))
         self._pods = new
         self._order = list(new.values())
         if self._on_change is not None:
@@ -108,9 +127,11 @@ class PodPool:
             self._eject(pod, reason)
 
     def report_connect_failure(self, pod: Pod, reason: str) -> None:
-        """A refused/reset connection is a strong signal: eject at once."""
+        """A refused/reset connection is a strong signal: eject at once (unless already ejected: the
+        requests that were in flight when the pod went down do not lengthen its ejection)."""
         pod.consecutive_failures = max(pod.consecutive_failures + 1, self.cfg.failure_threshold)
-        self._eject(pod, reason)
+        if time.monotonic() >= pod.ejected_until:
+            self._eject(pod, reason)
 
     def report_success(self, pod: Pod) -> None:
         pod.consecutive_failures = 0
@@ -126,9 +147,9 @@ class PodPool:
     # ---- background loops --------------------------------------------------------------------
     async def start(self, session: aiohttp.ClientSession) -> None:
         self._session = session
-        self._tasks.append(asyncio.create_task(self._health_loop(), name="router-health"))
+        self._tasks.append(asyncio.create_task(supervise("health", self._health_loop), name="router-health"))
         if self.scrape_metrics:
-            self._tasks.append(asyncio.create_task(self._metrics_loop(), name="router-metrics"))
+            self._tasks.append(asyncio.create_task(supervise("metrics", self._metrics_loop), name="router-metrics"))
 
     async def stop(self) -> None:
         for t in [*self._tasks, *self._probes]:
@@ -152,18 +173,15 @@ class PodPool:
             if not pod.healthy:
                 log.info("pod %s is healthy again", pod.id)
             pod.healthy = True
-            if pod.ejected_until > time.monotonic():
-                # the pod answers again: let traffic probe it right away
-                pod.ejected_until = 0.0
-            pod.consecutive_failures = 0
+            pod.health_failures = 0
             if not pod.capacity_read and not self.scrape_metrics and pod.config.capacity_blocks is None:
                 # the cost model needs the KV capacity even when nothing scrapes metrics: read it once
                 # per healthy spell (a backend without vllm:cache_config_info is not asked again)
                 pod.capacity_read = await self.scrape(pod)
         else:
-            pod.consecutive_failures += 1
-            if pod.healthy and pod.consecutive_failures >= self.cfg.failure_threshold:
-                log.warning("pod %s failed %d health checks: marked unhealthy", pod.id, pod.consecutive_failures)
+            pod.health_failures += 1
+            if pod.healthy and pod.health_failures >= self.cfg.failure_threshold:
+                log.warning("pod %s failed %d health checks: marked unhealthy", pod.id, pod.health_failures)
                 pod.healthy = False
                 pod.capacity_read = False  # it may come back as a different engine
         return ok
@@ -187,10 +205,16 @@ class PodPool:
                 if self._pods.get(p.id) is p:  # still a member, with the same configuration
                     t = asyncio.create_task(self.check_health(p))
                     self._probes.add(t)
-                    t.add_done_callback(self._probes.discard)
+                    t.add_done_callback(self._probe_done)
+
+    def _probe_done(self, t: asyncio.Task[bool]) -> None:
+        self._probes.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            log.error("health probe failed unexpectedly", exc_info=t.exception())
 
     async def scrape(self, pod: Pod) -> bool:
-        """Read the pod's ``/metrics`` into ``pod.metrics``; whether that worked."""
+        """Read the pod's ``/metrics`` into ``pod.metrics``; whether that worked. A body over
+        ``MAX_METRICS_BYTES`` is not read (vLLM's is ~100 KB)."""
         assert self._session is not None
         try:
             async with self._session.get(
@@ -198,7 +222,11 @@ class PodPool:
             ) as r:
                 if r.status != 200:
                     return False
-                text = await r.text()
+                raw = await r.content.read(MAX_METRICS_BYTES + 1)
+            if len(raw) > MAX_METRICS_BYTES:
+                log.warning("pod %s: /metrics is over %d bytes: not read", pod.id, MAX_METRICS_BYTES)
+                return False
+            text = raw.decode("utf-8")
         except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
             return False
         pod.metrics = parse_metrics(text)
@@ -209,3 +237,25 @@ class PodPool:
             t0 = time.monotonic()
             await asyncio.gather(*(self.scrape(p) for p in list(self._order) if p.healthy))
             await asyncio.sleep(max(0.0, self.cfg.metrics_interval_s - (time.monotonic() - t0)))
+
+
+async def supervise(
+    name: str, loop: Callable[[], Awaitable[None]], first_delay_s: float = 1.0, max_delay_s: float = 30.0
+) -> None:
+    """Run the endless ``loop``; if it ever fails (or returns), log it with its traceback and start
+    it again after a back-off (``first_delay_s`` doubling to ``max_delay_s``; reset after a minute
+    of running)."""
+    delay = first_delay_s
+    while True:
+        started = time.monotonic()
+        try:
+            await loop()
+            log.error("the %s loop stopped: restarting it in %.0f s", name, delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the %s loop failed: restarting it in %.0f s", name, delay)
+        if time.monotonic() - started > 60.0:
+            delay = first_delay_s
+        await asyncio.sleep(delay)
+        delay = min(max_delay_s, 2 * delay)

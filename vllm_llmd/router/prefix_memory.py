@@ -10,42 +10,15 @@ Used two ways:
   ``BlockStored`` events for it (a queued request may wait many seconds for its prefill), so
   concurrent requests of a new prefix follow the first one instead of spreading.
 
-Keys: ``h_0 = seed``, ``h_i = xxh3_64(bytes(block_i), h_{i-1})``; a block is ``block_size`` token ids
-(little-endian uint32) or, without a tokenizer, ``4 * block_size`` UTF-8 characters of the prompt text.
-Nothing here touches HTTP.
+Keys: a request's block keys (``vllm_llmd.router.prompt``: the KV index's own chained keys, or text
+keys without a tokenizer). Nothing here touches HTTP.
 """
 
 from __future__ import annotations
 
 import time
-from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-
-import xxhash
-
-
-def token_block_keys(token_ids: Sequence[int], block_size: int, seed: int = 0) -> list[int]:
-    """Chained hashes of the full ``block_size`` blocks of ``token_ids`` (the partial tail is dropped)."""
-    raw = array("I", token_ids).tobytes() if not isinstance(token_ids, array) else token_ids.tobytes()
-    step = 4 * block_size
-    keys = []
-    h = seed
-    for i in range(step, len(raw) + 1, step):
-        h = xxhash.xxh3_64_intdigest(raw[i - step : i], h)
-        keys.append(h)
-    return keys
-
-
-def text_block_keys(text: str, block_size: int, seed: int = 0, chars_per_token: int = 4) -> list[int]:
-    """Chained hashes of ``chars_per_token * block_size``-character chunks (approximate, no tokenizer)."""
-    step = chars_per_token * block_size
-    keys = []
-    h = seed
-    for i in range(step, len(text) + 1, step):
-        h = xxhash.xxh3_64_intdigest(text[i - step : i].encode("utf-8", "surrogatepass"), h)
-        keys.append(h)
-    return keys
 
 
 class PrefixMemory:

@@ -8,15 +8,15 @@ import logging
 import signal
 from typing import Any
 
-from aiohttp import web
-
 from vllm_llmd.router.config import RouterConfig
+from vllm_llmd.router.front import start_server
 from vllm_llmd.router.inflight import InflightTracker
 from vllm_llmd.router.metrics import RouterMetrics
 from vllm_llmd.router.pool import PodPool
 from vllm_llmd.router.prefix_memory import PrefixMemory
 from vllm_llmd.router.proxy import RouterApp
-from vllm_llmd.router.scheduling import SchedulingContext, build_scheduler
+from vllm_llmd.router.scheduling import Decider, SchedulingContext, build_scheduler
+from vllm_llmd.router.scheduling.registry import create_plugin, registered_params
 from vllm_llmd.router.tokenize import load_tokenizer
 
 log = logging.getLogger("vllm_llmd.router")
@@ -36,11 +36,22 @@ def _make_index(cfg: RouterConfig) -> tuple[Any, Any]:
     return index, sub
 
 
+def _make_decider(cfg: RouterConfig, ctx: SchedulingContext) -> Decider:
+    """The P/D decider named in ``pd.decider``, its parameters from the ``pd`` section."""
+    pd = cfg.pd
+    params = registered_params("decider", pd.decider_name)
+    fields = set(params.model_fields) if params is not None else set()
+    raw = {k: v for k, v in pd.model_dump().items() if k in fields}
+    raw.update(pd.decider_params)
+    return create_plugin("decider", pd.decider_name, raw, ctx, "pd.decider", Decider)
+
+
 def build_router(cfg: RouterConfig) -> RouterApp:
     tokenizer = load_tokenizer(
         cfg.tokenizer.path,
-        prefix_cache_entries=cfg.tokenizer.prefix_cache_entries,
+        prefix_cache_bytes=cfg.tokenizer.prefix_cache_bytes,
         chunk_chars=cfg.tokenizer.prefix_cache_chunk_chars,
+        max_segment_chars=cfg.tokenizer.max_segment_chars,
     )
     index = subscriber = None
     if tokenizer is not None:
@@ -57,11 +68,12 @@ def build_router(cfg: RouterConfig) -> RouterApp:
         metrics_stale_s=cfg.pool.metrics_stale_s,
     )
     scheduler = build_scheduler(cfg.profile, ctx)
+    ctx.decode_token_weight = scheduler.decode_token_weight  # the P/D decider uses the profile's weight
     prefill_scheduler = build_scheduler(cfg.pd.prefill_profile or cfg.profile, ctx, "pd.prefill_profile")
-    pool = PodPool(cfg.pool)
+    decider = _make_decider(cfg, ctx)
+    pool = PodPool(cfg.pool, inflight=inflight)
     pool.set_pods(cfg.pods)
-    router = RouterApp(cfg, pool, scheduler, inflight, tokenizer, RouterMetrics(), index, subscriber, prefill_scheduler)
-    router.discovery = None
+    router = RouterApp(cfg, pool, scheduler, tokenizer, RouterMetrics(), index, subscriber, prefill_scheduler, decider)
     if cfg.discovery is not None:  # Kubernetes: pods come and go without a restart
         from vllm_llmd.discovery.source import KubernetesDiscovery
 
@@ -73,12 +85,12 @@ def build_router(cfg: RouterConfig) -> RouterApp:
 
 
 async def serve(router: RouterApp, host: str, port: int, ready: asyncio.Event | None = None) -> None:
-    runner = web.AppRunner(router.app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
-    await site.start()
+    server = await start_server(router.runner(), host, port)
     log.info(
-        "router listening on http://%s:%d, pods: %s", host, port, ", ".join(p.id for p in router.pool.pods) or "none"
+        "router listening on http://%s:%d, pods: %s",
+        host,
+        server.port,
+        ", ".join(p.id for p in router.pool.pods) or "none",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -93,7 +105,7 @@ async def serve(router: RouterApp, host: str, port: int, ready: asyncio.Event | 
         await stop.wait()
     finally:
         log.info("router shutting down")
-        await runner.cleanup()
+        await server.close()
 
 
 def run(cfg: RouterConfig) -> int:

@@ -1,61 +1,90 @@
-"""Prompt tokenization with the model's own tokenizer (HF ``tokenizers``), chat templates applied
-the way vLLM 0.32 applies them, and a prompt-prefix cache that keeps the cost off the hot path.
+"""Prompt tokenization with the model's own tokenizer (HF ``tokenizers``), exactly as vLLM 0.32
+tokenizes, with bounded memory and time for prompts of any size.
 
-Chat: vLLM renders ``tokenizer_config.json``'s ``chat_template`` with transformers'
-``render_jinja_template`` (``transformers/utils/chat_template_utils.py``: an
-``ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)`` with ``tojson``,
-``raise_exception`` and ``strftime_now``; the special tokens of the tokenizer are passed as
-variables), with ``add_generation_prompt=True`` by default, then tokenizes the text with
-``add_special_tokens=False`` (``ChatCompletionRequest.add_special_tokens`` defaults to False).
-Content given as a list of parts is joined with ``"\\n"`` (``vllm/renderers/chat_utils.py``).
+Completions add special tokens unless ``add_special_tokens`` is false; chat renders the template
+(:mod:`.chat_template`) and tokenizes without special tokens (``ChatCompletionRequest.add_special_tokens``
+defaults to False in vLLM).
 
-Prefix cache: a 22 KB prompt costs ~3.5 ms to encode, the router's main per-request CPU cost. BPE
-never merges across pre-token boundaries, so the tokens of a long shared prefix can be reused: the
-prompt is cut into ``chunk_chars`` chunks with chained hashes; for each chunk boundary we remember
-the tokens up to a whitespace word boundary at least ``_MARGIN`` characters before it. A new prompt
-reuses the deepest remembered boundary and encodes only the rest.
+**Segments.** Byte-level BPE never merges across pre-tokens, and in the pre-tokenizer regexes of
+GPT-2, Llama 3, cl100k and their kin a space that follows a letter or digit always starts a new
+pre-token. So a prompt cut at such spaces tokenizes to the concatenation of its pieces' tokens.
+:class:`PromptTokenizer` checks this on sample text at start-up (a SentencePiece-style tokenizer
+that prepends ``▁`` fails the check; it then gets whole-prompt encodes only) and then always
+encodes in segments, in batches (``encode_batch_fast``: no offsets), so no encode ever holds more
+than ``max_segment_chars`` of text: the tokenizer's own per-token state (ids, offsets, token
+strings: ~80 bytes a token) stays bounded whatever the prompt size, and the result is kept as
+``array('I')`` (4 bytes a token). A prompt with no cut point in ``max_segment_chars`` characters is
+not tokenized (the router scores it approximately).
+
+**Prefix cache.** A 22 KB prompt costs ~3.5 ms to encode, the router's main per-request CPU cost.
+Prompts up to ``prefix_cache_bytes / 24`` characters (so that one fits in a quarter of the budget)
+are cut near every ``chunk_chars`` boundary (the first cut point at most ``_MARGIN`` characters
+before it) and the cuts are remembered in a :class:`~.prefix_cache.TokenPrefixCache` under the
+chained hash of the text up to the chunk end; a later prompt reuses its deepest remembered cut and
+encodes only the rest.
+
+**Off the event loop.** :class:`TokenizerPool` runs the prompt work of a request body over
+``inline_chars`` (``vllm_llmd.router.prompt``: rendering, tokenizing, keys) on worker threads
+(``tokenizers`` releases the GIL while it encodes); at most ``max_pending`` at a time, beyond which
+a request is scored approximately instead of queueing.
+Measured by ``tests/robustness/big_prompt.py``: a 16 MiB prompt is tokenized on a worker while
+``/health`` keeps answering (figures in bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections import OrderedDict
-from datetime import datetime
+import os
+import re
+from array import array
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import xxhash
+from vllm_llmd.index.keys import chain_keys
+from vllm_llmd.router.chat_template import ChatTemplate
+from vllm_llmd.router.prefix_cache import TokenPrefixCache
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+#: a letter or digit followed by a space: a cut before the space splits between pre-tokens
+_CUT = re.compile(r"[^\W_] ")
 _MARGIN = 64
+#: target segment length outside the remembered chunks, and text per ``encode_batch`` call
+_SEGMENT_CHARS = 4096
+_BATCH_CHARS = 256 * 1024
+_PROBES = (
+    "Hello world, this is a test. It's 2024 and  12345 apples cost $3.50!\nNew line\tand tabs"
+    " ünïcödé café naïve 日本語 text x1 y2 z3 the end",
+    "  leading and trailing spaces  a b c d e f g h i j k l m n o p 1 2 3 4 5 6 7 8 9 0 ",
+)
 
 
 class TokenizerUnavailable(RuntimeError):
     pass
 
 
-def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, dict) and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-        return "\n".join(texts)
-    return str(content)
+def chunk_keys(text: str, chunk_chars: int, seed: int) -> list[int]:
+    """Chained hashes of ``text``'s full ``chunk_chars``-character chunks: the characters as UTF-32
+    code units, so :func:`~vllm_llmd.index.keys.chain_keys`' fixed 4-byte stride is one character."""
+    return chain_keys(seed, text.encode("utf-32-le", "surrogatepass"), chunk_chars)
 
 
 class PromptTokenizer:
-    """Tokenizes completion prompts and chat conversations; thread-safe for concurrent encodes."""
+    """Tokenizes completion prompts and chat conversations; thread-safe."""
 
-    def __init__(self, model_dir: str | Path, prefix_cache_entries: int = 4096, chunk_chars: int = 256) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        prefix_cache_bytes: int = 64 << 20,
+        chunk_chars: int = 256,
+        max_segment_chars: int = 1 << 20,
+    ) -> None:
         from tokenizers import Tokenizer
 
         d = Path(model_dir)
@@ -64,168 +93,222 @@ class PromptTokenizer:
             self._tok = Tokenizer.from_file(str(tok_file))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise TokenizerUnavailable(f"cannot load {tok_file}: {e}") from e
-        cfg: dict[str, Any] = {}
-        cfg_file = d / "tokenizer_config.json"
-        if cfg_file.exists():
-            try:
-                cfg = json.loads(cfg_file.read_text())
-            except (OSError, ValueError) as e:
-                log.warning("cannot read %s (%s); chat requests will not be tokenized", cfg_file, e)
-        self._special: dict[str, Any] = {}
-        for k in ("bos_token", "eos_token", "unk_token", "pad_token"):
-            v = cfg.get(k)
-            if isinstance(v, dict):
-                v = v.get("content")
-            if isinstance(v, str):
-                self._special[k] = v
-        self._template = None
-        tmpl = cfg.get("chat_template")
-        if isinstance(tmpl, list):  # named templates: vLLM uses "default"
-            tmpl = next((t.get("template") for t in tmpl if isinstance(t, dict) and t.get("name") == "default"), None)
-        if isinstance(tmpl, str):
-            self._template = _compile_template(tmpl)
-        self._cache_entries = prefix_cache_entries
+        self._batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        self._chat = _load_chat_template(d)
         self._chunk = chunk_chars
-        self._cache: OrderedDict[tuple[bool, int], tuple[list[int], int]] = OrderedDict()
-        # the prefix cache is only exact if special tokens are only ever prepended
+        self.max_segment_chars = max_segment_chars
+        self._cache = TokenPrefixCache(prefix_cache_bytes)
+        self._remember_chars = prefix_cache_bytes // 24
+        # the cached prefix is only exact if special tokens are only ever prepended
         with_sp = self._tok.encode("a b", add_special_tokens=True).ids
         without = self._tok.encode("a b", add_special_tokens=False).ids
         self._appends_specials = with_sp[len(with_sp) - len(without) :] != without
+        self.splits_cleanly = all(self._splits_cleanly(s) for s in _PROBES)
+        if not self.splits_cleanly:
+            log.warning(
+                "the tokenizer does not split cleanly at spaces: no prefix cache, and prompts over %d characters "
+                "are scored approximately",
+                max_segment_chars,
+            )
         self.cache_hits = 0
         self.cache_misses = 0
 
     @property
     def has_chat_template(self) -> bool:
-        return self._template is not None
+        return self._chat is not None
+
+    @property
+    def prefix_cache(self) -> TokenPrefixCache:
+        return self._cache
+
+    def _splits_cleanly(self, s: str) -> bool:
+        enc = self._tok.encode
+        for specials in (False, True):
+            whole = enc(s, add_special_tokens=specials).ids
+            for m in _CUT.finditer(s):
+                c = m.end() - 1
+                if enc(s[:c], add_special_tokens=specials).ids + enc(s[c:], add_special_tokens=False).ids != whole:
+                    return False
+        return True
 
     # ---- completions -------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if self._cache_entries == 0 or len(text) < 2 * self._chunk or (add_special_tokens and self._appends_specials):
-            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        return self._encode_cached(text, add_special_tokens)
+        ids = self.encode_ids(text, add_special_tokens)
+        if ids is None:
+            raise ValueError(f"no cut point within {self.max_segment_chars} characters: not tokenized")
+        return ids.tolist()
 
-    def _chunk_hashes(self, text: str) -> list[int]:
-        hashes = []
-        h = 0
-        c = self._chunk
-        for i in range(c, len(text) + 1, c):
-            h = xxhash.xxh3_64_intdigest(text[i - c : i].encode("utf-8", "surrogatepass"), h)
-            hashes.append(h)
-        return hashes
-
-    def _encode_cached(self, text: str, specials: bool) -> list[int]:
-        hashes = self._chunk_hashes(text)
-        cache = self._cache
-        best = -1
-        for k in range(len(hashes) - 1, -1, -1):
-            if (specials, hashes[k]) in cache:
-                best = k
-                break
-        if best >= 0:
-            key = (specials, hashes[best])
-            cache.move_to_end(key)
-            ids, off = cache[key]
-            self.cache_hits += 1
-            tail = self._tok.encode(text[off:], add_special_tokens=False)
-            out = ids + tail.ids
-            start_chunk, base_tokens, base_off = best + 1, len(ids), off
-            enc_offsets = tail.offsets
-        else:
+    def encode_ids(self, text: str, add_special_tokens: bool = True) -> array | None:
+        """The token ids as ``array('I')``, or ``None`` when the text cannot be tokenized within
+        ``max_segment_chars`` per encode."""
+        n = len(text)
+        if not self.splits_cleanly or (add_special_tokens and self._appends_specials) or n < 2 * self._chunk:
+            if n > self.max_segment_chars:
+                return None
+            return array("I", self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        if n > self._remember_chars or self._cache.max_bytes == 0:
+            bounds = self._bounds(text, 0, [])
+            return None if bounds is None else self._encode_segments(text, bounds, add_special_tokens, [])[0]
+        keys = chunk_keys(text, self._chunk, 1 if add_special_tokens else 0)
+        hit = self._cache.lookup(keys)
+        if hit is None:
             self.cache_misses += 1
-            enc = self._tok.encode(text, add_special_tokens=specials)
-            out = enc.ids
-            start_chunk, base_tokens, base_off = 0, 0, 0
-            enc_offsets = enc.offsets
-        # remember boundaries of the chunks this encode covered (not the last one: it may be a suffix)
-        self._remember(text, hashes, specials, out, enc_offsets, start_chunk, base_tokens, base_off)
+            base, start, first = None, 0, 0
+        else:
+            self.cache_hits += 1
+            base, start, first = hit[0], hit[1], hit[2] + 1
+        # cut near the end of every chunk this encode covers (not the last one: it may be a suffix)
+        cuts: list[tuple[int, int]] = []  # (chunk, cut offset)
+        c = self._chunk
+        for j in range(first, len(keys) - 1):
+            end = (j + 1) * c
+            m = _CUT.search(text, max(start, end - _MARGIN - 1), end)
+            if m is not None:
+                cuts.append((j, m.end() - 1))
+        bounds = self._bounds(text, start, [off for _, off in cuts])
+        if bounds is None:
+            return None
+        ids, at = self._encode_segments(text, bounds, add_special_tokens and base is None, [off for _, off in cuts])
+        if base is not None:
+            at = [len(base) + k for k in at]
+            base.extend(ids)
+            ids = base
+        self._cache.remember(ids, [(keys[j], ntok, off) for (j, off), ntok in zip(cuts, at, strict=True)])
+        return ids
+
+    def _bounds(self, text: str, start: int, pinned: list[int]) -> list[int] | None:
+        """Segment boundaries from ``start`` to the end of ``text``: ``pinned`` cuts plus cuts every
+        ~``_SEGMENT_CHARS`` where a cut point exists; ``None`` if a segment would exceed
+        ``max_segment_chars``."""
+        out = [start]
+        limit = self.max_segment_chars
+        for target in [*pinned, len(text)]:
+            p = out[-1]
+            while target - p > _SEGMENT_CHARS:
+                m = _CUT.search(text, p + _SEGMENT_CHARS - 1, target)
+                if m is None:
+                    break
+                c = m.end() - 1
+                if c - p > limit:
+                    return None
+                out.append(c)
+                p = c
+            if target - p > limit:
+                return None
+            if target > p:
+                out.append(target)
         return out
 
-    def _remember(
-        self,
-        text: str,
-        hashes: list[int],
-        specials: bool,
-        ids: list[int],
-        offsets: list[tuple[int, int]],
-        start_chunk: int,
-        base_tokens: int,
-        base_off: int,
-    ) -> None:
-        cache = self._cache
-        j = 0
-        n = len(offsets)
-        for k in range(start_chunk, len(hashes) - 1):
-            key = (specials, hashes[k])
-            if key in cache:
-                continue
-            boundary = (k + 1) * self._chunk - _MARGIN - base_off
-            # first token at or after the boundary that starts a whitespace-led word
-            while j < n and offsets[j][0] < boundary:
-                j += 1
-            jj = j
-            while jj < n:
-                s = offsets[jj][0] + base_off
-                if s > 0 and text[s].isspace() and not text[s - 1].isspace() and offsets[jj][0] != offsets[jj][1]:
-                    break
-                jj += 1
-            if jj >= n or offsets[jj][0] + base_off >= (k + 1) * self._chunk:
-                continue
-            cache[key] = (ids[: base_tokens + jj], offsets[jj][0] + base_off)
-            if len(cache) > self._cache_entries:
-                cache.popitem(last=False)
+    def _encode_segments(
+        self, text: str, bounds: list[int], specials: bool, marks: list[int]
+    ) -> tuple[array, list[int]]:
+        """Encode ``text[bounds[0]:bounds[-1]]`` segment by segment; also the token count before each
+        offset in ``marks`` (each one of ``bounds``)."""
+        out = array("I")
+        at: list[int] = []
+        want = iter(marks)
+        nxt = next(want, None)
+        i = 0
+        last = len(bounds) - 1
+        while i < last:
+            if i == 0 and specials:  # special tokens go around the first segment only
+                group = [text[bounds[0] : bounds[1]]]
+                encs = [self._tok.encode(group[0], add_special_tokens=True)]
+            else:
+                j, size = i, 0
+                while j < last and (j == i or size + bounds[j + 1] - bounds[j] <= _BATCH_CHARS):
+                    size += bounds[j + 1] - bounds[j]
+                    j += 1
+                group = [text[bounds[k] : bounds[k + 1]] for k in range(i, j)]
+                encs = self._batch(group, add_special_tokens=False)
+            for enc in encs:
+                out.extend(enc.ids)
+                i += 1
+                while nxt is not None and nxt == bounds[i]:
+                    at.append(len(out))
+                    nxt = next(want, None)
+        return out, at
 
     # ---- chat --------------------------------------------------------------------------------
     def render_chat(self, body: dict[str, Any]) -> str:
-        if self._template is None:
+        if self._chat is None:
             raise TokenizerUnavailable("the tokenizer has no chat_template")
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            raise ValueError("'messages' must be a list")
-        conv = []
-        for m in messages:
-            if not isinstance(m, dict):
-                raise ValueError("each message must be an object")
-            m2 = dict(m)
-            m2["content"] = _content_text(m.get("content"))
-            conv.append(m2)
-        kwargs: dict[str, Any] = dict(self._special)
-        extra = body.get("chat_template_kwargs")
-        if isinstance(extra, dict):
-            kwargs.update(extra)
-        continue_final = bool(body.get("continue_final_message", False))
-        kwargs["add_generation_prompt"] = bool(body.get("add_generation_prompt", not continue_final))
-        kwargs["continue_final_message"] = continue_final
-        if body.get("tools") is not None:
-            kwargs["tools"] = body.get("tools")
-        return str(self._template.render(messages=conv, **kwargs))
+        return self._chat.render(body)
+
+    def encode_chat_ids(self, body: dict[str, Any]) -> array | None:
+        return self.encode_ids(self.render_chat(body), add_special_tokens=bool(body.get("add_special_tokens", False)))
 
     def encode_chat(self, body: dict[str, Any]) -> list[int]:
         text = self.render_chat(body)
         return self.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
 
 
-def _compile_template(source: str) -> Any:
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def _load_chat_template(d: Path) -> ChatTemplate | None:
+    cfg: dict[str, Any] = {}
+    cfg_file = d / "tokenizer_config.json"
+    if cfg_file.exists():
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("cannot read %s (%s); chat requests will not be tokenized", cfg_file, e)
+    special: dict[str, str] = {}
+    for k in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        v = cfg.get(k)
+        if isinstance(v, dict):
+            v = v.get("content")
+        if isinstance(v, str):
+            special[k] = v
+    tmpl = cfg.get("chat_template")
+    if isinstance(tmpl, list):  # named templates: vLLM uses "default"
+        tmpl = next((t.get("template") for t in tmpl if isinstance(t, dict) and t.get("name") == "default"), None)
+    return ChatTemplate(tmpl, special) if isinstance(tmpl, str) else None
 
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(
-        x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
-    ) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+class TokenizerPool:
+    """Runs tokenizations of more than ``inline_chars`` on ``workers`` threads, at most
+    ``max_pending`` at a time; :meth:`run` returns ``None`` (score approximately) when that many
+    are already running or queued, so a burst of huge prompts never queues without bound."""
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+    def __init__(self, workers: int = 2, max_pending: int = 32, inline_chars: int = 32768) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmd-tokenize")
+        self.max_pending = max_pending
+        self.inline_chars = inline_chars
+        self.pending = 0
+        self.rejected = 0
+
+    async def run(self, size: int, fn: Callable[..., T | None], *args: Any) -> T | None:
+        if size <= self.inline_chars:
+            return fn(*args)
+        if self.pending >= self.max_pending:
+            self.rejected += 1
+            return None
+        loop = asyncio.get_running_loop()
+        self.pending += 1
+
+        def finished(_: object) -> None:  # on the worker thread (or here, if cancelled before it ran)
+            try:
+                loop.call_soon_threadsafe(self._finished)
+            except RuntimeError:  # the loop is closed: nothing is waiting any more
+                pass
+
+        fut = self._executor.submit(fn, *args)
+        fut.add_done_callback(finished)
+        return await asyncio.wrap_future(fut)
+
+    def _finished(self) -> None:
+        self.pending -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def load_tokenizer(path: str | Path | None, **kw: Any) -> PromptTokenizer | None:
-    """The tokenizer, or ``None`` (logged once) so the router falls back to approximate scoring."""
+    """The tokenizer, or ``None`` (logged once) so the router falls back to approximate scoring.
+
+    Turns off ``tokenizers``' own thread pool unless ``TOKENIZERS_PARALLELISM`` is set: waking it
+    for every prompt cost more than it saved (bench/bench_router_decision.py, 2 busy cores: wall
+    p50 9.7 -> 2.0 ms, CPU 2.2 -> 1.75 ms a decision); large prompts get the worker threads."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if path is None:
         log.warning("no --tokenizer given: precise prefix scoring is off, using the approximate scorer")
         return None

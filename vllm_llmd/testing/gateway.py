@@ -38,7 +38,7 @@ class GatewayStack:
     def idle(self) -> bool:
         """No request is accounted to any pod."""
         return all(v == (0, 0, 0) for v in self.load().values()) and all(
-            p.inflight_requests == 0 for p in self.router.pool.pods
+            p.load.requests == 0 for p in self.router.pool.pods
         )
 
 

@@ -9,7 +9,6 @@ from typing import Literal
 from pydantic import Field
 
 from vllm_llmd.router.scheduling.framework import Candidate, SchedRequest, SchedulingContext
-from vllm_llmd.router.scheduling.prefix_view import prefix_view
 from vllm_llmd.router.scheduling.registry import Params, register
 
 
@@ -73,7 +72,8 @@ class PrefixAffinityFilter:
         self.name, self.params, self.ctx = name, params, ctx
 
     def filter(self, req: SchedRequest, pods: list[Candidate]) -> list[Candidate]:
-        v = prefix_view(req, pods, self.ctx)
+        v = req.view
+        assert v is not None, "the scheduler computes the prefix view before any filter runs"
         n = max(1, req.prompt_tokens)
         sticky = [p for p in pods if v.cached.get(p.id, 0) / n >= self.params.threshold]
         if not sticky or len(sticky) == len(pods):

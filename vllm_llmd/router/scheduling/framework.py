@@ -1,15 +1,74 @@
 """Types shared by the scheduling plugins: the request as the scheduler sees it, a candidate pod,
-the shared context (index, routing memory, in-flight load) and the plugin protocols."""
+the shared context (index, routing memory, in-flight load) and the plugin protocols the scheduler
+holds.
+
+Per request the scheduler computes the prefix view once (:attr:`SchedRequest.view`), runs filters
+-> scorers -> picker, then the :class:`PreRequest` hooks for the chosen pod. The proxy runs the
+:class:`PreRequest` hooks for any other pod it tries, and the :class:`PostResponse` hooks when each
+try ends: llm-d's ``PreRequest`` / ``PostResponse`` plugin points. Plugins hand what they compute to
+later stages as typed values in :attr:`SchedRequest.outputs`, never under string keys.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT
 from vllm_llmd.router.inflight import InflightTracker, PodLoad
 from vllm_llmd.router.pod_metrics import PodMetrics
 from vllm_llmd.router.prefix_memory import PrefixMemory
+
+T = TypeVar("T")
+
+
+class PrefixMatchLike(Protocol):
+    #: leading prompt tokens the pod holds
+    tokens: int
+    #: the tier of each matched block
+    tiers: list[str]
+
+
+class PrefixIndex(Protocol):
+    """What the scheduler reads of the KV event index (``vllm_llmd.index.KVBlockIndex``)."""
+
+    def match_keys(self, keys: Sequence[int]) -> Mapping[str, PrefixMatchLike]: ...
+
+    def pods(self) -> list[str]: ...
+
+    def epochs_total(self) -> int: ...
+
+    def epoch(self, pod: str) -> int: ...
+
+
+@dataclass(slots=True)
+class PrefixView:
+    """How many prompt tokens each pod already holds (:mod:`.prefix_view`)."""
+
+    #: best estimate of cached prompt tokens per pod
+    cached: dict[str, int] = field(default_factory=dict)
+    #: from the index only
+    precise: dict[str, int] = field(default_factory=dict)
+    #: tiers of the index match per pod (as the index reports them)
+    tiers: dict[str, list[str]] = field(default_factory=dict)
+    #: from the routing memory only (tokens)
+    remembered: dict[str, int] = field(default_factory=dict)
+
+
+class PluginOutputs:
+    """What plugins produced for one request, by type: ``put(Costs(...))``, ``get(Costs)``."""
+
+    __slots__ = ("_by_type",)
+
+    def __init__(self) -> None:
+        self._by_type: dict[type, Any] = {}
+
+    def put(self, value: object) -> None:
+        self._by_type[type(value)] = value
+
+    def get(self, kind: type[T]) -> T | None:
+        return self._by_type.get(kind)
 
 
 @dataclass(slots=True)
@@ -22,12 +81,13 @@ class SchedRequest:
     #: prompt length in tokens (estimated as ``len(text) / 4`` without a tokenizer)
     prompt_tokens: int
     max_tokens: int
-    #: the router's own chained block keys of the prompt (see :mod:`vllm_llmd.router.prefix_memory`)
+    #: the prompt's chained block keys (``vllm_llmd.index.keys``; the first ``max_prompt_blocks``)
     block_keys: list[int]
     session_id: str | None = None
     lora: str | None = None
-    #: per-request data computed once and shared by plugins (e.g. the prefix view)
-    scratch: dict[str, Any] = field(default_factory=dict)
+    #: set by the scheduler before any plugin runs
+    view: PrefixView | None = None
+    outputs: PluginOutputs = field(default_factory=PluginOutputs)
 
 
 @dataclass(slots=True)
@@ -63,20 +123,24 @@ class Decision:
 class SchedulingContext:
     """What plugins may read: the KV index (``None`` without events), the routing memory, load."""
 
-    index: Any | None
+    index: PrefixIndex | None
     memory: PrefixMemory
     inflight: InflightTracker
     block_size: int
     speculative_ttl_s: float
     metrics_stale_s: float = 1.0
+    #: the weight of a queued decode token in the profile's cost (:mod:`vllm_llmd.pd.load`)
+    decode_token_weight: float = DECODE_TOKEN_WEIGHT
 
 
+@runtime_checkable
 class Filter(Protocol):
     name: str
 
     def filter(self, req: SchedRequest, pods: list[Candidate]) -> list[Candidate]: ...
 
 
+@runtime_checkable
 class Scorer(Protocol):
     name: str
     #: set by plugins that read scraped ``/metrics`` (the pool then runs its scrape loop)
@@ -85,11 +149,39 @@ class Scorer(Protocol):
     def score(self, req: SchedRequest, pods: list[Candidate]) -> dict[str, float]: ...
 
 
+@runtime_checkable
 class Picker(Protocol):
     name: str
 
     def rank(self, req: SchedRequest, pods: list[Candidate], totals: dict[str, float]) -> list[Candidate]: ...
 
 
-class DecisionHook(Protocol):
-    def on_decision(self, req: SchedRequest, chosen: Candidate) -> None: ...
+@runtime_checkable
+class PreRequest(Protocol):
+    """Runs when a request is sent to a pod (the scheduler's choice, or a retry elsewhere)."""
+
+    def pre_request(self, req: SchedRequest, pod: str) -> None: ...
+
+
+@runtime_checkable
+class PostResponse(Protocol):
+    """Runs when a try of a request on a pod has ended (answered, failed or abandoned)."""
+
+    def post_response(self, req: SchedRequest, pod: str) -> None: ...
+
+
+@runtime_checkable
+class Decider(Protocol):
+    """The P/D choice (llm-d's P/D decider): which pods may run a request's prefill leg."""
+
+    name: str
+
+    def active(self, prefill: list[Candidate]) -> bool:
+        """Whether P/D applies to this pool at all (its outcomes are counted)."""
+        ...
+
+    def sources(
+        self, req: SchedRequest, decision: Decision, decode: list[Candidate], prefill: list[Candidate]
+    ) -> list[Candidate] | None:
+        """Pods for the prefill leg (the prefill profile ranks them), or ``None``: serve colocated."""
+        ...

@@ -6,6 +6,7 @@ import random
 
 from pydantic import Field
 
+from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT, queued_tokens
 from vllm_llmd.router.scheduling.framework import Candidate, SchedRequest, SchedulingContext
 from vllm_llmd.router.scheduling.registry import Params, register
 
@@ -13,7 +14,7 @@ from vllm_llmd.router.scheduling.registry import Params, register
 class MaxScoreParams(Params):
     #: totals closer than this count as a tie
     tie_epsilon: float = Field(default=1e-9, ge=0)
-    decode_token_weight: float = Field(default=0.05, ge=0)
+    decode_token_weight: float = Field(default=DECODE_TOKEN_WEIGHT, ge=0)
 
 
 @register("picker", "max-score", MaxScoreParams)
@@ -37,7 +38,8 @@ class MaxScorePicker:
             t = totals[p.id]
             # quantise near-ties of the best score into one bucket
             bucket = -best if best - t <= eps else -t
-            return (bucket, p.load.prefill_tokens + dw * p.load.decode_tokens, p.load.requests, last.get(p.id, -1))
+            load = queued_tokens(p.load.prefill_tokens, p.load.decode_tokens, dw)
+            return (bucket, load, p.load.requests, last.get(p.id, -1))
 
         ranked = sorted(pods, key=key)
         self._n += 1

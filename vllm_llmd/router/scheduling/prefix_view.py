@@ -1,7 +1,8 @@
-"""How many prompt tokens each pod already holds, computed once per request and shared by plugins.
+"""How many prompt tokens each pod already holds, computed once per request by the scheduler
+(:attr:`~.framework.SchedRequest.view`) and read by the plugins.
 
-* precise: the KV event index (``index.match(model, token_ids, lora)`` -> ``{pod: PrefixMatch}``),
-  for pods that publish events;
+* precise: the KV event index (``index.match_keys(block_keys)`` -> ``{pod: PrefixMatch}``; the
+  request's block keys are the index's own, ``vllm_llmd.index.keys``), for pods that publish events;
 * speculative: the router's own routing decisions younger than ``speculative_ttl_s`` (events for a
   request just routed have not arrived yet);
 * approximate: for pods without events (or without a tokenizer) the routing memory, LRU-bounded.
@@ -12,26 +13,19 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
 
-from vllm_llmd.router.scheduling.framework import Candidate, SchedRequest, SchedulingContext
+from vllm_llmd.router.scheduling.framework import (
+    Candidate,
+    PrefixMatchLike,
+    PrefixView,
+    SchedRequest,
+    SchedulingContext,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8, "disk": 0.5, "storage": 0.3}
-
-
-@dataclass(slots=True)
-class PrefixView:
-    #: best estimate of cached prompt tokens per pod
-    cached: dict[str, int] = field(default_factory=dict)
-    #: from the index only
-    precise: dict[str, int] = field(default_factory=dict)
-    #: tiers of the index match per pod (as the index reports them)
-    tiers: dict[str, list[str]] = field(default_factory=dict)
-    #: from the routing memory only (tokens)
-    remembered: dict[str, int] = field(default_factory=dict)
 
 
 def tier_weight(tiers: list[str], weights: dict[str, float]) -> float:
@@ -42,25 +36,20 @@ def tier_weight(tiers: list[str], weights: dict[str, float]) -> float:
 
 
 def prefix_view(req: SchedRequest, pods: list[Candidate], ctx: SchedulingContext) -> PrefixView:
-    v = req.scratch.get("prefix_view")
-    if v is not None:
-        return v
     v = PrefixView()
     bs = ctx.block_size
     keys = req.block_keys
     precise_on = ctx.index is not None and req.token_ids is not None
     if precise_on:
+        assert ctx.index is not None
         try:
-            if hasattr(ctx.index, "match_keys"):  # the request's keys are the index's own keys
-                matches: dict[str, Any] = ctx.index.match_keys(keys)
-            else:
-                matches = ctx.index.match(req.model, req.token_ids, lora=req.lora)
+            matches: Mapping[str, PrefixMatchLike] = ctx.index.match_keys(keys)
         except Exception:  # the index is another component: never fail a request on it
             log.exception("index match failed; using routing memory only")
             matches = {}
         for pod_id, m in matches.items():
-            v.precise[pod_id] = int(getattr(m, "tokens", 0))
-            v.tiers[pod_id] = list(getattr(m, "tiers", []) or [])
+            v.precise[pod_id] = int(m.tokens)
+            v.tiers[pod_id] = list(m.tiers)
         spec = ctx.memory.match(keys, max_age_s=ctx.speculative_ttl_s)
         approx = None
         if any(not p.has_events for p in pods):
@@ -78,5 +67,4 @@ def prefix_view(req: SchedRequest, pods: list[Candidate], ctx: SchedulingContext
             c = rem
         v.remembered[p.id] = rem
         v.cached[p.id] = min(n, c)
-    req.scratch["prefix_view"] = v
     return v

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vllm_llmd.router.scheduling.framework import SchedulingContext
 
-Kind = Literal["filter", "scorer", "picker"]
+Kind = Literal["filter", "scorer", "picker", "decider"]
+P = TypeVar("P")
 
 
 class PluginError(ValueError):
@@ -49,6 +50,12 @@ def register(kind: Kind, type_name: str, params: type[Params]) -> Callable[[Any]
     return deco
 
 
+def registered_params(kind: Kind, type_name: str) -> type[Params] | None:
+    """The parameter model of a registered plugin (``None`` if there is no such plugin)."""
+    spec = _REGISTRY.get(type_name)
+    return spec.params if spec is not None and spec.kind == kind else None
+
+
 def registered(kind: Kind | None = None) -> list[str]:
     return sorted(k for k, s in _REGISTRY.items() if kind is None or s.kind == kind)
 
@@ -70,3 +77,13 @@ def create(kind: Kind, type_name: str, raw_params: dict[str, Any], ctx: Scheduli
                 msgs.append(f"{where}: {type_name} parameter {loc}: {err['msg']}")
         raise PluginError("\n".join(msgs)) from None
     return spec.factory(type_name, params, ctx)
+
+
+def create_plugin(
+    kind: Kind, type_name: str, raw_params: dict[str, Any], ctx: SchedulingContext, where: str, protocol: type[P]
+) -> P:
+    """:func:`create`, checked against the protocol the scheduler holds it as."""
+    plugin = create(kind, type_name, raw_params, ctx, where)
+    if not isinstance(plugin, protocol):
+        raise PluginError(f"{where}: {type_name} does not implement the {kind} protocol ({protocol.__name__})")
+    return plugin

@@ -4,12 +4,14 @@ Formulas, parameters and defaults are documented in ``docs/plugins/<type>.md``."
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from pydantic import Field
 
+from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT, queued_tokens
 from vllm_llmd.router.scheduling.footprint import KVFootprint
-from vllm_llmd.router.scheduling.framework import Candidate, SchedRequest, SchedulingContext
-from vllm_llmd.router.scheduling.prefix_view import DEFAULT_TIER_WEIGHTS, prefix_view, tier_weight
+from vllm_llmd.router.scheduling.framework import Candidate, PrefixView, SchedRequest, SchedulingContext
+from vllm_llmd.router.scheduling.prefix_view import DEFAULT_TIER_WEIGHTS, tier_weight
 from vllm_llmd.router.scheduling.registry import Params, register
 
 
@@ -22,10 +24,22 @@ class _Base:
         self.ctx = ctx
 
 
+def _view(req: SchedRequest) -> PrefixView:
+    assert req.view is not None, "the scheduler computes the prefix view before any plugin runs"
+    return req.view
+
+
+@dataclass(frozen=True, slots=True)
+class TTFTCosts:
+    """What ``estimated-ttft`` produces besides its scores: each pod's cost in tokens."""
+
+    costs: dict[str, float]
+
+
 # ---- cost model ---------------------------------------------------------------------------------
 class EstimatedTTFTParams(Params):
-    #: weight of one outstanding decode token relative to one prefill token
-    decode_token_weight: float = Field(default=0.05, ge=0)
+    #: weight of one outstanding decode token relative to one prefill token (vllm_llmd.pd.load)
+    decode_token_weight: float = Field(default=DECODE_TOKEN_WEIGHT, ge=0)
     #: weight of the uncached part of *this* request (Dynamo's overlap weight)
     prefill_weight: float = Field(default=2.0, ge=0)
     #: smoothing constant (tokens) of the normalisation ``(min + c) / (cost + c)``
@@ -64,7 +78,7 @@ class EstimatedTTFTScorer(_Base):
         self._epochs_total = 0
 
     def costs(self, req: SchedRequest, pods: list[Candidate]) -> dict[str, float]:
-        v = prefix_view(req, pods, self.ctx)
+        v = _view(req)
         prm = self.params
         pw, dw, bw, cw = prm.prefill_weight, prm.decode_token_weight, prm.balance_weight, prm.capacity_weight
         n = req.prompt_tokens
@@ -84,7 +98,7 @@ class EstimatedTTFTScorer(_Base):
                 over = -(-uncached // bs) - room
                 if over > 0:
                     cost += cw * over * bs
-            out[p.id] = (cost + ld.prefill_tokens + dw * ld.decode_tokens) / p.prefill_speed
+            out[p.id] = (cost + queued_tokens(ld.prefill_tokens, ld.decode_tokens, dw)) / p.prefill_speed
         return out
 
     def _sync_epochs(self) -> None:
@@ -103,13 +117,13 @@ class EstimatedTTFTScorer(_Base):
                 self._epochs[pod] = e
                 self._footprint.forget(pod)
 
-    def on_decision(self, req: SchedRequest, chosen: Candidate) -> None:
+    def pre_request(self, req: SchedRequest, pod: str) -> None:
         if req.block_keys:
-            self._footprint.record(chosen.id, req.block_keys)
+            self._footprint.record(pod, req.block_keys)
 
     def score(self, req: SchedRequest, pods: list[Candidate]) -> dict[str, float]:
         costs = self.costs(req, pods)
-        req.scratch["estimated_ttft_cost"] = costs
+        req.outputs.put(TTFTCosts(costs))
         lo = min(costs.values())
         c = self.params.smoothing_tokens
         return {k: (lo + c) / (v + c) for k, v in costs.items()}
@@ -128,7 +142,7 @@ class PrecisePrefixScorer(_Base):
     params: PrecisePrefixParams
 
     def score(self, req: SchedRequest, pods: list[Candidate]) -> dict[str, float]:
-        v = prefix_view(req, pods, self.ctx)
+        v = _view(req)
         n = max(1, req.prompt_tokens)
         w = self.params.tier_weights
         out = {}
@@ -160,7 +174,7 @@ class ApproxPrefixScorer(_Base):
 class InflightParams(Params):
     #: tokens of outstanding work at which the score halves
     scale_tokens: float = Field(default=4096.0, gt=0)
-    decode_token_weight: float = Field(default=0.05, ge=0)
+    decode_token_weight: float = Field(default=DECODE_TOKEN_WEIGHT, ge=0)
 
 
 @register("scorer", "inflight-load", InflightParams)
@@ -172,7 +186,7 @@ class InflightLoadScorer(_Base):
 
     def score(self, req: SchedRequest, pods: list[Candidate]) -> dict[str, float]:
         s, dw = self.params.scale_tokens, self.params.decode_token_weight
-        return {p.id: 1.0 / (1.0 + (p.load.prefill_tokens + dw * p.load.decode_tokens) / s) for p in pods}
+        return {p.id: 1.0 / (1.0 + queued_tokens(p.load.prefill_tokens, p.load.decode_tokens, dw) / s) for p in pods}
 
 
 class ScrapedParams(Params):
@@ -255,11 +269,11 @@ class SessionAffinityScorer(_Base):
             out[hit[0]] = 1.0
         return out
 
-    def on_decision(self, req: SchedRequest, chosen: Candidate) -> None:
+    def pre_request(self, req: SchedRequest, pod: str) -> None:
         if req.session_id is None:
             return
         s = self._sessions
         s.pop(req.session_id, None)
-        s[req.session_id] = (chosen.id, time.monotonic())
+        s[req.session_id] = (pod, time.monotonic())
         while len(s) > self.params.max_sessions:
             s.pop(next(iter(s)))
