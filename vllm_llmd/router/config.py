@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vllm_llmd.events.engine_config import DEFAULT_PORT as DEFAULT_EVENTS_PORT
 from vllm_llmd.events.engine_config import DEFAULT_REPLAY_PORT
+from vllm_llmd.pd import SelectiveParams
+
+#: the P/D deciders' defaults have one owner: vllm_llmd.pd.SelectiveParams
+_PD_DEFAULTS = SelectiveParams()
 
 
 class ConfigError(ValueError):
@@ -133,7 +137,7 @@ class PDConfig(_Strict):
     #: parameters for a decider beyond the ones below (which every built-in decider takes from here)
     decider_params: dict[str, Any] = Field(default_factory=dict)
     #: disaggregate when the chosen decode pod would compute more than this many prompt tokens itself
-    threshold_tokens: int = Field(default=256, ge=0)
+    threshold_tokens: int = Field(default=_PD_DEFAULTS.threshold_tokens, ge=0)
     #: profile that picks the prefill pod (default: the main profile)
     prefill_profile: ProfileConfig | None = None
     #: selective P/D among ``role: both`` pods (no dedicated prefill pods): after the decode pod is
@@ -142,9 +146,9 @@ class PDConfig(_Strict):
     #: ``decider: selective-peers``
     peers: bool = False
     #: cost of moving one prompt token's KV, relative to computing it (peers mode)
-    transfer_token_weight: float = Field(default=0.05, ge=0)
+    transfer_token_weight: float = Field(default=_PD_DEFAULTS.transfer_token_weight, ge=0)
     #: fixed cost (tokens) of the extra prefill leg (peers mode)
-    leg_overhead_tokens: float = Field(default=128.0, ge=0)
+    leg_overhead_tokens: float = Field(default=_PD_DEFAULTS.leg_overhead_tokens, ge=0)
 
     @model_validator(mode="after")
     def _one_decider(self) -> PDConfig:

@@ -21,12 +21,15 @@ from vllm_llmd.pd import PodCost, SelectiveParams, choose_kv_source, should_disa
 from vllm_llmd.router.scheduling.framework import Candidate, Decision, SchedRequest, SchedulingContext
 from vllm_llmd.router.scheduling.registry import Params, register
 
+#: the P/D deciders' defaults have one owner: vllm_llmd.pd.SelectiveParams
+_PD_DEFAULTS = SelectiveParams()
+
 log = logging.getLogger(__name__)
 
 
 class ThresholdParams(Params):
     #: disaggregate when the chosen decode pod would compute more than this many prompt tokens itself
-    threshold_tokens: int = Field(default=256, ge=0)
+    threshold_tokens: int = Field(default=_PD_DEFAULTS.threshold_tokens, ge=0)
 
 
 @register("decider", "prefix-threshold", ThresholdParams)
@@ -48,11 +51,11 @@ class PrefixThresholdDecider:
 
 
 class SelectivePeersParams(Params):
-    threshold_tokens: int = Field(default=256, ge=0)
+    threshold_tokens: int = Field(default=_PD_DEFAULTS.threshold_tokens, ge=0)
     #: cost of moving one prompt token's KV, relative to computing it
-    transfer_token_weight: float = Field(default=0.05, ge=0)
+    transfer_token_weight: float = Field(default=_PD_DEFAULTS.transfer_token_weight, ge=0)
     #: fixed cost (tokens) of the extra prefill leg
-    leg_overhead_tokens: float = Field(default=128.0, ge=0)
+    leg_overhead_tokens: float = Field(default=_PD_DEFAULTS.leg_overhead_tokens, ge=0)
 
 
 @register("decider", "selective-peers", SelectivePeersParams)
