@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || { echo "no .venv: run scripts/test.sh or create it first" >&2; exit 1; }
 
-$PY -m pip install -q pandas matplotlib
+$PY -m pip install -q -e ".[bench]"
 # vllm-router's deps (aiohttp, fastapi, uvicorn, orjson, requests, setproctitle) are already in the
 # vLLM venv, so it installs there without changing anything else.
 $PY -m pip install -q vllm-router==0.1.17 || true

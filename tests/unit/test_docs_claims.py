@@ -31,3 +31,20 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_second() -> None:
     assert all(not ln.startswith("#") for ln in lines[1:fence] if ln.strip()), "nothing may precede the commands"
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert f"exec {commands[1]}" in ci, "the CI script must run the README's test command"
+
+
+def test_the_readme_plot_is_drawn_from_the_results_file() -> None:
+    """The README shows docs/img/headline.png, which bench/plot_headline.py draws from the table it
+    reads in bench/RESULTS.md: the table must still parse, and hold every headline router."""
+    import importlib.util
+
+    assert "(docs/img/headline.png)" in (REPO / "README.md").read_text()
+    assert (REPO / "docs" / "img" / "headline.png").stat().st_size > 10_000
+    spec = importlib.util.spec_from_file_location("plot_headline", REPO / "bench" / "plot_headline.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.headline_rows((REPO / "bench" / "RESULTS.md").read_text())
+    assert {r["model"] for r in rows} == {"small", "wide"}
+    ours = {r["model"]: r["rps"] for r in rows if r["router"] == "vllm-llmd router"}
+    assert ours == {"small": 9.60, "wide": 4.80}
