@@ -237,3 +237,31 @@ def test_same_events_hits_and_free_blocks_as_vllm(rnd: random.Random) -> None:
         else:
             assert ours.reset_prefix_cache() == vm.reset_prefix_cache()
         check()
+
+
+@pytest.mark.parametrize("algo", ["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"])
+@pytest.mark.parametrize("seed", [None, "0"])
+def test_hashes_equal_vllms_for_every_algorithm_and_seed(
+    algo: str, seed: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core import kv_cache_utils as ku
+
+    if seed is None:
+        if algo.startswith("xxhash"):
+            return  # vLLM seeds these from os.urandom without PYTHONHASHSEED: nothing to compare
+        monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    else:
+        monkeypatch.setenv("PYTHONHASHSEED", seed)
+    fn = get_hash_fn_by_name(algo)
+    ku.init_none_hash(fn)
+    tokens = list(range(100, 111))
+    theirs, parent = [], None
+    for i, start in enumerate(range(0, 8, BS)):
+        extra = (("cache_salt", "s"),) if i == 0 else None
+        parent = ku.hash_block_tokens(fn, parent, tokens[start : start + BS], extra)
+        theirs.append(parent)
+    ours = BlockHasher(BS, algo, seed=seed, int_hashes=False)
+    assert ours.block_hashes(tokens, cache_salt="s") == theirs
+    ints = BlockHasher(BS, algo, seed=seed)
+    assert [ints.external(h) for h in theirs] == [int.from_bytes(h, "big") & (2**64 - 1) for h in theirs]
