@@ -110,6 +110,7 @@ class SimEngine:
         token_pool: Sequence[int],
         publish: Callable[[list[Event]], None] | None = None,
         seed: int | None = None,
+        max_lag_s: float = MAX_LAG_S,
     ) -> None:
         if not token_pool:
             raise ValueError("token_pool (the ids generated output is drawn from) is empty")
@@ -124,6 +125,7 @@ class SimEngine:
         self._token_pool = list(token_pool)
         self._rng = random.Random(profile.seed if seed is None else seed)
         self._publish = publish
+        self._max_lag = max_lag_s
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.steps = 0
@@ -172,18 +174,23 @@ class SimEngine:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        t = loop.time()
+        t = float("-inf")  # the planned end of the previous step
+        idle = True
         while True:
             if not self.waiting and not self.running:
                 self._wake.clear()
                 await self._wake.wait()
-                t = loop.time()
+                idle = True
+            if idle:
+                # an idle engine starts its next step when the request arrived, not when we woke up
+                t = max(t, self.waiting[0].arrival if self.waiting else loop.time())
+                idle = False
             step = self.schedule()
             if not step.scheduled:
                 # nothing fits now (e.g. waiting requests need blocks held by no one): wait for news
                 self._wake.clear()
                 await self._wake.wait()
-                t = loop.time()
+                t = max(t, loop.time())
                 continue
             dur = self.cost.step_time(step.work)
             end = t + dur
@@ -198,7 +205,7 @@ class SimEngine:
             self.finish_step(step, end)
             self.steps += 1
             self.busy_s += dur
-            t = max(end, now - MAX_LAG_S)
+            t = max(end, now - self._max_lag)
 
     # ---- scheduling -----------------------------------------------------------------------------
     def schedule(self) -> Step:
