@@ -16,7 +16,7 @@ Routers and their command lines come from ``bench/routers.py``; the client and t
 counters from ``bench/serving.py``. One simulator, one router and the client share the machine's
 cores: check ``uptime`` first (each row records the load average).
 
-    .venv/bin/python bench/sim_fleet.py                                  # ladder, 4 routers (~40 min)
+    .venv/bin/python bench/sim_fleet.py                                  # ladder, 4 routers (~30 min)
     .venv/bin/python bench/sim_fleet.py --routers ours,rr --rates 4,8
     .venv/bin/python bench/sim_fleet.py --mode scale --scale 100,200 --routers ours,cache_aware
     .venv/bin/python bench/sim_fleet.py --report-only
@@ -279,7 +279,8 @@ def report(tag: str) -> str:
         for r in row.get("steps", []):
             pc = r.get("requests_per_class", {})
             dec = r.get("decision")
-            dec_s = "-" if not dec else f"{dec['mean_ms']:.2f} / ≤{dec['p99_le_ms']:.2f}"
+            p99 = "" if not dec else (f"≤{dec['p99_le_ms']:.2f}" if dec["p99_le_ms"] != float("inf") else ">100")
+            dec_s = "-" if not dec else f"{dec['mean_ms']:.2f} / {p99}"
             lines.append(
                 f"| {row['label']} | {row['pods']} | {r['rate']} | {_f(r['req_s'], 2)} | {_f(r['ttft_p50_ms'])} "
                 f"| {_f(r['ttft_p90_ms'])} | {_f(r['hit_rate'], 2)} "
@@ -310,7 +311,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--pods", type=int, default=20)
     ap.add_argument("--scale", default="100,200", help="pod counts of --mode scale")
     ap.add_argument("--processes", type=int, default=1, help="simulator processes (scale mode: 2)")
-    ap.add_argument("--rates", default="4,8,12,16,20", help="Poisson rates (req/s) of the ladder")
+    ap.add_argument("--rates", default="4,6,8,10,12,14", help="Poisson rates (req/s) of the ladder")
     ap.add_argument("--scale-rate", type=float, default=8.0)
     ap.add_argument("--step-s", type=float, default=30.0, help="seconds of arrivals per step")
     ap.add_argument("--min-prompts", type=int, default=96)
