@@ -321,6 +321,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--num-prefixes", type=int, default=48)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--client-timeout", type=float, default=1800)
+    ap.add_argument("--tag", default="", help="suffix of the run's directory (repeated runs side by side)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     args.routers = [r for r in args.routers.split(",") if r]
@@ -337,9 +338,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     log(f"{os.cpu_count()} cores, load average {load_avg()}")
     if args.mode == "ladder":
-        plan = [(f"ladder-{args.pods}pods", args.pods, args.rates)]
+        plan = [(f"ladder-{args.pods}pods{args.tag}", args.pods, args.rates)]
     else:
-        plan = [(f"scale-{n}pods", n, [args.scale_rate]) for n in args.scale]
+        plan = [(f"scale-{n}pods{args.tag}", n, [args.scale_rate]) for n in args.scale]
         if args.processes == 1:
             args.processes = 2
     failed = []

@@ -202,7 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", default=None, help="write here instead of stdout")
     e.set_defaults(func=_envoy_config)
 
-
     s = sub.add_parser("sim", help="run simulated vLLM engines (HTTP API, /metrics, KV events) for fleet-scale tests")
     s.add_argument("--profile", default=None, help="fleet profile YAML (pod classes, capacities, cost model)")
     s.add_argument("--pods", type=int, default=None, help="number of pods (default: the profile's class counts)")
