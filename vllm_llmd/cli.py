@@ -107,12 +107,31 @@ def _envoy_config(args: argparse.Namespace) -> int:
 DESCRIPTION = (
     "vllm-llmd: KV-cache-aware routing and prefill/decode disaggregation for vLLM fleets. "
     "The vLLM plugin needs no command (vLLM loads it); these commands run the router (and its Envoy "
-    "gateway mode), print an Envoy configuration for it, and make a local test model."
+    "gateway mode), print an Envoy configuration for it, run simulated vLLM engines for fleet-scale tests "
+    "and make a local test model."
 )
 ROUTER_DESCRIPTION = (
     "Run the OpenAI-compatible router in front of vLLM pods: --worker flags and/or a YAML --config "
     "(pods, scheduling profile, limits; see docs/router.md). Flags override the file."
 )
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from vllm_llmd.sim.fleet import layout, run_fleet
+    from vllm_llmd.sim.profile import FleetProfile, ProfileError, load_profile
+
+    try:
+        prof = load_profile(args.profile) if args.profile else FleetProfile()
+        pods = prof.pods(args.pods)
+        tokenizer = args.tokenizer or prof.tokenizer
+        if not tokenizer:
+            raise ProfileError("no tokenizer: give --tokenizer DIR (a directory with tokenizer.json) or `tokenizer:`")
+        specs = layout(pods, host=args.host, base_port=args.base_port)
+    except (ProfileError, ValueError) as e:
+        print(f"vllm-llmd sim: {e}", file=sys.stderr)
+        return 2
+    model = args.model or prof.model
+    return run_fleet(specs, model, tokenizer, args.processes, args.router_config, args.endpoints)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--message-timeout", type=float, default=5.0, help="seconds per ext_proc message")
     e.add_argument("-o", "--output", default=None, help="write here instead of stdout")
     e.set_defaults(func=_envoy_config)
+
+    s = sub.add_parser("sim", help="run simulated vLLM engines (HTTP API, /metrics, KV events) for fleet-scale tests")
+    s.add_argument("--profile", default=None, help="fleet profile YAML (pod classes, capacities, cost model)")
+    s.add_argument("--pods", type=int, default=None, help="number of pods (default: the profile's class counts)")
+    s.add_argument("--tokenizer", default=None, help="model directory holding tokenizer.json (default: the profile's)")
+    s.add_argument("--model", default=None, help="served model name (default: the profile's)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--base-port", type=int, default=0, help="pod i: HTTP P+3i, events P+3i+1, replay P+3i+2 (0: free)")
+    s.add_argument("--processes", type=int, default=1, help="simulator processes (pods are dealt round-robin)")
+    s.add_argument("--router-config", default=None, metavar="FILE", help="write a `vllm-llmd router --config` file")
+    s.add_argument("--endpoints", default=None, metavar="FILE", help="write the pods' endpoints as JSON")
+    s.set_defaults(func=_sim)
     return parser
 
 
