@@ -338,6 +338,15 @@ def test_read_pod_annotations_and_defaults() -> None:
         read_pod({"status": {}}, d)
 
 
+def test_read_pod_accelerator_label() -> None:
+    d = PodDefaults(events_port=None, replay_port=None, port=8080, scheme="http")
+    (ep,) = read_pod(pod("n", "127.0.0.9", labels={"llmd.ai/accelerator": "NPU"}), d).endpoints
+    assert ep.accelerator == "npu"
+    assert read_pod(pod("g", "127.0.0.9"), d).endpoints[0].accelerator is None
+    with pytest.raises(BadPod, match="pod b: accelerator"):
+        read_pod(pod("b", "127.0.0.9", labels={"llmd.ai/accelerator": "-gpu"}), d)
+
+
 def test_parse_pool_versions_and_errors() -> None:
     t = parse_pool(pool_v1({"app": "vllm", "tier": "gpu"}, [8000, 8001]))
     assert t.ports == (8000, 8001) and t.label_selector == "app=vllm,tier=gpu"

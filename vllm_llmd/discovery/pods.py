@@ -18,8 +18,10 @@ Pure functions over the pod's JSON (``v1.Pod`` as the API server sends it); no c
   With several serving ports only the first gets events (one engine publishes per port pair).
 * **Role**: label ``llmd.ai/role`` (``prefill``/``decode``/``both``); without it llm-d's label
   ``llm-d.ai/role`` (``prefill``/``decode``/``prefill-decode``) is read; default ``both``.
-* **Other PodConfig fields**: annotations ``llmd.ai/prefill-speed`` (float > 0) and
-  ``llmd.ai/capacity-blocks`` (int > 0).
+* **Accelerator kind**: label ``llmd.ai/accelerator`` (``gpu``, ``npu``, ``h100``, ...: a lowercase
+  label value), the ``accelerator`` filter's key; none: the pod has no kind.
+* **Other PodConfig fields**: annotations ``llmd.ai/prefill-speed`` (float > 0; the prior of the
+  speed the router learns) and ``llmd.ai/capacity-blocks`` (int > 0).
 
 A pod with a bad value, or an annotation under ``llmd.ai/`` that is not one of these (a typo), is
 refused as a whole with a :class:`BadPod` naming the key: routing a pod half-configured (say a
@@ -38,6 +40,7 @@ from vllm_llmd.router.config import PodConfig
 
 ANNOTATION_PREFIX = "llmd.ai/"
 ROLE_LABEL = "llmd.ai/role"
+ACCELERATOR_LABEL = "llmd.ai/accelerator"
 #: llm-d's role label (its decode-filter / prefill-filter read it)
 LLMD_ROLE_LABEL = "llm-d.ai/role"
 PORT_ANNOTATION = "llmd.ai/port"
@@ -160,6 +163,8 @@ def read_pod(obj: Mapping[str, Any], defaults: PodDefaults, target_ports: Sequen
 
     role = _role(name, labels)
     extra = _settings(name, annotations)
+    if ACCELERATOR_LABEL in labels:
+        extra["accelerator"] = str(labels[ACCELERATOR_LABEL]).strip().lower()
     if target_ports:
         ports = list(target_ports)
     elif PORT_ANNOTATION in annotations:

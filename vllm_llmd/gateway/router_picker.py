@@ -89,6 +89,7 @@ class RouterAppPicker:
         self.app = app
         self.fallbacks = app.cfg.pool.max_retries if fallbacks is None else fallbacks
         self.session_header = app.cfg.session_header.lower()
+        self.traffic_class_header = app.cfg.traffic_class_header.lower()
         if any(p.role == "prefill" for p in app.cfg.pods) or app.cfg.pd.peers:
             log.warning("gateway mode does not run P/D yet: prefill pods are not picked, pd.peers is ignored")
 
@@ -102,7 +103,9 @@ class RouterAppPicker:
         m = app.metrics
         try:
             t0 = time.perf_counter()
-            creq = app.parser.build(endpoint, body, headers.get(self.session_header))  # 1.
+            creq = app.parser.build(  # 1.
+                endpoint, body, headers.get(self.session_header), headers.get(self.traffic_class_header)
+            )
             decode, _prefill = app.candidate_pods()
             req = await app.prompts.build(creq, len(body))  # 2.
             decision = app.schedule(req, decode)  # 3.

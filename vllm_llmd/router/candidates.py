@@ -1,19 +1,41 @@
 """The scheduler's view of the pool: one :class:`~vllm_llmd.router.scheduling.Candidate` per pod,
 built once and kept (its load is the pod's live in-flight record), refreshed only where the pod's
-scraped metrics changed: rebuilding a hundred candidates per request showed in the decision time."""
+scraped metrics or the learned speeds (:mod:`vllm_llmd.router.speed`) changed: rebuilding a hundred
+candidates per request showed in the decision time.
+
+A pod's KV capacity is handed to the scheduler in the router's blocks (``index.block_size`` tokens):
+``capacity_blocks * pod_block_size // index.block_size``, the pod's block size from its
+``vllm:cache_config_info`` (the router's when unknown), so pods with 16- and 128-token blocks
+compare by tokens.
+"""
 
 from __future__ import annotations
 
 from vllm_llmd.router.pool import Pod
 from vllm_llmd.router.scheduling import Candidate
+from vllm_llmd.router.speed import SpeedEstimator
 
 
 class CandidateViews:
-    def __init__(self) -> None:
+    def __init__(self, block_size: int = 64, speeds: SpeedEstimator | None = None) -> None:
         self._cache: dict[str, tuple[Candidate, Pod]] = {}
+        self.block_size = block_size
+        self.speeds = speeds
+        self._speed_version = -1
+
+    def capacity(self, p: Pod) -> int | None:
+        """The pod's KV capacity in the router's blocks."""
+        tokens = p.capacity_tokens(self.block_size)
+        return None if tokens is None else max(1, tokens // self.block_size)
 
     def of(self, pods: list[Pod]) -> list[Candidate]:
         cache = self._cache
+        speeds = self.speeds
+        resync = False
+        if speeds is not None:
+            v = speeds.refresh()
+            resync = v != self._speed_version
+            self._speed_version = v
         out = []
         for p in pods:
             hit = cache.get(p.id)
@@ -25,13 +47,24 @@ class CandidateViews:
                     role=p.role,
                     load=p.load,
                     metrics=p.metrics,
-                    capacity_blocks=p.capacity_blocks,
+                    capacity_blocks=self.capacity(p),
+                    accelerator=p.config.accelerator,
                 )
+                if speeds is not None:
+                    cand.prefill_speed = speeds.prefill_speed(p.id, p.prefill_speed)
+                    cand.decode_speed = speeds.decode_speed(p.id, p.prefill_speed)
                 cache[p.id] = (cand, p)
+                if len(cache) > 2 * len(pods) + 16:  # pods come and go (discovery): drop the departed
+                    live = {q.id for q in pods}
+                    for k in [k for k in cache if k not in live]:
+                        del cache[k]
             else:
                 cand = hit[0]
                 if cand.metrics is not p.metrics:
                     cand.metrics = p.metrics
-                    cand.capacity_blocks = p.capacity_blocks
+                    cand.capacity_blocks = self.capacity(p)
+                if resync and speeds is not None:
+                    cand.prefill_speed = speeds.prefill_speed(p.id, p.prefill_speed)
+                    cand.decode_speed = speeds.decode_speed(p.id, p.prefill_speed)
             out.append(cand)
         return out

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A configuration file or flag that cannot be used; the message says what and where."""
 
 
+#: an accelerator kind: a lowercase Kubernetes label value
+ACCELERATOR_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -37,10 +41,14 @@ class PodConfig(_Strict):
     #: ZMQ ROUTER endpoint of the pod's event replay service
     replay: str | None = None
     role: Literal["both", "prefill", "decode"] = "both"
-    #: relative prefill speed (tokens/s over a reference pod); the cost model divides by it
+    #: relative prefill speed (tokens/s over a reference pod): the prior of the speed the router
+    #: learns from the pod's answers (``speed``, vllm_llmd.router.speed); the cost model divides by it
     prefill_speed: float = Field(default=1.0, gt=0, le=1e6)
-    #: KV cache capacity in blocks if known (otherwise scraped from ``vllm:cache_config_info``)
+    #: KV cache capacity in the pod's own blocks if known (otherwise scraped from
+    #: ``vllm:cache_config_info``, with the block size)
     capacity_blocks: int | None = Field(default=None, gt=0, le=1 << 40)
+    #: accelerator kind (``gpu``, ``npu``, ``h100``, ...): a label the ``accelerator`` filter reads
+    accelerator: str | None = Field(default=None, pattern=ACCELERATOR_PATTERN)
 
     @field_validator("url")
     @classmethod
@@ -200,6 +208,27 @@ class DiscoveryConfig(_Strict):
         return self
 
 
+class SpeedConfig(_Strict):
+    """Each pod's prefill and decode speed learned from its answers (``vllm_llmd.router.speed``;
+    docs/router.md, "Learned pod speeds")."""
+
+    #: learn speeds (off: every pod's speed is its configured ``prefill_speed``)
+    learn: bool = True
+    #: samples kept per pod and kind (prefill, decode)
+    window: int = Field(default=64, ge=4, le=4096)
+    #: weight of the configured ``prefill_speed`` as a number of samples
+    prior_samples: float = Field(default=8.0, ge=0)
+    #: a TTFT sample counts only when the pod had at least this much work to do (tokens): a cheap
+    #: request's TTFT is its fixed overhead, not its speed
+    min_work_tokens: float = Field(default=256.0, ge=0)
+    #: samples older than this are dropped (a pod that got no work for that long is learned again)
+    max_age_s: float = Field(default=300.0, gt=0)
+    #: a learned speed stays within this factor of the prior
+    max_ratio: float = Field(default=32.0, ge=1)
+    #: the published speeds are recomputed at most this often
+    refresh_s: float = Field(default=0.25, ge=0)
+
+
 class ServerConfig(_Strict):
     """Limits of the HTTP front (``vllm_llmd.router.front``)."""
 
@@ -235,6 +264,9 @@ class RouterConfig(_Strict):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     #: request header that carries a session id (session-affinity scorer)
     session_header: str = "x-session-id"
+    #: request header that names the request's traffic class (the ``accelerator`` filter)
+    traffic_class_header: str = "x-llmd-traffic-class"
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
     log_level: str = "info"
 
     @model_validator(mode="after")

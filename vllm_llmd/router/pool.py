@@ -63,7 +63,14 @@ class Pod:
 
     @property
     def capacity_blocks(self) -> int | None:
+        """KV capacity in the pod's own blocks (configured, else ``vllm:cache_config_info``)."""
         return self.config.capacity_blocks or self.metrics.num_gpu_blocks
+
+    def capacity_tokens(self, default_block_size: int) -> int | None:
+        """KV capacity in tokens: blocks x the pod's block size (``vllm:cache_config_info``; else
+        ``default_block_size``)."""
+        blocks = self.capacity_blocks
+        return None if blocks is None else blocks * (self.metrics.block_size or default_block_size)
 
     def available(self, now: float, max_inflight: int) -> bool:
         return self.healthy and now >= self.ejected_until and self.load.requests < max_inflight
@@ -87,6 +94,11 @@ class PodPool:
         self._session: aiohttp.ClientSession | None = None
         self._on_change = on_change
         self.scrape_metrics = False
+        #: called with a pod's id when it turns unhealthy or leaves the pool (what was learned
+        #: about it may no longer hold: vllm_llmd.router.speed)
+        self.on_pod_lost: list[Callable[[str], None]] = []
+        #: called with the pods after every :meth:`set_pods`
+        self.on_pods_set: list[Callable[[list[Pod]], None]] = []
 
     # ---- membership --------------------------------------------------------------------------
     def set_pods(self, configs: Iterable[PodConfig]) -> None:
@@ -97,10 +109,19 @@ class PodPool:
                 new[c.pod_id] = old
             else:
                 new[c.pod_id] = Pod(c, load=self.inflight.load(c.pod_id))
+        for pid, old in self._pods.items():
+            if new.get(pid) is not old:
+                self._lost(pid)
         self._pods = new
         self._order = list(new.values())
         if self._on_change is not None:
             self._on_change(self._order)
+        for f in self.on_pods_set:
+            f(self._order)
+
+    def _lost(self, pod_id: str) -> None:
+        for f in self.on_pod_lost:
+            f(pod_id)
 
     @property
     def pods(self) -> list[Pod]:
@@ -184,6 +205,7 @@ class PodPool:
                 log.warning("pod %s failed %d health checks: marked unhealthy", pod.id, pod.health_failures)
                 pod.healthy = False
                 pod.capacity_read = False  # it may come back as a different engine
+                self._lost(pod.id)
         return ok
 
     async def check_all(self) -> None:

@@ -86,7 +86,12 @@ class RouterApp:
         # the stages, in the order a request meets them
         self.parser = RequestParser(cfg, self.guard, self.bodies)
         self.prompts = PromptStage(tokenizer, self.tokenizer_pool, cfg.index.block_size, cfg.index.max_prompt_blocks)
-        self.candidates = CandidateViews()
+        speeds = scheduler.ctx.speeds
+        self.candidates = CandidateViews(cfg.index.block_size, speeds)
+        if speeds is not None:  # what was learned of a pod is dropped when it goes or turns unhealthy
+            pool.on_pod_lost.append(speeds.forget)
+            pool.on_pods_set.append(lambda pods: speeds.set_pods({p.id: p.prefill_speed for p in pods}))
+            speeds.set_pods({p.id: p.prefill_speed for p in pool.pods})
         self.upstream = Upstream(cfg.pool, pool, metrics)
         self.prefill_leg = PrefillLeg(cfg.pool, pool, self.upstream, self.prefill_scheduler)
         middlewares = [json_errors, self.guard.middleware, self.bodies.middleware]

@@ -10,6 +10,7 @@ Invalid input raises :class:`~vllm_llmd.router.errors.HTTPError` (a JSON 4xx).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from vllm_llmd.pd.requests import has_client_kv_params, strip_client_kv_params
-from vllm_llmd.router.config import RouterConfig
+from vllm_llmd.router.config import ACCELERATOR_PATTERN, RouterConfig
 from vllm_llmd.router.errors import HTTPError
 from vllm_llmd.router.front import BodyBudget, ConnectionGuard, body_received, read_body
 
@@ -29,6 +30,8 @@ TOKEN_ID_LIMIT = 1 << 32
 #: max_tokens made every other request fail with OverflowError while it was in flight)
 MAX_TOKENS_LIMIT = (1 << 31) - 1
 
+#: a traffic class: what an accelerator kind may be (vllm_llmd.router.config.ACCELERATOR_PATTERN)
+_TRAFFIC_CLASS = re.compile(ACCELERATOR_PATTERN)
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
@@ -63,6 +66,8 @@ class ClientRequest:
     prompt_ids: list[int] | None = None
     #: the request's ``cache_salt`` (it gives the engine's blocks a separate hash chain)
     cache_salt: str | None = None
+    #: the traffic-class header's value, lowercased (the ``accelerator`` filter)
+    traffic_class: str | None = None
 
 
 class RequestParser:
@@ -71,6 +76,7 @@ class RequestParser:
         self.budget = budget
         self.body_timeout_s = cfg.server.body_timeout_s
         self.session_header = cfg.session_header
+        self.traffic_class_header = cfg.traffic_class_header
         self.models = frozenset(cfg.models)
         self.default_model = cfg.models[0] if cfg.models else ""
         self.guard = guard
@@ -78,10 +84,24 @@ class RequestParser:
     async def parse(self, request: web.Request, endpoint: Endpoint) -> ClientRequest:
         body = await read_body(request, self.max_body_bytes, self.body_timeout_s, self.budget)
         body_received(request, self.guard)
-        return self.build(endpoint, body, request.headers.get(self.session_header))
+        return self.build(
+            endpoint, body, request.headers.get(self.session_header), request.headers.get(self.traffic_class_header)
+        )
 
-    def build(self, endpoint: Endpoint, body: bytes, session_id: str | None) -> ClientRequest:
+    def build(
+        self, endpoint: Endpoint, body: bytes, session_id: str | None, traffic_class: str | None = None
+    ) -> ClientRequest:
         """The request from a body already read (by :meth:`parse`, or by gateway mode's Envoy)."""
+        tclass = None
+        if traffic_class is not None:
+            tclass = traffic_class.strip().lower()
+            if not _TRAFFIC_CLASS.match(tclass):
+                raise HTTPError(
+                    400,
+                    f"header {self.traffic_class_header}: expected a class name of 1-63 characters "
+                    "(letters, digits, '.', '_', '-'), got "
+                    f"{traffic_class[:64]!r}",
+                )
         payload = decode_json(body)
         if has_client_kv_params(payload):  # a client never steers a KV transfer
             payload = strip_client_kv_params(payload)
@@ -95,6 +115,7 @@ class RequestParser:
             max_tokens=max_tokens(payload, endpoint.chat),
             session_id=session_id,
             cache_salt=salt if isinstance(salt, str) else None,
+            traffic_class=tclass,
         )
         if endpoint.chat:
             messages = payload.get("messages")

@@ -17,6 +17,7 @@ from vllm_llmd.router.prefix_memory import PrefixMemory
 from vllm_llmd.router.proxy import RouterApp
 from vllm_llmd.router.scheduling import Decider, SchedulingContext, build_scheduler
 from vllm_llmd.router.scheduling.registry import create_plugin, registered_params
+from vllm_llmd.router.speed import SpeedEstimator
 from vllm_llmd.router.tokenize import load_tokenizer
 
 log = logging.getLogger("vllm_llmd.router")
@@ -66,6 +67,7 @@ def build_router(cfg: RouterConfig) -> RouterApp:
         block_size=cfg.index.block_size,
         speculative_ttl_s=cfg.index.speculative_ttl_s,
         metrics_stale_s=cfg.pool.metrics_stale_s,
+        speeds=SpeedEstimator(cfg.speed, index) if cfg.speed.learn else None,
     )
     scheduler = build_scheduler(cfg.profile, ctx)
     ctx.decode_token_weight = scheduler.decode_token_weight  # the P/D decider uses the profile's weight

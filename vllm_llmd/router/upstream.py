@@ -183,9 +183,9 @@ class Upstream:
                         m.upstream_errors.labels(pod.id, "5xx").inc()
                         self.pool.report_failure(pod, last_err)
                         continue
-                    attempt.answering()
+                    attempt.answering(streamed=streamed and upstream.status == 200)
                     out_headers = self._response_headers(upstream, pod, cached, prefill_pod)
-                    return await self._relay(request, path, upstream, data, complete, pod, out_headers)
+                    return await self._relay(request, path, upstream, data, complete, pod, out_headers, attempt)
                 except TimeoutError:
                     last_err = f"no answer within {self.cfg.first_byte_timeout_s:g} s"
                     m.upstream_errors.labels(pod.id, "timeout").inc()
@@ -224,6 +224,7 @@ class Upstream:
         complete: bool,
         pod: Pod,
         headers: dict[str, str],
+        attempt: Attempt | None = None,
     ) -> web.StreamResponse:
         m = self.metrics
         if upstream.status >= 500:
@@ -251,6 +252,8 @@ class Upstream:
                 self.observe_reported(pod, chunk)
             try:
                 chunk = await upstream.content.readany()
+                if chunk and attempt is not None:
+                    attempt.chunk(chunk)
             except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
                 # the pod failed mid-stream: the client already has bytes, so it cannot be retried
                 m.upstream_errors.labels(pod.id, "midstream").inc()
@@ -262,6 +265,8 @@ class Upstream:
                     request.transport.abort()
                 return out
         await out.write_eof()
+        if attempt is not None and upstream.status == 200:
+            attempt.completed = True
         return out
 
     def observe_reported(self, pod: Pod, data: bytes) -> None:

@@ -1,13 +1,16 @@
 """Built-in filters. A filter that would leave no pod returns its input unchanged (fail open),
-except ``role``, whose emptiness is a configuration error surfaced as "no pod"."""
+except ``role``, whose emptiness is a configuration error surfaced as "no pod", and ``accelerator``
+with ``when_none: none``."""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from vllm_llmd.router.config import ACCELERATOR_PATTERN
 from vllm_llmd.router.scheduling.framework import Candidate, SchedRequest, SchedulingContext
 from vllm_llmd.router.scheduling.registry import Params, register
 
@@ -84,3 +87,63 @@ class PrefixAffinityFilter:
         if best_sticky - best_other > self.params.max_extra_queued_tokens:
             return pods
         return sticky
+
+
+_NAME = re.compile(ACCELERATOR_PATTERN)
+
+
+class AcceleratorParams(Params):
+    #: traffic class -> the accelerator kinds (pods' ``accelerator`` labels) that may serve it
+    classes: dict[str, list[str]]
+    #: model name -> traffic class, for requests without the traffic-class header
+    models: dict[str, str] = Field(default_factory=dict)
+    #: class of a request with neither a known header value nor a listed model (``None``: any pod)
+    default_class: str | None = None
+    #: when no available pod is of an allowed kind: ``any`` = every pod (fail open, as filters do),
+    #: ``none`` = no pod (the request gets 503)
+    when_none: Literal["any", "none"] = "any"
+
+    @model_validator(mode="after")
+    def _check(self) -> AcceleratorParams:
+        if not self.classes:
+            raise ValueError("classes: at least one traffic class is needed")
+        for c, kinds in self.classes.items():
+            bad = [k for k in [c, *kinds] if not _NAME.match(k)]
+            if bad:
+                raise ValueError(f"classes: {bad} are not lowercase label values ({ACCELERATOR_PATTERN})")
+            if not kinds:
+                raise ValueError(f"classes.{c}: no accelerator kind listed")
+        unknown = sorted({c for c in self.models.values() if c not in self.classes})
+        if self.default_class is not None and self.default_class not in self.classes:
+            unknown.append(self.default_class)
+        if unknown:
+            raise ValueError(f"traffic class(es) {unknown} are not in classes ({sorted(self.classes)})")
+        return self
+
+
+@register("filter", "accelerator", AcceleratorParams)
+class AcceleratorFilter:
+    """Keep the pods whose accelerator kind serves the request's traffic class: the header
+    (``traffic_class_header``, default ``x-llmd-traffic-class``) if it names a listed class, else the
+    class of the request's model, else ``default_class``; a request with no class keeps every pod.
+    See docs/plugins/accelerator.md."""
+
+    def __init__(self, name: str, params: AcceleratorParams, ctx: SchedulingContext) -> None:
+        self.name, self.params = name, params
+        self._kinds = {c: frozenset(k) for c, k in params.classes.items()}
+
+    def traffic_class(self, req: SchedRequest) -> str | None:
+        p = self.params
+        if req.traffic_class is not None and req.traffic_class in self._kinds:
+            return req.traffic_class
+        return p.models.get(req.model, p.default_class)
+
+    def filter(self, req: SchedRequest, pods: list[Candidate]) -> list[Candidate]:
+        c = self.traffic_class(req)
+        if c is None:
+            return pods
+        kinds = self._kinds[c]
+        keep = [p for p in pods if p.accelerator in kinds]
+        if keep or self.params.when_none == "none":
+            return keep
+        return pods

@@ -85,6 +85,8 @@ class SchedRequest:
     block_keys: list[int]
     session_id: str | None = None
     lora: str | None = None
+    #: the request's traffic class (header ``traffic_class_header``), for the ``accelerator`` filter
+    traffic_class: str | None = None
     #: set by the scheduler before any plugin runs
     view: PrefixView | None = None
     outputs: PluginOutputs = field(default_factory=PluginOutputs)
@@ -95,12 +97,19 @@ class Candidate:
     """A pod as the scheduler sees it: id, static traits and live state (read-only here)."""
 
     id: str
+    #: relative prefill speed: learned from the pod's answers, the configured one as prior
+    #: (``vllm_llmd.router.speed``)
     prefill_speed: float
     has_events: bool
     role: str
     load: PodLoad
     metrics: PodMetrics
+    #: KV capacity in the router's blocks (``index.block_size`` tokens), whatever the pod's block size
     capacity_blocks: int | None = None
+    #: relative decode speed (learned; 1.0 until known)
+    decode_speed: float = 1.0
+    #: accelerator kind label (``PodConfig.accelerator``)
+    accelerator: str | None = None
 
 
 @dataclass(slots=True)
@@ -131,6 +140,9 @@ class SchedulingContext:
     metrics_stale_s: float = 1.0
     #: the weight of a queued decode token in the profile's cost (:mod:`vllm_llmd.pd.load`)
     decode_token_weight: float = DECODE_TOKEN_WEIGHT
+    #: the pods' learned speeds (``vllm_llmd.router.speed.SpeedEstimator``, a ``PostResponse`` hook
+    #: every scheduler on this context runs); ``None``: configured speeds only
+    speeds: Any = None
 
 
 @runtime_checkable

@@ -43,6 +43,8 @@ class Scheduler:
         self.scorers = scorers
         self.picker = picker
         plugins: list[object] = [RoutingMemoryHook(ctx.memory), *filters, *(s.scorer for s in scorers), picker]
+        if ctx.speeds is not None:
+            plugins.append(ctx.speeds)
         self._pre = [p for p in plugins if isinstance(p, PreRequest)]
         self._post = [p for p in plugins if isinstance(p, PostResponse)]
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT, queued_tokens
+from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT, queued_time, queued_tokens
+from vllm_llmd.router.scheduling.epochs import EpochWatch
 from vllm_llmd.router.scheduling.footprint import KVFootprint
 from vllm_llmd.router.scheduling.framework import Candidate, PrefixView, SchedRequest, SchedulingContext
 from vllm_llmd.router.scheduling.prefix_view import DEFAULT_TIER_WEIGHTS, tier_weight
@@ -62,8 +63,8 @@ class EstimatedTTFTScorer(_Base):
     """Cost in tokens of serving the request on each pod, lower is better:
 
     ``cost(p) = (prefill_weight * (1 + balance_weight * min(1, excess(p))) * uncached(p)
-    + capacity_weight * block_size * overflow(p) + queued_prefill(p)
-    + decode_token_weight * queued_decode(p)) / prefill_speed(p)``;
+    + capacity_weight * block_size * overflow(p) + queued_prefill(p)) / prefill_speed(p)
+    + decode_token_weight * queued_decode(p) / decode_speed(p)``;
     ``score(p) = (min_q cost(q) + c) / (cost(p) + c)``. ``excess(p)``: how far the pod's share of
     the recent KV footprint exceeds its fair share, relative; ``overflow(p)``: blocks by which this
     request would push the pod's hot footprint over its capacity. See docs/plugins/estimated-ttft.md.
@@ -74,8 +75,7 @@ class EstimatedTTFTScorer(_Base):
     def __init__(self, name: str, params: Params, ctx: SchedulingContext) -> None:
         super().__init__(name, params, ctx)
         self._footprint = KVFootprint(self.params.footprint_window)
-        self._epochs: dict[str, int] = {}
-        self._epochs_total = 0
+        self._epochs = EpochWatch()
 
     def costs(self, req: SchedRequest, pods: list[Candidate]) -> dict[str, float]:
         v = _view(req)
@@ -98,24 +98,15 @@ class EstimatedTTFTScorer(_Base):
                 over = -(-uncached // bs) - room
                 if over > 0:
                     cost += cw * over * bs
-            out[p.id] = (cost + queued_tokens(ld.prefill_tokens, ld.decode_tokens, dw)) / p.prefill_speed
+            ps = p.prefill_speed
+            out[p.id] = cost / ps + queued_time(ld.prefill_tokens, ld.decode_tokens, dw, ps, p.decode_speed)
         return out
 
     def _sync_epochs(self) -> None:
         """A pod the event index saw drop everything (cache cleared, restart) starts its footprint
-        again from nothing. One integer compare per request unless something was dropped."""
-        index = self.ctx.index
-        if index is None:
-            return
-        total = index.epochs_total()
-        if total == self._epochs_total:
-            return
-        self._epochs_total = total
-        for pod in {*index.pods(), *self._footprint.pods()}:
-            e = index.epoch(pod)
-            if self._epochs.get(pod, 0) != e:
-                self._epochs[pod] = e
-                self._footprint.forget(pod)
+        again from nothing."""
+        for pod in self._epochs.dropped(self.ctx.index, self._footprint.pods()):
+            self._footprint.forget(pod)
 
     def pre_request(self, req: SchedRequest, pod: str) -> None:
         if req.block_keys:

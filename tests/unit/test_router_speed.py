@@ -1,0 +1,183 @@
+"""Learned pod speeds (vllm_llmd.router.speed): convergence on synthetic pods under queueing and
+noise, outliers, priors, forgetting a restarted pod, bounded memory; and what the cost model makes
+of them."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from vllm_llmd.router.config import ProfileConfig, SpeedConfig
+from vllm_llmd.router.inflight import InflightTracker
+from vllm_llmd.router.pod_metrics import PodMetrics
+from vllm_llmd.router.prefix_memory import PrefixMemory
+from vllm_llmd.router.prompt import token_block_keys
+from vllm_llmd.router.scheduling import Candidate, SchedRequest, SchedulingContext, build_scheduler
+from vllm_llmd.router.speed import AttemptTiming, SpeedEstimator, weighted_median
+
+#: tokens/s of the synthetic pods
+RATES = {"fast": 4000.0, "mid": 2000.0, "mid2": 2000.0, "slow": 500.0}
+OVERHEAD_S = 0.02
+
+
+class FakeIndex:
+    """The epoch part of vllm_llmd.index.KVBlockIndex (``epochs_total``, ``epoch``, ``pods``)."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[str, int] = {}
+
+    def restart(self, pod: str) -> None:
+        self.epochs[pod] = self.epochs.get(pod, 0) + 1
+
+    def epochs_total(self) -> int:
+        return sum(self.epochs.values())
+
+    def epoch(self, pod: str) -> int:
+        return self.epochs.get(pod, 0)
+
+    def pods(self) -> list[str]:
+        return list(self.epochs)
+
+    def match_keys(self, keys):  # pragma: no cover - not used here
+        return {}
+
+
+def sample(rng: random.Random, pod: str, noise: float = 0.15) -> AttemptTiming:
+    """One streamed answer: a request of 256-2048 uncached tokens behind 0-20,000 tokens queued."""
+    own = rng.randint(256, 2048)
+    ahead = rng.choice([0, 0, rng.randint(0, 20_000)])
+    work = own + ahead
+    ttft = OVERHEAD_S + work / RATES[pod] * rng.lognormvariate(0, noise)
+    itl = 1 / (RATES[pod] / 100) * rng.lognormvariate(0, noise)  # decode: rate/100 tokens/s
+    return AttemptTiming(pod, work, ttft, 31, 31 * itl)
+
+
+def _est(index: FakeIndex | None = None, **kw) -> SpeedEstimator:
+    est = SpeedEstimator(SpeedConfig(refresh_s=0, **kw), index)
+    est.set_pods(dict.fromkeys(RATES, 1.0))
+    return est
+
+
+def _feed(est: SpeedEstimator, n: int, rng: random.Random, t0: float = 0.0, **kw) -> float:
+    t = t0
+    for _ in range(n):
+        for pod in RATES:
+            t += 0.01
+            est.observe(sample(rng, pod, **kw), now=t)
+    return t
+
+
+def test_converges_on_synthetic_pods_despite_queueing_and_noise() -> None:
+    est = _est()
+    rng = random.Random(1)
+    t = _feed(est, 60, rng)
+    est.refresh(now=t)
+    ps, ds = est.prefill, est.decode
+    # relative to the median pod (2000 tokens/s): 2, 1, 1, 0.25; 60 samples against the prior's 8:
+    # speed = learned ** (60 / 68) (the prior is 1)
+    shrink = 60 / 68
+    assert ps["fast"] == pytest.approx(2.0**shrink, rel=0.1)
+    assert ps["mid"] == pytest.approx(1.0, rel=0.1)
+    assert ps["slow"] == pytest.approx(0.25**shrink, rel=0.1)
+    assert ds["fast"] / ds["slow"] == pytest.approx(8.0, rel=0.25)
+
+
+def test_ignores_outliers() -> None:
+    """A fifth of the answers 50x slower (pauses, work the router cannot see): the medians hold."""
+    est = _est()
+    rng = random.Random(2)
+    t = 0.0
+    for i in range(60):
+        for pod in RATES:
+            t += 0.01
+            s = sample(rng, pod)
+            if i % 5 == 0:
+                s = AttemptTiming(pod, s.work_tokens, s.ttft_s * 50, s.decode_events, s.decode_s * 50)
+            est.observe(s, now=t)
+    est.refresh(now=t)
+    assert est.prefill["slow"] == pytest.approx(0.25 ** (60 / 68), rel=0.15)
+    assert est.prefill["fast"] == pytest.approx(2.0 ** (60 / 68), rel=0.15)
+
+
+def test_prior_weighs_until_samples_come_and_cheap_requests_teach_nothing() -> None:
+    est = SpeedEstimator(SpeedConfig(refresh_s=0, prior_samples=8))
+    est.set_pods({"fast": 4.0, "mid": 1.0, "mid2": 1.0, "slow": 1.0})
+    assert est.prefill_speed("fast", 4.0) == 4.0  # no samples: the configured speed
+    rng = random.Random(3)
+    t = 0.0
+    for pod in RATES:  # 8 samples each: halfway between the prior and what was measured
+        for _ in range(8):
+            t += 0.01
+            est.observe(sample(rng, pod, noise=0.0), now=t)
+    est.refresh(now=t)
+    # rate/prior: fast 1000, mid 2000, mid2 2000, slow 500 -> R = 1500; slow learned 1/3, prior 1
+    assert est.prefill["slow"] == pytest.approx((1 / 3) ** 0.5, rel=0.05)
+    assert est.prefill["fast"] == pytest.approx((4.0 * 4000 / 1500) ** 0.5, rel=0.05)
+    cheap = SpeedEstimator(SpeedConfig(refresh_s=0))
+    cheap.observe(AttemptTiming("a", 64, 0.02, 0, 0.0))  # a warm request: overhead, not speed
+    cheap.observe(AttemptTiming("a", 64, None, 2, 0.01))  # not streamed; too few tokens
+    assert cheap.refresh() == 0 and not cheap._pods["a"].prefill and not cheap._pods["a"].decode
+
+
+def test_forgets_a_restarted_pod_and_pods_that_leave() -> None:
+    index = FakeIndex()
+    est = _est(index)
+    rng = random.Random(4)
+    t = _feed(est, 30, rng)
+    est.refresh(now=t)
+    assert est.prefill["slow"] < 0.4
+    index.restart("slow")  # the event index saw it drop everything: a new engine
+    t += 10
+    est.refresh(now=t)
+    assert "slow" not in est.prefill and est.prefill_speed("slow", 1.0) == 1.0
+    est.forget("fast")  # turned unhealthy (PodPool.on_pod_lost)
+    est.set_pods({"mid": 1.0, "mid2": 1.0, "slow": 1.0})  # left the pool
+    t += 10
+    est.refresh(now=t)
+    assert set(est._pods) <= {"mid", "mid2", "slow"} and "fast" not in est.prefill
+    est.observe(sample(rng, "fast"), now=t)  # not a member: not kept
+    assert "fast" not in est._pods
+
+
+def test_samples_age_out_and_memory_is_bounded() -> None:
+    est = _est(window=16, max_age_s=60)
+    rng = random.Random(5)
+    t = _feed(est, 100, rng)
+    assert all(len(s.prefill) <= 16 and len(s.decode) <= 16 for s in est._pods.values())
+    est.refresh(now=t)
+    assert est.prefill
+    est.refresh(now=t + 61)  # nothing new for longer than max_age_s: learned again from the prior
+    assert est.prefill == {} and all(not s.prefill for s in est._pods.values())
+
+
+def test_learned_speeds_steer_the_cost_model() -> None:
+    """Two pods, equal by configuration: once one is learned to be 4x slower, the estimated-ttft cost
+    sends cold prompts to the fast one even while it has a queue (until the queue outweighs the speed)."""
+    inflight = InflightTracker()
+    est = SpeedEstimator(SpeedConfig(refresh_s=0))
+    ctx = SchedulingContext(
+        index=None, memory=PrefixMemory(), inflight=inflight, block_size=64, speculative_ttl_s=10, speeds=est
+    )
+    sched = build_scheduler(ProfileConfig(), ctx)
+    est.set_pods({"a": 1.0, "b": 1.0})
+    for i in range(20):
+        est.observe(AttemptTiming("a", 2000, 2000 / 4000, 31, 31 / 40), now=i)
+        est.observe(AttemptTiming("b", 2000, 2000 / 1000, 31, 31 / 10), now=i)
+    est.refresh(now=20)
+    pods = [Candidate(p, est.prefill_speed(p, 1.0), False, "both", inflight.load(p), PodMetrics()) for p in ("a", "b")]
+    for c in pods:
+        c.decode_speed = est.decode_speed(c.id, 1.0)
+    sent = {"a": 0, "b": 0}
+    for i in range(10):
+        toks = [(i * 7919 + j) % 4000 + 1 for j in range(1024)]
+        req = SchedRequest("m", toks, "", len(toks), 16, token_block_keys("m", toks, 64, 1 << 20))
+        d = sched.schedule(req, pods)
+        inflight.start(d.chosen.id, 1024, 16)  # never finishes: the queue grows
+        sent[d.chosen.id] += 1
+    assert sent["a"] >= 6 and sent["b"] >= 1, sent  # ~4:1 by speed, not 5:5
+
+
+def test_weighted_median() -> None:
+    assert weighted_median([(1.0, 1.0), (10.0, 1.0), (2.0, 5.0)]) == 2.0
+    assert weighted_median([(3.0, 1.0)]) == 3.0

@@ -1,0 +1,201 @@
+"""Each pod's prefill and decode speed, learned online from what the router sees of its answers
+(issue 13: a slow pod gets less work without anyone configuring vendor weights; the configured
+``prefill_speed`` is only the prior).
+
+What the router observes of one try (:class:`~vllm_llmd.router.attempt.Attempt`; a streamed answer
+with status 200 that ran to its end): the work already queued on the pod when it was sent (the
+router's in-flight record, :mod:`vllm_llmd.pd.load`), the request's own uncached prompt tokens, when
+the first chunk arrived, and how many SSE events arrived after it and over how long. Per try:
+
+    work        = uncached + queued_prefill_ahead + decode_token_weight * queued_decode_ahead   (tokens)
+    prefill     r = work / ttft                         (tokens/s; only if work >= min_work_tokens)
+    decode      d = events_after_first / (t_last - t_first)    (tokens/s; only with >= 4 such events)
+
+Counting the work queued ahead in ``work`` separates queue wait from service time as far as the
+router can see it: a request that waited behind 10,000 queued tokens and took 2 s says the pod
+does ~5,000 tokens/s, not that it is slow. (Work the router cannot see - another router's - is not
+separated; neither is the engine's fixed per-request overhead, which is why cheap requests, under
+``min_work_tokens``, teach nothing.) The decode rate includes the batch the pod runs, i.e. what a new
+request would get there. ``[DONE]`` and a usage chunk count as events: a small bias shared by all pods.
+
+Per pod the last ``window`` samples of each kind younger than ``max_age_s`` are kept (bounded
+memory: 2 x ``window`` samples per pod in the pool). Its rate is the work-weighted median of its
+prefill samples (the median of its decode samples): samples spoiled by a pause, a network hiccup or
+invisible work move a median little. Speeds are relative, on the scale of the priors ``π`` (the
+pods' configured ``prefill_speed``, 1.0 by default):
+
+    R          = median over pods with >= MIN_SAMPLES samples of  rate(q) / π(q)     (>= 2 such pods)
+    learned(p) = rate(p) / R
+    speed(p)   = exp((n0 ln π(p) + n ln learned(p)) / (n0 + n)),  clamped to [π(p) / max_ratio, π(p) * max_ratio]
+
+with ``n`` the pod's sample count and ``n0 = prior_samples``; a pod without samples keeps ``π(p)``.
+The decode speed is the same formula over decode samples. A pod is forgotten (back to its prior)
+when the event index sees it drop everything (engine restart, cache reset), when it turns
+unhealthy or when it leaves the pool; a pod that got no work for ``max_age_s`` is learned again.
+
+The speeds are recomputed at most every ``refresh_s`` (the candidates read the published values:
+:class:`~vllm_llmd.router.candidates.CandidateViews`); ``bench/sim_fleet.py`` measured the effect
+(bench/RESULTS.md, "capacity- and speed-aware routing").
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from vllm_llmd.router.config import SpeedConfig
+from vllm_llmd.router.scheduling.epochs import EpochWatch
+from vllm_llmd.router.scheduling.framework import PrefixIndex, SchedRequest
+
+#: samples a pod needs before it takes part in the reference rate ``R``
+MIN_SAMPLES = 4
+#: the published speeds are recomputed at least this often (samples age out)
+AGE_REFRESH_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptTiming:
+    """What one try observed; the :class:`~vllm_llmd.router.attempt.Attempt` puts it in the request's
+    outputs before the ``PostResponse`` hooks run."""
+
+    pod: str
+    #: tokens of work the pod had before this request's first token (its own uncached prompt included)
+    work_tokens: float
+    #: send -> first streamed chunk (seconds); ``None``: not streamed
+    ttft_s: float | None
+    #: SSE events after the first chunk, and the seconds from the first chunk to the last
+    decode_events: int = 0
+    decode_s: float = 0.0
+
+
+def weighted_median(pairs: Iterable[tuple[float, float]]) -> float:
+    """The value at half the total weight of ``(value, weight)`` pairs (at least one)."""
+    items = sorted(pairs)
+    half = sum(w for _, w in items) / 2
+    acc = 0.0
+    for v, w in items:
+        acc += w
+        if acc >= half:
+            return v
+    return items[-1][0]
+
+
+class _Samples:
+    __slots__ = ("decode", "prefill")
+
+    def __init__(self, window: int) -> None:
+        #: (monotonic time, tokens/s, work tokens)
+        self.prefill: deque[tuple[float, float, float]] = deque(maxlen=window)
+        #: (monotonic time, tokens/s)
+        self.decode: deque[tuple[float, float]] = deque(maxlen=window)
+
+
+class SpeedEstimator:
+    """A ``PostResponse`` hook built into every scheduler (the shared context's ``speeds``)."""
+
+    name = "speed-estimator"
+
+    def __init__(self, cfg: SpeedConfig, index: PrefixIndex | None = None) -> None:
+        self.cfg = cfg
+        self.index = index
+        self._pods: dict[str, _Samples] = {}
+        self._priors: dict[str, float] = {}
+        self._epochs = EpochWatch()
+        #: published speeds (pods with samples only); ``version`` changes when they do
+        self.prefill: dict[str, float] = {}
+        self.decode: dict[str, float] = {}
+        self.version = 0
+        self._dirty = False
+        self._refreshed = -math.inf
+
+    # ---- input -------------------------------------------------------------------------------
+    def post_response(self, req: SchedRequest, pod: str) -> None:
+        t = req.outputs.get(AttemptTiming)
+        if t is not None and t.pod == pod:
+            self.observe(t)
+
+    def observe(self, t: AttemptTiming, now: float | None = None) -> None:
+        if not self.cfg.learn:
+            return
+        self._sync_epochs()
+        if self._priors and t.pod not in self._priors:
+            return  # not (or no longer) in the pool: nothing to keep
+        now = time.monotonic() if now is None else now
+        s = self._pods.get(t.pod)
+        if s is None:
+            s = self._pods[t.pod] = _Samples(self.cfg.window)
+        if t.ttft_s is not None and t.ttft_s > 0 and t.work_tokens >= max(1.0, self.cfg.min_work_tokens):
+            s.prefill.append((now, t.work_tokens / t.ttft_s, t.work_tokens))
+            self._dirty = True
+        if t.decode_events >= MIN_SAMPLES and t.decode_s > 0:
+            s.decode.append((now, t.decode_events / t.decode_s))
+            self._dirty = True
+
+    def set_pods(self, priors: Mapping[str, float]) -> None:
+        """The pool's pods and their configured speeds; samples of other pods are dropped."""
+        if priors == self._priors:
+            return
+        self._priors = dict(priors)
+        for pod in [p for p in self._pods if p not in priors]:
+            del self._pods[pod]
+        self._dirty = True
+
+    def forget(self, pod: str) -> None:
+        if self._pods.pop(pod, None) is not None:
+            self._dirty = True
+
+    def _sync_epochs(self) -> None:
+        for pod in self._epochs.dropped(self.index, self._pods):
+            self.forget(pod)
+
+    # ---- output ------------------------------------------------------------------------------
+    def refresh(self, now: float | None = None) -> int:
+        """Recompute the published speeds if due; returns :attr:`version`."""
+        now = time.monotonic() if now is None else now
+        since = now - self._refreshed
+        if not (self._dirty and since >= self.cfg.refresh_s) and since < AGE_REFRESH_S:
+            return self.version
+        self._sync_epochs()
+        self._dirty = False
+        self._refreshed = now
+        cut = now - self.cfg.max_age_s
+        rates: dict[str, tuple[float, int]] = {}
+        drates: dict[str, tuple[float, int]] = {}
+        for pod, s in self._pods.items():
+            while s.prefill and s.prefill[0][0] < cut:
+                s.prefill.popleft()
+            while s.decode and s.decode[0][0] < cut:
+                s.decode.popleft()
+            if s.prefill:
+                rates[pod] = (weighted_median((r, w) for _, r, w in s.prefill), len(s.prefill))
+            if s.decode:
+                drates[pod] = (statistics.median(d for _, d in s.decode), len(s.decode))
+        prefill, decode = self._relative(rates), self._relative(drates)
+        if prefill != self.prefill or decode != self.decode:
+            self.prefill, self.decode = prefill, decode
+            self.version += 1
+        return self.version
+
+    def _relative(self, rates: dict[str, tuple[float, int]]) -> dict[str, float]:
+        prior = self._priors
+        ref = [r / prior.get(p, 1.0) for p, (r, n) in rates.items() if n >= MIN_SAMPLES]
+        if len(ref) < 2:
+            return {}  # nothing to compare with: every pod keeps its prior
+        big_r = statistics.median(ref)
+        n0, k = self.cfg.prior_samples, self.cfg.max_ratio
+        out = {}
+        for p, (r, n) in rates.items():
+            pi = prior.get(p, 1.0)
+            speed = math.exp((n0 * math.log(pi) + n * math.log(r / big_r)) / (n0 + n))
+            out[p] = min(pi * k, max(pi / k, speed))
+        return out
+
+    def prefill_speed(self, pod: str, prior: float) -> float:
+        return self.prefill.get(pod, prior)
+
+    def decode_speed(self, pod: str, prior: float) -> float:
+        return self.decode.get(pod, prior)
