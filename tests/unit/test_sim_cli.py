@@ -62,6 +62,7 @@ def test_router_config_is_what_the_router_reads(tmp_path: Path) -> None:
         ("http://127.0.0.1:30003", "tcp://127.0.0.1:30004", "tcp://127.0.0.1:30005"),
         ("http://127.0.0.1:30006", None, None),
     ]
+    assert {p.accelerator for p in cfg.pods} == {"cpu"}  # the profile's label, for the accelerator filter
 
 
 @pytest.mark.parametrize(("processes", "sig"), [(2, signal.SIGTERM), (1, signal.SIGINT)])

@@ -96,6 +96,7 @@ def router_config_yaml(specs: list[PodSpec], model: str, tokenizer: str | None) 
             f"  # pod {s.index}: class {d['class']}, block_size {d['block_size']}, {d['num_gpu_blocks']} blocks"
         )
         lines.append(f"  - url: {d['url']}")
+        lines.append(f"    accelerator: {d['accelerator']}")
         if d["events"]:
             lines.append(f"    events: {d['events']}")
         if d["replay"]:
