@@ -85,13 +85,32 @@ def weighted_median(pairs: Iterable[tuple[float, float]]) -> float:
 
 
 class _Samples:
-    __slots__ = ("decode", "prefill")
+    __slots__ = ("decode", "decode_rate", "prefill", "prefill_rate", "stale")
 
     def __init__(self, window: int) -> None:
         #: (monotonic time, tokens/s, work tokens)
         self.prefill: deque[tuple[float, float, float]] = deque(maxlen=window)
         #: (monotonic time, tokens/s)
         self.decode: deque[tuple[float, float]] = deque(maxlen=window)
+        #: the medians, recomputed only when the samples changed
+        self.prefill_rate = self.decode_rate = 0.0
+        self.stale = True
+
+    def rates(self, cut: float) -> tuple[float | None, float | None]:
+        """(prefill, decode) rate over the samples younger than ``cut`` (``None``: no samples)."""
+        while self.prefill and self.prefill[0][0] < cut:
+            self.prefill.popleft()
+            self.stale = True
+        while self.decode and self.decode[0][0] < cut:
+            self.decode.popleft()
+            self.stale = True
+        if self.stale:
+            self.stale = False
+            if self.prefill:
+                self.prefill_rate = weighted_median((r, w) for _, r, w in self.prefill)
+            if self.decode:
+                self.decode_rate = statistics.median(d for _, d in self.decode)
+        return (self.prefill_rate if self.prefill else None, self.decode_rate if self.decode else None)
 
 
 class SpeedEstimator:
@@ -130,10 +149,10 @@ class SpeedEstimator:
             s = self._pods[t.pod] = _Samples(self.cfg.window)
         if t.ttft_s is not None and t.ttft_s > 0 and t.work_tokens >= max(1.0, self.cfg.min_work_tokens):
             s.prefill.append((now, t.work_tokens / t.ttft_s, t.work_tokens))
-            self._dirty = True
+            s.stale = self._dirty = True
         if t.decode_events >= MIN_SAMPLES and t.decode_s > 0:
             s.decode.append((now, t.decode_events / t.decode_s))
-            self._dirty = True
+            s.stale = self._dirty = True
 
     def set_pods(self, priors: Mapping[str, float]) -> None:
         """The pool's pods and their configured speeds; samples of other pods are dropped."""
@@ -166,14 +185,11 @@ class SpeedEstimator:
         rates: dict[str, tuple[float, int]] = {}
         drates: dict[str, tuple[float, int]] = {}
         for pod, s in self._pods.items():
-            while s.prefill and s.prefill[0][0] < cut:
-                s.prefill.popleft()
-            while s.decode and s.decode[0][0] < cut:
-                s.decode.popleft()
-            if s.prefill:
-                rates[pod] = (weighted_median((r, w) for _, r, w in s.prefill), len(s.prefill))
-            if s.decode:
-                drates[pod] = (statistics.median(d for _, d in s.decode), len(s.decode))
+            pr, dr = s.rates(cut)
+            if pr is not None:
+                rates[pod] = (pr, len(s.prefill))
+            if dr is not None:
+                drates[pod] = (dr, len(s.decode))
         prefill, decode = self._relative(rates), self._relative(drates)
         if prefill != self.prefill or decode != self.decode:
             self.prefill, self.decode = prefill, decode
