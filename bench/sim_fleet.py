@@ -143,6 +143,19 @@ def decision_latency(text: str | None) -> dict[str, float] | None:
     return {"count": count, "mean_ms": total / count * 1000, "p50_le_ms": q(0.5) * 1000, "p99_le_ms": q(0.99) * 1000}
 
 
+def class_speeds(text: str | None, pods: list[dict[str, Any]]) -> dict[str, dict[str, float]] | None:
+    """Mean of ``llmd_router_pod_speed`` (the speeds ours learned) per pod class and kind."""
+    if not text:
+        return None
+    cls = {p["url"].split("://", 1)[1]: p["class"] for p in pods}
+    acc: dict[str, dict[str, list[float]]] = {}
+    for s in router_samples(text, "llmd_router_pod_speed"):
+        c = cls.get(s.labels["pod"])
+        if c is not None:
+            acc.setdefault(c, {}).setdefault(s.labels["kind"], []).append(s.value)
+    return {c: {k: round(sum(v) / len(v), 3) for k, v in kinds.items()} for c, kinds in acc.items()} or None
+
+
 def start_router(name: str, pods: list[dict[str, Any]], model_dir: Path, served: str, d: Path) -> RouterProcess:
     kind = ROUTERS[name]
     workers = [Worker(p["url"], p["events"], p["replay"], model_dir, served) for p in pods]
@@ -228,7 +241,9 @@ def run_row(name: str, pods_n: int, rates: list[float], args: argparse.Namespace
                 busy = r["router_cpu_s"] - row["router_idle_cpu_frac"] * r["duration_s"]
                 r["router_cpu_ms_per_req_net"] = busy / r["completed"] * 1000
             if name == "ours":
-                r["decision"] = decision_latency(router.get("/metrics"))
+                text = router.get("/metrics")
+                r["decision"] = decision_latency(text)
+                r["speeds"] = class_speeds(text, sim.pods)
             steps.append(r)
             log(f"  {brief(r)}")
         row["steps"] = steps
@@ -254,6 +269,7 @@ def brief(r: dict[str, Any]) -> str:
         f"hit rate {r['hit_rate']:.2f}, per class {r['requests_per_class']}, router CPU "
         f"{r.get('router_cpu_ms_per_req', float('nan')):.2f} ms/req"
         + (f", decision mean {dec['mean_ms']:.2f} ms" if dec else "")
+        + (f", learned speeds {r['speeds']}" if r.get("speeds") else "")
     )
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 import zmq.asyncio
+from prometheus_client.parser import text_string_to_metric_families
 from router_fakes import start_router
 
 from vllm_llmd.router.config import RouterConfig
@@ -57,6 +58,8 @@ async def test_the_slow_pod_is_learned_and_gets_less_work(test_model_dir: Path) 
 
             for _ in range(20):  # 80 requests, 4 at a time
                 await asyncio.gather(*(one() for _ in range(4)))
+            async with s.get(f"http://127.0.0.1:{server.port}/metrics") as r:
+                metrics = await r.text()
     finally:
         await server.close()
         for p in pods:
@@ -71,3 +74,11 @@ async def test_the_slow_pod_is_learned_and_gets_less_work(test_model_dir: Path) 
     later = served[40:]  # once learned: the slow pod serves well under a third
     assert later.count(slow) <= 0.2 * len(later), {p: later.count(p) for p in {*fast, slow}}
     assert all(served.count(slow) < served.count(f) for f in fast)
+    # operators see what was learned
+    speed = {
+        (x.labels["pod"], x.labels["kind"]): x.value
+        for f in text_string_to_metric_families(metrics)
+        for x in f.samples
+        if x.name == "llmd_router_pod_speed"
+    }
+    assert speed[(slow, "prefill")] < 0.6 * min(speed[(f, "prefill")] for f in fast), speed

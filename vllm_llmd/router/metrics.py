@@ -64,6 +64,12 @@ class RouterMetrics:
         )
         self.inflight = Gauge("llmd_router_inflight_requests", "Router requests in flight", ["pod"], registry=r)
         self.pod_available = Gauge("llmd_router_pod_available", "1 if the pod takes traffic", ["pod"], registry=r)
+        self.pod_speed = Gauge(
+            "llmd_router_pod_speed",
+            "The pod's relative speed the cost model uses (learned, the configured prefill_speed as prior)",
+            ["pod", "kind"],
+            registry=r,
+        )
         self.index_blocks = Gauge("llmd_router_index_blocks", "Block keys in the KV event index", registry=r)
         self.memory_blocks = Gauge("llmd_router_memory_blocks", "Block keys in the routing memory", registry=r)
         self.tokenizer_cache_hits = Gauge(

@@ -237,6 +237,12 @@ class RouterApp:
         for p in self.pool.pods:
             m.pod_available.labels(p.id).set(1 if p.available(now, self.cfg.pool.max_inflight_per_pod) else 0)
             m.inflight.labels(p.id).set(p.load.requests)
+            speeds = self.scheduler.ctx.speeds
+            ps, ds = p.prefill_speed, 1.0  # as the candidates see them (candidates.py)
+            if speeds is not None:
+                ps, ds = speeds.prefill_speed(p.id, ps), speeds.decode_speed(p.id, ps)
+            m.pod_speed.labels(p.id, "prefill").set(ps)
+            m.pod_speed.labels(p.id, "decode").set(ds)
         m.memory_blocks.set(len(self.scheduler.ctx.memory))
         if self.index is not None:
             try:
