@@ -8,10 +8,15 @@ of vLLM requests. The connector speaks to it in *regions* and *block ids*:
 - a block is addressed by ``(region index, block id)``; both sides register their regions in the
   same order, so region ``r`` on one side corresponds to region ``r`` on the other.
 
-The RBLN transport (device → page-aligned host staging → NIXL DRAM) fits the same shape: it
-registers its *staging* regions here and adds two hooks the connector calls around a transfer
-(``stage_out`` after prefill, ``stage_in`` after a read); they are optional methods on
+The RBLN transport (device → page-aligned host staging → NIXL DRAM, transports/rbln.py) fits the
+same shape: it registers its *staging* regions here and adds two hooks the connector calls around a
+transfer (``stage_out`` after prefill, ``stage_in`` after a read); they are optional methods on
 :class:`KVTransport` that default to no-ops.
+
+A cross-layout hand-off (connectors/layout.py: the peer's blocks have another size or byte order)
+reads arbitrary runs of the peer's registered memory into a local receive buffer: the buffer is
+registered with :meth:`KVTransport.register_scratch` and the runs are read with
+:meth:`KVTransport.read_runs`, both checked against the registered memory on each side.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
+import numpy as np
 
 
 class MemoryKind(enum.StrEnum):
@@ -60,6 +66,10 @@ class Peer:
 
     name: str
     regions: tuple[Region, ...]
+    #: where the peer's registered memory lives (a GPU peer's VRAM read into our DRAM, ...)
+    memory: MemoryKind = MemoryKind.DRAM
+    #: NIXL backends both sides have, in our order of preference (empty: the transport's own)
+    backends: tuple[str, ...] = ()
 
 
 class KVTransport(ABC):
@@ -83,8 +93,16 @@ class KVTransport(ABC):
         """Opaque bytes a peer passes to :meth:`add_peer` (never pickled; see nixl.py)."""
 
     @abstractmethod
-    def add_peer(self, metadata: bytes, regions: Sequence[Region]) -> Peer:
-        """Connect to a remote endpoint described by its metadata and region table."""
+    def add_peer(
+        self,
+        metadata: bytes,
+        regions: Sequence[Region],
+        memory: MemoryKind | None = None,
+        backends: Sequence[str] = (),
+    ) -> Peer:
+        """Connect to a remote endpoint described by its metadata and region table; ``memory`` is
+        where that table lives (default: the same kind as ours), ``backends`` the backends to use
+        with it (default: all of ours)."""
 
     @abstractmethod
     def remove_peer(self, peer: Peer) -> None: ...
@@ -111,6 +129,23 @@ class KVTransport(ABC):
     ) -> object:
         """Post a WRITE of local ``(region, block)`` pairs into remote ones; returns a handle."""
 
+    def read_runs(
+        self, peer: Peer, local: np.ndarray, remote: np.ndarray, notif: bytes = b""
+    ) -> object:  # pragma: no cover - optional
+        """Post a READ of ``remote`` ``(addr, len)`` rows of the peer's registered memory into
+        ``local`` rows (inside our regions or a registered scratch buffer). Optional: a transport
+        without it cannot serve cross-layout hand-offs (the handshake says so)."""
+        raise TransportError(f"the {self.name} transport cannot read arbitrary runs")
+
+    def register_scratch(self, base_addr: int, nbytes: int, memory: MemoryKind = MemoryKind.DRAM) -> None:
+        """Register a local buffer ``read_runs`` may write into (a receive pool)."""
+        raise TransportError(f"the {self.name} transport cannot register scratch memory")
+
+    @property
+    def backends_available(self) -> tuple[str, ...]:
+        """NIXL backends this endpoint can move bytes with (what a peer must share)."""
+        return ()
+
     @abstractmethod
     def poll(self, handle: object) -> XferState: ...
 
@@ -135,3 +170,8 @@ class KVTransport(ABC):
 
     def stage_in(self, block_ids: Sequence[int]) -> None:  # noqa: B027 - optional hook
         """Copy blocks just received into host memory onto the device."""
+
+    @property
+    def stages(self) -> bool:
+        """Whether peers read staged copies (``stage_out`` must run before they read)."""
+        return False

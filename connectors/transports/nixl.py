@@ -57,6 +57,30 @@ def _indices(regions: Sequence[Region], offsets: list[int], pairs: Sequence[tupl
     return idx
 
 
+def _locate(
+    spans: Sequence[tuple[int, int, int, MemoryKind]], runs: np.ndarray, whose: str
+) -> tuple[MemoryKind, np.ndarray]:
+    """The memory kind and device id of every ``(addr, len)`` run; each must lie inside one span of
+    registered memory, all of one kind (``TransportError`` otherwise: nothing is read)."""
+    if len(runs) == 0:
+        raise TransportError("nothing to read")
+    order = sorted(spans)  # registered spans do not overlap; a run must sit in one (NIXL checks it too)
+    bases = np.array([s[0] for s in order], dtype=np.int64)
+    ends = bases + np.array([s[1] for s in order], dtype=np.int64)
+    addr, n = runs[:, 0].astype(np.int64), runs[:, 1].astype(np.int64)
+    idx = np.searchsorted(bases, addr, side="right") - 1
+    ok = (idx >= 0) & (n > 0)
+    ok &= addr + n <= ends[np.clip(idx, 0, None)]
+    if not ok.all():
+        bad = int(np.argmin(ok))
+        raise TransportError(f"run ({int(addr[bad]):#x}, {int(n[bad])}) is outside {whose} registered memory")
+    kinds = {order[i][3] for i in np.unique(idx).tolist()}
+    if len(kinds) > 1:
+        raise TransportError(f"runs span {whose} memory of several kinds {sorted(kinds)}")
+    devs = np.array([s[2] for s in order], dtype=np.int64)[idx]
+    return kinds.pop(), devs
+
+
 class _Read:
     """A posted READ whose completion notification is sent by :meth:`NixlTransport.poll` on DONE.
 
@@ -120,21 +144,54 @@ class NixlTransport(KVTransport):
         self._reg_descs = None
         self._local_dlist = None
         self._peers: dict[str, tuple[Peer, object, list[int]]] = {}
+        #: (base, nbytes, device, memory) of every local span ``read_runs`` may write into
+        self._spans: list[tuple[int, int, int, MemoryKind]] = []
+        self._scratch: list[object] = []
+
+    @property
+    def agent(self) -> object:
+        """The NIXL agent (for adapters that add a backend to it, e.g. ``nixl_rbln``)."""
+        return self._agent
+
+    @property
+    def backends_available(self) -> tuple[str, ...]:
+        return tuple(b for b in self.backends if b in getattr(self._agent, "backends", {b: None}))
+
+    def use_backend(self, name: str) -> bool:
+        """Put ``name`` first among the backends if the agent has it (an adapter created it);
+        ``False`` (and nothing changes) when it does not."""
+        if name not in getattr(self._agent, "backends", {}):
+            return False
+        self.backends = [name, *(b for b in self.backends if b != name)]
+        return True
 
     # ---- memory and metadata -------------------------------------------------------------
-    def register(self, regions: Sequence[Region]) -> None:
+    def register(self, regions: Sequence[Region], registered: bool = False) -> None:
+        """``registered``: an adapter already registered this memory with the agent (``nixl_rbln``
+        does for RBLN device memory); only the descriptor lists are built here."""
         if self._regions:
             raise TransportError("memory is already registered")
         regions = tuple(regions)
         if not regions:
             raise TransportError("nothing to register")
-        reg = [(r.base_addr, r.nbytes, r.device_id, "") for r in regions]
-        self._reg_descs = self._agent.get_reg_descs(reg, self.memory.value)
-        self._agent.register_memory(self._reg_descs, backends=self.backends)
+        if not registered:
+            reg = [(r.base_addr, r.nbytes, r.device_id, "") for r in regions]
+            self._reg_descs = self._agent.get_reg_descs(reg, self.memory.value)
+            self._agent.register_memory(self._reg_descs, backends=self.backends)
         xfer = self._agent.get_xfer_descs(_descs(regions), self.memory.value)
         self._local_dlist = self._agent.prep_xfer_dlist(_LOCAL, xfer, backends=self.backends)
         self._regions = regions
         self._offsets = _offsets(regions)
+        self._spans.extend((r.base_addr, r.nbytes, r.device_id, self.memory) for r in regions)
+
+    def register_scratch(self, base_addr: int, nbytes: int, memory: MemoryKind = MemoryKind.DRAM) -> None:
+        try:
+            descs = self._agent.get_reg_descs([(base_addr, nbytes, 0, "")], memory.value)
+            self._agent.register_memory(descs, backends=self.backends)
+        except Exception as exc:
+            raise TransportError(f"NIXL could not register {nbytes} bytes of {memory.value}: {exc}") from exc
+        self._scratch.append(descs)
+        self._spans.append((base_addr, nbytes, 0, memory))
 
     @property
     def regions(self) -> tuple[Region, ...]:
@@ -143,7 +200,13 @@ class NixlTransport(KVTransport):
     def local_metadata(self) -> bytes:
         return bytes(self._agent.get_agent_metadata())
 
-    def add_peer(self, metadata: bytes, regions: Sequence[Region]) -> Peer:
+    def add_peer(
+        self,
+        metadata: bytes,
+        regions: Sequence[Region],
+        memory: MemoryKind | None = None,
+        backends: Sequence[str] = (),
+    ) -> Peer:
         if self._local_dlist is None:
             raise TransportError("register memory before adding peers")
         try:
@@ -154,16 +217,20 @@ class NixlTransport(KVTransport):
         regions = tuple(regions)
         if name in self._peers:
             return self._peers[name][0]
+        memory = memory or self.memory
+        use = [b for b in (backends or self.backends) if b in self.backends]
+        if not use:
+            raise TransportError(f"no NIXL backend in common with peer {name} (ours: {self.backends})")
         try:
-            xfer = self._agent.get_xfer_descs(_descs(regions), self.memory.value)
-            dlist = self._agent.prep_xfer_dlist(name, xfer, backends=self.backends)
+            xfer = self._agent.get_xfer_descs(_descs(regions), memory.value)
+            dlist = self._agent.prep_xfer_dlist(name, xfer, backends=use)
         except Exception as exc:  # e.g. a region table beyond the memory the peer registered
             try:
                 self._agent.remove_remote_agent(name)
             except Exception:
                 pass
             raise TransportError(f"peer {name}'s region table does not match the memory it registered: {exc}") from exc
-        peer = Peer(name=name, regions=regions)
+        peer = Peer(name=name, regions=regions, memory=memory, backends=tuple(use))
         self._peers[name] = (peer, dlist, _offsets(regions))
         return peer
 
@@ -211,6 +278,35 @@ class NixlTransport(KVTransport):
 
     def read_blocks(self, peer, local, remote, notif: bytes = b"") -> object:  # type: ignore[override]
         return _Read(self._xfer("READ", peer, local, remote, b""), peer.name, notif)
+
+    def read_runs(self, peer: Peer, local: np.ndarray, remote: np.ndarray, notif: bytes = b"") -> object:
+        if peer.name not in self._peers:
+            raise TransportError(f"unknown peer {peer.name}")
+        if local.shape != remote.shape or local.ndim != 2 or local.shape[1] != 2:
+            raise TransportError("read_runs: local and remote must be matching (addr, len) rows")
+        if not np.array_equal(local[:, 1], remote[:, 1]):
+            raise TransportError("read_runs: local and remote run lengths differ")
+        mem_l, dev_l = _locate(self._spans, local, "local")
+        own = [(r.base_addr, r.nbytes, r.device_id, peer.memory) for r in peer.regions]
+        mem_r, dev_r = _locate(own, remote, f"peer {peer.name}'s")
+        ldesc = np.stack([local[:, 0], local[:, 1], dev_l], axis=1).astype(np.uint64)
+        rdesc = np.stack([remote[:, 0], remote[:, 1], dev_r], axis=1).astype(np.uint64)
+        try:
+            handle = self._agent.initialize_xfer(
+                "READ",
+                self._agent.get_xfer_descs(ldesc, mem_l.value),
+                self._agent.get_xfer_descs(rdesc, mem_r.value),
+                peer.name,
+                b"",
+                backends=list(peer.backends or self.backends),
+            )
+            state = self._agent.transfer(handle)
+        except Exception as exc:
+            raise TransportError(f"NIXL READ of {len(local)} runs from {peer.name} failed to start: {exc}") from exc
+        if state == "ERR":
+            self._agent.release_xfer_handle(handle)
+            raise TransportError(f"NIXL READ from {peer.name} failed to start")
+        return _Read(handle, peer.name, notif)
 
     def write_blocks(self, peer, local, remote, notif: bytes = b"") -> object:  # type: ignore[override]
         return self._xfer("WRITE", peer, local, remote, notif)
@@ -281,9 +377,12 @@ class NixlTransport(KVTransport):
             except Exception:
                 pass
             self._local_dlist = None
-        if self._reg_descs is not None:
+        for descs in [self._reg_descs, *self._scratch]:
+            if descs is None:
+                continue
             try:
-                self._agent.deregister_memory(self._reg_descs, backends=self.backends)
+                self._agent.deregister_memory(descs, backends=self.backends)
             except Exception:
                 pass
-            self._reg_descs = None
+        self._reg_descs = None
+        self._scratch = []

@@ -149,11 +149,17 @@ class FakeNixlRbln:
     """
 
     areas: int = 1
+    #: make ``ensure_rbln_backend`` list NIXL's UCX backend under the name ``RBLN`` (for tests of the
+    #: backend choice that still move real bytes; there is no RBLN plugin without the hardware)
+    alias_ucx: bool = False
     backend_calls: list[dict[str, Any]] = field(default_factory=list)
     register_calls: list[dict[str, Any]] = field(default_factory=list)
 
     def ensure_rbln_backend(self, wrapper: Any, device_id: int = 0, **extra: Any) -> None:
         self.backend_calls.append({"wrapper": wrapper, "device_id": device_id, **extra})
+        backends = getattr(wrapper, "backends", None)
+        if self.alias_ucx and isinstance(backends, dict) and "UCX" in backends:
+            backends["RBLN"] = backends["UCX"]
 
     def register_kv_regions(self, wrapper: Any, regions: Any, device_id: int, **kw: Any) -> XferTables:
         regions = list(regions)
@@ -246,3 +252,45 @@ def installed(*, rebel: bool = True, nixl_rbln: FakeNixlRbln | None = None) -> I
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
+
+
+class FakeNixlAgent:
+    """A NIXL agent that records calls and moves nothing, for the RBLN d2d path, whose device memory
+    no NIXL backend here can register (UCX refuses VRAM without CUDA). Modelled on ``FakeNixlAgent``
+    in vllm-rbln's ``tests/native/distributed/kv_connector/utils.py`` (distinct handles, every
+    transfer DONE), with the attributes NixlTransport reads (``backends``, ``name``)."""
+
+    def __init__(self, name: str = "fake-agent", config: Any = None) -> None:
+        self.name = name
+        self.backends: dict[str, int] = {b: i for i, b in enumerate(getattr(config, "backends", None) or ["UCX"])}
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self._next = 0
+
+    def _handle(self, op: str, *a: Any, **k: Any) -> int:
+        self.calls.append((op, a, k))
+        self._next += 1
+        return self._next
+
+    def __getattr__(self, op: str) -> Any:
+        if op in ("get_reg_descs", "register_memory", "deregister_memory", "get_xfer_descs", "prep_xfer_dlist",
+                  "release_dlist_handle", "release_xfer_handle", "make_prepped_xfer", "initialize_xfer",
+                  "send_notif", "remove_remote_agent", "create_backend"):
+            return lambda *a, **k: self._handle(op, *a, **k)
+        raise AttributeError(op)
+
+    def transfer(self, *a: Any, **k: Any) -> str:
+        self._handle("transfer", *a, **k)
+        return "DONE"
+
+    def check_xfer_state(self, *a: Any, **k: Any) -> str:
+        return "DONE"
+
+    def add_remote_agent(self, metadata: bytes) -> str:
+        self._handle("add_remote_agent", metadata)
+        return metadata.decode(errors="replace") or "remote-agent"
+
+    def get_agent_metadata(self) -> bytes:
+        return self.name.encode()
+
+    def get_new_notifs(self) -> dict[str, list[bytes]]:
+        return {}
