@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 from kv_helpers import HEAD_SIZE, HEADS, LAYERS, fill, make_cache, token_values, views_of
-from vllm_llmd.connectors.layout import KVLayout, mapping_problems, plan_tokens, read_descriptors, slot_bytes
+from vllm_llmd.connectors.layout import KVLayout, mapping_problems, plan_tokens
 from vllm_llmd.connectors.platform import PlatformError, choose, detect, is_rbln_platform
-from vllm_llmd.connectors.relayout import RecvPool, describe, relayout_into
+from vllm_llmd.connectors.relayout import describe
 from vllm_llmd.connectors.transports import KVTransport, MemoryKind, TransportError, XferState, make_transport
 from vllm_llmd.connectors.transports.rbln import RblnTransport, rsd_group
 from vllm_llmd.connectors.transports.staging import HostStaging, aligned_host_empty
+from vllm_llmd.connectors.xpull import CrossLayoutPuller, PoolTooSmall
 
 from vllm_llmd.testing.fakes import rbln as fakes
 from vllm_llmd.testing.wait import wait_until
@@ -132,7 +133,7 @@ class Engine:
     caches: dict[str, torch.Tensor]
     views: list[torch.Tensor]  # where the engine's attention reads (device tensors on RBLN)
     wire: KVLayout  # what peers read (staging on RBLN)
-    pool: RecvPool
+    puller: CrossLayoutPuller
 
 
 def engine(kind: str, num_blocks: int, block_size: int, nixl_rbln: fakes.FakeNixlRbln | None = None) -> Engine:
@@ -151,9 +152,7 @@ def engine(kind: str, num_blocks: int, block_size: int, nixl_rbln: fakes.FakeNix
             [Region(base_addr=c.data_ptr(), num_blocks=num_blocks, block_len=c[0].numel() * 2) for c in caches.values()]
         )
         wire = describe(views, kind)
-    buf, _ = aligned_host_empty(1 << 20)
-    t.register_scratch(buf.data_ptr(), buf.numel())
-    return Engine(t, caches, views, wire, RecvPool(buf))
+    return Engine(t, caches, views, wire, CrossLayoutPuller(t, views, 1 << 20))
 
 
 def pull(dst: Engine, src: Engine, remote_ids: list[int], local_ids: list[int], first: int, end: int) -> None:
@@ -161,16 +160,13 @@ def pull(dst: Engine, src: Engine, remote_ids: list[int], local_ids: list[int], 
     peer = dst.transport.add_peer(src.transport.local_metadata(), src.transport.regions)
     assert mapping_problems(describe(dst.views, "x"), src.wire) == {}
     plan = plan_tokens(remote_ids, src.wire.block_size, local_ids, dst.views[0].shape[3], first, end)
-    need = slot_bytes(src.wire, len(plan.remote_blocks))
-    off = dst.pool.alloc(need)
-    assert off is not None
-    local, remote = read_descriptors(src.wire, plan.remote_blocks, dst.pool.base + off)
-    handle = dst.transport.read_runs(peer, local, remote, b"llmd:done:r1")
-    state = wait_until(lambda: (s := dst.transport.poll(handle)) != XferState.PENDING and s, 20, "the READ")
+    xp = dst.puller.start(peer, src.wire, plan, b"llmd:done:r1")
+    assert xp is not None
+    state = wait_until(lambda: (s := dst.transport.poll(xp.handle)) != XferState.PENDING and s, 20, "the READ")
     assert state == XferState.DONE
-    dst.transport.release(handle)
-    relayout_into(dst.pool.view(off, need), src.wire, plan, dst.views)
-    dst.pool.free(off, need)
+    dst.transport.release(xp.handle)
+    assert dst.puller.finish(xp) == LAYERS * 2 * HEADS * (end - first) * HEAD_SIZE * 2
+    assert dst.puller.pool.free_bytes == dst.puller.pool.nbytes
     got = wait_until(lambda: [m for _, m in src.transport.get_notifs()], 10, "the completion notice")
     assert got == [b"llmd:done:r1"]
 
@@ -241,6 +237,36 @@ def test_rbln_backend_is_created_through_nixl_rbln_and_preferred() -> None:
         npu.transport.stage_out([2])
         pull(cpu, npu, [2], [5, 6], 0, 64)  # the CPU engine (UCX only) still reads the NPU's staging
         check(cpu.views, [5, 6], 0, 64)
+    finally:
+        npu.transport.close()
+        cpu.transport.close()
+
+
+@pytest.mark.nixl
+def test_a_pull_waits_for_room_in_the_receive_pool_and_refuses_what_never_fits() -> None:
+    npu, cpu = engine("rbln-blocks-first", 40, 64), engine("cpu", 80, 32)
+    try:
+        peer = cpu.transport.add_peer(npu.transport.local_metadata(), npu.transport.regions)
+        puller = CrossLayoutPuller(cpu.transport, cpu.views, 64 << 10)
+        per_block = npu.wire.page_bytes * LAYERS  # one NPU block of every layer: 8 KiB
+        big = plan_tokens(list(range(40)), 64, list(range(80)), 32, 0, 40 * 64)
+        with pytest.raises(PoolTooSmall, match="relayout_buffer_mb"):
+            puller.start(peer, npu.wire, big, b"")  # 320 KiB > 64 KiB
+        fits = (64 << 10) // per_block
+        whole = plan_tokens(list(range(fits)), 64, list(range(80)), 32, 0, fits * 64)
+        first = puller.start(peer, npu.wire, whole, b"")
+        assert first is not None and puller.pool.free_bytes == 0
+        small = plan_tokens([0], 64, [0, 1], 32, 0, 64)
+        assert puller.start(peer, npu.wire, small, b"") is None  # full: try again later
+        wait_until(lambda: cpu.transport.poll(first.handle) != XferState.PENDING, 20, "the READ")
+        cpu.transport.release(first.handle)
+        puller.abandon(first)
+        again = puller.start(peer, npu.wire, small, b"")
+        assert again is not None
+        wait_until(lambda: cpu.transport.poll(again.handle) != XferState.PENDING, 20, "the READ")
+        cpu.transport.release(again.handle)
+        puller.finish(again)
+        assert puller.pool.free_bytes == puller.pool.nbytes
     finally:
         npu.transport.close()
         cpu.transport.close()
