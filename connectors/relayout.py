@@ -159,36 +159,48 @@ class RecvPool:
 
 
 # ---- re-layout on receive -----------------------------------------------------------------------
+def pieces(plan: TokenPlan, remote_block_size: int, local_block_size: int) -> list[tuple[int, int, int, int, int]]:
+    """``(local block, offset in it, slot page, offset in it, tokens)``: the runs of tokens that stay
+    together between the slot's pages and the local blocks (about one per page plus one per block)."""
+    out = []
+    total = plan.num_tokens
+    for k, block in enumerate(plan.local_blocks):
+        lo, hi = k * local_block_size, min((k + 1) * local_block_size, total)
+        t = lo
+        while t < hi:
+            page, off = divmod(plan.skip + t, remote_block_size)
+            n = min(hi - t, remote_block_size - off)
+            out.append((block, t - lo, page, off, n))
+            t += n
+    return out
+
+
 def relayout_into(
     slot: torch.Tensor, remote: KVLayout, plan: TokenPlan, local_views: Sequence[torch.Tensor]
 ) -> int:
     """Copy the tokens of ``plan`` from ``slot`` (filled by :func:`~.layout.read_descriptors` with
     ``plan.remote_blocks`` of ``remote``) into ``local_views`` (``[B, 2, H, S, D]`` per layer, any
-    device). Returns the bytes written into the cache."""
+    device). One strided copy per piece (:func:`pieces`), all in one ``torch._foreach_copy_``: no
+    intermediate buffer. Returns the bytes written into the cache."""
     runs = block_runs(remote)
     n = len(plan.remote_blocks)
     dtype = torch_dtype(remote.dtype)
     need = remote.num_layers * n * remote.page_bytes
     if slot.numel() < need or len(local_views) != remote.num_layers:
         raise ValueError("receive slot or local layers do not match the plan")
-    src = slot[:need].view(dtype).view(remote.num_layers, n, *runs.shape)
-    # the slot's axes in canonical order: [layer, block, K, H, S, D]
-    perm = [0, 1, *(2 + runs.order.index(a) for a in "KHSD")]
-    src = src.permute(*perm)
     first = local_views[0]
     if first.dtype != dtype:
         raise ValueError(f"local KV dtype {first.dtype} is not the wire's {dtype}")
-    s_local = first.shape[3]
-    skip, total = plan.skip, plan.num_tokens
+    # the slot's axes in canonical order: [layer, page, K, H, S, D] (a view: strided unless KHSD)
+    src = slot[:need].view(dtype).view(remote.num_layers, n, *runs.shape)
+    src = src.permute(0, 1, *(2 + runs.order.index(a) for a in "KHSD"))
+    cut = pieces(plan, remote.block_size, first.shape[3])
     dsts: list[torch.Tensor] = []
     srcs: list[torch.Tensor] = []
     for layer, dst in enumerate(local_views):
-        # [n, 2, H, S_r, D] -> [2, H, n * S_r, D]: the request's tokens in order
-        tokens = src[layer].permute(1, 2, 0, 3, 4).reshape(2, remote.num_kv_heads, n * remote.block_size, -1)
-        for k, block in enumerate(plan.local_blocks):
-            lo = k * s_local
-            cnt = min(s_local, total - lo)
-            dsts.append(dst[block, :, :, :cnt])
-            srcs.append(tokens[:, :, skip + lo : skip + lo + cnt])
+        s = src[layer]
+        for block, doff, page, soff, cnt in cut:
+            dsts.append(dst[block, :, :, doff : doff + cnt])
+            srcs.append(s[page, :, :, soff : soff + cnt])
     torch._foreach_copy_(dsts, srcs)
-    return sum(t.numel() for t in dsts) * first.element_size()
+    return plan.num_tokens * len(local_views) * 2 * remote.num_kv_heads * remote.head_size * first.element_size()
