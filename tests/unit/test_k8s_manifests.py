@@ -39,6 +39,8 @@ from vllm_llmd.router.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "kubernetes"
+#: every kustomization under examples/ (examples/kubernetes and examples/rbln) is rendered and validated
+ALL_EXAMPLES = ROOT / "examples"
 K8S_VERSIONS = ("1.32", "1.37")
 BIN = Path(sys.executable).parent
 
@@ -55,7 +57,7 @@ def _tool(name: str) -> str:
 
 def _kustomizations() -> list[Path]:
     out = []
-    for k in sorted(EXAMPLES.rglob("kustomization.yaml")):
+    for k in sorted(ALL_EXAMPLES.rglob("kustomization.yaml")):
         if yaml.safe_load(k.read_text()).get("kind", "Kustomization") == "Kustomization":
             out.append(k.parent)
     return out
@@ -122,11 +124,12 @@ KUSTOMIZATIONS = _kustomizations()
 
 
 def test_the_expected_kustomizations_exist() -> None:
-    names = {p.relative_to(EXAMPLES).as_posix() for p in KUSTOMIZATIONS}
-    assert names == {"base", "overlays/gpu", "overlays/npu", "overlays/mixed", "overlays/gateway"}
+    names = {p.relative_to(ALL_EXAMPLES).as_posix() for p in KUSTOMIZATIONS}
+    k8s = {"base", "overlays/gpu", "overlays/npu", "overlays/mixed", "overlays/gateway"}
+    assert names == {f"kubernetes/{n}" for n in k8s} | {"rbln", "rbln/compile"}
 
 
-@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.relative_to(EXAMPLES).as_posix())
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.relative_to(ALL_EXAMPLES).as_posix())
 def test_renders_and_every_object_validates(directory: Path) -> None:
     docs = render(directory)
     assert docs
@@ -234,6 +237,50 @@ def test_npu_pool_targets_rebellions_nodes() -> None:
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["VLLM_RBLN_USE_DEVICE_TENSOR"] == "1" and "--model-impl=vllm" in c["args"]
     assert any(a.startswith("--block-size=") for a in c["args"])
+
+
+def test_rbln_example_prefills_on_gpus_and_decodes_on_npus() -> None:
+    """examples/rbln: the GPU pool produces KV (role prefill), the NPU pool consumes it (role decode,
+    vllm-rbln's vLLM model path with 1024-token blocks), and the router disaggregates."""
+    engines = {d["metadata"]["name"]: d for d in _engines("../rbln")}
+    assert set(engines) == {"vllm-gpu", "vllm-npu"}
+    roles = {}
+    for name, dep in engines.items():
+        tmpl = dep["spec"]["template"]
+        (c,) = tmpl["spec"]["containers"]
+        (ktc,) = [json.loads(a.split("=", 1)[1]) for a in c["args"] if a.startswith("--kv-transfer-config=")]
+        roles[name] = (tmpl["metadata"]["labels"]["llmd.ai/role"], ktc["kv_role"])
+    assert roles == {"vllm-gpu": ("prefill", "kv_producer"), "vllm-npu": ("decode", "kv_consumer")}
+    (npu_c,) = engines["vllm-npu"]["spec"]["template"]["spec"]["containers"]
+    assert "--model-impl=vllm" in npu_c["args"] and "--block-size=1024" in npu_c["args"]
+    cfg = _router_config("../rbln")
+    assert cfg.pd is not None and cfg.pd.threshold_tokens > 0
+
+
+def test_rbln_compile_job_runs_the_shipped_compile_script() -> None:
+    docs = render(ALL_EXAMPLES / "rbln" / "compile")
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    script = ALL_EXAMPLES / "rbln" / "compile" / "compile_model.py"
+    assert cm["data"]["compile_model.py"] == script.read_text()
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["python", "/opt/compile/compile_model.py"]
+    (vol,) = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "script"]
+    assert vol["configMap"]["name"] == cm["metadata"]["name"]  # the hashed name kustomize generated
+    # the script parses its arguments (the compile itself needs Rebellions' compiler: never run here)
+    args = [a for a in c["args"]]
+    ok = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "optimum-rbln" in ok.stdout
+    sys.path.insert(0, str(script.parent))
+    try:
+        import compile_model
+
+        parsed = compile_model.parse_args([a for a in args])
+        assert (parsed.block_size, parsed.max_seq_len, parsed.npu) == (1024, 8192, "RBLN-CA25")
+        with pytest.raises(SystemExit):
+            compile_model.parse_args(["--model", "m", "--out", "o", "--max-seq-len", "1500", "--block-size", "1024"])
+    finally:
+        sys.path.remove(str(script.parent))
 
 
 def test_router_deployment_rbac_and_probes() -> None:
