@@ -15,10 +15,18 @@ class ConnectorConfigError(ValueError):
 
 @dataclass(frozen=True)
 class LLMDConnectorConfig:
-    #: transport moving the bytes ("nixl"; "rbln" later)
-    transport: str = "nixl"
-    #: NIXL backends (UCX moves DRAM and VRAM)
-    backends: tuple[str, ...] = ("UCX",)
+    #: transport moving the bytes: "auto" (picked per platform, connectors/platform.py), "nixl" (the
+    #: KV cache registered as it is: CPU, CUDA) or "rbln" (RBLN device tensors: host staging or d2d)
+    transport: str = "auto"
+    #: NIXL backends, in order of preference; empty = the platform's (UCX; RBLN engines put NIXL's
+    #: RBLN backend first when nixl_rbln imports). The handshake uses the first both sides have
+    backends: tuple[str, ...] = ()
+    #: RBLN engines: "host" (page-aligned host staging, readable by any peer) or "d2d" (NPU memory
+    #: registered by nixl_rbln; only peers with the RBLN backend and the same geometry read it)
+    rbln_path: str = "host"
+    #: receive pool for cross-layout pulls (peer blocks of another size or byte order), MiB of host
+    #: memory, allocated at the first such peer; 0 refuses those peers (docs/rbln.md: sizing)
+    relayout_buffer_mb: int = 256
     #: address the decode side dials for the handshake; advertised in kv_transfer_params
     side_channel_host: str = "127.0.0.1"
     #: port of the handshake side channel; 0 = any free port (the worker tells the scheduler)
@@ -101,5 +109,11 @@ class LLMDConnectorConfig:
                     raise ConnectorConfigError(
                         f"LLMDConnector: allowed_peers entry {entry!r} is not a network or host"
                     ) from exc
+        if self.transport not in ("auto", "nixl", "rbln"):
+            raise ConnectorConfigError(f"LLMDConnector: transport {self.transport!r} is not auto, nixl or rbln")
+        if self.rbln_path not in ("host", "d2d"):
+            raise ConnectorConfigError(f"LLMDConnector: rbln_path {self.rbln_path!r} is not host or d2d")
+        if not 0 <= self.relayout_buffer_mb <= 1 << 20:
+            raise ConnectorConfigError("LLMDConnector: relayout_buffer_mb must be between 0 and 1048576")
         if self.max_message_bytes < 1024:
             raise ConnectorConfigError("LLMDConnector: max_message_bytes must be at least 1024")

@@ -9,9 +9,12 @@ so its frame count cannot be bounded below ZMQ: a 3,000-frame message of 60 KB f
 server from 20 to 353 MiB before this bound; now the first such frame disconnects the peer), and
 logs about dropped messages are rate-limited. The client accepts one-frame answers only.
 
-The decode side checks that the two engines are compatible (model,
-dtype, block layout and size, number of regions/layers, transport) and that it reached the engine
-named in the prefill response, and raises :class:`HandshakeMismatch` with every differing field.
+The decode side checks that it reached the engine named in the prefill response and agrees a plan
+with it (connectors/negotiate.py): move blocks as they are (same model, dtype, block size and
+layout), re-lay them out on receive (same model, dtype and head layout; block size or byte order
+differ: the peer's canonical :class:`~.layout.KVLayout` says where its blocks are), over a NIXL
+backend both have; anything else raises :class:`HandshakeMismatch` naming every field that stands
+in the way.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import threading
 
 import msgspec
 import zmq
+from vllm_llmd.connectors.layout import KVLayout
+from vllm_llmd.connectors.negotiate import ALWAYS, DIRECT, Plan, describe_problems, negotiate
 from vllm_llmd.connectors.transports.base import Region
 
 from vllm_llmd.wire.curve import CurveClient, CurveServer, stop_authenticator
@@ -30,23 +35,14 @@ logger = logging.getLogger("vllm.vllm_llmd.connectors")
 
 _dropped_log = LogLimiter(logger)
 
-PROTOCOL_VERSION = 1
+#: 2: backends, canonical KV layout, KV group count and platform in EngineInfo (cross-layout plans)
+PROTOCOL_VERSION = 2
 #: what a REQ peer's request is on a ROUTER: [identity, b"", payload]
 REQUEST_FRAMES = 3
 #: largest request frame the server accepts (a request is ~30 bytes)
 MAX_REQUEST_BYTES = 4096
-#: fields both sides must agree on before any block moves
-COMPAT_FIELDS = (
-    "protocol",
-    "model",
-    "kv_dtype",
-    "block_size",
-    "num_layers",
-    "layout",
-    "block_len",
-    "transport",
-    "memory",
-)
+#: fields compared before any block moves (connectors/negotiate.py decides what a difference means)
+COMPAT_FIELDS = (*ALWAYS, *DIRECT)
 
 
 class HandshakeError(RuntimeError):
@@ -73,6 +69,13 @@ class EngineInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     memory: str
     agent_metadata: bytes
     regions: list[Region]
+    #: NIXL backends this engine can move bytes with, in its order of preference
+    backends: list[str] = msgspec.field(default_factory=lambda: ["UCX"])
+    #: where its blocks are, canonically (None: blocks move only to engines laid out the same)
+    kv_layout: KVLayout | None = None
+    num_kv_groups: int = 1
+    #: "cpu", "cuda", "rbln", ... (logs and errors only)
+    platform: str = ""
 
     def mismatches(self, other: EngineInfo) -> dict[str, tuple[object, object]]:
         pairs = {f: (getattr(self, f), getattr(other, f)) for f in COMPAT_FIELDS}
@@ -97,13 +100,18 @@ _reply_decoder = msgspec.msgpack.Decoder(HandshakeReply | HandshakeRefused)
 _encoder = msgspec.msgpack.Encoder()
 
 
-def check_compatible(local: EngineInfo, remote: EngineInfo, expected_engine_id: str | None) -> None:
-    diffs = local.mismatches(remote)
+def check_compatible(
+    local: EngineInfo, remote: EngineInfo, expected_engine_id: str | None, can_relayout: bool = False
+) -> Plan:
+    """The plan for pulling from ``remote`` (``HandshakeMismatch`` naming every field otherwise)."""
+    plan, problems = negotiate(local, remote, can_relayout=can_relayout)
     if expected_engine_id is not None and remote.engine_id != expected_engine_id:
-        diffs["engine_id"] = (expected_engine_id, remote.engine_id)
-    if diffs:
-        detail = ", ".join(f"{k}: local={a!r} remote={b!r}" for k, (a, b) in sorted(diffs.items()))
-        raise HandshakeMismatch(f"LLMDConnector handshake with engine {remote.engine_id!r} refused: {detail}")
+        plan, problems = None, {"engine_id": (expected_engine_id, remote.engine_id), **problems}
+    if plan is None:
+        raise HandshakeMismatch(
+            f"LLMDConnector handshake with engine {remote.engine_id!r} refused: {describe_problems(problems)}"
+        )
+    return plan
 
 
 class HandshakeServer:

@@ -40,6 +40,9 @@ MAX_LAYERS = 4096
 MAX_HEADS = 1024
 MAX_HEAD_SIZE = 8192
 MAX_BLOCK_SIZE = 1 << 16
+#: a block read in more runs than this is refused (a hostile or broken layout could otherwise make a
+#: reader enumerate 2 x heads x tokens offsets per block)
+MAX_RUNS_PER_BLOCK = 4096
 
 _Pos = Annotated[int, msgspec.Meta(ge=0)]
 _Stride = Annotated[int, msgspec.Meta(ge=0, le=1 << 48)]
@@ -100,12 +103,11 @@ class BlockRuns:
     run_len: int
 
 
-def block_runs(layout: KVLayout) -> BlockRuns:
-    """Split a block into the fewest contiguous runs (the axes' strides are the same in every layer)."""
+def _split(layout: KVLayout) -> tuple[list[str], int, int]:
+    """``(axes outer -> inner, index of the first dense axis, run length in bytes)``."""
     ext, st = layout.extents(), layout.strides()
     # outer → inner by stride; a size-1 axis goes innermost (its stride is meaningless)
     axes = sorted("KHS", key=lambda a: (ext[a] > 1, st[a]), reverse=True)
-    order = "".join(axes) + "D"
     dense = layout.head_size * layout.elem_bytes
     inner = len(axes)
     for i in range(len(axes) - 1, -1, -1):
@@ -117,6 +119,22 @@ def block_runs(layout: KVLayout) -> BlockRuns:
             break
         dense *= ext[a]
         inner = i
+    return axes, inner, dense
+
+
+def runs_per_block(layout: KVLayout) -> int:
+    axes, inner, _ = _split(layout)
+    return int(np.prod([layout.extents()[a] for a in axes[:inner]], dtype=np.int64))
+
+
+def block_runs(layout: KVLayout) -> BlockRuns:
+    """Split a block into the fewest contiguous runs (the axes' strides are the same in every layer)."""
+    axes, inner, dense = _split(layout)
+    ext, st = layout.extents(), layout.strides()
+    order = "".join(axes) + "D"
+    n = runs_per_block(layout)
+    if n > MAX_RUNS_PER_BLOCK:
+        raise ValueError(f"a block of this layout is {n} runs (at most {MAX_RUNS_PER_BLOCK})")
     outer_axes = axes[:inner]
     offs = np.zeros(1, dtype=np.int64)
     for a in outer_axes:
@@ -131,6 +149,8 @@ def mapping_problems(local: KVLayout, remote: KVLayout) -> dict[str, tuple[objec
         a, b = getattr(local, f), getattr(remote, f)
         if a != b:
             out[f"kv_layout.{f}"] = (a, b)
+    if runs_per_block(remote) > MAX_RUNS_PER_BLOCK:
+        out["kv_layout.runs_per_block"] = (runs_per_block(local), runs_per_block(remote))
     for name, lay in (("local", local), ("remote", remote)):
         if any(lk.stride_block == 0 for lk in lay.layers):
             out[f"kv_layout.stride_block ({name})"] = ("> 0", 0)

@@ -3,10 +3,13 @@
 Prefill/decode disaggregation by *pull*: the prefill engine (``kv_producer`` or ``kv_both``, request
 carrying ``kv_transfer_params.do_remote_decode``) computes the prompt, holds its blocks under a
 lease and returns ``kv_transfer_params``; the decode engine (request carrying those params with
-``do_remote_prefill``) pulls the blocks through a transport (NIXL: DRAM on CPU, VRAM on GPU),
-then decodes. A failed or timed-out pull is reported as a failed receive and vLLM prefills
-locally (``kv_load_failure_policy="recompute"``, set by this connector unless configured
-otherwise): the request still completes. Requests without ``kv_transfer_params`` run as on a
+``do_remote_prefill``) pulls the blocks through a transport (picked per platform: NIXL with DRAM
+on CPU and VRAM on GPU; on Rebellions NPUs host staging or nixl_rbln, connectors/platform.py),
+then decodes. Engines whose block sizes or KV byte orders differ (a GPU and an NPU) hand off through
+a re-layout on receive, agreed in the handshake (connectors/negotiate.py). A failed or timed-out
+pull is reported as a failed receive and vLLM prefills locally
+(``kv_load_failure_policy="recompute"``, set by this connector unless configured otherwise): the
+request still completes. Requests without ``kv_transfer_params`` run as on a
 plain engine.
 
 Shape follows ``KVConnectorBase_V1`` (vllm/distributed/kv_transfer/kv_connector/v1/base.py) as it
@@ -105,7 +108,23 @@ class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
         return None
 
     def wait_for_save(self) -> None:
-        return None
+        # host-staging transports copy the blocks of prompts finished this step to host memory here,
+        # before vLLM finishes those requests and their kv_transfer_params leave the engine
+        if self.worker is not None and self.has_connector_metadata():
+            meta = self._get_connector_metadata()
+            if isinstance(meta, LLMDConnectorMetadata) and meta.stage:
+                self.worker.stage_out(meta.stage)
+
+    def set_host_xfer_buffer_ops(self, copy_operation: Any) -> None:
+        # the model runner's host <-> device block copy (vllm-rbln's runner passes its own)
+        if self.worker is not None:
+            self.worker.set_copy_op(copy_operation)
+
+    def finalize_kv_cache_registration(self) -> None:
+        """vllm-rbln's runner calls this after warm-up (its ``SupportsKVCacheRegistrationFinalize``
+        protocol): the RBLN d2d path registers device memory only then."""
+        if self.worker is not None:
+            self.worker.finalize_registration()
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         assert self.worker is not None
@@ -143,7 +162,7 @@ class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         assert self.scheduler is not None
-        return self.scheduler.build_connector_meta()
+        return self.scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         assert self.scheduler is not None

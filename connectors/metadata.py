@@ -26,6 +26,10 @@ class RecvJob:
     #: the scheduler promised vLLM a load it cannot start (why): the worker reports it failed, so
     #: vLLM prefills locally instead of waiting for blocks that never come
     refused: str | None = None
+    #: the request's tokens ``[first_token, end_token)`` to load (``first_token``: this engine's own
+    #: prefix hit); a cross-layout pull maps them onto the prefill engine's whole block list
+    first_token: int = 0
+    end_token: int = 0
 
 
 @dataclass
@@ -34,3 +38,6 @@ class LLMDConnectorMetadata(KVConnectorMetadata):
     recv: list[RecvJob] = field(default_factory=list)
     #: prefill side: request id → lease seconds, for blocks now held for a consumer
     send: dict[str, float] = field(default_factory=dict)
+    #: prefill side, host-staging transports (RBLN): request id → blocks whose prompt KV this step
+    #: completes; copied to host memory in ``wait_for_save``, before the request's params go out
+    stage: dict[str, list[int]] = field(default_factory=dict)

@@ -10,11 +10,12 @@ anything with the same attributes) and returns a :class:`Plan` or the fields tha
    in-block byte order all equal: region ``r``'s block ``b`` pairs with the peer's region ``r``,
    block ``b'`` (what every same-kind hand-off does).
 3. **relayout** otherwise, when both publish a canonical :class:`~.layout.KVLayout` that maps
-   (same layers, KV heads, head size, element dtype), the decode side has a receive pool, and each
+   (same layers, KV heads, head size, element dtype; the peer's layers inside the memory it
+   registered, a bounded number of runs per block), the decode side has a receive pool, and each
    side has one KV cache group (a hybrid model's groups have their own block tables).
 
-A refusal names every field: first why blocks cannot move as they are, then why they cannot be
-re-laid out; the decode side logs it and prefills locally.
+A refusal names every field that differs or stands in the way (sorted by name): why blocks cannot
+move as they are and why they cannot be re-laid out; the decode side logs it and prefills locally.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_llmd.connectors.layout import mapping_problems, same_layout
+from vllm_llmd.connectors.layout import mapping_problems, outside, same_layout
 
 ALWAYS = ("protocol", "model", "kv_dtype", "transport")
 DIRECT = ("block_size", "num_layers", "block_len", "memory", "layout")
@@ -60,9 +61,9 @@ def negotiate(local: Any, remote: Any, *, can_relayout: bool) -> tuple[Plan | No
     common = tuple(b for b in ours if b in theirs)
     if not common:
         problems["backends"] = (list(ours), list(theirs))
-    if problems:
-        return None, problems
     direct = direct_differences(local, remote)
+    if problems:
+        return None, {**problems, **direct}
     if not direct:
         return Plan("direct", common, ""), {}
     relayout: Problems = {}
@@ -78,6 +79,10 @@ def negotiate(local: Any, remote: Any, *, can_relayout: bool) -> tuple[Plan | No
         relayout["num_kv_groups"] = groups
     if lay_l is not None and lay_r is not None:
         relayout.update(mapping_problems(lay_l, lay_r))
+        spans = [(r.base_addr, r.nbytes) for r in getattr(remote, "regions", ()) or ()]
+        bad = outside(lay_r, spans) if not relayout else []
+        if bad:  # it could only make us read its own other memory, but it is not a layout we can trust
+            relayout["kv_layout.layers (remote)"] = ("inside the registered regions", f"layers {bad[:8]} outside")
     if relayout:
         return None, {**direct, **relayout}
     why = ", ".join(f"{k} {rv}->{lv}" for k, (lv, rv) in sorted(direct.items()))
@@ -85,4 +90,4 @@ def negotiate(local: Any, remote: Any, *, can_relayout: bool) -> tuple[Plan | No
 
 
 def describe_problems(problems: Problems) -> str:
-    return ", ".join(f"{k}: local={a!r} remote={b!r}" for k, (a, b) in problems.items())
+    return ", ".join(f"{k}: local={a!r} remote={b!r}" for k, (a, b) in sorted(problems.items()))

@@ -3,15 +3,23 @@
 Prefill side (``do_remote_decode``): when the one-token prefill finishes, hold its blocks under a
 lease (``delay_free``), announce them in KV events, and return the ``kv_transfer_params`` a decode
 engine needs. Decode side (``do_remote_prefill``): report the prompt as external tokens loaded
-asynchronously, and hand the worker the local/remote block mapping to pull.
+asynchronously, and hand the worker the local/remote block mapping to pull. The two engines' block
+sizes may differ: the worker then maps the request's token range onto the prefill engine's blocks
+(a cross-layout pull, connectors/xpull.py; whether the two can is agreed in the handshake).
 
 Hostile ``kv_transfer_params``: vLLM puts whatever a client sent (body or ``vllm_xargs``) into
 ``Request.kv_transfer_params``. :meth:`LLMDConnectorScheduler.admit` (vLLM's ``on_new_request``
 hook, called before vLLM's own scheduler reads the params) checks them once with
-:func:`vllm_llmd.wire.parse_kv_transfer_params` plus this engine's limits (block size, KV cache
-groups, max model length, which peers it may dial); params it refuses are replaced by ``None``
-with one (rate-limited) log line, and the request is served like a plain one. Every entry point
-vLLM calls goes through the same check and never lets an exception reach the engine core.
+:func:`vllm_llmd.wire.parse_kv_transfer_params` plus this engine's limits (KV cache groups, max
+model length, which peers it may dial; the block size too when ``relayout_buffer_mb`` is 0, as no
+re-layout can then bridge another one); params it refuses are replaced by ``None`` with one
+(rate-limited) log line, and the request is served like a plain one. Every entry point vLLM calls
+goes through the same check and never lets an exception reach the engine core.
+
+Host-staging transports (RBLN): the worker must copy a prefill request's blocks to host memory
+before its ``kv_transfer_params`` leave the engine, so the step that completes a ``do_remote_decode``
+prompt carries its block ids in ``meta.stage`` (copied in ``wait_for_save``, which runs before vLLM
+finishes the request). Only on RBLN engines (vLLM's ``current_platform``), where it is needed.
 """
 
 from __future__ import annotations
@@ -95,6 +103,12 @@ class LLMDConnectorScheduler:
         self._stats = LLMDConnectorStats()
         self._gauges_dirty = False
         self._refusals = LogLimiter(logger)
+        from vllm_llmd.connectors.platform import current_vllm_platform, is_rbln_platform
+
+        platform = current_vllm_platform()
+        self.stages = platform is not None and is_rbln_platform(platform)
+        #: prefill requests whose prompt is being computed: request, block ids so far (per group)
+        self._to_stage: dict[str, tuple[Request, list[list[int]]]] = {}
 
     # ---- start-up ------------------------------------------------------------------------
     def set_side_channel(self, host: str, port: int) -> None:
@@ -121,8 +135,9 @@ class LLMDConnectorScheduler:
             parsed = parse_kv_transfer_params(request.kv_transfer_params)
             why = None
             if isinstance(parsed, RemotePrefill):
+                same = self.block_size if not self.cfg.relayout_buffer_mb else None
                 why = parsed.misfit(
-                    block_size=self.block_size, num_groups=self.num_groups, max_tokens=self.max_tokens
+                    num_groups=self.num_groups, max_tokens=self.max_tokens, block_size=same
                 ) or peer_refusal(parsed.remote_host, self.cfg.allowed_peers)
         except KVParamsError as exc:
             parsed, why = None, str(exc)
@@ -159,6 +174,8 @@ class LLMDConnectorScheduler:
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if self.stages and self.is_producer and isinstance(self.admit(request), RemoteDecode):
+            self._to_stage.setdefault(request.request_id, (request, []))
         remote = self._remote_prefill(request)
         if remote is None:
             if num_external_tokens > 0:  # cannot happen: we reported none; never leave vLLM waiting
@@ -170,21 +187,33 @@ class LLMDConnectorScheduler:
             self._recv.append(RecvJob(request.request_id, remote, [], []))
             return
         try:
-            local = blocks.get_unhashed_block_ids_all_groups()
-            computed = [sum(b.block_hash is not None and not b.is_null for b in group) for group in blocks.blocks]
-            remote_ids = [
-                list(remote.remote_block_ids[g][computed[g] : computed[g] + len(local[g])])
-                if g < len(remote.remote_block_ids)
-                else []
-                for g in range(len(local))
-            ]
-            short = [g for g in range(len(local)) if len(remote_ids[g]) != len(local[g])]
-            refused = f"the prefill engine offers too few blocks in KV group(s) {short}" if short else None
-            job = RecvJob(request.request_id, remote, [list(g) for g in local], remote_ids, refused=refused)
+            job = self._recv_job(request.request_id, remote, blocks, num_external_tokens)
         except Exception as exc:
             job = RecvJob(request.request_id, remote, [], [], refused=f"{type(exc).__name__}: {exc}")
         # vLLM now waits for this request's blocks: the worker must answer, even if only "failed"
         self._recv.append(job)
+
+    def _recv_job(self, rid: str, remote: RemotePrefill, blocks: KVCacheBlocks, num_external: int) -> RecvJob:
+        local = [list(g) for g in blocks.get_unhashed_block_ids_all_groups()]
+        computed = [sum(b.block_hash is not None and not b.is_null for b in group) for group in blocks.blocks]
+        first = computed[0] * self.block_size if computed else 0
+        end = first + num_external
+        if remote.remote_block_size != self.block_size:
+            # a cross-layout pull: the worker maps [first, end) onto the prefill engine's blocks
+            need = -(-end // remote.remote_block_size)
+            short = [g for g in range(len(local)) if g >= len(remote.remote_block_ids)]
+            short += [g for g, ids in enumerate(remote.remote_block_ids) if len(ids) < need]
+            refused = f"the prefill engine offers too few blocks in KV group(s) {sorted(set(short))}" if short else None
+            return RecvJob(rid, remote, local, [[] for _ in local], refused=refused, first_token=first, end_token=end)
+        remote_ids = [
+            list(remote.remote_block_ids[g][computed[g] : computed[g] + len(local[g])])
+            if g < len(remote.remote_block_ids)
+            else []
+            for g in range(len(local))
+        ]
+        short = [g for g in range(len(local)) if len(remote_ids[g]) != len(local[g])]
+        refused = f"the prefill engine offers too few blocks in KV group(s) {short}" if short else None
+        return RecvJob(rid, remote, local, remote_ids, refused=refused, first_token=first, end_token=end)
 
     # ---- prefill side --------------------------------------------------------------------
     def request_finished(
@@ -251,10 +280,42 @@ class LLMDConnectorScheduler:
         return hashes
 
     # ---- every step ----------------------------------------------------------------------
-    def build_connector_meta(self) -> LLMDConnectorMetadata:
-        meta = LLMDConnectorMetadata(recv=self._recv, send=self._send)
+    def build_connector_meta(self, scheduler_output: Any = None) -> LLMDConnectorMetadata:
+        meta = LLMDConnectorMetadata(recv=self._recv, send=self._send, stage=self._staging(scheduler_output))
         self._recv, self._send = [], {}
         return meta
+
+    def _staging(self, so: Any) -> dict[str, list[int]]:
+        """Blocks of prefill requests whose prompt this step completes (accumulating each request's
+        block ids as vLLM's scheduler output hands them out, as vLLM's NIXL scheduler does)."""
+        if not self._to_stage or so is None:
+            return {}
+        for new in so.scheduled_new_reqs:
+            entry = self._to_stage.get(new.req_id)
+            if entry is not None:
+                entry[1][:] = [list(g) for g in new.block_ids]
+        cached = so.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            entry = self._to_stage.get(rid)
+            ids = cached.new_block_ids[i]
+            if entry is None or ids is None:
+                continue
+            if rid in cached.resumed_req_ids:
+                entry[1][:] = [list(g) for g in ids]
+            else:
+                for g, more in enumerate(ids):
+                    while len(entry[1]) <= g:
+                        entry[1].append([])
+                    entry[1][g].extend(more)
+        out: dict[str, list[int]] = {}
+        for rid, (request, ids) in list(self._to_stage.items()):
+            n = so.num_scheduled_tokens.get(rid, 0)
+            if n and request.num_computed_tokens + n >= request.num_prompt_tokens:
+                out[rid] = sorted({b for g in ids for b in g})
+                del self._to_stage[rid]
+            elif request.is_finished():
+                del self._to_stage[rid]
+        return out
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         for rid in output.finished_sending or ():

@@ -27,6 +27,11 @@ COUNTERS = (
     "leases_expired",  # ... released because the lease ran out
     "blocks_leased",
     "kv_params_refused",  # requests whose kv_transfer_params were refused (served locally instead)
+    "relayout_transfers",  # decode side: pulls re-laid out on receive (another block size or byte order)
+    "relayout_bytes",  # ... bytes written into this engine's cache by those re-layouts
+    "relayout_seconds",  # ... time spent re-laying out
+    "staged_out_bytes",  # host-staging transports (RBLN): device -> host copies before a peer reads
+    "staged_in_bytes",  # ... host -> device copies after a pull
 )
 GAUGES = ("held_blocks", "held_requests")
 
@@ -110,6 +115,24 @@ class LLMDPromMetrics(KVConnectorPromMetrics):
             documentation="Requests whose kv_transfer_params the connector refused (served without a transfer).",
             labelnames=lbl,
         )
+        self._relayouts = self._counter_cls(
+            name="llmd:kv_relayout_transfers",
+            documentation="Pulls whose blocks were re-laid out on receive (the peer's block size or layout differs).",
+            labelnames=lbl,
+        )
+        self._relayout_bytes = self._counter_cls(
+            name="llmd:kv_relayout_bytes",
+            documentation="KV bytes written into this engine's cache by re-layouts on receive.",
+            labelnames=lbl,
+        )
+        self._relayout_seconds = self._counter_cls(
+            name="llmd:kv_relayout_seconds", documentation="Time spent re-laying out received KV.", labelnames=lbl
+        )
+        self._staged = self._counter_cls(
+            name="llmd:kv_staged_bytes",
+            documentation="KV bytes copied between device and host staging (RBLN), by direction.",
+            labelnames=[*lbl, "direction"],
+        )
         self._held = self._gauge_cls(
             name="llmd:kv_lease_held_blocks",
             documentation="Blocks held under a lease for a decode engine.",
@@ -144,6 +167,16 @@ class LLMDPromMetrics(KVConnectorPromMetrics):
                 self._leases.labels(*labels, event).inc(d[key])
         if d.get("kv_params_refused"):
             self._refused.labels(*labels).inc(d["kv_params_refused"])
+        for key, counter in (
+            ("relayout_transfers", self._relayouts),
+            ("relayout_bytes", self._relayout_bytes),
+            ("relayout_seconds", self._relayout_seconds),
+        ):
+            if d.get(key):
+                counter.labels(*labels).inc(d[key])
+        for direction, key in (("d2h", "staged_out_bytes"), ("h2d", "staged_in_bytes")):
+            if d.get(key):
+                self._staged.labels(*labels, direction).inc(d[key])
         if "held_blocks" in d:
             self._held.labels(*labels).set(d["held_blocks"])
         if "held_requests" in d:

@@ -1,9 +1,16 @@
 """Worker half of ``LLMDConnector`` (runs in each vLLM worker process).
 
-Registers the KV cache with the transport, serves the handshake side channel, pulls blocks for
-decode requests (async: reported through ``finished_recving``; failures through
-``failed_recving`` so the scheduler recomputes the prefill locally), and on the prefill side
-releases leased blocks when the consumer's completion notification arrives or the lease expires.
+Registers the KV cache with the transport the platform needs (connectors/kv_setup.py), serves the
+handshake side channel, pulls blocks for decode requests (async: reported through
+``finished_recving``; failures through ``failed_recving`` so the scheduler recomputes the prefill
+locally), and on the prefill side releases leased blocks when the consumer's completion
+notification arrives or the lease expires.
+
+A pull is one of two kinds, agreed per peer in the handshake (connectors/negotiate.py): *direct*
+(same block size and layout: region ``r`` block ``b`` into region ``r`` block ``b'``) or *relayout*
+(the peer's blocks are read as they are into a receive pool and re-laid out on receive,
+connectors/xpull.py). Host-staging transports (RBLN) copy prefill blocks to host memory in
+``wait_for_save`` and pulled blocks onto the device before reporting them received.
 """
 
 from __future__ import annotations
@@ -27,17 +34,14 @@ from vllm_llmd.connectors.handshake import (
     check_compatible,
     fetch_engine_info,
 )
+from vllm_llmd.connectors.kv_setup import KVSetup, setup_kv
+from vllm_llmd.connectors.layout import plan_tokens
 from vllm_llmd.connectors.metadata import LLMDConnectorMetadata, RecvJob, RemotePrefill
+from vllm_llmd.connectors.negotiate import Plan
 from vllm_llmd.connectors.stats import LLMDConnectorStats
-from vllm_llmd.connectors.transports import (
-    KVTransport,
-    MemoryKind,
-    Peer,
-    Region,
-    TransportError,
-    XferState,
-    make_transport,
-)
+from vllm_llmd.connectors.transports import KVTransport, MemoryKind, Peer, TransportError, XferState
+from vllm_llmd.connectors.transports.rbln import RblnTransport
+from vllm_llmd.connectors.xpull import CrossLayoutPuller, CrossPull, PoolTooSmall
 
 from vllm_llmd.wire.curve import client_from_env, server_from_env
 
@@ -68,41 +72,19 @@ class _Pull:
     deadline: float
     nbytes: int
     nblocks: int
+    #: direct pulls on a host-staging transport: blocks to copy onto the device once read
+    stage_in: list[int] | None = None
+    #: relayout pulls: the receive slot to re-lay out once read
+    cross: CrossPull | None = None
 
 
-def kv_regions(
-    kv_caches: dict[str, torch.Tensor], num_blocks: int, layer_groups: dict[str, int]
-) -> tuple[list[Region], list[int], str, MemoryKind]:
-    """Split vLLM's per-layer KV tensors into block-major regions (and the KV group of each).
+@dataclass
+class _Link:
+    """A handshaken peer: the transport's endpoint, the agreed plan, what the peer published."""
 
-    Blocks-first tensors (``[num_blocks, ...]``, the CPU backend's LBHNC) give one region per
-    layer; K/V-first tensors (``[2, num_blocks, ...]``) give two. A block must be contiguous.
-    """
-    regions: list[Region] = []
-    groups: list[int] = []
-    layout = ""
-    memory = MemoryKind.DRAM
-    for name, t in kv_caches.items():
-        if t.shape[0] == num_blocks:
-            parts, layout = [t], "blocks_first"
-        elif t.dim() > 1 and t.shape[0] == 2 and t.shape[1] == num_blocks:
-            parts, layout = [t[0], t[1]], "kv_first"
-        else:
-            raise ValueError(f"LLMDConnector: layer {name}: KV tensor shape {tuple(t.shape)} has no block dimension")
-        if t.device.type == "cuda":
-            memory = MemoryKind.VRAM
-        elif t.device.type != "cpu":
-            raise ValueError(
-                f"LLMDConnector: KV cache on {t.device.type!r} needs a host-staging transport (not built yet)"
-            )
-        for p in parts:
-            block_len = p[0].numel() * p.element_size()
-            if p.stride(0) * p.element_size() != block_len or not p[0].is_contiguous():
-                raise ValueError(f"LLMDConnector: layer {name}: KV blocks are not contiguous (stride {p.stride()})")
-            device = t.device.index or 0
-            regions.append(Region(base_addr=p.data_ptr(), num_blocks=num_blocks, block_len=block_len, device_id=device))
-            groups.append(layer_groups.get(name, 0))
-    return regions, groups, layout, memory
+    peer: Peer
+    plan: Plan
+    info: EngineInfo
 
 
 class LLMDConnectorWorker:
@@ -118,12 +100,16 @@ class LLMDConnectorWorker:
             raise NotImplementedError("LLMDConnector supports TP=1, PP=1 engines for now")
         self.tp_rank = 0
         self.kv_cache_config = kv_cache_config
+        self.setup: KVSetup | None = None
         self.transport: KVTransport | None = None
         self.server: HandshakeServer | None = None
         self.info: EngineInfo | None = None
         self.region_groups: list[int] = []
-        self._peers: dict[str, Peer] = {}
+        self._puller: CrossLayoutPuller | None = None
+        self._links: dict[str, _Link] = {}
         self._pulls: dict[str, _Pull] = {}
+        #: relayout pulls waiting for room in the receive pool: (job, link, deadline)
+        self._waiting: list[tuple[RecvJob, _Link, float]] = []
         self._recv_done: set[str] = set()
         self._recv_failed: set[str] = set()
         self._leases: dict[str, float] = {}
@@ -136,17 +122,42 @@ class LLMDConnectorWorker:
 
     # ---- start-up ------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        layer_groups = {
-            name: g for g, group in enumerate(self.kv_cache_config.kv_cache_groups) for name in group.layer_names
-        }
-        regions, self.region_groups, layout, memory = kv_regions(
-            kv_caches, self.kv_cache_config.num_blocks, layer_groups
+        cfg = self.cfg
+        self.setup = setup_kv(
+            kv_caches,
+            self.kv_cache_config,
+            transport=cfg.transport,
+            rbln_path=cfg.rbln_path,
+            backends=cfg.backends,
+            progress_thread=cfg.progress_thread,
         )
-        self.transport = make_transport(
-            self.cfg.transport, memory, backends=self.cfg.backends, progress_thread=self.cfg.progress_thread
+        self.transport = self.setup.transport
+        self._stats.data["memory"] = self.setup.memory.value
+        logger.info(
+            "LLMDConnector worker: %s; transport %s (%s)",
+            self.setup.platform.detail,
+            self.setup.choice.transport,
+            self.setup.choice.reason,
         )
-        self.transport.register(regions)
-        self._stats.data["memory"] = memory.value
+        if isinstance(self.transport, RblnTransport) and self.transport.pending:
+            return  # d2d: registered after warm-up (finalize_registration), then published
+        self._publish(len(kv_caches))
+
+    def finalize_registration(self) -> None:
+        """vllm-rbln calls this after warm-up: the RBLN d2d path registers device memory now."""
+        if isinstance(self.transport, RblnTransport) and self.transport.pending and self.setup is not None:
+            self.transport.finalize()
+            self._publish(len(self.setup.layer_groups))
+
+    def set_copy_op(self, op: object) -> None:
+        if isinstance(self.transport, RblnTransport):
+            self.transport.set_copy_op(op)  # type: ignore[arg-type]
+
+    def _publish(self, num_layers: int) -> None:
+        """Tell peers what this worker holds (EngineInfo) and open the side channel."""
+        assert self.setup is not None and self.transport is not None
+        regions = list(self.transport.regions)
+        self.region_groups = self.setup.region_groups
         mc = self.vllm_config.model_config
         self.info = EngineInfo(
             protocol=PROTOCOL_VERSION,
@@ -155,24 +166,25 @@ class LLMDConnectorWorker:
             model=str(mc.served_model_name if isinstance(mc.served_model_name, str) else mc.model),
             kv_dtype=str(self.vllm_config.cache_config.cache_dtype) + "/" + str(mc.dtype),
             block_size=self.block_size,
-            num_layers=len(kv_caches),
-            layout=layout,
+            num_layers=num_layers,
+            layout=self.setup.layout,
             block_len=regions[0].block_len,
             transport=self.transport.name,
-            memory=memory.value,
+            memory=self.setup.memory.value,
             agent_metadata=self.transport.local_metadata(),
             regions=regions,
+            backends=list(self.transport.backends_available),
+            kv_layout=self.setup.wire_layout,
+            num_kv_groups=self.setup.num_kv_groups,
+            platform=self.setup.platform.kind,
         )
         self.server = self._serve(self.info)
+        order = self.setup.wire_layout.order() if self.setup.wire_layout else "-"
         logger.info(
-            "LLMDConnector worker: %d regions (%d layers, %d blocks of %d bytes) registered with %s/%s; "
-            "side channel %s",
-            len(regions),
-            len(kv_caches),
-            self.kv_cache_config.num_blocks,
-            regions[0].block_len,
-            self.transport.name,
-            memory.value,
+            "LLMDConnector worker: %d regions (%d layers, %d blocks of %d bytes, %s) registered with %s/%s "
+            "(backends %s); side channel %s",
+            *(len(regions), num_layers, self.kv_cache_config.num_blocks, regions[0].block_len, order),
+            *(self.transport.name, self.setup.memory.value, ",".join(self.info.backends)),
             self.server.endpoint if self.server else "-",
         )
 
@@ -192,11 +204,15 @@ class LLMDConnectorWorker:
         return LLMDHandshakeMetadata(host=host, port=int(port), engine_id=self.engine_id)
 
     # ---- decode side ---------------------------------------------------------------------
-    def _peer(self, remote: RemotePrefill) -> Peer:
-        peer = self._peers.get(remote.remote_engine_id)
-        if peer is not None:
-            return peer
-        assert self.transport is not None and self.info is not None
+    def _can_relayout(self) -> bool:
+        return self.cfg.relayout_buffer_mb > 0 and self.setup is not None and self.setup.local_views is not None
+
+    def _link(self, remote: RemotePrefill) -> _Link:
+        link = self._links.get(remote.remote_engine_id)
+        if link is not None:
+            return link
+        if self.transport is None or self.info is None:
+            raise TransportError("the KV cache is not registered yet")
         try:
             info = fetch_engine_info(
                 remote.remote_host,
@@ -206,19 +222,29 @@ class LLMDConnectorWorker:
                 self.cfg.max_message_bytes,
                 curve=self._curve_client,
             )
-            check_compatible(self.info, info, expected_engine_id=remote.remote_engine_id)
-            peer = self.transport.add_peer(info.agent_metadata, info.regions)
-        except (HandshakeError, TransportError):
+            plan = check_compatible(self.info, info, remote.remote_engine_id, can_relayout=self._can_relayout())
+            peer = self.transport.add_peer(info.agent_metadata, info.regions, MemoryKind(info.memory), plan.backends)
+        except (HandshakeError, TransportError, ValueError) as exc:
             self._stats.add("handshakes_failed")
-            raise
+            raise HandshakeError(str(exc)) from exc
         self._stats.add("handshakes_ok")
-        self._peers[remote.remote_engine_id] = peer
-        return peer
+        if plan.mode == "relayout":
+            logger.info(
+                "LLMDConnector: engine %s (%s) hands off by re-layout on receive (%s) over %s",
+                info.engine_id, info.platform or "?", plan.why, plan.backends[0],
+            )
+        link = self._links[remote.remote_engine_id] = _Link(peer, plan, info)
+        return link
 
     def _drop_peer(self, engine_id: str) -> None:
-        peer = self._peers.pop(engine_id, None)
-        if peer is not None and self.transport is not None:
-            self.transport.remove_peer(peer)
+        link = self._links.pop(engine_id, None)
+        if link is not None and self.transport is not None:
+            self.transport.remove_peer(link.peer)
+
+    def _fail(self, request_id: str, why: object) -> None:
+        logger.warning("LLMDConnector: pull for %s failed (%s); prefilling locally", request_id, why)
+        self._recv_failed.add(request_id)
+        self._stats.add("transfers_failed")
 
     def _start_pull(self, job: RecvJob) -> None:
         assert self.transport is not None
@@ -233,9 +259,12 @@ class LLMDConnectorWorker:
         notif = DONE_PREFIX + job.remote.remote_request_id.encode()
         parked = any(job.local_block_ids)
         try:
-            peer = self._peer(job.remote)
+            link = self._link(job.remote)
             if not parked:
-                self.transport.notify(peer, notif)
+                self.transport.notify(link.peer, notif)
+                return
+            if link.plan.mode == "relayout":
+                self._start_cross(job, link, time.monotonic() + self.cfg.transfer_timeout_seconds)
                 return
             local, remote = [], []
             for r, g in enumerate(self.region_groups):
@@ -245,21 +274,58 @@ class LLMDConnectorWorker:
                     raise TransportError(f"{len(lids)} local blocks but {len(rids)} remote blocks in group {g}")
                 local.extend((r, b) for b in lids)
                 remote.extend((r, b) for b in rids)
-            handle = self.transport.read_blocks(peer, local, remote, notif)
-        except (HandshakeError, TransportError) as exc:
+            handle = self.transport.read_blocks(link.peer, local, remote, notif)
+        except (HandshakeError, TransportError, ValueError) as exc:
             if parked:
-                logger.warning("LLMDConnector: pull for %s failed (%s); prefilling locally", job.request_id, exc)
-                self._recv_failed.add(job.request_id)
-                self._stats.add("transfers_failed")
+                self._fail(job.request_id, exc)
             else:
                 logger.warning("LLMDConnector: release notice for %s not sent: %s", job.request_id, exc)
             return
-        now = time.monotonic()
         nbytes = sum(self.transport.regions[r].block_len for r, _ in local)
+        stage = sorted({b for g in job.local_block_ids for b in g}) if self.transport.stages else None
+        self._track(job, link, handle, nbytes, len(local), stage_in=stage)
+
+    def _track(self, job: RecvJob, link: _Link, handle: object, nbytes: int, nblocks: int, **kw: object) -> None:
+        now = time.monotonic()
         deadline = now + self.cfg.transfer_timeout_seconds
         if job.remote.lease_expires_at is not None:  # past the lease the prefill engine may reuse the blocks
             deadline = min(deadline, now + job.remote.lease_expires_at - time.time())
-        self._pulls[job.request_id] = _Pull(handle, job.remote.remote_engine_id, now, deadline, nbytes, len(local))
+        self._pulls[job.request_id] = _Pull(handle, link.info.engine_id, now, deadline, nbytes, nblocks, **kw)  # type: ignore[arg-type]
+
+    def _start_cross(self, job: RecvJob, link: _Link, deadline: float) -> None:
+        """A relayout pull: post it, or park it until the receive pool has room (until ``deadline``)."""
+        assert self.transport is not None and self.setup is not None and self.setup.local_views is not None
+        lay = link.info.kv_layout
+        assert lay is not None
+        if len(job.local_block_ids) != 1:
+            raise TransportError(f"a re-layout pull needs one KV cache group, the job has {len(job.local_block_ids)}")
+        plan = plan_tokens(
+            job.remote.remote_block_ids[0], lay.block_size, job.local_block_ids[0], self.block_size,
+            job.first_token, job.end_token,
+        )
+        if self._puller is None:
+            self._puller = CrossLayoutPuller(self.transport, self.setup.local_views, self.cfg.relayout_buffer_mb << 20)
+        notif = DONE_PREFIX + job.remote.remote_request_id.encode()
+        try:
+            cross = self._puller.start(link.peer, lay, plan, notif)
+        except PoolTooSmall as exc:
+            raise TransportError(str(exc)) from exc
+        if cross is None:
+            self._waiting.append((job, link, deadline))
+            return
+        self._track(job, link, cross.handle, cross.nbytes, len(plan.remote_blocks) * lay.num_layers, cross=cross)
+
+    def _retry_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        now = time.monotonic()
+        for job, link, deadline in waiting:
+            if now >= deadline:
+                self._fail(job.request_id, "no room in the receive pool before the deadline")
+                continue
+            try:
+                self._start_cross(job, link, deadline)
+            except (TransportError, ValueError) as exc:
+                self._fail(job.request_id, exc)
 
     def _poll_pulls(self) -> None:
         assert self.transport is not None
@@ -271,17 +337,41 @@ class LLMDConnectorWorker:
             del self._pulls[rid]
             self.transport.release(pull.handle)
             if state == XferState.DONE:
+                try:
+                    self._land(pull)
+                except Exception as exc:  # the bytes arrived but could not be put in place
+                    self._fail(rid, f"{type(exc).__name__}: {exc}")
+                    continue
                 self._recv_done.add(rid)
                 self._stats.add("transfers_ok")
                 self._stats.add("bytes_read", pull.nbytes)
                 self._stats.add("blocks_read", pull.nblocks)
-                self._stats.add("transfer_seconds", now - pull.started)
+                self._stats.add("transfer_seconds", time.monotonic() - pull.started)
             else:
-                why = "timed out" if state == XferState.PENDING else "failed"
-                logger.warning("LLMDConnector: pull for %s %s; prefilling locally", rid, why)
-                self._recv_failed.add(rid)
-                self._stats.add("transfers_failed")
+                if pull.cross is not None and self._puller is not None:
+                    self._puller.abandon(pull.cross)
+                self._fail(rid, "timed out" if state == XferState.PENDING else "the read failed")
                 self._drop_peer(pull.peer_engine)
+        if self._waiting:
+            self._retry_waiting()
+
+    def _land(self, pull: _Pull) -> None:
+        """Put read bytes where the engine reads them: re-layout, or host staging onto the device."""
+        assert self.transport is not None
+        if pull.cross is not None and self._puller is not None:
+            before = self._puller.relayout_seconds
+            self._stats.add("relayout_bytes", self._puller.finish(pull.cross))
+            self._stats.add("relayout_transfers")
+            self._stats.add("relayout_seconds", self._puller.relayout_seconds - before)
+        elif pull.stage_in:
+            self._stats.add("staged_in_bytes", self.transport.stage_in(pull.stage_in))
+
+    # ---- prefill side, host staging ------------------------------------------------------
+    def stage_out(self, stage: dict[str, list[int]]) -> None:
+        """Copy the blocks of prompts this step completed to host memory (RBLN host staging)."""
+        if self.transport is not None and self.transport.stages:
+            blocks = sorted({b for ids in stage.values() for b in ids})
+            self._stats.add("staged_out_bytes", self.transport.stage_out(blocks))
 
     # ---- prefill side --------------------------------------------------------------------
     def _poll_leases(self) -> set[str]:

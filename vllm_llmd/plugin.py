@@ -12,7 +12,10 @@ What it does:
    connector is imported until vLLM resolves the name);
 3. (see :mod:`vllm_llmd.events.engine_config`) fills in KV-event settings from the environment;
 4. in the API server, refuses ``kv_transfer_params`` that are not an object with HTTP 400 instead
-   of vLLM's own 500 (see :mod:`vllm_llmd.connectors.api_guard`).
+   of vLLM's own 500 (see :mod:`vllm_llmd.connectors.api_guard`);
+5. in engine processes, names the platform (``rbln`` for vllm-rbln's ``RblnPlatform``, else vLLM's
+   device type): ``LLMDConnector``'s ``transport: auto`` picks the transport for it when the KV cache
+   is registered (connectors/platform.py).
 """
 
 from __future__ import annotations
@@ -88,6 +91,21 @@ def _guard_kv_params() -> None:
         logger.warning("vllm_llmd: kv_transfer_params guard not installed: %s", exc)
 
 
+def platform_name(role: str) -> str:
+    """The accelerator platform of an engine process ("-" elsewhere, or when vLLM cannot say)."""
+    if role not in ("engine_core", "worker"):
+        return "-"
+    try:
+        from vllm_llmd.connectors.platform import current_vllm_platform, is_rbln_platform
+
+        platform = current_vllm_platform()
+        if platform is None:
+            return "-"
+        return "rbln" if is_rbln_platform(platform) else str(getattr(platform, "device_type", "") or "-")
+    except Exception:  # a platform plugin that cannot load here: not ours to fail on
+        return "-"
+
+
 def _trace(role: str) -> None:
     path = os.environ.get(TRACE_ENV)
     if not path:
@@ -122,10 +140,11 @@ def register() -> None:
             if not supported:
                 logger.warning("vllm_llmd: %s; loading anyway", note)
             logger.info(
-                "vllm_llmd plugin loaded (role=%s pid=%d vllm=%s connectors=%s events=%s)",
+                "vllm_llmd plugin loaded (role=%s pid=%d vllm=%s platform=%s connectors=%s events=%s)",
                 role,
                 os.getpid(),
                 version,
+                platform_name(role),
                 ",".join(connectors) or "-",
                 events,
             )

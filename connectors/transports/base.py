@@ -165,11 +165,13 @@ class KVTransport(ABC):
     def close(self) -> None: ...
 
     # ---- optional staging hooks (host-bounce transports such as RBLN) ---------------------
-    def stage_out(self, block_ids: Sequence[int]) -> None:  # noqa: B027 - optional hook
-        """Copy device blocks to registered host memory before a peer reads them."""
+    def stage_out(self, block_ids: Sequence[int]) -> int:
+        """Copy device blocks to registered host memory before a peer reads them; bytes copied."""
+        return 0
 
-    def stage_in(self, block_ids: Sequence[int]) -> None:  # noqa: B027 - optional hook
-        """Copy blocks just received into host memory onto the device."""
+    def stage_in(self, block_ids: Sequence[int]) -> int:
+        """Copy blocks just received into host memory onto the device; bytes copied."""
+        return 0
 
     @property
     def stages(self) -> bool:

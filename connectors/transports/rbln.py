@@ -205,13 +205,11 @@ class RblnTransport(KVTransport):
     def stages(self) -> bool:
         return self.staging is not None
 
-    def stage_out(self, block_ids: Sequence[int]) -> None:
-        if self.staging is not None:
-            self.staging.to_host(block_ids)
+    def stage_out(self, block_ids: Sequence[int]) -> int:
+        return 0 if self.staging is None else self.staging.to_host(block_ids)
 
-    def stage_in(self, block_ids: Sequence[int]) -> None:
-        if self.staging is not None:
-            self.staging.to_device(block_ids)
+    def stage_in(self, block_ids: Sequence[int]) -> int:
+        return 0 if self.staging is None else self.staging.to_device(block_ids)
 
     # ---- everything else is NIXL's -------------------------------------------------------------
     @property

@@ -104,16 +104,11 @@ def test_matching_handshake_succeeds(server: HandshakeServer) -> None:
 
 
 # ---- mismatches ------------------------------------------------------------------------------------
-MISMATCHES = {
-    "model": "/models/wide",
-    "kv_dtype": "auto/torch.float16",
-    "block_size": 128,
-    "num_layers": 8,
-    "layout": "kv_first",
-    "block_len": 65536,
-    "transport": "rbln",
-    "memory": "VRAM",
-}
+#: differences no plan can bridge
+ALWAYS_MISMATCHES = {"model": "/models/wide", "kv_dtype": "auto/torch.float16", "transport": "rbln"}
+#: differences that rule out moving blocks as they are (a re-layout may still bridge them)
+DIRECT_MISMATCHES = {"block_size": 128, "num_layers": 8, "layout": "kv_first", "block_len": 65536, "memory": "VRAM"}
+MISMATCHES = {**ALWAYS_MISMATCHES, **DIRECT_MISMATCHES}
 
 
 def test_every_compat_field_is_checked() -> None:
@@ -131,7 +126,42 @@ def test_a_mismatch_names_the_field_and_both_values(field: str, value: object) -
         check_compatible(make_info(engine_id="engine-d"), remote, expected_engine_id="engine-p")
     msg = str(err.value)
     assert f"{field}: local={getattr(make_info(), field)!r} remote={value!r}" in msg
-    assert msg.count("local=") == 1, msg  # only the differing field is named
+    if field in ALWAYS_MISMATCHES:
+        assert msg.count("local=") == 1, msg  # only the differing field is named
+    else:  # ... and why the blocks cannot be re-laid out instead (no canonical layouts published here)
+        assert "kv_layout (local)" in msg and "kv_layout (remote)" in msg and "relayout_buffer_mb" in msg, msg
+
+
+def test_a_peer_with_another_block_size_gets_a_relayout_plan_over_a_common_backend() -> None:
+    """The canonical KV layout crosses the side channel intact; with it, a block-size difference
+    becomes a re-layout on receive instead of a refusal."""
+    import torch
+    from vllm_llmd.connectors.relayout import describe, kv_views
+
+    kept = []
+
+    def engine(block_size: int, **changes: Any) -> EngineInfo:  # a CPU engine's cache: [B, H, S, 2D] per layer
+        caches = [torch.zeros(8, 2, block_size, 128, dtype=torch.bfloat16) for _ in range(6)]
+        kept.append(caches)
+        shape = {"num_blocks": 8, "num_kv_heads": 2, "head_size": 64, "block_size": block_size}
+        lay = describe(kv_views(dict(enumerate(caches)), **shape, device_kind="cpu")[1], "cpu")
+        regions = [Region(base_addr=t.data_ptr(), num_blocks=8, block_len=lay.page_bytes) for t in caches]
+        return make_info(block_size=block_size, block_len=lay.page_bytes, kv_layout=lay, regions=regions, **changes)
+
+    ours = engine(64, engine_id="engine-d", backends=["RBLN", "UCX"])
+    theirs = engine(128, backends=["UCX"])
+    srv = HandshakeServer(theirs, "127.0.0.1", 0)
+    try:
+        remote = fetch_engine_info("127.0.0.1", _port(srv), 0, timeout_s=5)
+    finally:
+        srv.close()
+    assert remote == theirs and remote.kv_layout is not None and remote.kv_layout.order() == "HKSD"
+    plan = check_compatible(ours, remote, expected_engine_id="engine-p", can_relayout=True)
+    assert (plan.mode, plan.backends) == ("relayout", ("UCX",)) and "block_size 128->64" in plan.why
+    with pytest.raises(HandshakeMismatch, match="relayout_buffer_mb"):
+        check_compatible(ours, remote, expected_engine_id="engine-p", can_relayout=False)
+    with pytest.raises(HandshakeMismatch, match=r"backends: local=\['RBLN'\] remote=\['UCX'\]"):
+        check_compatible(engine(64, backends=["RBLN"]), theirs, expected_engine_id=None, can_relayout=True)
 
 
 def test_several_mismatches_are_all_reported() -> None:

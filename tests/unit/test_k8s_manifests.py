@@ -179,7 +179,7 @@ def _selects(selector: str, labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in (part.split("=", 1) for part in selector.split(",")))
 
 
-@pytest.mark.parametrize("directory", ["overlays/gpu", "overlays/npu", "overlays/mixed", "overlays/gateway"])
+@pytest.mark.parametrize("directory", ["overlays/gpu", "overlays/npu", "overlays/mixed", "overlays/gateway", "../rbln"])
 def test_discovery_finds_every_engine_as_a_running_pod(directory: str) -> None:
     cfg = _router_config(directory)
     assert cfg.discovery is not None and cfg.tokenizer.path

@@ -8,6 +8,7 @@ import msgspec
 from kv_helpers import make_cache, views_of
 from vllm_llmd.connectors.negotiate import describe_problems, negotiate
 from vllm_llmd.connectors.relayout import describe
+from vllm_llmd.connectors.transports import Region
 
 
 def facts(kind: str = "cpu", block_size: int = 32, **changes: object) -> SimpleNamespace:
@@ -24,7 +25,8 @@ def facts(kind: str = "cpu", block_size: int = 32, **changes: object) -> SimpleN
         "block_len": layout.page_bytes,
         "memory": "DRAM",
         "layout": kind,
-        "regions": [object()] * 2,
+        "regions": [Region(base_addr=t.data_ptr(), num_blocks=8, block_len=layout.page_bytes) for t in caches.values()],
+        "_caches": caches,  # keep the memory the layout points at alive
         "kv_layout": layout,
         "num_kv_groups": 1,
     }
@@ -75,3 +77,26 @@ def test_refusals_name_every_field() -> None:
 
     plan, problems = negotiate(facts(block_size=64), facts(num_kv_groups=2), can_relayout=True)
     assert plan is None and problems["num_kv_groups"] == (1, 2)
+
+
+def test_a_layout_outside_the_peers_registered_memory_or_of_too_many_runs_is_refused() -> None:
+    other = facts(block_size=64)
+    other.regions = [msgspec.structs.replace(r, base_addr=r.base_addr + 4096) for r in other.regions]
+    plan, problems = negotiate(facts(), other, can_relayout=True)
+    assert plan is None and "kv_layout.layers (remote)" in problems
+    # every token a run of its own, heads and K/V scattered: 2 x 2 x 64 runs per block
+    odd = facts(block_size=64)
+    lk = odd.kv_layout.layers[0]
+    weird = msgspec.structs.replace(
+        lk, stride_kv=lk.stride_kv * 3, stride_head=lk.stride_head * 5, stride_token=lk.stride_token * 7
+    )
+    odd.kv_layout = msgspec.structs.replace(odd.kv_layout, layers=[weird] * 2)
+    from vllm_llmd.connectors import layout as layout_mod
+
+    assert layout_mod.runs_per_block(odd.kv_layout) == 2 * 2 * 64
+    old, layout_mod.MAX_RUNS_PER_BLOCK = layout_mod.MAX_RUNS_PER_BLOCK, 64
+    try:
+        plan, problems = negotiate(facts(), odd, can_relayout=True)
+    finally:
+        layout_mod.MAX_RUNS_PER_BLOCK = old
+    assert plan is None and problems["kv_layout.runs_per_block"] == (1, 256)

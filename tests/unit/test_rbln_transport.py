@@ -317,3 +317,15 @@ def test_d2d_without_nixl_rbln_is_refused_with_the_fix() -> None:
     caches = fakes.fake_rbln_kv_caches(1, 2, 1, 32, 8)
     with pytest.raises(TransportError, match="rbln_path 'host'"):
         RblnTransport(caches, num_blocks=2, path="d2d")
+
+
+def test_the_plugin_names_the_platform_in_engine_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_llmd.connectors import platform as platform_mod
+
+    from vllm_llmd import plugin
+
+    monkeypatch.setattr(platform_mod, "current_vllm_platform", lambda: fakes.RblnPlatform())
+    assert plugin.platform_name("worker") == "rbln" and plugin.platform_name("engine_core") == "rbln"
+    assert plugin.platform_name("api_server") == "-"  # the API server never resolves the platform
+    monkeypatch.setattr(platform_mod, "current_vllm_platform", lambda: None)
+    assert plugin.platform_name("worker") == "-"

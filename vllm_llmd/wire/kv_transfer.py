@@ -64,17 +64,19 @@ class RemotePrefill(msgspec.Struct, frozen=True):
     lease_expires_at: Annotated[float, msgspec.Meta(ge=0)] | None = None
     connector: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
-    def misfit(self, *, block_size: int, num_groups: int, max_tokens: int) -> str | None:
-        """Why these params cannot feed an engine with this block size, this many KV cache groups and
-        this max model length (``None``: they can)."""
-        if self.remote_block_size != block_size:
+    def misfit(self, *, num_groups: int, max_tokens: int, block_size: int | None = None) -> str | None:
+        """Why these params cannot feed an engine with this many KV cache groups and this max model
+        length, and, when ``block_size`` is given, this block size (``None``: they can). An engine
+        that re-lays out blocks of another size on receive passes no ``block_size``: whether it can
+        for this peer is agreed in the connectors' handshake."""
+        if block_size is not None and self.remote_block_size != block_size:
             return f"the prefill engine's block size {self.remote_block_size} is not ours ({block_size})"
         if len(self.remote_block_ids) > num_groups:
             return f"{len(self.remote_block_ids)} KV cache groups, this engine has {num_groups}"
         if self.remote_num_tokens > max_tokens:
             return f"remote_num_tokens {self.remote_num_tokens} exceeds the max model length {max_tokens}"
         # blocks of the prompt, plus the one the prefill's sampled token may have opened
-        most = -(-self.remote_num_tokens // block_size) + 1
+        most = -(-self.remote_num_tokens // self.remote_block_size) + 1
         longest = max(len(g) for g in self.remote_block_ids)
         if longest > most:
             return f"{longest} remote blocks for {self.remote_num_tokens} tokens (at most {most})"
