@@ -266,7 +266,13 @@ class NixlTransport(KVTransport):
         remote_idx = _indices(peer.regions, remote_offsets, remote)
         try:
             handle = self._agent.make_prepped_xfer(
-                op, self._local_dlist, local_idx, remote_dlist, remote_idx, notif_msg=notif, backends=self.backends
+                op,
+                self._local_dlist,
+                local_idx,
+                remote_dlist,
+                remote_idx,
+                notif_msg=notif,
+                backends=list(peer.backends or self.backends),
             )
             state = self._agent.transfer(handle)
         except Exception as exc:
