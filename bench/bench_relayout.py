@@ -4,7 +4,8 @@ A cross-layout hand-off reads the prefill engine's blocks as they are into a rec
 READ; bench_kv_transfer.py measures that part) and then copies the slot into the decode engine's own
 blocks, converting byte order and block size. This times that copy, on host memory, for:
 
-- ``cpu32->cpu128``: the engine test's pair (tiny model: 2 layers, 2 KV heads, head size 64, bf16);
+- ``cpu32->cpu128``: the engine test's pair (tiny model: 2 layers, 2 KV heads, head size 64, bf16),
+  packed as vLLM's CPU kernel packs it on this machine (AMX tiles on a Xeon with AMX);
 - ``gpu16->npu1024``: a Llama-3-8B-like geometry (32 layers, 8 KV heads, head size 128, bf16) from a
   FlashAttention cache (``[B, H, S, 2D]``, 16-token blocks) into vllm-rbln's ``[B, 2, H, 1, S, D]``
   (1024-token blocks): the GPU -> NPU hand-off (on an NPU the destination is device memory; here it
@@ -28,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+from vllm_llmd.connectors.cpu_probe import amx_packing, vec_packing
 from vllm_llmd.connectors.layout import plan_tokens, read_descriptors, slot_bytes
 from vllm_llmd.connectors.relayout import RecvPool, describe, kv_views, relayout_into
 
@@ -46,7 +48,9 @@ def cache(kind: str, layers: int, blocks: int, heads: int, bs: int, d: int) -> t
         caches = fake_rbln_kv_caches(layers, blocks, heads, bs, d)
     else:
         caches = {f"l{i}": torch.zeros(blocks, heads, bs, 2 * d, dtype=torch.bfloat16) for i in range(layers)}
-    return kv_views(caches, num_blocks=blocks, num_kv_heads=heads, head_size=d, block_size=bs, device_kind=kind)
+    shape = {"num_blocks": blocks, "num_kv_heads": heads, "head_size": d, "block_size": bs}
+    packing = (amx_packing if torch.cpu._is_amx_tile_supported() else vec_packing)(bs, d)
+    return kv_views(caches, **shape, device_kind=kind, cpu_packing=packing)
 
 
 def run(name: str, tokens: int, reps: int) -> dict[str, float]:

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from vllm_llmd.connectors.cpu_probe import probe_cpu_packing
 from vllm_llmd.connectors.layout import KVLayout
 from vllm_llmd.connectors.platform import Platform, TransportChoice, choose, current_vllm_platform, detect
-from vllm_llmd.connectors.relayout import describe, kv_views
+from vllm_llmd.connectors.relayout import KV, describe, kv_views
 from vllm_llmd.connectors.transports import KVTransport, MemoryKind, Region, make_transport
 from vllm_llmd.connectors.transports.rbln import RblnTransport, import_nixl_rbln
 
@@ -38,8 +39,8 @@ class KVSetup:
     memory: MemoryKind
     #: what peers read (None: not describable, e.g. RBLN d2d over chiplet areas: direct pulls only)
     wire_layout: KVLayout | None
-    #: [B, 2, H, S, D] views of the engine's own cache, where a re-layout writes (None: as above)
-    local_views: list[torch.Tensor] | None
+    #: (K, V) [B, H, S, D] views of the engine's own cache, where a re-layout writes (None: as above)
+    local_views: list[KV] | None
     num_kv_groups: int
     #: KV cache group of each region registered by the NIXL transport (RBLN: from the transport)
     nixl_region_groups: list[int] | None = None
@@ -87,8 +88,8 @@ def kv_regions(
 
 
 def _describe(
-    caches: Mapping[str, torch.Tensor], spec: Any, num_blocks: int, kind: str
-) -> tuple[KVLayout | None, list[torch.Tensor] | None]:
+    caches: Mapping[str, torch.Tensor], spec: Any, num_blocks: int, kind: str, cpu_isa: str | None = None
+) -> tuple[KVLayout | None, list[KV] | None]:
     """Canonical layout and views, or ``(None, None)`` with the reason logged (cross-layout pulls
     are then refused by the handshake, naming ``kv_layout``)."""
     heads, head_size, block_size = (getattr(spec, k, None) for k in ("num_kv_heads", "head_size", "block_size"))
@@ -98,7 +99,11 @@ def _describe(
         return None, None
     try:
         shape = {"num_blocks": num_blocks, "num_kv_heads": heads, "head_size": head_size, "block_size": block_size}
-        got, views = kv_views(caches, **shape, device_kind=kind)
+        packing = None
+        if kind == "cpu" and cpu_isa is not None:
+            sample = next(iter(caches.values()))
+            packing = probe_cpu_packing(cpu_isa, sample.dtype, block_size, heads, head_size)
+        got, views = kv_views(caches, **shape, device_kind=kind, cpu_packing=packing)
     except ValueError as exc:
         logger.info("LLMDConnector: cross-layout pulls off: %s", exc)
         return None, None
@@ -114,8 +119,11 @@ def setup_kv(
     backends: Sequence[str] = (),
     progress_thread: bool = False,
     platform: Any | None = None,
+    cpu_isa: str | None = None,
 ) -> KVSetup:
-    """Pick, build and register the transport for these KV caches (see the module docstring)."""
+    """Pick, build and register the transport for these KV caches (see the module docstring).
+    ``cpu_isa``: on CPU engines, the attention kernel vLLM picked; how it packs a block is measured
+    by running it (connectors/cpu_probe.py)."""
     groups = list(kv_cache_config.kv_cache_groups)
     layer_groups = {name: g for g, group in enumerate(groups) for name in group.layer_names}
     num_blocks = kv_cache_config.num_blocks
@@ -139,5 +147,19 @@ def setup_kv(
     regions, region_groups, layout, memory = kv_regions(kv_caches, num_blocks, layer_groups)
     t = make_transport("nixl", memory, backends=choice.backends, progress_thread=progress_thread)
     t.register(regions)
-    wire, views = _describe(kv_caches, spec, num_blocks, plat.kind)
+    wire, views = _describe(kv_caches, spec, num_blocks, plat.kind, cpu_isa)
     return KVSetup(t, plat, choice, layer_groups, layout, memory, wire, views, len(groups), region_groups)
+
+
+def cpu_attention_isa(vllm_config: Any, spec: Any) -> str | None:
+    """The CPU attention kernel vLLM runs for this cache (``cpu_attn._get_attn_isa``, vLLM 0.30-0.32),
+    or None when it cannot say or the cache is quantized (packed differently)."""
+    cache_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
+    if cache_dtype != "auto" or spec is None:
+        return None
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        return str(_get_attn_isa(vllm_config.model_config.dtype, spec.block_size, spec.head_size, cache_dtype))
+    except Exception:
+        return None

@@ -1,28 +1,31 @@
 """KV-cache geometry on the wire, and the arithmetic of a cross-layout hand-off (pure, numpy only).
 
-Engines of different kinds keep the same KV in different byte orders and block sizes:
+Engines of different kinds keep the same KV in different byte orders and block sizes. Per layer,
+K and V are each a strided view ``[B, H, S, D]`` (block, KV head, token in block, head dim) of the
+memory, with strides of their own:
 
-- vLLM CPU (``cpu_attn.py``: ``view(B, H, 2S, D).chunk(2, dim=2)``): ``[B, H, S, 2D]`` per layer;
-  a block is head, K/V, token, dim (``HKSD``);
-- CUDA FlashAttention (``flash_attn.py``: ``transpose(1, 2).split(D, -1)``): ``[B, H, S, 2D]``;
-  head, token, K/V, dim (``HSKD``);
+- vLLM CPU (``cpu_attn.py`` chunks ``[B, H, 2S, D]``; the ``vec``/``vec16`` kernels'
+  ``reshape_and_cache`` in ``csrc/cpu/cpu_attn_vec.hpp`` write K "column-major" and V "row-major"):
+  ``[B, H, S, 2D]`` per layer; per (block, head) K as ``[D, S]``, then V as ``[S, D]``;
+- CUDA FlashAttention (``flash_attn.py``: ``transpose(1, 2).split(D, -1)``): ``[B, H, S, 2D]``,
+  K and V interleaved per token;
 - vllm-rbln 0.12, default kernels (``RBLNFlashAttentionBackend.get_kv_cache_shape``):
-  ``[B, 2, H, 1, S, D]``; K/V, head, token, dim (``KHSD``);
-- vllm-rbln 0.12 with ``rbln_triton_ops`` (same function, block axis 1): ``[2, B, H, 1, S, D]``;
-  a block is two runs, K then V, each head, token, dim.
+  ``[B, 2, H, 1, S, D]``; K then V, each head, token, dim;
+- vllm-rbln 0.12 with ``rbln_triton_ops`` (same function, block axis 1): ``[2, B, H, 1, S, D]``.
 
-Every one of them is a strided view of the **canonical logical layout** ``[B, 2, H, S, D]`` (block,
-K/V, KV head, token in block, head dim): a :class:`KVLayout` says, per layer, where that view starts
-and its byte strides. That description is what crosses the handshake; it is the on-wire layout
-contract. A decode engine whose block size or byte order differs reads the prefill engine's blocks
-as they are (the fewest, largest runs: one per layer and block for all the layouts above, two for
-K/V-first) into a receive slot, and re-lays them out into its own cache on receive
-(``connectors/relayout.py``). Re-laying out on the receiving side costs one copy there and nothing on
-the prefill side; a block-size change needs that receive-side copy anyway (a 1024-token RBLN block
-is 64 blocks of a 16-token GPU cache), so converting on the prefill side too would only add a copy.
+A :class:`KVLayout` says, per layer, where the K and V views start and their byte strides: that is
+the canonical on-wire description every engine publishes in its handshake. In all of the above one
+layer's block is one dense run of bytes (``2 * H * S * D`` elements), or two (K's, then V's, when
+they live in separate halves of the tensor). A decode engine whose block size or byte order differs
+reads the prefill engine's blocks as they are, verbatim, into a receive slot (:func:`read_descriptors`:
+one or two runs per layer and block, consecutive blocks merged) and re-lays them out into its own
+cache on receive (``connectors/relayout.py``): the slot is read through the prefill engine's strides.
+Re-laying out on the receiving side costs one copy there and nothing on the prefill side; a
+block-size change needs that receive-side copy anyway (a 1024-token RBLN block is 64 blocks of a
+16-token GPU cache), so converting on the prefill side too would only add a copy.
 
 What must agree for a mapping (else the handshake refuses, naming the fields): number of layers,
-KV heads, head size, element dtype, and a head dim that is contiguous on both sides.
+KV heads, head size, element dtype; each side's blocks must be one or two dense runs.
 """
 
 from __future__ import annotations
@@ -34,28 +37,40 @@ from typing import Annotated
 import msgspec
 import numpy as np
 
-#: the canonical logical axes inside one block (the block axis is outside)
-CANONICAL = "KHSD"
 MAX_LAYERS = 4096
 MAX_HEADS = 1024
 MAX_HEAD_SIZE = 8192
 MAX_BLOCK_SIZE = 1 << 16
-#: a block read in more runs than this is refused (a hostile or broken layout could otherwise make a
-#: reader enumerate 2 x heads x tokens offsets per block)
-MAX_RUNS_PER_BLOCK = 4096
 
 _Pos = Annotated[int, msgspec.Meta(ge=0)]
 _Stride = Annotated[int, msgspec.Meta(ge=0, le=1 << 48)]
 
 
-class LayerKV(msgspec.Struct, frozen=True, array_like=True):
-    """Where one layer's ``[B, 2, H, S, D]`` view starts, and its byte strides (D's is the element size)."""
+class HalfKV(msgspec.Struct, frozen=True, array_like=True):
+    """One layer's K (or V) for every block: start address and byte strides of the view
+    ``[B, H, S // token_tile, token_tile, D // dim_tile, dim_tile]``: token ``t`` is tile
+    ``t // token_tile`` (``stride_token``), element ``t % token_tile`` in it (``stride_token_in_tile``),
+    and the same for the head dim. Plain strided layouts have tiles of 1; vLLM's AMX CPU kernel
+    stores K in 16-token x 2-dim tiles and V in 2-token x 16-dim ones."""
 
     base_addr: _Pos
     stride_block: _Stride
-    stride_kv: _Stride
     stride_head: _Stride
     stride_token: _Stride
+    stride_dim: _Stride
+    token_tile: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
+    stride_token_in_tile: _Stride = 0
+    dim_tile: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
+    stride_dim_in_tile: _Stride = 0
+
+    @property
+    def tiled(self) -> bool:
+        return self.token_tile > 1 or self.dim_tile > 1
+
+
+class LayerKV(msgspec.Struct, frozen=True, array_like=True):
+    k: HalfKV
+    v: HalfKV
 
 
 class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -76,70 +91,92 @@ class KVLayout(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return len(self.layers)
 
     @property
+    def half_bytes(self) -> int:
+        """Bytes of one layer's K (or V) for one block: ``H * S * D`` elements."""
+        return self.num_kv_heads * self.block_size * self.head_size * self.elem_bytes
+
+    @property
     def page_bytes(self) -> int:
-        """Bytes of one layer's block: ``2 * H * S * D`` elements."""
-        return 2 * self.num_kv_heads * self.block_size * self.head_size * self.elem_bytes
-
-    def extents(self) -> dict[str, int]:
-        return {"K": 2, "H": self.num_kv_heads, "S": self.block_size, "D": self.head_size}
-
-    def strides(self, layer: int = 0) -> dict[str, int]:
-        lk = self.layers[layer]
-        return {"K": lk.stride_kv, "H": lk.stride_head, "S": lk.stride_token, "D": self.elem_bytes}
+        """Bytes of one layer's block, K and V."""
+        return 2 * self.half_bytes
 
     def order(self) -> str:
-        """Physical order of the in-block axes, outer → inner (e.g. ``HKSD`` on the CPU backend)."""
-        return block_runs(self).order
+        """How a block is laid out, for logs: K's and V's axes (head, token, dim) outer -> inner, e.g.
+        ``K:HDS/V:HSD`` on the CPU backend; "(K, V apart)" when they are two runs."""
+        return "/".join(f"{n}:{_order(h)}" for n, h in (("K", self.layers[0].k), ("V", self.layers[0].v))) + (
+            "" if block_runs(self).count == 1 else " (K, V apart)"
+        )
+
+
+def _strides(h: HalfKV) -> tuple[int, ...]:
+    return (
+        h.stride_block,
+        h.stride_head,
+        h.stride_token,
+        h.stride_dim,
+        h.token_tile,
+        h.stride_token_in_tile,
+        h.dim_tile,
+        h.stride_dim_in_tile,
+    )
+
+
+def _order(h: HalfKV) -> str:
+    strides = {"H": h.stride_head, "S": h.stride_token, "D": h.stride_dim}
+    out = "".join(sorted("HSD", key=lambda a: strides[a], reverse=True))
+    return out + (f"[{h.token_tile}x{h.dim_tile} tiles]" if h.tiled else "")
+
+
+def _extent(layout: KVLayout, h: HalfKV) -> int:
+    """Bytes from a block's first element of this half to past its last."""
+    return (
+        (layout.num_kv_heads - 1) * h.stride_head
+        + (layout.block_size // h.token_tile - 1) * h.stride_token
+        + (h.token_tile - 1) * h.stride_token_in_tile
+        + (layout.head_size // h.dim_tile - 1) * h.stride_dim
+        + (h.dim_tile - 1) * h.stride_dim_in_tile
+        + layout.elem_bytes
+    )
 
 
 @dataclass(frozen=True)
 class BlockRuns:
-    """How one layer's block is read: ``outer`` offsets (bytes from the block's start) of runs of
-    ``run_len`` bytes; laid side by side they hold the block in ``order`` (outer → inner axes)."""
+    """How one layer's block is read: ``count`` runs (1: K and V together, 2: K's then V's) starting
+    ``offsets`` bytes from K's block start, ``lengths`` long; laid side by side in a slot, K's view
+    starts at ``k_at`` and V's at ``v_at`` bytes into the block's ``sum(lengths)`` bytes."""
 
-    order: str
-    shape: tuple[int, ...]  # extents in ``order``
-    outer: np.ndarray  # int64 offsets
-    run_len: int
-
-
-def _split(layout: KVLayout) -> tuple[list[str], int, int]:
-    """``(axes outer -> inner, index of the first dense axis, run length in bytes)``."""
-    ext, st = layout.extents(), layout.strides()
-    # outer → inner by stride; a size-1 axis goes innermost (its stride is meaningless)
-    axes = sorted("KHS", key=lambda a: (ext[a] > 1, st[a]), reverse=True)
-    dense = layout.head_size * layout.elem_bytes
-    inner = len(axes)
-    for i in range(len(axes) - 1, -1, -1):
-        a = axes[i]
-        if ext[a] == 1:
-            inner = i
-            continue
-        if st[a] != dense:
-            break
-        dense *= ext[a]
-        inner = i
-    return axes, inner, dense
-
-
-def runs_per_block(layout: KVLayout) -> int:
-    axes, inner, _ = _split(layout)
-    return int(np.prod([layout.extents()[a] for a in axes[:inner]], dtype=np.int64))
+    count: int
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    k_at: int
+    v_at: int
 
 
 def block_runs(layout: KVLayout) -> BlockRuns:
-    """Split a block into the fewest contiguous runs (the axes' strides are the same in every layer)."""
-    axes, inner, dense = _split(layout)
-    ext, st = layout.extents(), layout.strides()
-    order = "".join(axes) + "D"
-    n = runs_per_block(layout)
-    if n > MAX_RUNS_PER_BLOCK:
-        raise ValueError(f"a block of this layout is {n} runs (at most {MAX_RUNS_PER_BLOCK})")
-    outer_axes = axes[:inner]
-    offs = np.zeros(1, dtype=np.int64)
-    for a in outer_axes:
-        offs = (offs[:, None] + np.arange(ext[a], dtype=np.int64)[None, :] * st[a]).ravel()
-    return BlockRuns(order=order, shape=tuple(ext[a] for a in order), outer=offs, run_len=dense)
+    """The runs of a block (``ValueError`` when a block is neither one dense run nor two)."""
+    lk = layout.layers[0]
+    k, v = lk.k, lk.v
+    half = layout.half_bytes
+    ek, ev = _extent(layout, k), _extent(layout, v)
+    lo = min(0, v.base_addr - k.base_addr)
+    hi = max(ek, v.base_addr - k.base_addr + ev)
+    if k.stride_block == v.stride_block and hi - lo == 2 * half:
+        return BlockRuns(1, (lo,), (2 * half,), -lo, v.base_addr - k.base_addr - lo)
+    if ek == half and ev == half:
+        return BlockRuns(2, (0, v.base_addr - k.base_addr), (half, half), 0, half)
+    raise ValueError(f"a block of this layout is not one or two dense runs (K spans {ek}, V {ev}, dense {half})")
+
+
+def _uniform(layout: KVLayout) -> bool:
+    """Every layer has the same strides, and V at the same distance from K."""
+    first = layout.layers[0]
+    d0 = first.v.base_addr - first.k.base_addr
+    return all(
+        _strides(lk.k) == _strides(first.k)
+        and _strides(lk.v) == _strides(first.v)
+        and lk.v.base_addr - lk.k.base_addr == d0
+        for lk in layout.layers
+    )
 
 
 def mapping_problems(local: KVLayout, remote: KVLayout) -> dict[str, tuple[object, object]]:
@@ -149,39 +186,46 @@ def mapping_problems(local: KVLayout, remote: KVLayout) -> dict[str, tuple[objec
         a, b = getattr(local, f), getattr(remote, f)
         if a != b:
             out[f"kv_layout.{f}"] = (a, b)
-    if runs_per_block(remote) > MAX_RUNS_PER_BLOCK:
-        out["kv_layout.runs_per_block"] = (runs_per_block(local), runs_per_block(remote))
     for name, lay in (("local", local), ("remote", remote)):
-        if any(lk.stride_block == 0 for lk in lay.layers):
-            out[f"kv_layout.stride_block ({name})"] = ("> 0", 0)
-        if len({(lk.stride_block, lk.stride_kv, lk.stride_head, lk.stride_token) for lk in lay.layers}) > 1:
+        if not _uniform(lay):
             out[f"kv_layout.layers ({name})"] = ("one stride set for every layer", "layers differ")
+            continue
+        lk = lay.layers[0]
+        if any(lay.block_size % h.token_tile or lay.head_size % h.dim_tile for h in (lk.k, lk.v)):
+            out[f"kv_layout.tiles ({name})"] = ("dividing the block and head size", (lk.k.token_tile, lk.k.dim_tile))
+            continue
+        strides = [x for h in (lk.k, lk.v) for x in (*_strides(h)[:4], h.stride_token_in_tile, h.stride_dim_in_tile)]
+        offsets = [*strides, lk.v.base_addr - lk.k.base_addr]
+        if any(x % lay.elem_bytes for x in offsets):
+            out[f"kv_layout.strides ({name})"] = ("multiples of the element size", offsets)
+            continue
+        try:
+            block_runs(lay)
+        except ValueError as exc:
+            out[f"kv_layout.block ({name})"] = ("one or two dense runs", str(exc))
     return out
 
 
 def same_layout(a: KVLayout, b: KVLayout) -> bool:
-    """Blocks can move byte for byte (same block size, byte order and block footprint)."""
+    """Blocks can move byte for byte (same block size, dtype and strides of K and V)."""
+    la, lb = a.layers[0], b.layers[0]
     return (
         a.block_size == b.block_size
-        and a.page_bytes == b.page_bytes
         and a.dtype == b.dtype
         and a.num_layers == b.num_layers
-        and a.strides() == b.strides()
-        and a.layers[0].stride_block == b.layers[0].stride_block
+        and a.num_kv_heads == b.num_kv_heads
+        and a.head_size == b.head_size
+        and _strides(la.k) == _strides(lb.k)
+        and _strides(la.v) == _strides(lb.v)
+        and la.v.base_addr - la.k.base_addr == lb.v.base_addr - lb.k.base_addr
     )
 
 
 def footprint(layout: KVLayout, layer: int) -> tuple[int, int]:
-    """``[start, end)`` of the bytes layer ``layer``'s view may touch."""
+    """``[start, end)`` of the bytes layer ``layer`` may touch (every block, K and V)."""
     lk = layout.layers[layer]
-    last = (
-        (layout.num_blocks - 1) * lk.stride_block
-        + lk.stride_kv
-        + (layout.num_kv_heads - 1) * lk.stride_head
-        + (layout.block_size - 1) * lk.stride_token
-        + (layout.head_size - 1) * layout.elem_bytes
-    )
-    return lk.base_addr, lk.base_addr + last + layout.elem_bytes
+    ends = [h.base_addr + (layout.num_blocks - 1) * h.stride_block + _extent(layout, h) for h in (lk.k, lk.v)]
+    return min(lk.k.base_addr, lk.v.base_addr), max(ends)
 
 
 def outside(layout: KVLayout, regions: Sequence[tuple[int, int]]) -> list[int]:
@@ -248,25 +292,27 @@ def slot_bytes(layout: KVLayout, num_blocks: int) -> int:
 
 
 def read_descriptors(layout: KVLayout, block_ids: Sequence[int], slot_addr: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(local, remote)`` ``(addr, len)`` rows reading ``block_ids`` of every layer of ``layout`` into a
-    slot at ``slot_addr``, which then holds ``[layer, block, *block_runs(layout).shape]`` (C order).
+    """``(local, remote)`` ``(addr, len)`` rows reading ``block_ids`` of every layer of ``layout``
+    verbatim into a slot at ``slot_addr``: layer-major, then block, each block's runs
+    (:func:`block_runs`) side by side, ``page_bytes`` per layer and block.
 
-    Runs that are adjacent on the remote side are merged (consecutive blocks of a CPU cache become
-    one descriptor); the slot is written in order, so local rows merge with them.
+    Runs that are adjacent on the remote side are merged (consecutive blocks of a blocks-first cache
+    become one descriptor); the slot is written in order, so local rows merge with them.
     """
     runs = block_runs(layout)
     ids = np.asarray(block_ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= layout.num_blocks):
         raise ValueError(f"block id outside the peer's {layout.num_blocks} blocks")
-    base = np.array([lk.base_addr for lk in layout.layers], dtype=np.int64)
-    sb = np.int64(layout.layers[0].stride_block)
-    addrs = (base[:, None, None] + ids[None, :, None] * sb + runs.outer[None, None, :]).ravel()
+    base = np.array([lk.k.base_addr for lk in layout.layers], dtype=np.int64)
+    sb = np.int64(layout.layers[0].k.stride_block)
+    offs = np.array(runs.offsets, dtype=np.int64)
+    lens = np.array(runs.lengths, dtype=np.int64)
+    addrs = (base[:, None, None] + ids[None, :, None] * sb + offs[None, None, :]).ravel()
+    sizes = np.broadcast_to(lens, (len(base), ids.size, runs.count)).ravel()
     if addrs.size == 0:
         empty = np.empty((0, 2), dtype=np.int64)
         return empty, empty
-    starts = np.concatenate(([0], np.nonzero(addrs[1:] != addrs[:-1] + runs.run_len)[0] + 1))
-    lens = np.diff(np.append(starts, addrs.size)) * runs.run_len
-    local_addr = slot_addr + starts * runs.run_len
-    remote = np.stack([addrs[starts], lens], axis=1)
-    local = np.stack([local_addr, lens], axis=1)
-    return local, remote
+    local_addr = slot_addr + np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    starts = np.concatenate(([0], np.nonzero(addrs[1:] != addrs[:-1] + sizes[:-1])[0] + 1))
+    merged = np.add.reduceat(sizes, starts)
+    return np.stack([local_addr[starts], merged], axis=1), np.stack([addrs[starts], merged], axis=1)

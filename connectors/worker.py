@@ -34,7 +34,7 @@ from vllm_llmd.connectors.handshake import (
     check_compatible,
     fetch_engine_info,
 )
-from vllm_llmd.connectors.kv_setup import KVSetup, setup_kv
+from vllm_llmd.connectors.kv_setup import KVSetup, cpu_attention_isa, setup_kv
 from vllm_llmd.connectors.layout import plan_tokens
 from vllm_llmd.connectors.metadata import LLMDConnectorMetadata, RecvJob, RemotePrefill
 from vllm_llmd.connectors.negotiate import Plan
@@ -130,6 +130,7 @@ class LLMDConnectorWorker:
             rbln_path=cfg.rbln_path,
             backends=cfg.backends,
             progress_thread=cfg.progress_thread,
+            cpu_isa=cpu_attention_isa(self.vllm_config, self._spec()),
         )
         self.transport = self.setup.transport
         self._stats.data["memory"] = self.setup.memory.value
@@ -142,6 +143,10 @@ class LLMDConnectorWorker:
         if isinstance(self.transport, RblnTransport) and self.transport.pending:
             return  # d2d: registered after warm-up (finalize_registration), then published
         self._publish(len(kv_caches))
+
+    def _spec(self) -> object | None:
+        groups = self.kv_cache_config.kv_cache_groups
+        return groups[0].kv_cache_spec if groups else None
 
     def finalize_registration(self) -> None:
         """vllm-rbln calls this after warm-up: the RBLN d2d path registers device memory now."""

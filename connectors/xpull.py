@@ -15,9 +15,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from vllm_llmd.connectors.layout import KVLayout, TokenPlan, read_descriptors, slot_bytes
-from vllm_llmd.connectors.relayout import RecvPool, relayout_into
+from vllm_llmd.connectors.relayout import KV, RecvPool, relayout_into
 from vllm_llmd.connectors.transports.base import KVTransport, Peer
 from vllm_llmd.connectors.transports.staging import aligned_host_empty
 
@@ -39,7 +38,7 @@ class CrossPull:
 
 
 class CrossLayoutPuller:
-    def __init__(self, transport: KVTransport, local_views: Sequence[torch.Tensor], pool_bytes: int) -> None:
+    def __init__(self, transport: KVTransport, local_views: Sequence[KV], pool_bytes: int) -> None:
         buf, self.allocator = aligned_host_empty(pool_bytes)
         transport.register_scratch(buf.data_ptr(), buf.numel())
         self.transport = transport

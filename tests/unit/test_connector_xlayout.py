@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from kv_helpers import HEAD_SIZE, HEADS, LAYERS, fill, make_cache, token_values, views_of
+from kv_helpers import HEAD_SIZE, HEADS, LAYERS, Pair, fill, make_cache, token_values
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm_llmd.connectors.config import LLMDConnectorConfig
 from vllm_llmd.connectors.handshake import HandshakeServer
@@ -51,7 +51,8 @@ def make_worker(kind: str, num_blocks: int, block_size: int, **extra: object) ->
                 setup_mod.current_vllm_platform = real
     else:
         w.register_kv_caches(caches)
-    return w, views_of(kind, caches, block_size)
+    assert w.setup is not None and w.setup.local_views is not None
+    return w, [Pair(v) for v in w.setup.local_views]  # as the worker sees them (probed CPU packing)
 
 
 def remote_params(p: LLMDConnectorWorker, rid: str, block_ids: list[int], num_tokens: int) -> RemotePrefill:

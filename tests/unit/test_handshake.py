@@ -136,6 +136,7 @@ def test_a_peer_with_another_block_size_gets_a_relayout_plan_over_a_common_backe
     """The canonical KV layout crosses the side channel intact; with it, a block-size difference
     becomes a re-layout on receive instead of a refusal."""
     import torch
+    from vllm_llmd.connectors.cpu_probe import vec_packing
     from vllm_llmd.connectors.relayout import describe, kv_views
 
     kept = []
@@ -144,7 +145,8 @@ def test_a_peer_with_another_block_size_gets_a_relayout_plan_over_a_common_backe
         caches = [torch.zeros(8, 2, block_size, 128, dtype=torch.bfloat16) for _ in range(6)]
         kept.append(caches)
         shape = {"num_blocks": 8, "num_kv_heads": 2, "head_size": 64, "block_size": block_size}
-        lay = describe(kv_views(dict(enumerate(caches)), **shape, device_kind="cpu")[1], "cpu")
+        views = kv_views(dict(enumerate(caches)), **shape, device_kind="cpu", cpu_packing=vec_packing(block_size, 64))
+        lay = describe(views[1], "cpu")
         regions = [Region(base_addr=t.data_ptr(), num_blocks=8, block_len=lay.page_bytes) for t in caches]
         return make_info(block_size=block_size, block_len=lay.page_bytes, kv_layout=lay, regions=regions, **changes)
 
@@ -155,7 +157,7 @@ def test_a_peer_with_another_block_size_gets_a_relayout_plan_over_a_common_backe
         remote = fetch_engine_info("127.0.0.1", _port(srv), 0, timeout_s=5)
     finally:
         srv.close()
-    assert remote == theirs and remote.kv_layout is not None and remote.kv_layout.order() == "HKSD"
+    assert remote == theirs and remote.kv_layout is not None and remote.kv_layout.order() == "K:HDS/V:HSD"
     plan = check_compatible(ours, remote, expected_engine_id="engine-p", can_relayout=True)
     assert (plan.mode, plan.backends) == ("relayout", ("UCX",)) and "block_size 128->64" in plan.why
     with pytest.raises(HandshakeMismatch, match="relayout_buffer_mb"):

@@ -84,19 +84,10 @@ def test_a_layout_outside_the_peers_registered_memory_or_of_too_many_runs_is_ref
     other.regions = [msgspec.structs.replace(r, base_addr=r.base_addr + 4096) for r in other.regions]
     plan, problems = negotiate(facts(), other, can_relayout=True)
     assert plan is None and "kv_layout.layers (remote)" in problems
-    # every token a run of its own, heads and K/V scattered: 2 x 2 x 64 runs per block
+    # K and V scattered over the block: neither one dense run nor two
     odd = facts(block_size=64)
     lk = odd.kv_layout.layers[0]
-    weird = msgspec.structs.replace(
-        lk, stride_kv=lk.stride_kv * 3, stride_head=lk.stride_head * 5, stride_token=lk.stride_token * 7
-    )
+    weird = msgspec.structs.replace(lk, k=msgspec.structs.replace(lk.k, stride_head=lk.k.stride_head * 3))
     odd.kv_layout = msgspec.structs.replace(odd.kv_layout, layers=[weird] * 2)
-    from vllm_llmd.connectors import layout as layout_mod
-
-    assert layout_mod.runs_per_block(odd.kv_layout) == 2 * 2 * 64
-    old, layout_mod.MAX_RUNS_PER_BLOCK = layout_mod.MAX_RUNS_PER_BLOCK, 64
-    try:
-        plan, problems = negotiate(facts(), odd, can_relayout=True)
-    finally:
-        layout_mod.MAX_RUNS_PER_BLOCK = old
-    assert plan is None and problems["kv_layout.runs_per_block"] == (1, 256)
+    plan, problems = negotiate(facts(), odd, can_relayout=True)
+    assert plan is None and "kv_layout.block (remote)" in problems
