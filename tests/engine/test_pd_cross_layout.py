@@ -145,9 +145,11 @@ def test_a_peer_whose_layout_cannot_be_mapped_is_refused_and_the_request_prefill
     real = fetch_engine_info(params["remote_host"], params["remote_port"], 0, timeout_s=10)
     assert real.kv_layout is not None
     lay = msgspec.structs.replace(real.kv_layout, num_kv_heads=4, head_size=32)
-    liar = HandshakeServer(msgspec.structs.replace(real, kv_layout=lay), "127.0.0.1", 0)
+    # another engine id: the decode engine keeps one handshake per peer engine, and it has one with p
+    liar = HandshakeServer(msgspec.structs.replace(real, kv_layout=lay, engine_id="liar"), "127.0.0.1", 0)
     try:
         params["remote_port"] = int(liar.endpoint.rsplit(":", 1)[1])
+        params["remote_engine_id"] = "liar"
         failed = _metric(d.url, "llmd:kv_handshakes_total", result="failed")
         ok = _metric(d.url, "llmd:kv_transfers_total", result="ok")
         decoded = _post(d.url, build_decode_request(body, {**prefill, "kv_transfer_params": params}))
