@@ -58,8 +58,9 @@ def run(name: str, tokens: int, reps: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
     n_src, n_dst = -(-tokens // sbs), -(-tokens // dbs)
     skind, src = cache(sk, layers, n_src + 2, heads, sbs, d)
-    for v in src:
-        v.normal_()
+    for pair in src:
+        for half in pair:
+            half.normal_()
     remote = describe(src, skind)
     _, dst = cache(dk, layers, n_dst + 2, heads, dbs, d)
     plan = plan_tokens(
