@@ -236,3 +236,40 @@ def test_the_scheduler_stages_a_prefill_the_step_its_prompt_completes_on_rbln(mo
     # elsewhere (CPU, CUDA) nothing is tracked
     monkeypatch.setattr(platform_mod, "current_vllm_platform", lambda: None)
     assert not LLMDConnectorScheduler(vllm_config, LLMDConnectorConfig()).stages  # type: ignore[arg-type]
+
+
+def test_a_d2d_worker_publishes_only_after_vllm_rbln_finalizes_registration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rbln_path d2d: nothing is registered or served until the runner calls
+    finalize_kv_cache_registration after warm-up (as vllm-rbln's own connector defers it)."""
+    import nixl._api
+
+    monkeypatch.setattr(nixl._api, "nixl_agent", fakes.FakeNixlAgent)
+    adapter = fakes.FakeNixlRbln(areas=2, alias_ucx=True)
+    with fakes.installed(nixl_rbln=adapter):
+        w, _ = make_worker("rbln-blocks-first", 4, 64, rbln_path="d2d")
+        try:
+            assert w.info is None and w.server is None and not adapter.register_calls
+            w.finalize_registration()
+            assert w.info is not None and w.server is not None and len(adapter.register_calls) == 1
+            assert w.info.memory == "VRAM" and w.info.backends[0] == "RBLN"
+            assert w.info.kv_layout is None  # areas split the blocks: NPU peers of the same geometry only
+            assert len(w.info.regions) == LAYERS * 2 and w.region_groups == [0] * (LAYERS * 2)
+        finally:
+            w.shutdown()
+
+
+def test_the_runners_copy_op_reaches_the_staging(monkeypatch: pytest.MonkeyPatch) -> None:
+    w, views = make_worker("rbln-blocks-first", 4, 64)
+    calls = []
+
+    def op(src, dst, src_ids, dst_ids, direction):  # type: ignore[no-untyped-def]
+        calls.append(direction)
+        fakes.copy_host_device_kv_blocks(src, dst, src_ids, dst_ids, direction, block_axes=dict.fromkeys(src, 0))
+
+    try:
+        w.set_copy_op(op)
+        fill(views, [1], 64)
+        w.stage_out({"r": [1]})
+        assert calls == ["d2h"]
+    finally:
+        w.shutdown()
