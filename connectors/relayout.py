@@ -217,10 +217,22 @@ def pieces(plan: TokenPlan, remote_block_size: int, local_block_size: int) -> li
 def _slot_half(flat: torch.Tensor, remote: KVLayout, h: HalfKV, n: int, at: int) -> torch.Tensor:
     """The slot's blocks of one half as a 6-D view, read through the prefill engine's strides."""
     e = remote.elem_bytes
-    size = (n, remote.num_kv_heads, remote.block_size // h.token_tile, h.token_tile,
-            remote.head_size // h.dim_tile, h.dim_tile)
-    strides = (remote.page_bytes, h.stride_head, h.stride_token, h.stride_token_in_tile, h.stride_dim,
-               h.stride_dim_in_tile)
+    size = (
+        n,
+        remote.num_kv_heads,
+        remote.block_size // h.token_tile,
+        h.token_tile,
+        remote.head_size // h.dim_tile,
+        h.dim_tile,
+    )
+    strides = (
+        remote.page_bytes,
+        h.stride_head,
+        h.stride_token,
+        h.stride_token_in_tile,
+        h.stride_dim,
+        h.stride_dim_in_tile,
+    )
     return flat.as_strided(size, tuple(x // e for x in strides), flat.storage_offset() + at // e)
 
 

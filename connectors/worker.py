@@ -39,7 +39,7 @@ from vllm_llmd.connectors.layout import plan_tokens
 from vllm_llmd.connectors.metadata import LLMDConnectorMetadata, RecvJob, RemotePrefill
 from vllm_llmd.connectors.negotiate import Plan
 from vllm_llmd.connectors.stats import LLMDConnectorStats
-from vllm_llmd.connectors.transports import KVTransport, MemoryKind, Peer, TransportError, XferState
+from vllm_llmd.connectors.transports import KVTransport, MemoryKind, Peer, TransportError, XferState, make_transport
 from vllm_llmd.connectors.transports.rbln import RblnTransport
 from vllm_llmd.connectors.xpull import CrossLayoutPuller, CrossPull, PoolTooSmall
 
@@ -131,6 +131,7 @@ class LLMDConnectorWorker:
             backends=cfg.backends,
             progress_thread=cfg.progress_thread,
             cpu_isa=cpu_attention_isa(self.vllm_config, self._spec()),
+            make=make_transport,  # this module's name: the unit tests swap in an in-process fake
         )
         self.transport = self.setup.transport
         self._stats.data["memory"] = self.setup.memory.value
@@ -236,7 +237,10 @@ class LLMDConnectorWorker:
         if plan.mode == "relayout":
             logger.info(
                 "LLMDConnector: engine %s (%s) hands off by re-layout on receive (%s) over %s",
-                info.engine_id, info.platform or "?", plan.why, plan.backends[0],
+                info.engine_id,
+                info.platform or "?",
+                plan.why,
+                plan.backends[0],
             )
         link = self._links[remote.remote_engine_id] = _Link(peer, plan, info)
         return link
@@ -305,8 +309,12 @@ class LLMDConnectorWorker:
         if len(job.local_block_ids) != 1:
             raise TransportError(f"a re-layout pull needs one KV cache group, the job has {len(job.local_block_ids)}")
         plan = plan_tokens(
-            job.remote.remote_block_ids[0], lay.block_size, job.local_block_ids[0], self.block_size,
-            job.first_token, job.end_token,
+            job.remote.remote_block_ids[0],
+            lay.block_size,
+            job.local_block_ids[0],
+            self.block_size,
+            job.first_token,
+            job.end_token,
         )
         if self._puller is None:
             self._puller = CrossLayoutPuller(self.transport, self.setup.local_views, self.cfg.relayout_buffer_mb << 20)

@@ -133,8 +133,9 @@ class RblnTransport(KVTransport):
             self.nixl_rbln.ensure_rbln_backend(self._nixl.agent, device_id=0, **self._extra)
             self.rbln_backend = self._nixl.use_backend("RBLN")
             if not self.rbln_backend:
-                logger.warning("LLMDConnector: nixl_rbln imported but NIXL has no RBLN backend; using %s",
-                               self._nixl.backends)
+                logger.warning(
+                    "LLMDConnector: nixl_rbln imported but NIXL has no RBLN backend; using %s", self._nixl.backends
+                )
         if path == "d2d" and not self.rbln_backend:
             raise TransportError("rbln_path 'd2d' needs NIXL's RBLN backend, which nixl_rbln did not create")
         self.staging: HostStaging | None = None
@@ -189,7 +190,10 @@ class RblnTransport(KVTransport):
         self._nixl.register(regions, registered=True)
         logger.info(
             "LLMDConnector RBLN d2d: %d regions over %d chiplet area(s) on device %d (RSD group %s)",
-            len(regions), tables.n_shards, self.device_id, list(self.rsd_group),
+            len(regions),
+            tables.n_shards,
+            self.device_id,
+            list(self.rsd_group),
         )
 
     def register(self, regions: Sequence[Region]) -> None:

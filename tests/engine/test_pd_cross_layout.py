@@ -132,9 +132,7 @@ def test_the_shared_pair_32_and_64_hands_off_both_ways(engines) -> None:
     print(f"\n64 -> 32: {_hand_off(engines.b, engines.a, '64to32', 0)}")
 
 
-def test_a_peer_whose_layout_cannot_be_mapped_is_refused_and_the_request_prefilled_locally(
-    engines, engine128
-) -> None:
+def test_a_peer_whose_layout_cannot_be_mapped_is_refused_and_the_request_prefilled_locally(engines, engine128) -> None:
     """The decode engine dials a side channel describing the same model with 4 KV heads of size 32:
     neither moving the blocks as they are nor re-laying them out can be right, so the handshake is
     refused naming the fields, nothing is read, and the decode engine computes the prompt itself."""

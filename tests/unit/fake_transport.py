@@ -6,9 +6,12 @@ a peer is added from its metadata and region table (unknown metadata or a region
 memory the peer registered is a :class:`TransportError`); a READ names ``(region, block)`` pairs on
 both sides and is checked against the registered regions (``_indices``); ``poll`` reports ``DONE``
 and only then sends the completion notification to the peer (``_Read``); ``release`` of a pending
-transfer cancels it. Bytes really move: a READ copies the peer's block memory into ours with
-``ctypes.memmove`` (both "engines" live in this process), as NIXL's UCX backend copies between
-processes.
+transfer cancels it. Cross-layout reads (``read_runs`` of ``(addr, len)`` rows into our regions or
+a scratch buffer registered with ``register_scratch``) are checked the same way against both sides'
+registered memory (``_locate`` in nixl.py), and a peer is read over the backends both sides agreed
+(``backends``; the fake has the ones its test gives it, ``("UCX",)`` by default). Bytes really
+move: a READ copies the peer's block memory into ours with ``ctypes.memmove`` (both "engines" live
+in this process), as NIXL's UCX backend copies between processes.
 
 What a test controls (on the shared :class:`Fabric`): ``hold`` keeps new transfers ``PENDING`` until
 :meth:`Fabric.complete` (a slow network); :meth:`Fabric.fail` makes a pending transfer fail.
@@ -21,6 +24,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from vllm_llmd.connectors.transports.base import KVTransport, MemoryKind, Peer, Region, TransportError, XferState
 
 
@@ -60,9 +64,13 @@ class FakeTransport(KVTransport):
     name = "nixl"  # what the handshake compares; the fake stands in for NIXL
     _ids = itertools.count()
 
-    def __init__(self, fabric: Fabric, memory: MemoryKind = MemoryKind.DRAM, **_: object) -> None:
+    def __init__(
+        self, fabric: Fabric, memory: MemoryKind = MemoryKind.DRAM, backends: Sequence[str] = (), **_: object
+    ) -> None:
         self.fabric = fabric
         self.memory = memory
+        self._backends = tuple(backends) or ("UCX",)
+        self._scratch: list[tuple[int, int]] = []
         self.agent_name = f"fake-{next(self._ids)}"
         self._regions: tuple[Region, ...] = ()
         self._peers: dict[str, Peer] = {}
@@ -78,14 +86,27 @@ class FakeTransport(KVTransport):
             raise TransportError("nothing to register")
         self._regions = tuple(regions)
 
+    def register_scratch(self, base_addr: int, nbytes: int, memory: MemoryKind = MemoryKind.DRAM) -> None:
+        self._scratch.append((base_addr, nbytes))
+
     @property
     def regions(self) -> tuple[Region, ...]:
         return self._regions
 
+    @property
+    def backends_available(self) -> tuple[str, ...]:
+        return self._backends
+
     def local_metadata(self) -> bytes:
         return self.agent_name.encode()
 
-    def add_peer(self, metadata: bytes, regions: Sequence[Region]) -> Peer:
+    def add_peer(
+        self,
+        metadata: bytes,
+        regions: Sequence[Region],
+        memory: MemoryKind | None = None,
+        backends: Sequence[str] = (),
+    ) -> Peer:
         if not self._regions:
             raise TransportError("register memory before adding peers")
         agent = self.fabric.agents.get(metadata.decode(errors="replace"))
@@ -93,7 +114,10 @@ class FakeTransport(KVTransport):
             raise TransportError("NIXL rejected the peer's agent metadata")
         if tuple(regions) != agent.regions:
             raise TransportError(f"peer {agent.agent_name}'s region table does not match the memory it registered")
-        peer = Peer(name=agent.agent_name, regions=tuple(regions))
+        use = tuple(b for b in (backends or self._backends) if b in self._backends and b in agent._backends)
+        if not use:
+            raise TransportError(f"no backend in common with peer {agent.agent_name}")
+        peer = Peer(name=agent.agent_name, regions=tuple(regions), memory=memory or self.memory, backends=use)
         self._peers[peer.name] = peer
         return peer
 
@@ -119,6 +143,28 @@ class FakeTransport(KVTransport):
         lens = [self._regions[r].block_len for r, _ in local]
         pairs = zip(mine, theirs, lens, strict=True)
         copies = [(m, t, n) if read else (t, m, n) for m, t, n in pairs]
+        x = Xfer(len(self.fabric.xfers), self, peer.name, copies, notif)
+        self.fabric.xfers.append(x)
+        if not self.fabric.hold:
+            x.state = XferState.DONE
+        return x
+
+    @staticmethod
+    def _inside(spans: Sequence[tuple[int, int]], rows: np.ndarray, whose: str) -> None:
+        for addr, n in rows.tolist():
+            if not any(base <= addr and addr + n <= base + size for base, size in spans):
+                raise TransportError(f"run ({addr:#x}, {n}) is outside {whose} registered memory")
+
+    def read_runs(self, peer: Peer, local: np.ndarray, remote: np.ndarray, notif: bytes = b"") -> object:
+        if peer.name not in self._peers:
+            raise TransportError(f"unknown peer {peer.name}")
+        if local.shape != remote.shape or local.ndim != 2 or local.shape[1] != 2:
+            raise TransportError("read_runs: local and remote must be matching (addr, len) rows")
+        if not np.array_equal(local[:, 1], remote[:, 1]):
+            raise TransportError("read_runs: local and remote run lengths differ")
+        self._inside([(r.base_addr, r.nbytes) for r in self._regions] + self._scratch, local, "our")
+        self._inside([(r.base_addr, r.nbytes) for r in peer.regions], remote, f"peer {peer.name}'s")
+        copies = [(int(m), int(t), int(n)) for (m, n), (t, _) in zip(local.tolist(), remote.tolist(), strict=True)]
         x = Xfer(len(self.fabric.xfers), self, peer.name, copies, notif)
         self.fabric.xfers.append(x)
         if not self.fabric.hold:

@@ -107,5 +107,3 @@ def fill(views: list[torch.Tensor], blocks: list[int], num_tokens: int) -> None:
             if cnt <= 0:
                 break
             v[b, :, :, :cnt] = token_values(layer, np.arange(lo, lo + cnt))
-
-

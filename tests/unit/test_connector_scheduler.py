@@ -29,7 +29,7 @@ HOSTILE: dict[str, Any] = {
     "host injection": remote_params(remote_host="127.0.0.1:1/x"),
     "unspecified host": remote_params(remote_host="0.0.0.0"),
     "multicast host": remote_params(remote_host="224.0.0.1"),
-    "wrong block size": remote_params(remote_block_size=BLOCK * 2),
+    "more blocks than their block size needs": remote_params(remote_block_size=BLOCK * 2),
     "tokens beyond max model len": remote_params(remote_num_tokens=10**9),
     "negative tokens": remote_params(remote_num_tokens=-5),
     "tp size 2": remote_params(tp_size=2),
@@ -96,6 +96,34 @@ def test_well_formed_params_still_pull() -> None:
     assert req.kv_transfer_params["do_remote_prefill"] is False  # one pull per request
 
 
+def test_another_block_size_is_refused_only_when_no_re_layout_can_bridge_it() -> None:
+    """``relayout_buffer_mb: 0``: a prefill engine of another block size is refused up front; with a
+    receive pool the request is admitted and the worker gets the token range to map (whether this
+    peer can be re-laid out is the handshake's call)."""
+    params = remote_params(remote_block_size=BLOCK * 4, remote_block_ids=[[40, 41]], remote_num_tokens=200)
+    s = scheduler(relayout_buffer_mb=0)
+    req = request(dict(params))
+    assert s.admit(req) is None and req.kv_transfer_params is None
+    s = scheduler()
+    req = request(dict(params), tokens=200)
+    assert isinstance(s.admit(req), RemotePrefill)
+    assert s.get_num_new_matched_tokens(req, BLOCK) == (200 - BLOCK, True)
+    s.update_state_after_alloc(req, blocks([5, 6, 7, 8, 9, 10, 11], cached=1), 200 - BLOCK)
+    [job] = s.build_connector_meta().recv
+    assert job.refused is None and job.local_block_ids == [[6, 7, 8, 9, 10, 11]]
+    assert job.remote_block_ids == [[]]  # mapped by the worker, over remote.remote_block_ids
+    assert (job.first_token, job.end_token) == (BLOCK, 200)
+
+
+def test_another_block_size_with_too_few_remote_blocks_is_reported_failed() -> None:
+    s = scheduler()
+    req = request(remote_params(remote_block_size=BLOCK * 4, remote_block_ids=[[40]], remote_num_tokens=200))
+    assert s.get_num_new_matched_tokens(req, 0) == (200, True)
+    s.update_state_after_alloc(req, blocks([1, 2, 3, 4, 5, 6, 7]), 200)
+    [job] = s.build_connector_meta().recv
+    assert job.refused and "too few blocks" in job.refused
+
+
 def test_too_few_remote_blocks_for_what_vllm_allocated_is_reported_failed_not_left_waiting() -> None:
     s = scheduler()
     req = request(remote_params(remote_block_ids=[[10, 11]], remote_num_tokens=200))
@@ -113,3 +141,5 @@ def test_the_producer_answers_with_the_shared_wire_type() -> None:
     remote = RemotePrefill(**{k: v for k, v in params.items()})
     assert remote.remote_block_ids == [[3, 4, 5, 6, 7, 8, 9]] and remote.remote_num_tokens == 200
     assert remote.misfit(block_size=BLOCK, num_groups=1, max_tokens=8192) is None
+    assert remote.misfit(block_size=BLOCK * 2, num_groups=1, max_tokens=8192)  # a block size must match
+    assert remote.misfit(num_groups=1, max_tokens=8192) is None  # ... unless a re-layout can bridge it

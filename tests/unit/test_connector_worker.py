@@ -124,7 +124,7 @@ def test_a_pull_past_its_deadline_fails_and_is_cancelled(fabric: Fabric) -> None
         assert out.failed_recving == {"r1"} and out.finished_recving == {"r1"}  # vLLM then recomputes
         assert 0.1 < time.monotonic() - t0 < 2
         assert fabric.cancelled == 1 and d.stats()["transfers_failed"] == 1
-        assert "engine-p" not in d.worker._peers  # a peer that let a pull hang is handshaken again
+        assert "engine-p" not in d.worker._links  # a peer that let a pull hang is handshaken again
         assert p.results().finished_sending == set()  # no notice: the lease is still held
     finally:
         p.worker.shutdown()

@@ -210,7 +210,10 @@ def test_the_scheduler_stages_a_prefill_the_step_its_prompt_completes_on_rbln(mo
     s = LLMDConnectorScheduler(vllm_config, LLMDConnectorConfig())  # type: ignore[arg-type]
     assert s.stages
     req = SimpleNamespace(
-        request_id="p1", kv_transfer_params={"do_remote_decode": True}, num_computed_tokens=0, num_prompt_tokens=300,
+        request_id="p1",
+        kv_transfer_params={"do_remote_decode": True},
+        num_computed_tokens=0,
+        num_prompt_tokens=300,
         is_finished=lambda: False,
     )
     other = SimpleNamespace(request_id="x", kv_transfer_params=None, num_computed_tokens=0, num_prompt_tokens=10)

@@ -119,6 +119,7 @@ def test_descriptor_counts_are_one_run_per_layer_and_block_or_fewer() -> None:
         _, consecutive = read_descriptors(layout, [2, 3, 4], 0)
         # a blocks-first cache merges consecutive blocks into one run per layer
         assert len(consecutive) == (LAYERS if runs_per_block == 1 else LAYERS * 3 * 2), kind
+
     def order(kind: str) -> str:
         return describe(views_of(kind, make_cache(kind, 4, 32), 32), kind).order()
 
@@ -148,6 +149,7 @@ def test_a_layout_reaching_outside_the_registered_memory_is_caught() -> None:
     layout = describe(views_of("cpu", caches, 32), "cpu")
     regions = [(t.data_ptr(), t.numel() * t.element_size()) for t in caches.values()]
     assert outside(layout, regions) == []
+
     def shift(h):  # type: ignore[no-untyped-def]
         return msgspec.structs.replace(h, base_addr=h.base_addr + 64)
 

@@ -101,7 +101,7 @@ def test_platform_detection_reads_the_tensors_and_vllm_rbln_platform() -> None:
 
 def test_transport_auto_chooses_per_platform() -> None:
     cpu, cuda, npu = detect("cpu"), detect("cuda"), detect("rbln", fakes.RblnPlatform)
-    assert choose("auto", cpu) .transport == "nixl" and choose("auto", cuda).backends == ("UCX",)
+    assert choose("auto", cpu).transport == "nixl" and choose("auto", cuda).backends == ("UCX",)
     auto_npu = choose("auto", npu)
     assert (auto_npu.transport, auto_npu.rbln_path, auto_npu.backends) == ("rbln", "host", ("UCX",))
     with_adapter = choose("auto", npu, nixl_rbln_available=True)

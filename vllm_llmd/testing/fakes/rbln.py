@@ -272,9 +272,20 @@ class FakeNixlAgent:
         return self._next
 
     def __getattr__(self, op: str) -> Any:
-        if op in ("get_reg_descs", "register_memory", "deregister_memory", "get_xfer_descs", "prep_xfer_dlist",
-                  "release_dlist_handle", "release_xfer_handle", "make_prepped_xfer", "initialize_xfer",
-                  "send_notif", "remove_remote_agent", "create_backend"):
+        if op in (
+            "get_reg_descs",
+            "register_memory",
+            "deregister_memory",
+            "get_xfer_descs",
+            "prep_xfer_dlist",
+            "release_dlist_handle",
+            "release_xfer_handle",
+            "make_prepped_xfer",
+            "initialize_xfer",
+            "send_notif",
+            "remove_remote_agent",
+            "create_backend",
+        ):
             return lambda *a, **k: self._handle(op, *a, **k)
         raise AttributeError(op)
 
