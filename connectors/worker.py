@@ -4,7 +4,7 @@ Registers the KV cache with the transport the platform needs (connectors/kv_setu
 handshake side channel, pulls blocks for decode requests (async: reported through
 ``finished_recving``; failures through ``failed_recving`` so the scheduler recomputes the prefill
 locally), and on the prefill side releases leased blocks when the consumer's completion
-notification arrives or the lease expires.
+notification arrives or the lease expires (connectors/leases.py).
 
 A pull is one of two kinds, agreed per peer in the handshake (connectors/negotiate.py): *direct*
 (same block size and layout: region ``r`` block ``b`` into region ``r`` block ``b'``) or *relayout*
@@ -36,6 +36,7 @@ from vllm_llmd.connectors.handshake import (
 )
 from vllm_llmd.connectors.kv_setup import KVSetup, cpu_attention_isa, setup_kv
 from vllm_llmd.connectors.layout import plan_tokens
+from vllm_llmd.connectors.leases import DONE_PREFIX, Leases
 from vllm_llmd.connectors.metadata import LLMDConnectorMetadata, RecvJob, RemotePrefill
 from vllm_llmd.connectors.negotiate import Plan
 from vllm_llmd.connectors.stats import LLMDConnectorStats
@@ -51,8 +52,6 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 logger = logging.getLogger("vllm.vllm_llmd.connectors")
-
-DONE_PREFIX = b"llmd:done:"
 
 
 @dataclass
@@ -112,10 +111,8 @@ class LLMDConnectorWorker:
         self._waiting: list[tuple[RecvJob, _Link, float]] = []
         self._recv_done: set[str] = set()
         self._recv_failed: set[str] = set()
-        self._leases: dict[str, float] = {}
-        self._early_done: dict[str, float] = {}
-        self._early_released: set[str] = set()
         self._stats = LLMDConnectorStats()
+        self._leases = Leases(self._stats)
         # CURVE on the side channel, from LLMD_CURVE_* (vllm_llmd/wire/curve.py); a bad key stops start-up
         self._curve_server = server_from_env(os.environ)
         self._curve_client = client_from_env(os.environ)
@@ -386,42 +383,11 @@ class LLMDConnectorWorker:
             blocks = sorted({b for ids in stage.values() for b in ids})
             self._stats.add("staged_out_bytes", self.transport.stage_out(blocks))
 
-    # ---- prefill side --------------------------------------------------------------------
-    def _poll_leases(self) -> set[str]:
-        assert self.transport is not None
-        released: set[str] = set()
-        now = time.monotonic()
-        for _peer, msg in self.transport.get_notifs():
-            if not msg.startswith(DONE_PREFIX):
-                continue
-            rid = msg[len(DONE_PREFIX) :].decode(errors="replace")
-            if self._leases.pop(rid, None) is not None:
-                released.add(rid)
-                self._stats.add("leases_released")
-            else:  # arrived before the scheduler told us about the lease
-                self._early_done[rid] = now
-        for rid, expiry in list(self._leases.items()):
-            if now >= expiry:
-                del self._leases[rid]
-                released.add(rid)
-                self._stats.add("leases_expired")
-                logger.info("LLMDConnector: lease of %s expired; blocks freed", rid)
-        for rid, seen in list(self._early_done.items()):
-            if now - seen > 600:
-                del self._early_done[rid]
-        return released
-
     # ---- every step ----------------------------------------------------------------------
     def start_load_kv(self, meta: LLMDConnectorMetadata) -> None:
         if self.transport is None:
             return
-        now = time.monotonic()
-        for rid, lease in meta.send.items():
-            if self._early_done.pop(rid, None) is not None:  # the consumer already read it
-                self._stats.add("leases_released")
-                self._early_released.add(rid)
-            else:
-                self._leases[rid] = now + lease
+        self._leases.start(meta.send)
         for job in meta.recv:
             self._start_pull(job)
 
@@ -429,8 +395,7 @@ class LLMDConnectorWorker:
         if self.transport is None:
             return KVConnectorTransferResults(set(), set(), set())
         self._poll_pulls()
-        sending = self._poll_leases() | self._early_released
-        self._early_released = set()
+        sending = self._leases.poll(self.transport.get_notifs())
         failed = self._recv_failed
         recving = self._recv_done | failed
         self._recv_done, self._recv_failed = set(), set()
