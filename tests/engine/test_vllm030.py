@@ -255,3 +255,31 @@ def test_handoff_between_vllm_030_and_032_both_ways(old_pair: OldPair, engines) 
             "the decoding engine counting one pull",
             interval=0.2,
         )
+
+
+def test_cross_block_size_handoff_between_vllm_030_and_032_both_ways(old_pair: OldPair, engines) -> None:
+    """What a current-vLLM GPU pod and a vllm-rbln NPU pod (vLLM 0.30) do when their block sizes
+    differ: the 0.30 engines (block 32) and the session's engine B (block 64, vLLM 0.32) hand off by
+    re-layout on receive, both ways (connectors/negotiate.py agrees it across the two releases);
+    token-identical to the decoding engine's own output, the decode side counts one re-layout and the
+    KV bytes it moved."""
+    new = engines.b
+    assert new.spec.block_size == 64
+    for i, (prefiller, decoder) in enumerate(((old_pair.p, new), (new, old_pair.d))):
+        body = {"model": MODEL, "prompt": _prompt(30 + i), "max_tokens": 8, "temperature": 0}
+        ok = _metric(decoder.url, "llmd:kv_transfers_total", result="ok")
+        relayouts = _metric(decoder.url, "llmd:kv_relayout_transfers_total")
+        moved = _metric(decoder.url, "llmd:kv_transfer_bytes_total")
+        prefill = _post(prefiller.url, "/v1/completions", build_prefill_request(body))
+        assert prefill["kv_transfer_params"]["remote_block_size"] == prefiller.spec.block_size
+        decoded = _post(decoder.url, "/v1/completions", build_decode_request(body, prefill))
+        reference = _post(decoder.url, "/v1/completions", body)
+        assert _text(decoded) == _text(reference), (prefiller.url, decoder.url)
+        wait_until(
+            lambda u=decoder.url, n=ok: _metric(u, "llmd:kv_transfers_total", result="ok") == n + 1,
+            10,
+            "the decoding engine counting one pull",
+            interval=0.2,
+        )
+        assert _metric(decoder.url, "llmd:kv_relayout_transfers_total") == relayouts + 1
+        assert _metric(decoder.url, "llmd:kv_transfer_bytes_total") > moved
