@@ -6,7 +6,7 @@ the router).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
@@ -23,6 +23,7 @@ class RecvJob:
     remote: RemotePrefill | None
     local_block_ids: list[list[int]]
     remote_block_ids: list[list[int]]
+    _: KW_ONLY
     #: the scheduler promised vLLM a load it cannot start (why): the worker reports it failed, so
     #: vLLM prefills locally instead of waiting for blocks that never come
     refused: str | None = None

@@ -276,3 +276,118 @@ def test_the_runners_copy_op_reaches_the_staging(monkeypatch: pytest.MonkeyPatch
         assert calls == ["d2h"]
     finally:
         w.shutdown()
+
+
+# ---- the receive pool under pressure, over the in-process fake transport (tests/unit/fake_transport.py):
+# reads that stay pending, fail or outlive their deadline cannot be arranged with real UCX on one host
+
+#: 7 prefill blocks of 32 tokens: 112 KiB read per pull (2 layers, K and V, 2 heads x 32 dims, bf16),
+#: so a 160 KiB receive pool holds one such pull at a time
+POOL_TOKENS, POOL_BYTES = 200, 160 << 10
+
+
+@pytest.fixture
+def fabric(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    from fake_transport import Fabric, FakeTransport
+    from vllm_llmd.connectors import worker as worker_mod
+
+    fab = Fabric()
+    monkeypatch.setattr(worker_mod, "make_transport", lambda name, memory, **kw: FakeTransport(fab, memory))
+    return fab
+
+
+def _small_pool_pair(**extra: object) -> tuple[LLMDConnectorWorker, list, LLMDConnectorWorker, list]:
+    """P (block 32) and D (block 64) whose receive pool holds ``POOL_BYTES`` (``relayout_buffer_mb``
+    counts whole MiB: the puller is built here with less, as the worker would on its first pull)."""
+    from vllm_llmd.connectors.xpull import CrossLayoutPuller
+
+    p, pv = make_worker("cpu", 16, 32)
+    d, dv = make_worker("cpu", 12, 64, **extra)
+    assert d.transport is not None and d.setup is not None and d.setup.local_views is not None
+    d._puller = CrossLayoutPuller(d.transport, d.setup.local_views, POOL_BYTES)
+    return p, pv, d, dv
+
+
+def _pool_jobs(p: LLMDConnectorWorker, pv: list) -> list[RecvJob]:
+    jobs = []
+    for n, rid in enumerate(("ra", "rb")):
+        remote = list(range(7 * n, 7 * n + 7))
+        fill(pv, remote, POOL_TOKENS)
+        local = [list(range(4 * n, 4 * n + 4))]  # 4 blocks of 64 tokens
+        jobs.append(RecvJob(rid, remote_params(p, rid, remote, POOL_TOKENS), local, [[]], end_token=POOL_TOKENS))
+    return jobs
+
+
+def test_a_relayout_pull_waits_for_room_in_the_receive_pool_then_lands(fabric) -> None:  # type: ignore[no-untyped-def]
+    p, pv, d, dv = _small_pool_pair()
+    try:
+        fabric.hold = True  # reads stay in flight until the test completes them
+        d.start_load_kv(LLMDConnectorMetadata(recv=_pool_jobs(p, pv)))
+        r = d.transfer_results()
+        assert not r.finished_recving and not r.failed_recving
+        assert len(fabric.pending()) == 1 and len(d._waiting) == 1  # the second pull waits for room
+        done: set[str] = set()
+
+        def landed() -> bool:
+            fabric.complete()
+            r = d.transfer_results()
+            assert not r.failed_recving
+            done.update(r.finished_recving or ())
+            return done == {"ra", "rb"}
+
+        wait_until(landed, 10, "both pulls to land", interval=0.01)
+        check(dv, [0, 1, 2, 3], 0, POOL_TOKENS)
+        check(dv, [4, 5, 6, 7], 0, POOL_TOKENS)
+        assert d._puller is not None and d._puller.pool.free_bytes == d._puller.pool.nbytes
+        stats = d.get_stats()
+        assert stats is not None and stats.data["relayout_transfers"] == 2
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_a_failed_relayout_read_frees_its_slot_and_the_peer_is_handshaken_again(fabric) -> None:  # type: ignore[no-untyped-def]
+    p, pv, d, dv = _small_pool_pair()
+    try:
+        first, second = _pool_jobs(p, pv)
+        fabric.hold = True
+        d.start_load_kv(LLMDConnectorMetadata(recv=[first]))
+        fabric.fail()
+        r = d.transfer_results()
+        assert r.failed_recving == {"ra"}
+        assert d._puller is not None and d._puller.pool.free_bytes == d._puller.pool.nbytes
+        assert p.engine_id not in d._links
+        fabric.hold = False
+        ok, failed = pull(d, second, p)
+        assert ok == {"rb"} and not failed
+        check(dv, [4, 5, 6, 7], 0, POOL_TOKENS)
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def test_relayout_pulls_past_their_deadline_fail_and_never_outgrow_the_pool(fabric) -> None:  # type: ignore[no-untyped-def]
+    """One pull in flight, one waiting for room: both are given up at the deadline (the one in flight
+    cancelled, its slot freed); a pull larger than the whole pool is refused at once."""
+    p, pv, d, _ = _small_pool_pair(transfer_timeout_seconds=0.3)
+    try:
+        fabric.hold = True
+        d.start_load_kv(LLMDConnectorMetadata(recv=_pool_jobs(p, pv)))
+        failed: set[str] = set()
+
+        def given_up() -> bool:
+            failed.update(d.transfer_results().failed_recving or ())
+            return failed == {"ra", "rb"}
+
+        wait_until(given_up, 5, "both pulls given up", interval=0.02)
+        assert fabric.cancelled == 1 and not d._waiting
+        assert d._puller is not None and d._puller.pool.free_bytes == d._puller.pool.nbytes
+        huge = list(range(14))  # 224 KiB: more than the pool holds
+        params = remote_params(p, "rc", huge, 2 * POOL_TOKENS)
+        job = RecvJob("rc", params, [list(range(7))], [[]], end_token=2 * POOL_TOKENS)
+        d.start_load_kv(LLMDConnectorMetadata(recv=[job]))
+        assert d.transfer_results().failed_recving == {"rc"}
+        assert len(fabric.pending()) == 0  # nothing was read
+    finally:
+        p.shutdown()
+        d.shutdown()
