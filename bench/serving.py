@@ -257,6 +257,42 @@ def run_client(
     }
 
 
+DEFAULT_WORKLOAD = "prefix_repetition"
+
+
+def rows_dir(model: str, workload: str) -> Path:
+    """Where a (model, workload)'s rows live: the default workload keeps its historical place."""
+    if workload == DEFAULT_WORKLOAD:
+        return OUT / "serving" / model
+    return OUT / "serving" / workload / model
+
+
+def run_workload(
+    router_url: str,
+    served: str,
+    model_dir: Path,
+    engines: list[str],
+    args: argparse.Namespace,
+    seed: int,
+    row_dir: Path,
+    tag: str,
+) -> dict[str, Any]:
+    """One run of a ``bench/workloads.py`` workload (seed ``args.workload_seed + seed``) through
+    ``bench/workload_client.py``; per-request records and engine load samples go to a side file."""
+    import asyncio
+
+    import workload_client
+    import workloads
+
+    wl, tm = workloads.build(args.workload, model_dir, seed=args.workload_seed + seed)
+    res = asyncio.run(workload_client.run(wl, router_url, served, engines, args.concurrency))
+    detail = {"per_request": res.pop("per_request"), "load_samples": res.pop("load_samples")}
+    row_dir.mkdir(parents=True, exist_ok=True)
+    (row_dir / f"detail_{tag}.json").write_text(json.dumps(detail))
+    res["workload"] = wl.summary(tm.count)
+    return res
+
+
 def cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU time of one process (all its threads), from ``/proc/PID/stat``."""
     if pid is None:
@@ -294,7 +330,7 @@ def load_avg() -> list[float]:
 
 def run_row(model: str, kind: RouterKind, args: argparse.Namespace) -> dict[str, Any]:
     model_dir = make_test_model(OUT / "models" / model, shape=model)
-    row_dir = OUT / "serving" / model / kind.name
+    row_dir = rows_dir(model, args.workload) / kind.name
     log_dir = row_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     served = str(model_dir) if kind.served_name_is_path else "test-model"
@@ -307,6 +343,7 @@ def run_row(model: str, kind: RouterKind, args: argparse.Namespace) -> dict[str,
         "engine_env": kind.engine_env,
         "engine_args": kind.engine_args,
         "workload": {
+            "name": args.workload,
             "prefix_len": args.prefix_len,
             "suffix_len": args.suffix_len,
             "num_prefixes": args.num_prefixes,
@@ -333,6 +370,8 @@ def run_row(model: str, kind: RouterKind, args: argparse.Namespace) -> dict[str,
         print(f"[{time.strftime('%H:%M:%S')}] {model}/{kind.name}: router up at {router.url}", flush=True)
 
         def client(n: int, rate: str, conc: int | None, seed: int, tag: str) -> dict[str, Any]:
+            if args.workload != DEFAULT_WORKLOAD:  # bench/workloads.py, through our own client
+                return run_workload(router.url, served, model_dir, [e.url for e in engines], args, seed, row_dir, tag)
             return run_client(
                 router.url,
                 served,
@@ -567,13 +606,13 @@ def acceptance(rows: dict[str, dict[str, Any]]) -> list[str]:
     return notes
 
 
-def report(models: list[str], order: list[str]) -> str:
+def report(models: list[str], order: list[str], workload: str = DEFAULT_WORKLOAD) -> str:
     parts = []
     summary: dict[str, Any] = {}
     for model in models:
         rows = {}
         for name in order:
-            p = OUT / "serving" / model / f"{name}.json"
+            p = rows_dir(model, workload) / f"{name}.json"
             if p.exists():
                 rows[name] = json.loads(p.read_text())
         if not rows:
@@ -582,7 +621,8 @@ def report(models: list[str], order: list[str]) -> str:
         summary[model] = rows
         dates = sorted({r["date_utc"] for r in ordered})
         loads = [f"{r['router']}: {r['load_avg_before']}" for r in ordered]
-        parts.append(f"### {model} model: saturating run\n\n{saturate_table(ordered)}\n")
+        what = "" if workload == DEFAULT_WORKLOAD else f", workload `{workload}`"
+        parts.append(f"### {model} model{what}: saturating run\n\n{saturate_table(ordered)}\n")
         pd_rows = [r for r in ordered if ROUTERS[r["router"]].pd]
         if pd_rows:
             ref = [rows[n] for n in ("ours", "rr") if n in rows]
@@ -597,9 +637,10 @@ def report(models: list[str], order: list[str]) -> str:
             parts.append("acceptance (issues 4 and 5):\n" + "\n".join(f"- {n}" for n in notes))
         parts.append("")
     text = "\n".join(parts)
-    (OUT / "serving").mkdir(parents=True, exist_ok=True)
-    (OUT / "serving" / "tables.md").write_text(text)
-    (OUT / "serving" / "summary.json").write_text(json.dumps(summary, indent=1))
+    base = OUT / "serving" if workload == DEFAULT_WORKLOAD else OUT / "serving" / workload
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "tables.md").write_text(text)
+    (base / "summary.json").write_text(json.dumps(summary, indent=1))
     return text
 
 
@@ -623,6 +664,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ladder-rates", default="1,2,3,4,6", help="comma-separated Poisson rates (req/s)")
     ap.add_argument("--ladder-prompts", type=int, default=48, help="requests per ladder step")
     ap.add_argument("--client-timeout", type=float, default=1800)
+    ap.add_argument(
+        "--workload",
+        default=DEFAULT_WORKLOAD,
+        help=f"{DEFAULT_WORKLOAD} (vLLM's client) or one of bench/workloads.py: "
+        "multiturn, zipf, rag, agentic, hotprefix (saturate mode only)",
+    )
+    ap.add_argument("--workload-seed", type=int, default=0)
     args = ap.parse_args()
     args.routers = [r for r in args.routers.split(",") if r]
     args.models = [m for m in args.models.split(",") if m]
@@ -633,6 +681,13 @@ def parse_args() -> argparse.Namespace:
         ap.error(f"unknown routers {unknown}; known: {list(ROUTERS)}")
     if bad := [m for m in args.modes if m not in ("saturate", "ladder")]:
         ap.error(f"unknown modes {bad}")
+    if args.workload != DEFAULT_WORKLOAD:
+        from workloads import GENERATORS
+
+        if args.workload not in GENERATORS:
+            ap.error(f"unknown workload {args.workload!r}; known: {DEFAULT_WORKLOAD}, {', '.join(GENERATORS)}")
+        if "ladder" in args.modes:
+            args.modes = [m for m in args.modes if m != "ladder"]
     return args
 
 
@@ -646,7 +701,7 @@ def main() -> int:
         for model in args.models:
             for name in args.routers:
                 kind = ROUTERS[name]
-                dest = OUT / "serving" / model / f"{name}.json"
+                dest = rows_dir(model, args.workload) / f"{name}.json"
                 if dest.exists() and not args.force:
                     prev = json.loads(dest.read_text())
                     if all(prev.get(m) for m in args.modes):
@@ -674,7 +729,7 @@ def main() -> int:
                             result.setdefault("kept_from_earlier_run", {})[m] = prev.get("date_utc")
                 dest.write_text(json.dumps(result, indent=1))
     print()
-    print(report(args.models, list(ROUTERS)))
+    print(report(args.models, list(ROUTERS), args.workload))
     if failures:
         print(f"failed rows: {failures}", file=sys.stderr)
         return 1

@@ -200,11 +200,12 @@ class RouterApp:
         if log.isEnabledFor(logging.DEBUG):
             costs = req.outputs.get(TTFTCosts)
             log.debug(
-                "route prompt=%d tokens first_key=%x -> %s predicted_cached=%d totals=%s costs=%s",
+                "route prompt=%d tokens first_key=%x -> %s predicted_cached=%d cached=%s totals=%s costs=%s",
                 req.prompt_tokens,
                 req.block_keys[0] if req.block_keys else 0,
                 pid,
                 decision.predicted_cached_tokens,
+                dict(req.view.cached) if req.view is not None else None,
                 {k: round(v, 3) for k, v in decision.totals.items()},
                 costs.costs if costs is not None else None,
             )

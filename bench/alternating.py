@@ -1,0 +1,200 @@
+"""Routers side by side on ONE pair of engines, in alternating order, repeated: the runner for the
+``bench/workloads.py`` workloads (issue 12).
+
+``serving.py`` starts fresh engines for every row (2-3 minutes each on this machine). Here the two
+engines start once per model; before every run their prefix caches are reset
+(``POST /reset_prefix_cache``) and a fresh router is started, so each run begins from empty caches
+and an empty index. Round ``r`` runs the routers in the given order when ``r`` is even and reversed
+when odd (ABBA), which takes drift and order out of the comparison; every run records the 1-minute
+load average before it. All routers of one invocation must run with the same engine settings (so
+``kv_aware``, whose engines need other hashing flags, and the P/D rows run through ``serving.py``).
+
+    .venv/bin/python bench/alternating.py --workload multiturn --models wide \\
+        --routers rr,cache_aware,oracle,ours --repeat 2
+
+Output: ``bench/out/serving/<workload>/<model>/alternating-<UTC time>.json`` (every run; per-request
+records and engine-load samples beside it) and a table with the mean (sd) per router and the issue-12
+targets for ``ours`` (>= 1.5x round-robin's throughput, >= 1.3x the best vllm-router policy's, TTFT
+p90 no worse than the best of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from typing import Any
+
+import serving
+from routers import ROUTERS, RouterProcess, Worker, free_port
+from serving import OUT, Interrupted, load_avg, measured, reset_prefix_cache, rows_dir, run_workload, start_engines
+
+from vllm_llmd.testing.model import make_test_model
+
+VLLM_ROUTER_ROWS = ("rr", "cache_aware", "kv_aware")
+
+
+def run_model(model: str, names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    kinds = [ROUTERS[n] for n in names]
+    ref = kinds[0]
+    for k in kinds[1:]:
+        if (k.engine_args, k.engine_env, k.served_name_is_path, k.per_engine_env) != (
+            ref.engine_args,
+            ref.engine_env,
+            ref.served_name_is_path,
+            ref.per_engine_env,
+        ):
+            raise SystemExit(f"{k.name} needs other engine settings than {ref.name}: run it through serving.py")
+    model_dir = make_test_model(OUT / "models" / model, shape=model)
+    out_dir = rows_dir(model, args.workload)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    log_dir = out_dir / f"alternating-{stamp}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    served = str(model_dir) if ref.served_name_is_path else "test-model"
+    print(f"[{time.strftime('%H:%M:%S')}] {model}: starting engines (load average {load_avg()})", flush=True)
+    engines = start_engines(model_dir, ref, log_dir, args.engines)
+    runs: list[dict[str, Any]] = []
+    try:
+        workers = [Worker(e.url, e.spec.events_endpoint, e.spec.replay_endpoint, model_dir, served) for e in engines]
+        for rnd in range(args.repeat):
+            order = kinds if rnd % 2 == 0 else kinds[::-1]
+            for kind in order:
+                i = len(runs)
+                ok = all(reset_prefix_cache(e.url) for e in engines)
+                launch = kind.build(workers, free_port())
+                router = RouterProcess(kind, launch, log_dir / f"router-{i}-{kind.name}.log").start()
+                try:
+                    router.wait_ready(timeout=180)
+                    pid = router.proc.pid if router.proc is not None else None
+                    la = load_avg()
+                    tag = f"{i}-{kind.name}"
+
+                    def work(url: str = router.url, tag: str = tag) -> dict[str, Any]:
+                        return run_workload(url, served, model_dir, [e.url for e in engines], args, 0, log_dir, tag)
+
+                    r = measured(engines, work, pid)
+                    if kind.name == "ours":
+                        text = router.get("/metrics")
+                        if text:
+                            (log_dir / f"router-{i}-metrics.txt").write_text(text)
+                finally:
+                    router.stop()
+                r.update(
+                    router=kind.name,
+                    round=rnd,
+                    index=i,
+                    reset_ok=ok,
+                    load_avg_before=la,
+                    date_utc=time.strftime("%H:%M:%S", time.gmtime()),
+                )
+                runs.append(r)
+                print(
+                    f"  [{r['date_utc']}] {kind.name:12s} {serving.fmt_brief(r)} | load {la} | "
+                    f"engines {r['engine_load']}",
+                    flush=True,
+                )
+    finally:
+        for e in engines:
+            e.stop()
+    dest = out_dir / f"alternating-{stamp}.json"
+    dest.write_text(
+        json.dumps({"model": model, "workload": args.workload, "command": " ".join(sys.argv), "runs": runs}, indent=1)
+    )
+    print(f"saved {dest}", flush=True)
+    return runs
+
+
+def summarize(model: str, runs: list[dict[str, Any]]) -> str:
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by.setdefault(r["router"], []).append(r)
+
+    def mean(name: str, key: str) -> float:
+        return statistics.fmean(x[key] for x in by[name])
+
+    def sd(name: str, key: str) -> float:
+        xs = [x[key] for x in by[name]]
+        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+    lines = [
+        f"{model}: mean (sd) over runs",
+        "| router | runs | req/s | TTFT p50 ms | TTFT p90 ms | E2E p50 ms | hit rate | idle-while-queued | load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rs in by.items():
+        iwq = [x["engine_load"].get("idle_while_queued") for x in rs if x.get("engine_load")]
+        iwq_s = f"{statistics.fmean(v for v in iwq if v is not None):.2f}" if any(v is not None for v in iwq) else "-"
+        loads = "/".join(f"{x['load_avg_before'][0]:.1f}" for x in rs)
+        lines.append(
+            f"| {name} | {len(rs)} | {mean(name, 'req_s'):.2f} ({sd(name, 'req_s'):.2f}) "
+            f"| {mean(name, 'ttft_p50_ms'):.0f} "
+            f"| {mean(name, 'ttft_p90_ms'):.0f} ({sd(name, 'ttft_p90_ms'):.0f}) | {mean(name, 'e2e_p50_ms'):.0f} "
+            f"| {statistics.fmean((x['hit_rate'] or 0) for x in rs):.2f} | {iwq_s} | {loads} |"
+        )
+    if "ours" in by:
+        ours_t, ours_p90 = mean("ours", "req_s"), mean("ours", "ttft_p90_ms")
+        if "rr" in by:
+            ratio = ours_t / mean("rr", "req_s")
+            lines.append(
+                f"- throughput ours/round-robin = {ratio:.2f} (target >= 1.5): {'PASS' if ratio >= 1.5 else 'MISS'}"
+            )
+        peers = [n for n in VLLM_ROUTER_ROWS if n in by]
+        if peers:
+            best = max(peers, key=lambda n: mean(n, "req_s"))
+            ratio = ours_t / mean(best, "req_s")
+            lines.append(
+                f"- throughput ours/best vllm-router ({best}) = {ratio:.2f} (target >= 1.3): "
+                f"{'PASS' if ratio >= 1.3 else 'MISS'}"
+            )
+            best_p90 = min(mean(n, "ttft_p90_ms") for n in peers)
+            lines.append(
+                f"- TTFT p90 ours {ours_p90:.0f} ms vs best vllm-router {best_p90:.0f} ms (target <=): "
+                f"{'PASS' if ours_p90 <= best_p90 else 'MISS'}"
+            )
+        if "oracle" in by:
+            lines.append(
+                f"- vs static oracle: throughput {ours_t / mean('oracle', 'req_s'):.2f}x, "
+                f"TTFT p90 {ours_p90 / mean('oracle', 'ttft_p90_ms'):.2f}x"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", required=True, help="multiturn, zipf, rag, agentic or hotprefix")
+    ap.add_argument("--routers", default="rr,cache_aware,oracle,ours")
+    ap.add_argument("--models", default="wide")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds; odd rounds run the routers in reverse order")
+    ap.add_argument("--engines", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--workload-seed", type=int, default=0)
+    ap.add_argument("--client-timeout", type=float, default=1800)
+    args = ap.parse_args()
+    from workloads import GENERATORS
+
+    if args.workload not in GENERATORS:
+        ap.error(f"unknown workload {args.workload!r}; known: {', '.join(GENERATORS)}")
+    names = [n for n in args.routers.split(",") if n]
+    if bad := [n for n in names if n not in ROUTERS]:
+        ap.error(f"unknown routers {bad}")
+    if why := [f"{n}: {w}" for n in names if (w := ROUTERS[n].available())]:
+        ap.error("; ".join(why))
+    signal.signal(signal.SIGTERM, serving._on_signal)
+    signal.signal(signal.SIGHUP, serving._on_signal)
+    print(f"{os.cpu_count()} cores, load average {load_avg()}", flush=True)
+    try:
+        for model in [m for m in args.models.split(",") if m]:
+            runs = run_model(model, names, args)
+            print(summarize(model, runs), flush=True)
+    except Interrupted:
+        print("interrupted: processes stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

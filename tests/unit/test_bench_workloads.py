@@ -1,0 +1,140 @@
+"""bench/workloads.py (seeded generators) and bench/workload_client.py (closed loop per session,
+bounded concurrency, engine-load statistics) against a real aiohttp server streaming SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import workload_client
+import workloads
+
+
+@pytest.fixture(scope="module")
+def tm(test_model_dir: Path) -> workloads.TextMaker:
+    return workloads.TextMaker(test_model_dir / "tokenizer.json")
+
+
+def test_text_has_the_exact_token_count_and_is_seeded(tm: workloads.TextMaker) -> None:
+    import random
+
+    a = tm.text(random.Random(7), 100)
+    assert tm.count(a) in range(98, 103)  # decode/re-encode may merge a token at the cut
+    assert a == tm.text(random.Random(7), 100)
+    assert a != tm.text(random.Random(8), 100)
+
+
+def test_multiturn_turns_extend_their_history_and_interleave(tm: workloads.TextMaker) -> None:
+    wl = workloads.multiturn(tm, seed=3, conversations=6, turns=4, system_tokens=32, opening_tokens=48)
+    assert len(wl.turns) == 24 and len({t.session for t in wl.turns}) == 6
+    by: dict[str, list[str]] = {}
+    for t in wl.turns:
+        by.setdefault(t.session, []).append(t.prompt)
+    for prompts in by.values():
+        for earlier, later in itertools.pairwise(prompts):
+            assert later.startswith(earlier) and len(later) > len(earlier)
+    # interleaved: the sessions do not come one after another
+    firsts = [t.session for t in wl.turns[:6]]
+    assert len(set(firsts)) > 1
+    again = workloads.multiturn(tm, seed=3, conversations=6, turns=4, system_tokens=32, opening_tokens=48)
+    assert [t.prompt for t in again.turns] == [t.prompt for t in wl.turns]
+
+
+def test_hotprefix_sends_half_the_traffic_to_one_prefix(tm: workloads.TextMaker) -> None:
+    wl = workloads.hotprefix(tm, seed=1, prefixes=8, prefix_tokens=64, suffix_tokens=16, requests=400)
+    heads: dict[str, int] = {}
+    for t in wl.turns:
+        head = t.prompt.split("\n")[0]
+        heads[head] = heads.get(head, 0) + 1
+    top = max(heads.values())
+    assert 0.42 < top / 400 < 0.58
+    assert len(heads) == 8
+
+
+def test_zipf_and_rag_are_skewed(tm: workloads.TextMaker) -> None:
+    wl = workloads.zipf(tm, seed=0, prompts=16, prompt_tokens=32, user_tokens=8, requests=300)
+    counts = sorted(
+        (sum(1 for t in wl.turns if t.prompt.startswith(p)) for p in {t.prompt.split("\nUser:")[0] for t in wl.turns}),
+        reverse=True,
+    )
+    assert counts[0] > 3 * counts[-1]
+    rag = workloads.rag(tm, seed=0, documents=6, document_tokens=32, instruction_tokens=16, question_tokens=8)
+    assert all(t.prompt.startswith(rag.turns[0].prompt.split("\n")[0]) for t in rag.turns)
+
+
+def test_agentic_loops_share_a_manifest(tm: workloads.TextMaker) -> None:
+    wl = workloads.agentic(tm, seed=0, agents=4, steps=3, manifest_tokens=32, task_tokens=16, call_tokens=8)
+    assert len(wl.turns) == 12
+    manifests = {t.prompt.split("\nTask:")[0] for t in wl.turns}
+    assert len(manifests) == 2
+
+
+def test_unknown_workload_is_a_clear_error(test_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="unknown workload 'nope'"):
+        workloads.build("nope", test_model_dir)
+
+
+def test_load_stats_counts_idle_while_queued() -> None:
+    samples = [[(4.0, 0.0), (4.0, 0.0)], [(6.0, 1.0), (0.0, 0.0)], [(3.0, 0.0), (0.0, 0.0)]]
+    st = workload_client.load_stats(samples, concurrency=8)
+    assert st["idle_while_queued"] == pytest.approx(1 / 3, abs=1e-3)  # only the sample with a queue
+    assert st["mean_abs_diff"] == pytest.approx((0 + 7 + 3) / 3, abs=0.01)
+
+
+def test_client_keeps_sessions_closed_loop_and_concurrency_bounded(tm: workloads.TextMaker) -> None:
+    wl = workloads.multiturn(tm, seed=0, conversations=5, turns=3, system_tokens=16, opening_tokens=16)
+
+    async def main() -> tuple[dict, list[str], int]:
+        inflight: dict[str, int] = {}
+        peak = 0
+        violations: list[str] = []
+
+        async def completions(request: web.Request) -> web.StreamResponse:
+            nonlocal peak
+            body = await request.json()
+            s = body["prompt"].split("\n")[1][:40]  # the opening message names the session
+            if inflight.get(s):
+                violations.append(s)
+            inflight[s] = inflight.get(s, 0) + 1
+            peak = max(peak, sum(inflight.values()))
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-LLMD-Pod": "p1"})
+            await resp.prepare(request)
+            for _ in range(body["max_tokens"]):
+                await asyncio.sleep(0.001)
+                await resp.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+            await resp.write(b"data: [DONE]\n\n")
+            inflight[s] -= 1
+            return resp
+
+        async def metrics(_r: web.Request) -> web.Response:
+            return web.Response(text="vllm:num_requests_running 1.0\nvllm:num_requests_waiting 0.0\n")
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        url = f"http://127.0.0.1:{port}"
+        try:
+            res = await workload_client.run(wl, url, "m", [url, url], concurrency=3, sample_s=0.01)
+        finally:
+            await runner.cleanup()
+        return res, violations, peak
+
+    res, violations, peak = asyncio.run(main())
+    assert res["completed"] == 15 and res["failed"] == 0
+    assert violations == []
+    assert peak <= 3
+    assert res["requests_per_pod_router"] == {"p1": 15}
+    assert res["out_tok_s"] > 0 and res["ttft_p90_ms"] is not None
+    assert res["engine_load"]["samples"] > 0
