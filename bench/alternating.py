@@ -12,6 +12,13 @@ load average before it. All routers of one invocation must run with the same eng
     .venv/bin/python bench/alternating.py --workload multiturn --models wide \\
         --routers rr,cache_aware,oracle,ours --repeat 2
 
+On a shared machine hold the engine lock briefly: one router per invocation, the runs appended to one
+file (each invocation starts its own engines), then the summary::
+
+    for r in rr ours ours rr; do flock /tmp/llmd-engine.lock .venv/bin/python bench/alternating.py \\
+        --workload multiturn --models small --routers $r --repeat 1 --results bench/out/mt-small.json; done
+    .venv/bin/python bench/alternating.py --workload multiturn --results bench/out/mt-small.json --report-only
+
 Output: ``bench/out/serving/<workload>/<model>/alternating-<UTC time>.json`` (every run; per-request
 records and engine-load samples beside it) and a table with the mean (sd) per router and the issue-12
 targets for ``ours`` (>= 1.5x round-robin's throughput, >= 1.3x the best vllm-router policy's, TTFT
@@ -27,6 +34,7 @@ import signal
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import serving
@@ -100,12 +108,17 @@ def run_model(model: str, names: list[str], args: argparse.Namespace) -> list[di
     finally:
         for e in engines:
             e.stop()
-    dest = out_dir / f"alternating-{stamp}.json"
-    dest.write_text(
-        json.dumps({"model": model, "workload": args.workload, "command": " ".join(sys.argv), "runs": runs}, indent=1)
-    )
-    print(f"saved {dest}", flush=True)
-    return runs
+    dest = Path(args.results) if args.results else out_dir / f"alternating-{stamp}.json"
+    saved = json.loads(dest.read_text()) if dest.exists() else {"model": model, "workload": args.workload, "runs": []}
+    if (saved["model"], saved["workload"]) != (model, args.workload):
+        raise SystemExit(f"{dest} holds {saved['workload']} on {saved['model']}, not {args.workload} on {model}")
+    for r in runs:
+        r["command"] = " ".join(sys.argv)
+    saved["runs"] += runs
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(saved, indent=1))
+    print(f"saved {dest} ({len(saved['runs'])} runs)", flush=True)
+    return saved["runs"]
 
 
 def summarize(model: str, runs: list[dict[str, Any]]) -> str:
@@ -173,7 +186,19 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--workload-seed", type=int, default=0)
     ap.add_argument("--client-timeout", type=float, default=1800)
+    ap.add_argument(
+        "--results",
+        help="JSON file the runs are appended to (one model): ABBA across invocations, each holding the "
+        "engine lock briefly; default a new alternating-<UTC>.json",
+    )
+    ap.add_argument("--report-only", action="store_true", help="summarize --results without running")
     args = ap.parse_args()
+    if args.report_only:
+        if not args.results:
+            ap.error("--report-only needs --results")
+        saved = json.loads(Path(args.results).read_text())
+        print(summarize(saved["model"], saved["runs"]))
+        return 0
     from workloads import GENERATORS
 
     if args.workload not in GENERATORS:

@@ -2,8 +2,8 @@
 router and measures it, while sampling every engine's queue.
 
 * Turns are offered in the workload's order with at most ``concurrency`` in flight; a turn whose
-  session still has a turn in flight waits for it (closed loop per conversation / agent), and the
-  turns behind it wait too (no reordering: every router sees the same sequence).
+  session still has a turn in flight waits for it (closed loop per conversation / agent) while the
+  next turns of other sessions go ahead (independent users do not wait for each other).
 * Each request is ``POST /v1/completions`` with ``stream: true``, ``max_tokens`` and ``ignore_eos``;
   TTFT is the time to the first SSE chunk carrying text, E2E the time to ``[DONE]``. The pod a request
   went to is read from ``X-LLMD-Pod`` where the router sets it (ours), else left empty.
@@ -141,29 +141,41 @@ async def run(
     results: list[Result] = []
     samples: list[list[tuple[float, float]]] = []
     async with aiohttp.ClientSession(connector=conn, timeout=tmo) as http:
-        sem = asyncio.Semaphore(concurrency)
-        last: dict[str, asyncio.Task[Result]] = {}
+        busy: set[str] = set()
+        changed = asyncio.Event()
+        inflight = 0
         t0 = time.perf_counter()
         sampler = asyncio.create_task(_sample(http, engines, sample_s, samples))
 
-        async def go(turn: Any) -> Result:
+        async def go(turn: Any) -> None:
+            nonlocal inflight
             try:
                 r = await _one(http, router_url, model, turn.prompt, turn.max_tokens, t0)
+                r.session = turn.session
+                results.append(r)
             finally:
-                sem.release()
-            r.session = turn.session
-            results.append(r)
-            return r
+                inflight -= 1
+                busy.discard(turn.session)
+                changed.set()
 
+        pending = list(workload.turns)
         tasks = []
-        for turn in workload.turns:
-            prev = last.get(turn.session)
-            if prev is not None:
-                await asyncio.wait([prev])
-            await sem.acquire()
-            t = asyncio.create_task(go(turn))
-            last[turn.session] = t
-            tasks.append(t)
+        while pending:
+            # the earliest offered turn whose session has nothing in flight (a user or agent sends
+            # its next turn after the previous answer; other sessions' turns go ahead meanwhile)
+            nxt = (
+                next((i for i, t in enumerate(pending) if t.session not in busy), None)
+                if inflight < concurrency
+                else None
+            )
+            if nxt is None:
+                changed.clear()
+                await changed.wait()
+                continue
+            turn = pending.pop(nxt)
+            busy.add(turn.session)
+            inflight += 1
+            tasks.append(asyncio.create_task(go(turn)))
         await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
         sampler.cancel()
