@@ -34,9 +34,11 @@ import signal
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import decision_log
 import serving
 from routers import ROUTERS, RouterProcess, Worker, free_port
 from serving import OUT, Interrupted, load_avg, measured, reset_prefix_cache, rows_dir, run_workload, start_engines
@@ -44,6 +46,24 @@ from serving import OUT, Interrupted, load_avg, measured, reset_prefix_cache, ro
 from vllm_llmd.testing.model import make_test_model
 
 VLLM_ROUTER_ROWS = ("rr", "cache_aware", "kv_aware")
+
+
+@dataclass
+class External:
+    """A pod this script did not start (``--endpoints``): never stopped here."""
+
+    url: str
+    events: str | None
+    replay: str | None
+
+    def stop(self) -> None:
+        pass
+
+
+def external(path: str) -> list[External]:
+    """Pods from a JSON list of ``{"url", "events", "replay"}`` (the simulator's ``--endpoints`` file,
+    docs/simulator.md, has this shape): runs against an already running fleet, no engine lock needed."""
+    return [External(d["url"], d.get("events"), d.get("replay")) for d in json.loads(Path(path).read_text())]
 
 
 def run_model(model: str, names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -64,10 +84,17 @@ def run_model(model: str, names: list[str], args: argparse.Namespace) -> list[di
     log_dir.mkdir(parents=True, exist_ok=True)
     served = str(model_dir) if ref.served_name_is_path else "test-model"
     print(f"[{time.strftime('%H:%M:%S')}] {model}: starting engines (load average {load_avg()})", flush=True)
-    engines = start_engines(model_dir, ref, log_dir, args.engines)
+    engines: list[Any] = (
+        external(args.endpoints) if args.endpoints else start_engines(model_dir, ref, log_dir, args.engines)
+    )
     runs: list[dict[str, Any]] = []
     try:
-        workers = [Worker(e.url, e.spec.events_endpoint, e.spec.replay_endpoint, model_dir, served) for e in engines]
+        workers = [
+            Worker(e.url, e.events, e.replay, model_dir, served)
+            if isinstance(e, External)
+            else Worker(e.url, e.spec.events_endpoint, e.spec.replay_endpoint, model_dir, served)
+            for e in engines
+        ]
         for rnd in range(args.repeat):
             order = kinds if rnd % 2 == 0 else kinds[::-1]
             for kind in order:
@@ -91,6 +118,8 @@ def run_model(model: str, names: list[str], args: argparse.Namespace) -> list[di
                             (log_dir / f"router-{i}-metrics.txt").write_text(text)
                 finally:
                     router.stop()
+                if kind.name == "ours":  # spills and per-pod decisions, when the decision log is on
+                    r["placement"] = decision_log.placement(router.log_path)
                 r.update(
                     router=kind.name,
                     round=rnd,
@@ -192,6 +221,7 @@ def main() -> int:
         "engine lock briefly; default a new alternating-<UTC>.json",
     )
     ap.add_argument("--report-only", action="store_true", help="summarize --results without running")
+    ap.add_argument("--endpoints", help="JSON list of running pods {url, events, replay} to use instead of engines")
     args = ap.parse_args()
     if args.report_only:
         if not args.results:

@@ -1,0 +1,49 @@
+"""Read our router's decision log (``LLMD_BENCH_ROUTER_LOG_LEVEL=debug``: one ``route prompt=N tokens
+first_key=K -> POD predicted_cached=C cached={pod: tokens} ...`` line per request) into placement
+statistics: decisions per pod, *spills* (the chosen pod held fewer cached tokens than another pod,
+so the request paid a prefill the other pod would have skipped) and the prompt tokens those spills
+recomputed.
+
+    .venv/bin/python bench/decision_log.py bench/out/serving/multiturn/small/alternating-*/router-0-ours.log
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+_LINE = re.compile(r"route prompt=(\d+) tokens first_key=(\w+) -> (\S+) predicted_cached=(\d+) cached=(\{[^}]*\})")
+
+
+def placement(log: Path) -> dict[str, Any]:
+    per_pod: dict[str, int] = {}
+    spills = 0
+    spilled_tokens = 0
+    decisions = 0
+    for line in log.read_text(errors="replace").splitlines():
+        m = _LINE.search(line)
+        if not m:
+            continue
+        decisions += 1
+        pod = m.group(3)
+        per_pod[pod] = per_pod.get(pod, 0) + 1
+        cached: dict[str, int] = ast.literal_eval(m.group(5))
+        best = max(cached.values(), default=0)
+        mine = cached.get(pod, 0)
+        if best > mine:
+            spills += 1
+            spilled_tokens += best - mine
+    return {
+        "decisions": decisions,
+        "per_pod": dict(sorted(per_pod.items())),
+        "spills": spills,
+        "spilled_tokens": spilled_tokens,
+    }
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        print(arg, placement(Path(arg)))
