@@ -19,6 +19,9 @@ file (each invocation starts its own engines), then the summary::
         --workload multiturn --models small --routers $r --repeat 1 --results bench/out/mt-small.json; done
     .venv/bin/python bench/alternating.py --workload multiturn --results bench/out/mt-small.json --report-only
 
+``--sim bench/sim_profiles/cpu-wide.yaml`` runs the same on simulated pods (``vllm-llmd sim``, no
+engine lock); ``--endpoints FILE`` on pods already running.
+
 Output: ``bench/out/serving/<workload>/<model>/alternating-<UTC time>.json`` (every run; per-request
 records and engine-load samples beside it) and a table with the mean (sd) per router and the issue-12
 targets for ``ours`` (>= 1.5x round-robin's throughput, >= 1.3x the best vllm-router policy's, TTFT
@@ -32,6 +35,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -40,9 +44,10 @@ from typing import Any
 
 import decision_log
 import serving
-from routers import ROUTERS, RouterProcess, Worker, free_port
+from routers import ROUTERS, VENV_BIN, RouterProcess, Worker, free_port
 from serving import OUT, Interrupted, load_avg, measured, reset_prefix_cache, rows_dir, run_workload, start_engines
 
+from vllm_llmd.testing.engine import stop_process_group
 from vllm_llmd.testing.model import make_test_model
 
 VLLM_ROUTER_ROWS = ("rr", "cache_aware", "kv_aware")
@@ -66,6 +71,32 @@ def external(path: str) -> list[External]:
     return [External(d["url"], d.get("events"), d.get("replay")) for d in json.loads(Path(path).read_text())]
 
 
+class SimFleet:
+    """``vllm-llmd sim`` pods (docs/simulator.md) in a child process group, started and stopped here:
+    the runs need no engine lock (the simulator plans steps on simulated time, so host load moves its
+    numbers far less than a real engine's)."""
+
+    def __init__(self, profile: str, model_dir: Path, pods: int, log_dir: Path) -> None:
+        self.endpoints = log_dir / "sim-endpoints.json"
+        self.log = log_dir / "sim.log"
+        cmd = [str(VENV_BIN / "vllm-llmd"), "sim", "--profile", profile, "--tokenizer", str(model_dir)]
+        cmd += ["--pods", str(pods), "--processes", "1", "--endpoints", str(self.endpoints)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not (self.log.exists() and "ready:" in self.log.read_text(errors="replace")):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"simulator did not start:\n{self.log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.2)
+
+    def pods(self) -> list[External]:
+        return external(str(self.endpoints))
+
+    def stop(self) -> None:
+        stop_process_group(self.proc, 15)
+
+
 def run_model(model: str, names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     kinds = [ROUTERS[n] for n in names]
     ref = kinds[0]
@@ -84,9 +115,11 @@ def run_model(model: str, names: list[str], args: argparse.Namespace) -> list[di
     log_dir.mkdir(parents=True, exist_ok=True)
     served = str(model_dir) if ref.served_name_is_path else "test-model"
     print(f"[{time.strftime('%H:%M:%S')}] {model}: starting engines (load average {load_avg()})", flush=True)
-    engines: list[Any] = (
-        external(args.endpoints) if args.endpoints else start_engines(model_dir, ref, log_dir, args.engines)
-    )
+    sim = SimFleet(args.sim, model_dir, args.engines, log_dir) if args.sim else None
+    if sim is not None:
+        engines: list[Any] = sim.pods()
+    else:
+        engines = external(args.endpoints) if args.endpoints else start_engines(model_dir, ref, log_dir, args.engines)
     runs: list[dict[str, Any]] = []
     try:
         workers = [
@@ -137,6 +170,8 @@ def run_model(model: str, names: list[str], args: argparse.Namespace) -> list[di
     finally:
         for e in engines:
             e.stop()
+        if sim is not None:
+            sim.stop()
     dest = Path(args.results) if args.results else out_dir / f"alternating-{stamp}.json"
     saved = json.loads(dest.read_text()) if dest.exists() else {"model": model, "workload": args.workload, "runs": []}
     if (saved["model"], saved["workload"]) != (model, args.workload):
@@ -222,6 +257,11 @@ def main() -> int:
     )
     ap.add_argument("--report-only", action="store_true", help="summarize --results without running")
     ap.add_argument("--endpoints", help="JSON list of running pods {url, events, replay} to use instead of engines")
+    ap.add_argument(
+        "--sim",
+        metavar="PROFILE",
+        help="run on `vllm-llmd sim` pods of this profile (e.g. bench/sim_profiles/cpu-wide.yaml) instead of engines",
+    )
     args = ap.parse_args()
     if args.report_only:
         if not args.results:
