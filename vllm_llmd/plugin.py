@@ -12,7 +12,10 @@ What it does:
    connector is imported until vLLM resolves the name);
 3. (see :mod:`vllm_llmd.events.engine_config`) fills in KV-event settings from the environment;
 4. in the API server, refuses ``kv_transfer_params`` that are not an object with HTTP 400 instead
-   of vLLM's own 500 (see :mod:`vllm_llmd.connectors.api_guard`).
+   of vLLM's own 500 (see :mod:`vllm_llmd.connectors.api_guard`);
+5. in the API server, checks ``LLMDConnector``'s ``kv_connector_extra_config`` as soon as vLLM has
+   built the engine config, so a bad block (e.g. an unwritable ``tiers.disk.path``) stops the server
+   in seconds with the connector's error, not minutes later when the workers build the connector.
 """
 
 from __future__ import annotations
@@ -88,6 +91,35 @@ def _guard_kv_params() -> None:
         logger.warning("vllm_llmd: kv_transfer_params guard not installed: %s", exc)
 
 
+_CHECK_MARK = "_llmd_connector_config_checked"
+
+
+def _check_connector_config_early() -> bool:
+    """Wrap ``EngineArgs.create_engine_config`` to parse LLMDConnector's extra config right away.
+    The parse raising is deliberate: it is the same error the connector raises in every worker."""
+    import functools
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, _CHECK_MARK, False):
+        return True
+
+    @functools.wraps(original)
+    def create_engine_config(self: object, *args: object, **kwargs: object) -> object:
+        config = original(self, *args, **kwargs)
+        ktc = getattr(config, "kv_transfer_config", None)
+        if ktc is not None and ktc.kv_connector in CONNECTORS:
+            from vllm_llmd.connectors.config import LLMDConnectorConfig
+
+            LLMDConnectorConfig.from_extra(ktc.kv_connector_extra_config, default_port=0)
+        return config
+
+    setattr(create_engine_config, _CHECK_MARK, True)
+    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+    return True
+
+
 def _trace(role: str) -> None:
     path = os.environ.get(TRACE_ENV)
     if not path:
@@ -115,6 +147,10 @@ def register() -> None:
             events = apply_event_defaults(role)
             if role == "api_server":
                 _guard_kv_params()
+                try:
+                    _check_connector_config_early()
+                except Exception as exc:  # an older/newer vLLM without this method: workers still check
+                    logger.warning("vllm_llmd: early connector config check not installed: %s", exc)
             from vllm_llmd.vllm_compat import installed_vllm_version, version_note
 
             version = installed_vllm_version()

@@ -12,14 +12,16 @@ A salt may be a secret (it is what separates tenants' caches), so it never becom
 ``salt:`` + the first 12 hex digits of its SHA-256. An ``xarg`` value is used as given, cut to 64
 characters.
 
-Label cardinality is bounded: at most ``top_k`` tenants by prompt tokens get their own label, every
-other tenant is ``other`` (requests without a tenant: ``none``). Volumes are estimated with the
-Space-Saving algorithm over ``4 * top_k`` counters (Metwally et al., 2005: every tenant with more
-than 1/(4k) of the volume is tracked, with a guaranteed lower bound on its count). Every
-``reselect_every`` requests the labelled set is re-chosen among tenants whose guaranteed share is at
-least 1/(4k) (kept down to half of it), so a crowd of small one-off tenants never gets labels and
-labels do not flap. A tenant that loses its label loses its series (the Prometheus side removes
-them), so at most ``top_k + 2`` tenant series exist at any time.
+Label cardinality is bounded: at most ``top_k`` tenants get their own label, every other tenant is
+``other`` (requests without a tenant count as the tenant ``none``). The first ``top_k`` tenants seen
+take the labels; volumes (prompt tokens) are estimated with the Space-Saving algorithm over
+``4 * top_k`` counters (Metwally et al., 2005: every tenant with more than 1/(4k) of the volume is
+tracked, with a guaranteed lower bound on its count; labelled tenants keep their counters), and
+every ``reselect_every`` requests a tenant whose guaranteed count is more than twice the weakest
+labelled tenant's takes that label over. The factor of two keeps labels from flapping between
+tenants of similar volume (and a crowd of small one-off tenants from churning them). A tenant that
+loses its label loses its series (the Prometheus side removes them): at most ``top_k + 1`` tenant
+series exist at any time.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def tenant_of(request: Any, source: str, xarg: str) -> str:
 
 
 class TopTenants:
-    """Which tenants get their own label (Space-Saving heavy hitters with a share threshold)."""
+    """Which tenants get their own label (Space-Saving heavy hitters, sticky labels)."""
 
     def __init__(self, top_k: int, reselect_every: int = 200) -> None:
         self.top_k = top_k
@@ -57,7 +59,6 @@ class TopTenants:
         self.reselect_every = reselect_every
         #: tenant -> [count, overestimate]; ``count - overestimate`` is a guaranteed lower bound
         self._counts: dict[str, list[int]] = {}
-        self._total = 0
         self._since = 0
         self.labelled: frozenset[str] = frozenset()
         #: bumped when ``labelled`` changes (the stats carry the new set to the Prometheus side)
@@ -71,27 +72,31 @@ class TopTenants:
             entry[0] += weight
         elif len(counts) < self.capacity:
             counts[tenant] = [weight, 0]
-        else:  # Space-Saving: the newcomer takes the smallest counter over, as its overestimate
-            smallest = min(counts, key=lambda t: counts[t][0])
+        else:  # Space-Saving: the newcomer takes the smallest unlabelled counter over, as its overestimate
+            smallest = min((t for t in counts if t not in self.labelled), key=lambda t: counts[t][0])
             floor = counts.pop(smallest)[0]
             counts[tenant] = [floor + weight, floor]
-        self._total += weight
+        if tenant not in self.labelled and len(self.labelled) < self.top_k:
+            self._set(self.labelled | {tenant})
         self._since += 1
         if self._since >= self.reselect_every:
             self._reselect()
         return tenant if tenant in self.labelled else OTHER
 
     def _reselect(self) -> None:
-        """Label the ``top_k`` tenants whose guaranteed share of the volume is at least 1/(4k); a
-        labelled tenant keeps its label down to half that share (no flapping at the threshold)."""
+        """Swap a labelled tenant for one whose guaranteed count is more than twice its own."""
         self._since = 0
-        enter = self._total / self.capacity
-        guaranteed = {t: c - e for t, (c, e) in self._counts.items()}
-        keep = {t for t in self.labelled if guaranteed.get(t, 0) >= enter / 2}
-        ranked = sorted(
-            (t for t, g in guaranteed.items() if g >= enter or t in keep), key=lambda t: (-guaranteed[t], t)
-        )
-        top = frozenset(ranked[: self.top_k])
-        if top != self.labelled:
-            self.labelled = top
+        g = {t: c - e for t, (c, e) in self._counts.items()}
+        labelled = set(self.labelled)
+        for cand in sorted((t for t in g if t not in labelled), key=lambda t: -g[t]):
+            weakest = min(labelled, key=lambda t: g.get(t, 0), default=None)
+            if weakest is None or g[cand] <= 2 * g.get(weakest, 0):
+                break
+            labelled.discard(weakest)
+            labelled.add(cand)
+        self._set(frozenset(labelled))
+
+    def _set(self, labelled: frozenset[str]) -> None:
+        if labelled != self.labelled:
+            self.labelled = labelled
             self.version += 1

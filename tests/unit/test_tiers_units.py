@@ -139,13 +139,16 @@ def test_tenants_come_from_the_salt_hashed_or_from_an_xarg():
 
 def test_top_tenants_bounds_labels_and_follows_volume():
     top = TopTenants(top_k=2, reselect_every=10)
-    labels = {top.observe(f"t{i}", 1) for i in range(1000)}  # a thousand one-off tenants
-    assert len(labels - {OTHER}) <= 3
-    for _ in range(50):  # two heavy tenants appear
+    labels = {top.observe(f"t{i}", 1) for i in range(1000)}  # a thousand one-off tenants: no churn
+    assert labels == {"t0", "t1", OTHER} and top.version == 2
+    for _ in range(50):  # two heavy tenants appear and take the labels over
         top.observe("heavy-a", 1000)
         top.observe("heavy-b", 900)
     assert top.labelled == {"heavy-a", "heavy-b"}
     assert top.observe("t5", 1) == OTHER
+    for _ in range(100):  # a tenant of similar volume does not take a label over (no flapping)
+        top.observe("heavy-c", 850)
+    assert top.labelled == {"heavy-a", "heavy-b"}
 
 
 # ---- stats and metrics --------------------------------------------------------------------------------
