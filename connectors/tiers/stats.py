@@ -239,6 +239,9 @@ class CombinedPromMetrics(KVConnectorPromMetrics):
         self._tiers = TierPromMetrics(self, labelnames)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        if "pd" not in transfer_stats_data and "tiers" not in transfer_stats_data:  # an engine without tiers
+            self._pd.observe(transfer_stats_data, engine_idx)
+            return
         pd = transfer_stats_data.get("pd")
         if pd:
             self._pd.observe(pd, engine_idx)

@@ -218,3 +218,36 @@ def test_prometheus_series_and_tenant_labels_are_bounded():
     assert v("llmd:kv_tenant_prompt_tokens_total", {**labels, "tenant": "a"}) is None
     assert v("llmd:kv_tenant_hit_tokens_total", {**labels, "tenant": "a", "tier": "dram"}) is None
     assert v("llmd:kv_tenant_prompt_tokens_total", {**labels, "tenant": "b"}) == 5
+
+
+def test_engines_without_tiers_still_get_their_pd_series():
+    """LLMDConnector always builds CombinedPromMetrics; an engine without tiers sends the flat P/D stats."""
+    from types import SimpleNamespace
+
+    from vllm_llmd.connectors.stats import LLMDConnectorStats
+    from vllm_llmd.connectors.tiers.stats import CombinedPromMetrics
+
+    reg = CollectorRegistry()
+    c, g, h = _registry_classes(reg)
+    prom = CombinedPromMetrics(
+        SimpleNamespace(kv_transfer_config=None),
+        {Counter: c, Gauge: g, Histogram: h},
+        ["model_name", "engine"],
+        {0: ["m", "0"]},
+    )
+    flat = LLMDConnectorStats()
+    flat.add("bytes_read", 4096)
+    flat.data["memory"] = "DRAM"
+    prom.observe(flat.to_dict(), 0)
+    assert (
+        reg.get_sample_value("llmd:kv_transfer_bytes_total", {"model_name": "m", "engine": "0", "memory": "DRAM"})
+        == 4096
+    )
+    combined = CombinedStats()
+    combined.pd.add("bytes_read", 10)
+    combined.pd.data["memory"] = "DRAM"
+    prom.observe(combined.to_dict(), 0)
+    assert (
+        reg.get_sample_value("llmd:kv_transfer_bytes_total", {"model_name": "m", "engine": "0", "memory": "DRAM"})
+        == 4106
+    )
