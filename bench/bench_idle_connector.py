@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -42,6 +43,10 @@ from vllm_llmd.testing.engine import EngineProcess, EngineSpec
 from vllm_llmd.testing.model import make_test_model
 
 OUT = Path(__file__).resolve().parent / "out" / "idle_connector"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name)[:80]
 
 
 def variant_config(name: str, args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, str]]:
@@ -127,7 +132,7 @@ def main() -> int:
         engines: dict[str, EngineProcess] = {}
         try:
             for n in names:
-                log = OUT / "logs" / f"{args.tag or 'run'}-{n.replace(':', '_')}-p{placement}.log"
+                log = OUT / "logs" / f"{args.tag or 'run'}-{slug(n)}-p{placement}.log"
                 engines[n] = start(model, n, cores[n], args, log)
             for n in names:  # warm-up, then idle CPU
                 run(engines[n].url, "test-model", workload(args, 999)[:4], args.output_len, 2)
@@ -164,7 +169,7 @@ def main() -> int:
         "runs": runs,
         "load_avg": loads,
     }
-    out = OUT / f"{args.tag or 'result'}-{names[0].replace(':', '_')}.json"
+    out = OUT / f"{args.tag or 'result'}-{slug(names[0])}.json"
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("median_req_s", "ratio", "idle_cpu", "load_avg")}, indent=2))
     print(f"written {out}")

@@ -215,7 +215,7 @@ def main() -> int:
     ap.add_argument("--rows", default="a,b")
     ap.add_argument("--model", default="small", choices=list(SHAPES))
     ap.add_argument("--gpu-blocks", type=int, default=320)
-    ap.add_argument("--dram", default="2GiB")
+    ap.add_argument("--dram", default="1GiB")
     ap.add_argument("--small-dram", default="32MiB")
     ap.add_argument("--disk-capacity", default="8GiB")
     ap.add_argument("--a-prefixes", type=int, default=4)
