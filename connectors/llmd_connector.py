@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from vllm.distributed.kv_events import KVCacheEvent
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
     from vllm.v1.outputs import KVConnectorOutput
 
 logger = logging.getLogger("vllm.vllm_llmd.connectors")
@@ -171,6 +172,8 @@ class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
         # vLLM's scheduler reads request.kv_transfer_params right after this: check them first
         if self.scheduler is not None:
             self.scheduler.admit(request)
+        if self.tiers is not None:  # tiers: after the check, so the tiers see the admitted params
+            self.tiers.child.on_new_request(request)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self.scheduler is not None
@@ -226,10 +229,6 @@ class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
         super().bind_kv_cache_manager(kv_cache_manager)
         if self.tiers is not None:
             self.tiers.child.bind_kv_cache_manager(kv_cache_manager)
-
-    def on_new_request(self, request: Any) -> None:
-        if self.tiers is not None:
-            self.tiers.child.on_new_request(request)
 
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
         if self.tiers is not None:
