@@ -4,9 +4,14 @@ Rows, each on the same two engines (restarted per row, pinned one per core as se
 ``--block-size 64``, ``--num-gpu-blocks-override`` 320: 20,480 tokens of KV cache per engine) behind
 the vllm-llmd router (``bench/routers.py`` row ``ours``):
 
-  a        no tiers: ``LLMDConnector`` without a tiers block (so both rows carry the same connector)
-  b        tiers: a DRAM tier (``--dram``) and a disk tier (``--disk-capacity``, under bench/out)
-  b-disk   tiers with a DRAM tier too small for tenant A (``--small-dram``): A comes back from disk
+  a        no tiers: ``LLMDConnector`` without a tiers block (so every row carries the same connector)
+  b        tiers: a DRAM tier (``--dram``) and a disk tier (``--disk-capacity``, under bench/out), and a
+           tier-blind router (``estimated-ttft`` with ``price_tiers: false``: a block in any tier is
+           priced as if in the engine cache)
+  c        the same tiers and the tier-aware router (the default profile: each pod's learned
+           load-back price per tier, vllm_llmd.pd.load.TokenPrices)
+  b-disk, c-disk   as b and c with a DRAM tier too small for tenant A (``--small-dram``): A comes
+           back from disk
 
 Cascade workload (per row, fresh engines): tenant A has ``--a-prefixes`` prefixes of ``--a-len``
 tokens; (1) A warms: each prefix ``--a-warm`` times with a unique suffix; (2) tenant B floods
@@ -16,19 +21,20 @@ TTFT p50/p90 (streamed, at the client), the row's throughput over all three phas
 returning prompts' tokens came from (engine prefix cache, DRAM, disk; deltas of the engines'
 ``vllm:prefix_cache_hits_total`` and ``vllm:prompt_tokens_cached_by_source_total``).
 
-No-reuse workload (``--no-reuse``): ``--nr-requests`` unique prompts, rows ``a`` and ``b``: what
+No-reuse workload (``--no-reuse``): ``--nr-requests`` unique prompts, rows ``a`` and ``c``: what
 storing every block in the tiers costs when nothing is ever reused (target <= 5%).
 
 Copy bandwidth (``--copy``, no engine): ``HostCopyWorker`` loading batches of 1..256 blocks of the
 model's KV layout from a DRAM-tier region, against one contiguous ``memcpy`` of the same bytes.
 
-    flock /tmp/llmd-engine.lock .venv/bin/python bench/bench_tiers.py --rows a,b,b-disk --no-reuse --copy
+    flock /tmp/llmd-engine.lock .venv/bin/python bench/bench_tiers.py --rows a,b,c --no-reuse --copy
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -56,7 +62,7 @@ def kv_block_bytes(shape: str) -> int:
 def row_tiers(row: str, args: argparse.Namespace, disk_dir: Path) -> dict[str, Any] | None:
     if row == "a":
         return None
-    dram = args.small_dram if row == "b-disk" else args.dram
+    dram = args.small_dram if row.endswith("-disk") else args.dram
     return {"dram": {"capacity": dram}, "disk": {"path": str(disk_dir), "capacity": args.disk_capacity}}
 
 
@@ -86,6 +92,14 @@ def start_row(model: Path, row: str, args: argparse.Namespace, logs: Path) -> tu
             e.wait_ready(timeout=900, quiet_timeout=180)
         kind = ROUTERS["ours"]
         workers = [Worker(e.url, e.spec.events_endpoint, e.spec.replay_endpoint, model) for e in engines]
+        if row.startswith("b"):  # the tier-blind router
+            blind = logs / "router-blind.json"
+            blind.parent.mkdir(parents=True, exist_ok=True)
+            scorer = {"type": "estimated-ttft", "params": {"price_tiers": False}}
+            blind.write_text(json.dumps({"profile": {"scorers": [scorer]}}))
+            os.environ["LLMD_BENCH_OURS_CONFIG"] = str(blind)
+        else:
+            os.environ.pop("LLMD_BENCH_OURS_CONFIG", None)
         router = RouterProcess(kind, kind.build(workers, free_port()), logs / "router.log").start().wait_ready()
     except BaseException:
         for e in engines:
@@ -151,6 +165,12 @@ def cascade(url: str, engines: list[EngineProcess], args: argparse.Namespace) ->
             for t in ("dram", "disk")
         },
         "return_deltas": d,
+        # what the router had learned (row c; in row b it does not price tiers, so nothing)
+        "router_tier_prices": {
+            ",".join(f"{k}={v}" for k, v in labels): round(value, 4)
+            for (name, labels), value in metrics(url).items()
+            if name == "llmd_router_tier_price"
+        },
     }
 
 
@@ -212,7 +232,7 @@ def copy_bandwidth(shape: str) -> list[dict[str, Any]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="a,b")
+    ap.add_argument("--rows", default="a,b,c")
     ap.add_argument("--model", default="small", choices=list(SHAPES))
     ap.add_argument("--gpu-blocks", type=int, default=320)
     ap.add_argument("--dram", default="1GiB")
@@ -253,7 +273,7 @@ def main() -> int:
             try:
                 r: dict[str, Any] = {"load_before": load0}
                 r["cascade"] = cascade(router.url, engines, args)
-                if args.no_reuse and row in ("a", "b"):
+                if args.no_reuse and row in ("a", "c"):
                     r["no_reuse"] = no_reuse(router.url, args)
                 r["load_after"] = load_avg()
             finally:

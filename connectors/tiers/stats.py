@@ -23,6 +23,8 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm_llmd.connectors.stats import LLMDConnectorStats, LLMDPromMetrics
 
+from vllm_llmd.wire.tier_metrics import TIER_LOAD_SECONDS, TIER_LOADED_TOKENS
+
 #: load-back time buckets (seconds): DRAM loads of a few blocks take ~0.1 ms, disk reads ~ms
 LOAD_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -32,8 +34,8 @@ COUNTERS = {
     "evicted": ("evicted_blocks", "Blocks the tier dropped to make room."),
     "promoted": ("promoted_blocks", "Blocks read back from this tier into the DRAM tier."),
     "dropped": ("dropped_blocks", "Blocks the tier did not store (no room, or the write failed)."),
-    "loaded_tokens": (
-        "loaded_tokens",
+    "loaded_tokens": (  # the router learns load-back speeds from it (vllm_llmd.wire.tier_metrics)
+        TIER_LOADED_TOKENS.removeprefix("llmd:kv_tier_"),
         "Prompt tokens loaded into the engine's KV cache, by the tier they were found in.",
     ),
 }
@@ -172,7 +174,7 @@ class TierPromMetrics:
             for what, doc in GAUGES.items()
         }
         self._load_seconds = histogram(
-            name="llmd:kv_tier_load_seconds",
+            name=TIER_LOAD_SECONDS,
             documentation="Time of one load-back job by tier: dram = DRAM tier -> engine KV cache copy; "
             "disk = disk -> DRAM tier read and check (a disk hit then also takes a dram load).",
             labelnames=[*lbl, "tier"],

@@ -26,6 +26,7 @@ class CandidateViews:
                     load=p.load,
                     metrics=p.metrics,
                     capacity_blocks=p.capacity_blocks,
+                    prices=p.tier_prices.prices,
                 )
                 cache[p.id] = (cand, p)
             else:
@@ -33,5 +34,6 @@ class CandidateViews:
                 if cand.metrics is not p.metrics:
                     cand.metrics = p.metrics
                     cand.capacity_blocks = p.capacity_blocks
+                    cand.prices = p.tier_prices.prices
             out.append(cand)
         return out

@@ -107,6 +107,7 @@ class RouterApp:
     async def _startup(self, app: web.Application) -> None:
         session = await self.upstream.start()
         self.pool.scrape_metrics = self.scheduler.needs_metrics
+        self.pool.learn_tier_prices = self.scheduler.prices_tiers
         await self.pool.start(session)
         if self.subscriber is not None:
             self.subscriber.start()
@@ -232,6 +233,9 @@ class RouterApp:
         for p in self.pool.pods:
             m.pod_available.labels(p.id).set(1 if p.available(now, self.cfg.pool.max_inflight_per_pod) else 0)
             m.inflight.labels(p.id).set(p.load.requests)
+            if self.pool.learn_tier_prices:
+                for medium, price in p.tier_prices.prices.tiers.items():
+                    m.tier_price.labels(p.id, medium).set(price)
         m.memory_blocks.set(len(self.scheduler.ctx.memory))
         if self.index is not None:
             try:
