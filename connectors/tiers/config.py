@@ -88,9 +88,24 @@ class TiersConfig(_Strict):
 
     # ---- checks against the machine --------------------------------------------------------
     def check_environment(self) -> None:
+        self._check_vllm()
         self._check_dram()
         if self.disk is not None:
             self._check_disk(self.disk)
+
+    @staticmethod
+    def _check_vllm() -> None:
+        """The tiers run on vLLM 0.32's offloading framework (``vllm/v1/kv_offload/tiering/``, the
+        ``CacheHitSource`` labels): older releases have neither (``vllm_llmd.vllm_compat``)."""
+        from vllm_llmd.vllm_compat import installed_vllm_version, parse_version
+
+        version = installed_vllm_version()
+        mm = parse_version(version)
+        if mm is not None and mm < (0, 32):
+            raise ConnectorConfigError(
+                f"LLMDConnector: {PREFIX} needs vLLM 0.32 or newer (its KV offloading tier framework); "
+                f"this is vLLM {version}"
+            )
 
     def _check_dram(self) -> None:
         cap = int(self.dram.capacity)

@@ -3,8 +3,9 @@
 One engine with a small KV cache (24 blocks of 32 tokens), a DRAM tier of 64 blocks and a disk tier:
 a prefix pushed out of the engine by other traffic comes back from DRAM, and (after more traffic)
 from disk; the output is token-identical to the prefix's first, fresh computation; vLLM counts the
-loaded tokens as external hits by source; the tier gauges move; and the KV events put the prefix's
-blocks in the right tier of a KVBlockIndex. Bad disk files (corrupt, missing) are recomputed. A P/D
+loaded tokens as external hits by source; the tier gauges move; the KV events put the prefix's
+blocks in the right tier of a KVBlockIndex; and the router's price learner prices the DRAM tier
+from the engine's /metrics. Bad disk files (corrupt, missing) are recomputed. A P/D
 hand-off whose prefill engine loads its prefix back from DRAM. An unwritable disk path stops the
 engine at start-up with an error naming the key.
 """
@@ -23,6 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_llmd.index import KVBlockIndex, KVEventSubscriber
 from vllm_llmd.pd import build_decode_request, build_prefill_request
+from vllm_llmd.router.pod_metrics import parse_metrics
+from vllm_llmd.router.tier_prices import TierPriceLearner
 from vllm_llmd.testing.engine import EngineProcess, EngineSpec, EngineStartError
 from vllm_llmd.testing.wait import wait_until
 
@@ -97,8 +100,12 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def _text(url: str) -> str:
+    return urllib.request.urlopen(url + "/metrics", timeout=60).read().decode()
+
+
 def _metric(url: str, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=60).read().decode()
+    text = _text(url)
     return sum(
         s.value
         for fam in text_string_to_metric_families(text)
@@ -165,6 +172,8 @@ def test_a_prefix_evicted_from_the_engine_comes_back_from_dram(tiered: TierEngin
     assert _metric(tiered.url, "llmd:kv_tier_bytes", tier="dram") >= PREFIX_BLOCKS * BLOCK_BYTES
     assert _metric(tiered.url, "llmd:kv_tier_capacity_blocks", tier="dram") == DRAM_BLOCKS
     before = _counters(tiered.url)
+    learner = TierPriceLearner()  # what the router learns from this engine's /metrics
+    learner.observe(parse_metrics(_text(tiered.url)))
     again = _complete(tiered.url, p)
     assert again == fresh
     d = _delta(tiered.url, before)
@@ -172,6 +181,10 @@ def test_a_prefix_evicted_from_the_engine_comes_back_from_dram(tiered: TierEngin
     assert d["local"] == 0 and d["ext"] == loaded and d["host"] == loaded and d["disk"] == 0, d
     assert d["loaded_dram"] == loaded
     assert _metric(tiered.url, "llmd:kv_tier_load_seconds_count", tier="dram") >= 1
+    # the router prices this pod's DRAM tier from the load just made: below a miss
+    prices = learner.observe(parse_metrics(_text(tiered.url)))
+    assert learner.speeds()["dram"] is not None and learner.speeds()["prefill"] is not None, learner.speeds()
+    assert 0 < prices.of("CPU") < 1
     wait_until(lambda: tiered.tiers_of(p) == ["GPU"] * PREFIX_BLOCKS, 30, "the prefix back in the engine")
 
 

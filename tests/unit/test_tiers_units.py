@@ -251,3 +251,11 @@ def test_engines_without_tiers_still_get_their_pd_series():
         reg.get_sample_value("llmd:kv_transfer_bytes_total", {"model_name": "m", "engine": "0", "memory": "DRAM"})
         == 4106
     )
+
+
+def test_tiers_on_a_vllm_before_032_are_a_start_up_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vllm_llmd.vllm_compat as compat
+
+    monkeypatch.setattr(compat, "installed_vllm_version", lambda: "0.30.0+cpu")
+    with pytest.raises(ConnectorConfigError, match=r"tiers needs vLLM 0.32 or newer .* this is vLLM 0.30.0\+cpu"):
+        LLMDConnectorConfig.from_extra({"tiers": {"dram": {"capacity": "1MiB"}}})
