@@ -106,6 +106,15 @@ def test_the_learner_prices_each_tier_by_its_load_back_speed() -> None:
     assert lr.speeds()["dram"] == pytest.approx(95e-6 + 0.3 * (10e-6 - 95e-6))
 
 
+def test_tier_series_absent_before_the_first_load_count_as_zero() -> None:
+    """An engine exports a labelled tier series only once it has a value (found by the engine test:
+    the first load-back after start-up was never learned)."""
+    lr = TierPriceLearner()
+    lr.observe(parse_metrics(_exposition(0, 0, 0, 0, 0, 0).split("llmd:")[0]))  # no llmd: lines at all
+    lr.observe(parse_metrics(_exposition(1000, 1.0, 400, 0, 0.02, 0)))
+    assert lr.speeds()["dram"] == pytest.approx(50e-6)
+
+
 def test_prices_object_changes_only_when_the_prices_do() -> None:
     lr = TierPriceLearner()
     a = lr.observe(parse_metrics(_exposition(0, 0, 0, 0, 0, 0)))

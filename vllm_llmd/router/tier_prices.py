@@ -66,10 +66,9 @@ class TierPriceLearner:
     def observe(self, m: PodMetrics) -> TokenPrices:
         """Take one scrape; return the pod's prices (a new object only when they changed)."""
         self.prefill.update(m.prefill_seconds, m.prefill_tokens)
-        tok, sec = m.tier_tokens, m.tier_seconds
-        if tok or sec:
-            self.dram.update(sec.get(TIER_DRAM, 0.0), sum(tok.values()))
-            self.disk.update(sec.get(TIER_DISK, 0.0), tok.get(TIER_DISK, 0.0))
+        tok, sec = m.tier_tokens, m.tier_seconds  # a series not there yet (nothing loaded) is 0
+        self.dram.update(sec.get(TIER_DRAM, 0.0), sum(tok.values()))
+        self.disk.update(sec.get(TIER_DISK, 0.0), tok.get(TIER_DISK, 0.0))
         prices = self.compute()
         if prices.tiers != self.prices.tiers:
             self.prices = prices
