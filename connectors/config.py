@@ -6,7 +6,10 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm_llmd.connectors.tiers.config import TiersConfig
 
 
 class ConnectorConfigError(ValueError):
@@ -50,6 +53,8 @@ class LLMDConnectorConfig:
     #: empty = any (but never an unspecified or multicast address). kv_transfer_params naming any
     #: other host are refused and the request is prefilled locally
     allowed_peers: tuple[str, ...] = ()
+    #: the DRAM / disk KV tiers (docs/tiers.md); ``None``: no tiers
+    tiers: TiersConfig | None = None
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None, default_port: int | None = None) -> LLMDConnectorConfig:
@@ -66,6 +71,18 @@ class LLMDConnectorConfig:
         if "side_channel_port" not in extra and default_port is not None:
             values["side_channel_port"] = default_port
         for key, raw in extra.items():
+            if key == "tiers":  # --- tiers (docs/tiers.md) ---
+                from vllm_llmd.connectors.tiers.config import TiersConfig
+
+                values[key] = TiersConfig.parse(raw)
+                if "events_medium" not in extra:  # lease events would collide with the DRAM tier's "CPU"
+                    values["events_medium"] = ""
+                elif str(extra["events_medium"]).upper() in ("CPU", "STORAGE"):
+                    raise ConnectorConfigError(
+                        "LLMDConnector: events_medium must not be CPU or STORAGE when tiers are on (they name the "
+                        "DRAM and disk tiers in KV events); leave it unset"
+                    )
+                continue
             default = getattr(cls, key) if key not in ("backends", "allowed_peers") else ()
             try:
                 if isinstance(default, bool):

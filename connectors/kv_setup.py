@@ -127,9 +127,9 @@ def setup_kv(
     make: TransportFactory = make_transport,
 ) -> KVSetup:
     """Pick, build and register the transport for these KV caches (see the module docstring).
-    ``cpu_isa``: on CPU engines, the attention kernel vLLM picked; how it packs a block is measured
-    by running it (connectors/cpu_probe.py). ``make`` builds a transport by name
-(``transports.make_transport``; the connector's unit tests pass an in-process fake)."""
+        ``cpu_isa``: on CPU engines, the attention kernel vLLM picked; how it packs a block is measured
+        by running it (connectors/cpu_probe.py). ``make`` builds a transport by name
+    (``transports.make_transport``; the connector's unit tests pass an in-process fake)."""
     groups = list(kv_cache_config.kv_cache_groups)
     layer_groups = {name: g for g, group in enumerate(groups) for name in group.layer_names}
     num_blocks = kv_cache_config.num_blocks

@@ -262,7 +262,7 @@ class LLMDConnectorScheduler:
 
     def _announce_held(self, request: Request) -> list[int]:
         n_full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
-        if n_full == 0:
+        if n_full == 0 or not self.cfg.events_medium:  # no medium: not announced (tiers on, docs/tiers.md)
             return []
         hashes = [maybe_convert_block_hash(h) for h in request.block_hashes[:n_full]]
         lora = request.lora_request

@@ -390,15 +390,21 @@ class LLMDConnectorWorker:
         self._leases.start(meta.send)
         for job in meta.recv:
             self._start_pull(job)
+        if self._leases or self._pulls:
+            self.transport.set_active(True)
 
     def transfer_results(self) -> KVConnectorTransferResults:
         if self.transport is None:
             return KVConnectorTransferResults(set(), set(), set())
         self._poll_pulls()
-        sending = self._leases.poll(self.transport.get_notifs())
+        # idle cost: no leases, nothing to release; a notice arriving now waits in NIXL for the next poll
+        sending = self._leases.poll(self.transport.get_notifs() if self._leases else ())
         failed = self._recv_failed
         recving = self._recv_done | failed
         self._recv_done, self._recv_failed = set(), set()
+        # idle cost: the transport's background progress runs only while a peer may read our leased
+        # blocks or we wait on a pull (bench/RESULTS.md, "idle connector")
+        self.transport.set_active(bool(self._leases or self._pulls))
         return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving, failed_recving=failed)
 
     def get_stats(self) -> LLMDConnectorStats | None:

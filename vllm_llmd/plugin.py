@@ -16,6 +16,9 @@ What it does:
 5. in engine processes, names the platform (``rbln`` for vllm-rbln's ``RblnPlatform``, else vLLM's
    device type): ``LLMDConnector``'s ``transport: auto`` picks the transport for it when the KV cache
    is registered (connectors/platform.py).
+6. in the API server, checks ``LLMDConnector``'s ``kv_connector_extra_config`` as soon as vLLM has
+   built the engine config, so a bad block (e.g. an unwritable ``tiers.disk.path``) stops the server
+   in seconds with the connector's error, not minutes later when the workers build the connector.
 """
 
 from __future__ import annotations
@@ -106,6 +109,35 @@ def platform_name(role: str) -> str:
         return "-"
 
 
+_CHECK_MARK = "_llmd_connector_config_checked"
+
+
+def _check_connector_config_early() -> bool:
+    """Wrap ``EngineArgs.create_engine_config`` to parse LLMDConnector's extra config right away.
+    The parse raising is deliberate: it is the same error the connector raises in every worker."""
+    import functools
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, _CHECK_MARK, False):
+        return True
+
+    @functools.wraps(original)
+    def create_engine_config(self: object, *args: object, **kwargs: object) -> object:
+        config = original(self, *args, **kwargs)
+        ktc = getattr(config, "kv_transfer_config", None)
+        if ktc is not None and ktc.kv_connector in CONNECTORS:
+            from vllm_llmd.connectors.config import LLMDConnectorConfig
+
+            LLMDConnectorConfig.from_extra(ktc.kv_connector_extra_config, default_port=0)
+        return config
+
+    setattr(create_engine_config, _CHECK_MARK, True)
+    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+    return True
+
+
 def _trace(role: str) -> None:
     path = os.environ.get(TRACE_ENV)
     if not path:
@@ -133,6 +165,10 @@ def register() -> None:
             events = apply_event_defaults(role)
             if role == "api_server":
                 _guard_kv_params()
+                try:
+                    _check_connector_config_early()
+                except Exception as exc:  # an older/newer vLLM without this method: workers still check
+                    logger.warning("vllm_llmd: early connector config check not installed: %s", exc)
             from vllm_llmd.vllm_compat import installed_vllm_version, version_note
 
             version = installed_vllm_version()

@@ -164,6 +164,12 @@ class KVTransport(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    # ---- optional: idle hint ----------------------------------------------------------------
+    def set_active(self, active: bool) -> None:  # noqa: B027 - optional hook
+        """Whether anything is in flight that needs this endpoint's background progress (a peer may
+        read blocks we hold under a lease, or we wait on a read). A transport with a background
+        progress thread parks it while inactive; others ignore this. Transports start active."""
+
     # ---- optional staging hooks (host-bounce transports such as RBLN) ---------------------
     def stage_out(self, block_ids: Sequence[int]) -> int:
         """Copy device blocks to registered host memory before a peer reads them; bytes copied."""

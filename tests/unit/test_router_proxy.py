@@ -225,7 +225,8 @@ async def test_pod_dying_before_first_byte_is_retried_midstream_is_not(backends,
 
 async def test_kv_capacity_is_read_once_without_a_scrape_loop(backends) -> None:
     """The default profile scrapes nothing, but its cost model needs each pod's KV capacity: the
-    pool reads ``vllm:cache_config_info`` at the first successful health check."""
+    pool reads ``vllm:cache_config_info`` at the first successful health check (and then only every
+    ``pool.tier_prices_interval_s``, 5 s, for the tier prices)."""
     backends[0].num_gpu_blocks = 320
     router, srv = await start_router(config_for(backends, pool={"health_interval_s": 0.05}))
     try:

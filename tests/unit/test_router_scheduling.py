@@ -125,22 +125,6 @@ def test_precise_index_routes_to_the_pod_holding_the_prefix() -> None:
     assert d.predicted_cached_tokens == 2048
 
 
-def test_precise_prefix_scorer_weights_tiers() -> None:
-    index = KVBlockIndex(block_size=BS, capacity_blocks=100_000)
-    ctx = _ctx(index, ttl=0.0)
-    prof = ProfileConfig.model_validate(
-        {"scorers": [{"type": "precise-prefix-cache", "params": {"tier_weights": {"gpu": 1.0, "cpu": 0.5}}}]}
-    )
-    sched = build_scheduler(prof, ctx)
-    pods = _pods(ctx, events=True)
-    toks = _tokens(4, 0, n_suffix=0)
-    _store(index, "p0", toks, 1, medium="CPU")
-    _store(index, "p1", toks[:1024], 1)
-    d = sched.schedule(_req(ctx, toks), pods)
-    assert d.scores["precise-prefix-cache"]["p0"] == pytest.approx(0.5)
-    assert d.scores["precise-prefix-cache"]["p1"] == pytest.approx(0.5)
-
-
 def test_speculative_entries_expire_in_precise_mode() -> None:
     index = KVBlockIndex(block_size=BS, capacity_blocks=100_000)
     ctx = _ctx(index, ttl=10.0)

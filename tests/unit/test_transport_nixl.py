@@ -285,3 +285,29 @@ def test_reading_from_a_killed_peer_fails_within_the_timeout(local: Local) -> No
     if "error" in outcome:
         assert peer.name in outcome["error"]
     local.transport.remove_peer(peer)
+
+
+def test_the_progress_thread_parks_while_nothing_is_in_flight(local: Local) -> None:
+    """Idle cost: ``set_active(False)`` stops the background progress polls (each one wakes a thread
+    and takes the GIL on the engine's core); ``set_active(True)`` resumes them."""
+    t = local.transport
+    calls = [0]
+    collect = t._collect_notifs
+
+    def counting() -> None:
+        calls[0] += 1
+        collect()
+
+    t._collect_notifs = counting  # type: ignore[method-assign]
+    _until(lambda: calls[0] >= 5)  # active by default: polls every progress interval
+    t.set_active(False)
+    parked_at = calls[0]
+    window = time.monotonic() + 0.3  # a measurement window, not a wait for an event
+    while time.monotonic() < window:
+        time.sleep(0.05)
+    assert calls[0] <= parked_at + 1, "polls continued while parked"  # at most the poll in progress
+    t.set_active(True)
+    _until(lambda: calls[0] >= parked_at + 5)
+    t.set_active(False)
+    t.close()  # a parked thread still stops at close
+    assert t._progress is None

@@ -49,6 +49,7 @@ class CandidateViews:
                     metrics=p.metrics,
                     capacity_blocks=self.capacity(p),
                     accelerator=p.config.accelerator,
+                    prices=p.tier_prices.prices,
                 )
                 if speeds is not None:
                     cand.prefill_speed = speeds.prefill_speed(p.id, p.prefill_speed)
@@ -63,6 +64,7 @@ class CandidateViews:
                 if cand.metrics is not p.metrics:
                     cand.metrics = p.metrics
                     cand.capacity_blocks = self.capacity(p)
+                    cand.prices = p.tier_prices.prices
                 if resync and speeds is not None:
                     cand.prefill_speed = speeds.prefill_speed(p.id, p.prefill_speed)
                     cand.decode_speed = speeds.decode_speed(p.id, p.prefill_speed)

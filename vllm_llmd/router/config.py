@@ -105,6 +105,10 @@ class PoolConfig(_Strict):
     max_retries: int = Field(default=2, ge=0)
     metrics_interval_s: float = Field(default=0.05, gt=0)
     metrics_stale_s: float = Field(default=1.0, gt=0)
+    #: when no plugin needs the fast ``/metrics`` scrape but the profile prices KV tiers
+    #: (``estimated-ttft``, ``precise-prefix-cache``), each pod's ``/metrics`` is read this often
+    #: (with its health check) to learn its load-back speeds (vllm_llmd.router.tier_prices)
+    tier_prices_interval_s: float = Field(default=5.0, gt=0)
 
 
 class TokenizerConfig(_Strict):

@@ -70,6 +70,13 @@ class RouterMetrics:
             ["pod", "kind"],
             registry=r,
         )
+        self.tier_price = Gauge(
+            "llmd_router_tier_price",
+            "What one prompt token found in this KV tier of the pod costs, in prefill tokens (learned "
+            "load-back speed / prefill speed; vllm_llmd.router.tier_prices)",
+            ["pod", "tier"],
+            registry=r,
+        )
         self.index_blocks = Gauge("llmd_router_index_blocks", "Block keys in the KV event index", registry=r)
         self.memory_blocks = Gauge("llmd_router_memory_blocks", "Block keys in the routing memory", registry=r)
         self.tokenizer_cache_hits = Gauge(

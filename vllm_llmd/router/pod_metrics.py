@@ -15,7 +15,9 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from vllm_llmd.wire.tier_metrics import TIER_LOAD_SECONDS, TIER_LOADED_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +27,16 @@ KV_USAGE = "vllm:kv_cache_usage_perc"
 PREFIX_HITS = "vllm:prefix_cache_hits_total"
 PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
 CACHE_CONFIG = "vllm:cache_config_info"
+#: prefill speed: new KV tokens computed in requests' prefill phases, and those phases' seconds
+PREFILL_TOKENS = "vllm:request_prefill_kv_computed_tokens_sum"
+PREFILL_SECONDS = "vllm:request_prefill_time_seconds_sum"
+#: load-back speed per tier (``LLMDConnector`` tiers, ``vllm_llmd.wire.tier_metrics``), by ``tier`` label
+TIER_TOKENS = TIER_LOADED_TOKENS + "_total"
+TIER_SECONDS = TIER_LOAD_SECONDS + "_sum"
 
-_NAMES = (WAITING, RUNNING, KV_USAGE, PREFIX_HITS, PREFIX_QUERIES, CACHE_CONFIG)
+_NAMES = (WAITING, RUNNING, KV_USAGE, PREFIX_HITS, PREFIX_QUERIES, CACHE_CONFIG, PREFILL_TOKENS, PREFILL_SECONDS)
+_TIER_NAMES = (TIER_TOKENS, TIER_SECONDS)
+_TIER_LABEL = re.compile(r'[{,]tier="([a-z]{1,16})"')
 _NUM_BLOCKS = re.compile(r'num_gpu_blocks="(\d+)"')
 _BLOCK_SIZE = re.compile(r'block_size="(\d+)"')
 #: largest block count / block size taken from a pod (2**40 blocks is far beyond any KV cache)
@@ -61,6 +71,12 @@ class PodMetrics:
     prefix_queries: float = 0.0
     num_gpu_blocks: int | None = None
     block_size: int | None = None
+    #: cumulative counters the router learns speeds from (``vllm_llmd.router.tier_prices``)
+    prefill_tokens: float = 0.0
+    prefill_seconds: float = 0.0
+    #: per ``tier`` label: tokens loaded back, and the load jobs' seconds
+    tier_tokens: dict[str, float] = field(default_factory=dict)
+    tier_seconds: dict[str, float] = field(default_factory=dict)
     #: ``time.monotonic()`` of the last successful scrape; 0: never
     updated: float = 0.0
 
@@ -71,14 +87,20 @@ class PodMetrics:
 def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
     vals: dict[str, float] = {}
     m = PodMetrics()
+    tiers: dict[str, dict[str, float]] = {TIER_TOKENS: m.tier_tokens, TIER_SECONDS: m.tier_seconds}
     for line in text.splitlines():
-        if not line.startswith("vllm:"):
+        vllm = line.startswith("vllm:")
+        if not vllm and not line.startswith("llmd:kv_tier_"):
             continue
         name_end = line.find("{")
         sp = line.rfind(" ")
         if sp < 0:
             continue
         name = line[: name_end if 0 < name_end < sp else sp]
+        if not vllm:
+            if name in _TIER_NAMES:
+                _tier_value(tiers[name], name, line, sp, name_end)
+            continue
         if name not in _NAMES:
             continue
         if name == CACHE_CONFIG:
@@ -103,5 +125,25 @@ def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
     m.kv_usage = vals.get(KV_USAGE, 0.0)
     m.prefix_hits = vals.get(PREFIX_HITS, 0.0)
     m.prefix_queries = vals.get(PREFIX_QUERIES, 0.0)
+    m.prefill_tokens = vals.get(PREFILL_TOKENS, 0.0)
+    m.prefill_seconds = vals.get(PREFILL_SECONDS, 0.0)
     m.updated = time.monotonic() if now is None else now
     return m
+
+
+def _tier_value(into: dict[str, float], name: str, line: str, sp: int, name_end: int) -> None:
+    """Add one tier series sample to ``into[tier]`` (summed over the other labels); at most 8 tiers."""
+    t = _TIER_LABEL.search(line, name_end, sp) if name_end > 0 else None
+    if t is None:
+        return
+    raw = line[sp + 1 :]
+    try:
+        v = float(raw)
+    except ValueError:
+        return
+    if not (math.isfinite(v) and v >= 0):
+        _reject(name, raw)
+        return
+    tier = t.group(1)
+    if tier in into or len(into) < 8:
+        into[tier] = into.get(tier, 0.0) + v

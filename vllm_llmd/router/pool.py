@@ -23,6 +23,7 @@ import aiohttp
 from vllm_llmd.router.config import PodConfig, PoolConfig
 from vllm_llmd.router.inflight import InflightTracker, PodLoad
 from vllm_llmd.router.pod_metrics import PodMetrics, parse_metrics
+from vllm_llmd.router.tier_prices import TierPriceLearner
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ class Pod:
     metrics: PodMetrics = field(default_factory=PodMetrics)
     #: ``/metrics`` was read once for the KV capacity since the pod last became healthy
     capacity_read: bool = False
+    #: the pod's load-back speeds per KV tier, learned from each scrape of its ``/metrics``
+    tier_prices: TierPriceLearner = field(default_factory=TierPriceLearner)
+    #: ``time.monotonic()`` after which the health check reads ``/metrics`` for the tier prices
+    tier_prices_due: float = 0.0
 
     def __post_init__(self) -> None:
         self.id = self.config.pod_id
@@ -99,6 +104,8 @@ class PodPool:
         self.on_pod_lost: list[Callable[[str], None]] = []
         #: called with the pods after every :meth:`set_pods`
         self.on_pods_set: list[Callable[[list[Pod]], None]] = []
+        #: read each pod's ``/metrics`` every ``tier_prices_interval_s`` (set when the profile prices tiers)
+        self.learn_tier_prices = False
 
     # ---- membership --------------------------------------------------------------------------
     def set_pods(self, configs: Iterable[PodConfig]) -> None:
@@ -198,7 +205,12 @@ class PodPool:
             if not pod.capacity_read and not self.scrape_metrics and pod.config.capacity_blocks is None:
                 # the cost model needs the KV capacity even when nothing scrapes metrics: read it once
                 # per healthy spell (a backend without vllm:cache_config_info is not asked again)
+                pod.tier_prices_due = time.monotonic() + self.cfg.tier_prices_interval_s
                 pod.capacity_read = await self.scrape(pod)
+            elif self.learn_tier_prices and not self.scrape_metrics and time.monotonic() >= pod.tier_prices_due:
+                # the tier prices (vllm_llmd.router.tier_prices) follow the pod's load-back speeds
+                pod.tier_prices_due = time.monotonic() + self.cfg.tier_prices_interval_s
+                await self.scrape(pod)
         else:
             pod.health_failures += 1
             if pod.healthy and pod.health_failures >= self.cfg.failure_threshold:
@@ -252,6 +264,7 @@ class PodPool:
         except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
             return False
         pod.metrics = parse_metrics(text)
+        pod.tier_prices.observe(pod.metrics)
         return True
 
     async def _metrics_loop(self) -> None:

@@ -112,6 +112,7 @@ class RouterApp:
     async def _startup(self, app: web.Application) -> None:
         session = await self.upstream.start()
         self.pool.scrape_metrics = self.scheduler.needs_metrics
+        self.pool.learn_tier_prices = self.scheduler.prices_tiers
         await self.pool.start(session)
         if self.subscriber is not None:
             self.subscriber.start()
@@ -244,6 +245,9 @@ class RouterApp:
                 ps, ds = speeds.prefill_speed(p.id, ps), speeds.decode_speed(p.id, ps)
             m.pod_speed.labels(p.id, "prefill").set(ps)
             m.pod_speed.labels(p.id, "decode").set(ds)
+            if self.pool.learn_tier_prices:
+                for medium, price in p.tier_prices.prices.tiers.items():
+                    m.tier_price.labels(p.id, medium).set(price)
         m.memory_blocks.set(len(self.scheduler.ctx.memory))
         if self.index is not None:
             try:

@@ -18,6 +18,7 @@ import logging
 from pydantic import Field
 
 from vllm_llmd.pd import PodCost, SelectiveParams, choose_kv_source, should_disaggregate
+from vllm_llmd.pd.load import prefill_equivalent
 from vllm_llmd.router.scheduling.framework import Candidate, Decision, SchedRequest, SchedulingContext
 from vllm_llmd.router.scheduling.registry import Params, register
 
@@ -80,7 +81,8 @@ class SelectivePeersDecider:
 
         def cost(c: Candidate) -> PodCost:
             ld = c.load
-            uncached = max(0, n - view.cached.get(c.id, 0))
+            # the prompt's prefill work on c: lower-tier hits at c's load-back price (vllm_llmd.pd.load)
+            uncached = round(prefill_equivalent(n, view.held.get(c.id, {}), c.prices))
             return PodCost(c.id, uncached, ld.prefill_tokens, ld.decode_tokens, c.prefill_speed)
 
         peers = [c for c in decode if c.role == "both" and c.id != chosen.id]

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT
+from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT, DEFAULT_PRICES, TokenPrices
 from vllm_llmd.router.inflight import InflightTracker, PodLoad
 from vllm_llmd.router.pod_metrics import PodMetrics
 from vllm_llmd.router.prefix_memory import PrefixMemory
@@ -52,6 +52,9 @@ class PrefixView:
     precise: dict[str, int] = field(default_factory=dict)
     #: tiers of the index match per pod (as the index reports them)
     tiers: dict[str, list[str]] = field(default_factory=dict)
+    #: cached prompt tokens per pod by where they are (medium -> tokens, summing to ``cached``):
+    #: the index's tier of each matched block; tokens only the routing memory knows count as ``GPU``
+    held: dict[str, dict[str, int]] = field(default_factory=dict)
     #: from the routing memory only (tokens)
     remembered: dict[str, int] = field(default_factory=dict)
 
@@ -110,6 +113,8 @@ class Candidate:
     decode_speed: float = 1.0
     #: accelerator kind label (``PodConfig.accelerator``)
     accelerator: str | None = None
+    #: what a prompt token costs this pod by where it finds it (learned: vllm_llmd.router.tier_prices)
+    prices: TokenPrices = DEFAULT_PRICES
 
 
 @dataclass(slots=True)

@@ -7,7 +7,10 @@
   request just routed have not arrived yet);
 * approximate: for pods without events (or without a tokenizer) the routing memory, LRU-bounded.
 
-``cached[p] = min(prompt_tokens, max(precise[p], speculative[p]))``.
+``cached[p] = min(prompt_tokens, max(precise[p], speculative[p]))``, and ``held[p]`` splits it by
+where the tokens are (the index's tier of each matched block, in prompt order; tokens beyond the
+index's match, known from the routing memory only, count as the engine's own cache): what
+:func:`vllm_llmd.pd.load.prefill_equivalent` prices.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from vllm_llmd.pd.load import HBM
 from vllm_llmd.router.scheduling.framework import (
     Candidate,
     PrefixMatchLike,
@@ -25,14 +29,23 @@ from vllm_llmd.router.scheduling.framework import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIER_WEIGHTS = {"gpu": 1.0, "cpu": 0.8, "disk": 0.5, "storage": 0.3}
 
-
-def tier_weight(tiers: list[str], weights: dict[str, float]) -> float:
-    """Mean weight of the matched blocks; ``tiers`` holds each block's best tier (unknown tiers: 1.0)."""
-    if not tiers:
-        return 1.0
-    return sum(weights.get(t.lower(), 1.0) for t in tiers) / len(tiers)
+def held_by_tier(tiers: list[str], block_size: int, cached: int) -> dict[str, int]:
+    """``cached`` leading tokens split by tier: block ``i`` (``block_size`` tokens) is in
+    ``tiers[i]``; tokens past the listed blocks are in the engine cache (:data:`HBM`)."""
+    if not tiers or tiers.count(HBM) == len(tiers):
+        return {HBM: cached} if cached > 0 else {}
+    held: dict[str, int] = {}
+    left = cached
+    for t in tiers:
+        if left <= 0:
+            break
+        k = block_size if left > block_size else left
+        held[t] = held.get(t, 0) + k
+        left -= k
+    if left > 0:
+        held[HBM] = held.get(HBM, 0) + left
+    return held
 
 
 def prefix_view(req: SchedRequest, pods: list[Candidate], ctx: SchedulingContext) -> PrefixView:
@@ -66,5 +79,6 @@ def prefix_view(req: SchedRequest, pods: list[Candidate], ctx: SchedulingContext
             rem = (approx or {}).get(p.id, 0) * bs
             c = rem
         v.remembered[p.id] = rem
-        v.cached[p.id] = min(n, c)
+        v.cached[p.id] = cached = min(n, c)
+        v.held[p.id] = held_by_tier(v.tiers.get(p.id, []) if p.has_events else [], bs, cached)
     return v

@@ -53,6 +53,11 @@ class Scheduler:
         return any(getattr(p, "needs_metrics", False) for p in [*self.filters, *(s.scorer for s in self.scorers)])
 
     @property
+    def prices_tiers(self) -> bool:
+        """Whether a scorer prices prompt tokens by KV tier (the pool then learns each pod's prices)."""
+        return any(getattr(s.scorer, "prices_tiers", False) for s in self.scorers)
+
+    @property
     def decode_token_weight(self) -> float:
         """The decode weight of the profile's cost: its first scorer that has one."""
         for ws in self.scorers:

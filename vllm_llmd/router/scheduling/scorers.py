@@ -8,16 +8,17 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT, queued_time, queued_tokens
+from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT, HBM, prefill_equivalent, queued_time, queued_tokens
 from vllm_llmd.router.scheduling.epochs import EpochWatch
 from vllm_llmd.router.scheduling.footprint import KVFootprint
 from vllm_llmd.router.scheduling.framework import Candidate, PrefixView, SchedRequest, SchedulingContext
-from vllm_llmd.router.scheduling.prefix_view import DEFAULT_TIER_WEIGHTS, tier_weight
 from vllm_llmd.router.scheduling.registry import Params, register
 
 
 class _Base:
     needs_metrics = False
+    #: prices prompt tokens by KV tier (the pool then learns each pod's load-back speeds)
+    prices_tiers = False
 
     def __init__(self, name: str, params: Params, ctx: SchedulingContext) -> None:
         self.name = name
@@ -28,6 +29,11 @@ class _Base:
 def _view(req: SchedRequest) -> PrefixView:
     assert req.view is not None, "the scheduler computes the prefix view before any plugin runs"
     return req.view
+
+
+def _blind(held: dict[str, int]) -> dict[str, int]:
+    """Every tier counted as the engine cache (``price_tiers: false``: a tier-blind cost)."""
+    return {HBM: sum(held.values())} if held else held
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,15 +62,20 @@ class EstimatedTTFTParams(Params):
     capacity_fraction: float = Field(default=0.9, gt=0, le=1)
     #: decisions the footprints are counted over
     footprint_window: int = Field(default=128, ge=1)
+    #: price a prefix found in a lower KV tier (DRAM, disk) by what loading it back costs on the
+    #: pod (learned per pod and tier, vllm_llmd.pd.load.TokenPrices); false: as if in the engine cache
+    price_tiers: bool = True
 
 
 @register("scorer", "estimated-ttft", EstimatedTTFTParams)
 class EstimatedTTFTScorer(_Base):
     """Cost in tokens of serving the request on each pod, lower is better:
 
-    ``cost(p) = (prefill_weight * (1 + balance_weight * min(1, excess(p))) * uncached(p)
+    ``cost(p) = (prefill_weight * (1 + balance_weight * min(1, excess(p))) * priced(p)
     + capacity_weight * block_size * overflow(p) + queued_prefill(p)) / prefill_speed(p)
-    + decode_token_weight * queued_decode(p) / decode_speed(p)``;
+    + decode_token_weight * queued_decode(p) / decode_speed(p)``; ``priced(p)`` is
+    :func:`vllm_llmd.pd.load.prefill_equivalent` of the prompt on ``p`` (engine-cache hits free,
+    lower-tier hits at the pod's load-back price, misses 1);
     ``score(p) = (min_q cost(q) + c) / (cost(p) + c)``. ``excess(p)``: how far the pod's share of
     the recent KV footprint exceeds its fair share, relative; ``overflow(p)``: blocks by which this
     request would push the pod's hot footprint over its capacity. See docs/plugins/estimated-ttft.md.
@@ -74,6 +85,7 @@ class EstimatedTTFTScorer(_Base):
 
     def __init__(self, name: str, params: Params, ctx: SchedulingContext) -> None:
         super().__init__(name, params, ctx)
+        self.prices_tiers = self.params.price_tiers
         self._footprint = KVFootprint(self.params.footprint_window)
         self._epochs = EpochWatch()
 
@@ -89,10 +101,13 @@ class EstimatedTTFTScorer(_Base):
             speed = sum(p.prefill_speed for p in pods)
             excess = self._footprint.excess({p.id: p.prefill_speed / speed for p in pods})
         out = {}
+        tiered = prm.price_tiers
         for p in pods:
-            uncached = n - v.cached.get(p.id, 0)
+            held = v.held.get(p.id, {})
+            priced = prefill_equivalent(n, held, p.prices) if tiered else n - v.cached.get(p.id, 0)
+            uncached = n - (held.get(HBM, 0) if tiered else v.cached.get(p.id, 0))  # blocks the engine allocates
             ld = p.load
-            cost = pw * (1.0 + bw * min(1.0, excess.get(p.id, 0.0))) * uncached
+            cost = pw * (1.0 + bw * min(1.0, excess.get(p.id, 0.0))) * priced
             if cw > 0 and p.capacity_blocks and uncached > 0:
                 room = prm.capacity_fraction * p.capacity_blocks - self._footprint.hot_blocks(p.id)
                 over = -(-uncached // bs) - room
@@ -122,26 +137,34 @@ class EstimatedTTFTScorer(_Base):
 
 # ---- prefix affinity ----------------------------------------------------------------------------
 class PrecisePrefixParams(Params):
-    tier_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TIER_WEIGHTS))
+    #: discount a prefix found in a lower KV tier by the pod's load-back price (as ``estimated-ttft``)
+    price_tiers: bool = True
 
 
 @register("scorer", "precise-prefix-cache", PrecisePrefixParams)
 class PrecisePrefixScorer(_Base):
-    """``tier_weight(tiers) * cached_tokens(p) / prompt_tokens`` with cached tokens from the KV event
-    index (plus speculative entries for requests just routed)."""
+    """``(prompt_tokens - prefill_equivalent(p)) / prompt_tokens`` for pods with KV events: the
+    share of the prompt the pod need not prefill, a lower-tier token counting ``1 - price``
+    (cached tokens from the KV event index plus speculative entries for requests just routed)."""
 
     params: PrecisePrefixParams
+
+    def __init__(self, name: str, params: Params, ctx: SchedulingContext) -> None:
+        super().__init__(name, params, ctx)
+        self.prices_tiers = self.params.price_tiers
 
     def score(self, req: SchedRequest, pods: list[Candidate]) -> dict[str, float]:
         v = _view(req)
         n = max(1, req.prompt_tokens)
-        w = self.params.tier_weights
         out = {}
         for p in pods:
-            precise = v.precise.get(p.id, 0)
-            rem = v.remembered.get(p.id, 0)
-            weighted = precise * tier_weight(v.tiers.get(p.id, []), w)
-            out[p.id] = min(1.0, max(weighted, rem if p.has_events else 0) / n)
+            if not p.has_events:
+                out[p.id] = 0.0
+                continue
+            held = v.held.get(p.id, {})
+            if not self.prices_tiers:
+                held = _blind(held)
+            out[p.id] = min(1.0, max(0.0, n - prefill_equivalent(n, held, p.prices)) / n)
         return out
 
 
