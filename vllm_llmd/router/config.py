@@ -109,6 +109,9 @@ class PoolConfig(_Strict):
 
 class TokenizerConfig(_Strict):
     path: str | None = None
+    #: chat template for chat requests, as vLLM's ``--chat-template``: a file, or the template itself;
+    #: default: the model directory's (``chat_template.jinja``, else ``tokenizer_config.json``)
+    chat_template: str | None = None
     #: prompt-prefix tokenization cache budget in bytes (0 disables)
     prefix_cache_bytes: int = Field(default=64 << 20, ge=0)
     prefix_cache_chunk_chars: int = Field(default=256, ge=128)

@@ -53,6 +53,7 @@ def build_router(cfg: RouterConfig) -> RouterApp:
         prefix_cache_bytes=cfg.tokenizer.prefix_cache_bytes,
         chunk_chars=cfg.tokenizer.prefix_cache_chunk_chars,
         max_segment_chars=cfg.tokenizer.max_segment_chars,
+        chat_template=cfg.tokenizer.chat_template,
     )
     index = subscriber = None
     if tokenizer is not None:
