@@ -106,9 +106,7 @@ class RouterAppPicker:
             creq = app.parser.build(  # 1.
                 endpoint, body, headers.get(self.session_header), headers.get(self.traffic_class_header)
             )
-            decode, _prefill = app.candidate_pods()
-            req = await app.prompts.build(creq, len(body))  # 2.
-            decision = app.schedule(req, decode)  # 3.
+            _decode, _prefill, req, decision = await app.decide(creq, len(body))  # 2., 3. (and model pools)
             m.decision_seconds.observe(time.perf_counter() - t0)
         except HTTPError as e:
             m.requests.labels(path, str(e.status)).inc()

@@ -49,6 +49,8 @@ class PodConfig(_Strict):
     capacity_blocks: int | None = Field(default=None, gt=0, le=1 << 40)
     #: accelerator kind (``gpu``, ``npu``, ``h100``, ...): a label the ``accelerator`` filter reads
     accelerator: str | None = Field(default=None, pattern=ACCELERATOR_PATTERN)
+    #: the models and LoRA adapters the pod serves; ``None``: read from its ``/v1/models``
+    models: list[str] | None = None
 
     @field_validator("url")
     @classmethod
@@ -105,6 +107,8 @@ class PoolConfig(_Strict):
     max_retries: int = Field(default=2, ge=0)
     metrics_interval_s: float = Field(default=0.05, gt=0)
     metrics_stale_s: float = Field(default=1.0, gt=0)
+    #: how often each healthy pod's ``/v1/models`` (models and LoRA adapters) is read again
+    models_interval_s: float = Field(default=10.0, gt=0)
 
 
 class TokenizerConfig(_Strict):
@@ -253,7 +257,8 @@ class ServerConfig(_Strict):
 class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    #: served model name(s); requests naming another model get 404
+    #: served model name(s), besides those the pods report on ``/v1/models``; a request naming a
+    #: model neither lists gets 404 (``vllm_llmd.router.models``)
     models: list[str] = Field(default_factory=list)
     pods: list[PodConfig] = Field(default_factory=list)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)

@@ -25,8 +25,14 @@ KV_USAGE = "vllm:kv_cache_usage_perc"
 PREFIX_HITS = "vllm:prefix_cache_hits_total"
 PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
 CACHE_CONFIG = "vllm:cache_config_info"
+#: with ``--enable-lora``: one line per label set ever seen, its value the time it was last set
+#: (``vllm/v1/metrics/loggers.py``, ``gauge_lora_info...set_to_current_time()``): the newest counts
+LORA_INFO = "vllm:lora_requests_info"
 
-_NAMES = (WAITING, RUNNING, KV_USAGE, PREFIX_HITS, PREFIX_QUERIES, CACHE_CONFIG)
+_NAMES = (WAITING, RUNNING, KV_USAGE, PREFIX_HITS, PREFIX_QUERIES, CACHE_CONFIG, LORA_INFO)
+_LORA_LABEL = re.compile(r'(running_lora_adapters|waiting_lora_adapters|max_lora)="([^"]*)"')
+#: adapters taken from one label (a pod listing more is cut there)
+MAX_LORA_NAMES = 1024
 _NUM_BLOCKS = re.compile(r'num_gpu_blocks="(\d+)"')
 _BLOCK_SIZE = re.compile(r'block_size="(\d+)"')
 #: largest block count / block size taken from a pod (2**40 blocks is far beyond any KV cache)
@@ -61,6 +67,10 @@ class PodMetrics:
     prefix_queries: float = 0.0
     num_gpu_blocks: int | None = None
     block_size: int | None = None
+    #: LoRA adapters in running / waiting requests, and the pod's ``--max-loras`` (``None``: no LoRA)
+    lora_running: frozenset[str] = frozenset()
+    lora_waiting: frozenset[str] = frozenset()
+    max_lora: int | None = None
     #: ``time.monotonic()`` of the last successful scrape; 0: never
     updated: float = 0.0
 
@@ -71,6 +81,7 @@ class PodMetrics:
 def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
     vals: dict[str, float] = {}
     m = PodMetrics()
+    lora_at = -1.0
     for line in text.splitlines():
         if not line.startswith("vllm:"):
             continue
@@ -97,6 +108,11 @@ def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
         if not (math.isfinite(v) and v >= 0):
             _reject(name, raw)
             continue
+        if name == LORA_INFO:
+            if v > lora_at:
+                lora_at = v
+                _lora(m, line[:sp])
+            continue
         vals[name] = vals.get(name, 0.0) + v
     m.waiting = vals.get(WAITING, 0.0)
     m.running = vals.get(RUNNING, 0.0)
@@ -105,3 +121,15 @@ def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
     m.prefix_queries = vals.get(PREFIX_QUERIES, 0.0)
     m.updated = time.monotonic() if now is None else now
     return m
+
+
+def _lora(m: PodMetrics, labels: str) -> None:
+    for key, value in _LORA_LABEL.findall(labels):
+        if key == "max_lora":
+            m.max_lora = int(value) if value.isdigit() and len(value) <= 6 else None
+            continue
+        names = frozenset(n for n in value.split(",")[:MAX_LORA_NAMES] if n)
+        if key == "running_lora_adapters":
+            m.lora_running = names
+        else:
+            m.lora_waiting = names

@@ -5,6 +5,9 @@ Active checks and outlier detection are independent, as in Envoy: a passing heal
 ends an ejection nor resets the failures that led to one (issue 9: a pod answering 500 while its
 ``/health`` said OK was let back in a second after each ejection).
 
+Each healthy pod's model list (``/v1/models``) is read with its health checks, every
+``models_interval_s`` (:mod:`.models`).
+
 A discovery source (flags, YAML, later Kubernetes) calls :meth:`PodPool.set_pods` with the full
 list whenever it changes; pods keep their state across updates.
 """
@@ -22,6 +25,7 @@ import aiohttp
 
 from vllm_llmd.router.config import PodConfig, PoolConfig
 from vllm_llmd.router.inflight import InflightTracker, PodLoad
+from vllm_llmd.router.models import ServedModels, fetch_models
 from vllm_llmd.router.pod_metrics import PodMetrics, parse_metrics
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,8 @@ class Pod:
     metrics: PodMetrics = field(default_factory=PodMetrics)
     #: ``/metrics`` was read once for the KV capacity since the pod last became healthy
     capacity_read: bool = False
+    #: the models and adapters it reported on ``/v1/models`` (``None``: not read yet; :mod:`.models`)
+    served: ServedModels | None = None
 
     def __post_init__(self) -> None:
         self.id = self.config.pod_id
@@ -199,6 +205,15 @@ class PodPool:
                 # the cost model needs the KV capacity even when nothing scrapes metrics: read it once
                 # per healthy spell (a backend without vllm:cache_config_info is not asked again)
                 pod.capacity_read = await self.scrape(pod)
+            if pod.config.models is None and (
+                pod.served is None or time.monotonic() - pod.served.read_at >= self.cfg.models_interval_s
+            ):
+                assert self._session is not None
+                served = await fetch_models(self._session, pod.url, self.cfg.health_timeout_s)
+                if served is not None:
+                    if pod.served is None or served.ids != pod.served.ids:
+                        log.info("pod %s serves %s", pod.id, ", ".join(sorted(served.ids)) or "no model")
+                    pod.served = served
         else:
             pod.health_failures += 1
             if pod.healthy and pod.health_failures >= self.cfg.failure_threshold:
@@ -206,6 +221,7 @@ class PodPool:
                 pod.healthy = False
                 pod.capacity_read = False  # it may come back as a different engine
                 self._lost(pod.id)
+                pod.served = None
         return ok
 
     async def check_all(self) -> None:

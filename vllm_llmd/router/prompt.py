@@ -109,7 +109,15 @@ class PromptStage:
             keys = text_block_keys(req.model, text, bs, cap, salt)
             n = max(1, len(text) // CHARS_PER_TOKEN)
         return SchedRequest(
-            req.model, ids, text, n, req.max_tokens, keys, session_id=req.session_id, traffic_class=req.traffic_class
+            req.model,
+            ids,
+            text,
+            n,
+            req.max_tokens,
+            keys,
+            session_id=req.session_id,
+            traffic_class=req.traffic_class,
+            lora=req.lora,
         )
 
     def _chat_ids(self, req: ClientRequest) -> Sequence[int] | None:

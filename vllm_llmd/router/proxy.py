@@ -3,6 +3,7 @@
 A generation request goes through one module per stage, each with typed input and output:
 
 1. :mod:`.request` -- the HTTP request -> a validated :class:`~.request.ClientRequest`;
+   :mod:`.models` -- the available pods serving its model (or adapter) -> the candidates;
 2. :mod:`.prompt` -- its tokens and block keys -> a :class:`~.scheduling.SchedRequest`;
 3. :mod:`.scheduling` -- prefix view, filters, scorers, picker -> a :class:`~.scheduling.Decision`;
 4. :mod:`.pd_legs` -- the P/D decider's choice and the prefill leg -> the decode body, or colocated;
@@ -35,6 +36,7 @@ from vllm_llmd.router.front import (
     raise_fd_limit,
 )
 from vllm_llmd.router.metrics import RouterMetrics
+from vllm_llmd.router.models import ModelCatalog
 from vllm_llmd.router.pd_legs import PrefillLeg
 from vllm_llmd.router.pool import PodPool
 from vllm_llmd.router.prompt import PromptStage
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 #: a pod's model list is small; a larger answer is not relayed
 MAX_MODELS_BYTES = 1 << 20
+Routed = tuple[list[Candidate], list[Candidate], SchedRequest, Decision]
 
 
 class RouterApp:
@@ -86,6 +89,7 @@ class RouterApp:
         # the stages, in the order a request meets them
         self.parser = RequestParser(cfg, self.guard, self.bodies)
         self.prompts = PromptStage(tokenizer, self.tokenizer_pool, cfg.index.block_size, cfg.index.max_prompt_blocks)
+        self.catalog = ModelCatalog(cfg.models)
         speeds = scheduler.ctx.speeds
         self.candidates = CandidateViews(cfg.index.block_size, speeds)
         if speeds is not None:  # what was learned of a pod is dropped when it goes or turns unhealthy
@@ -135,9 +139,7 @@ class RouterApp:
         try:
             creq = await self.parser.parse(request, endpoint)  # 1. parse and validate
             t0 = time.perf_counter()
-            decode, prefill = self.candidate_pods()
-            req = await self.prompts.build(creq, len(creq.body))  # 2. tokens and block keys
-            decision = self.schedule(req, decode)  # 3. prefix view -> ranked pods
+            decode, prefill, req, decision = await self.decide(creq, len(creq.body))  # 2. and 3.
             m.decision_seconds.observe(time.perf_counter() - t0)
         except HTTPError as e:
             m.requests.labels(endpoint.path, str(e.status)).inc()
@@ -155,9 +157,20 @@ class RouterApp:
             prefill_pod=prefill_pod,
         )
 
-    def candidate_pods(self) -> tuple[list[Candidate], list[Candidate]]:
-        """The available pods as candidates: (decode or both, prefill)."""
-        cands = self.candidates.of(self.pool.available())
+    async def decide(self, creq: ClientRequest, body_size: int) -> Routed:
+        """Stages 2 and 3 (also gateway mode's): the pods serving the request's model, its tokens and
+        block keys, the scheduler's decision -> (decode candidates, prefill candidates, request, decision)."""
+        decode, prefill = self.candidate_pods(creq)
+        req = await self.prompts.build(creq, body_size)  # 2. tokens and block keys
+        return decode, prefill, req, self.schedule(req, decode)  # 3. prefix view -> ranked pods
+
+    def candidate_pods(self, creq: ClientRequest) -> tuple[list[Candidate], list[Candidate]]:
+        """The available pods serving the request's model (or LoRA adapter) as candidates: (decode
+        or both, prefill). Marks ``creq.lora`` when the model is an adapter on those pods."""
+        pods = self.catalog.select(creq.model, self.pool.available(), self.pool.pods)
+        if self.catalog.is_adapter(pods, creq.model):
+            creq.lora = creq.model
+        cands = self.candidates.of(pods)
         decode = [c for c in cands if c.role != "prefill"]
         if not decode:
             raise HTTPError(503, "no healthy pod", headers={"Retry-After": str(self.pool.retry_after_s())})
@@ -258,6 +271,11 @@ class RouterApp:
         return resp
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
+        """The union of the models and adapters the pods serve (:mod:`.models`); before any pod's
+        list is known, the first available pod's own answer."""
+        cards = self.catalog.listing(self.pool.pods)
+        if cards is not None:
+            return web.json_response({"object": "list", "data": cards})
         session = self.upstream.session
         assert session is not None
         for pod in self.pool.available():
@@ -271,10 +289,4 @@ class RouterApp:
                         return web.Response(body=data, content_type="application/json")
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 self.pool.report_failure(pod, f"GET /v1/models failed: {type(e).__name__}")
-        if self.cfg.models:
-            created = int(time.time())
-            data_list = [
-                {"id": m, "object": "model", "created": created, "owned_by": "vllm-llmd"} for m in self.cfg.models
-            ]
-            return web.json_response({"object": "list", "data": data_list})
         return error_response(503, "no pod available", headers={"Retry-After": str(self.pool.retry_after_s())})

@@ -1,6 +1,6 @@
 """Stage 1 of the request path: the client's HTTP request -> a validated :class:`ClientRequest`.
 
-Reads the body within the front's limits, decodes the JSON, checks the model and the few fields
+Reads the body within the front's limits, decodes the JSON, checks the few fields
 the router itself uses (the prompt or the messages, the output budget), and strips what a client
 must never send: ``kv_transfer_params`` / ``ec_transfer_params`` (top level, ``vllm_xargs``,
 ``extra_body``: every way vLLM 0.32 turns a request field into ``Request.kv_transfer_params``, see
@@ -68,6 +68,8 @@ class ClientRequest:
     cache_salt: str | None = None
     #: the traffic-class header's value, lowercased (the ``accelerator`` filter)
     traffic_class: str | None = None
+    #: the LoRA adapter the request names (its ``model``), set with the candidate pods
+    lora: str | None = None
 
 
 class RequestParser:
@@ -77,7 +79,6 @@ class RequestParser:
         self.body_timeout_s = cfg.server.body_timeout_s
         self.session_header = cfg.session_header
         self.traffic_class_header = cfg.traffic_class_header
-        self.models = frozenset(cfg.models)
         self.default_model = cfg.models[0] if cfg.models else ""
         self.guard = guard
 
@@ -131,9 +132,7 @@ class RequestParser:
             return self.default_model
         if not isinstance(model, str):
             raise HTTPError(400, "'model' must be a string")
-        if self.models and model not in self.models:
-            raise HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
-        return model
+        return model  # whether a pod serves it: vllm_llmd.router.models
 
 
 def decode_json(body: bytes) -> dict[str, Any]:
