@@ -42,6 +42,8 @@ class FakeBackend:
     served: list[tuple[str, str | None]] = field(default_factory=lambda: [("test-model", None)])
     #: the text of ``vllm:lora_requests_info`` lines for ``/metrics``
     lora_metrics: str = ""
+    #: (method, path, content type, body) of calls to endpoints other than the ones above
+    other_calls: list[tuple[str, str, str, bytes]] = field(default_factory=list)
     server: TestServer | None = None
 
     def app(self) -> web.Application:
@@ -51,6 +53,7 @@ class FakeBackend:
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_route("*", "/{tail:.*}", self.other)  # vLLM's other endpoints
         return app
 
     async def start(self) -> FakeBackend:
@@ -92,6 +95,12 @@ class FakeBackend:
                 'enable_prefix_caching="True"} 1.0\n'
             )
         return web.Response(text=text)
+
+    async def other(self, request: web.Request) -> web.Response:
+        """Any other endpoint: records the call (path, content type, body) and answers it in JSON."""
+        raw = await request.read()
+        self.other_calls.append((request.method, request.path, request.content_type, raw))
+        return web.json_response({"object": "echo", "path": request.path, "served_by": self.name})
 
     async def _hang(self) -> None:
         try:

@@ -58,7 +58,7 @@ async def test_an_adapter_request_is_keyed_and_marked_as_lora(pods: list[FakeBac
     router, srv = await start_router(config_for(pods, models=[]))
     try:
         await _known(router, 2)
-        from vllm_llmd.router.request import COMPLETIONS
+        from vllm_llmd.router.endpoints import COMPLETIONS
 
         creq = router.parser.build(COMPLETIONS, b'{"model": "lora-x", "prompt": "hello"}', None)
         decode, _, req, _decision = await router.decide(creq, 40)

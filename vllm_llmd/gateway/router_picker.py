@@ -30,15 +30,15 @@ from collections.abc import Mapping
 
 from vllm_llmd.gateway.picker import Pick, Reject
 from vllm_llmd.router.attempt import Attempt
+from vllm_llmd.router.endpoints import POST_ENDPOINTS, Endpoint
 from vllm_llmd.router.errors import HTTPError
 from vllm_llmd.router.pool import Pod
 from vllm_llmd.router.proxy import RouterApp
-from vllm_llmd.router.request import CHAT, COMPLETIONS, Endpoint
 from vllm_llmd.router.scheduling import SchedRequest
 
 log = logging.getLogger(__name__)
 
-_GENERATION: dict[str, Endpoint] = {COMPLETIONS.path: COMPLETIONS, CHAT.path: CHAT}
+_GENERATION: dict[str, Endpoint] = {p: e for p, e in POST_ENDPOINTS.items() if e.prompt != "raw"}
 
 
 class _Attempt:

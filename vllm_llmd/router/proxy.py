@@ -25,6 +25,7 @@ from aiohttp import web
 
 from vllm_llmd.router.candidates import CandidateViews
 from vllm_llmd.router.config import RouterConfig
+from vllm_llmd.router.endpoints import GET_ENDPOINTS, POST_ENDPOINTS
 from vllm_llmd.router.errors import HTTPError, error_response, json_errors
 from vllm_llmd.router.front import (
     BodyBudget,
@@ -40,7 +41,7 @@ from vllm_llmd.router.models import ModelCatalog
 from vllm_llmd.router.pd_legs import PrefillLeg
 from vllm_llmd.router.pool import PodPool
 from vllm_llmd.router.prompt import PromptStage
-from vllm_llmd.router.request import CHAT, COMPLETIONS, ClientRequest, Endpoint, RequestParser
+from vllm_llmd.router.request import ClientRequest, Endpoint, RequestParser
 from vllm_llmd.router.scheduling import Candidate, Decider, Decision, NoCandidate, SchedRequest, Scheduler
 from vllm_llmd.router.scheduling.scorers import TTFTCosts
 from vllm_llmd.router.tokenize import PromptTokenizer, TokenizerPool
@@ -100,8 +101,10 @@ class RouterApp:
         self.prefill_leg = PrefillLeg(cfg.pool, pool, self.upstream, self.prefill_scheduler)
         middlewares = [json_errors, self.guard.middleware, self.bodies.middleware]
         self.app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=middlewares)
-        self.app.router.add_post(COMPLETIONS.path, self.handle_completions, expect_handler=expect_handler)
-        self.app.router.add_post(CHAT.path, self.handle_chat, expect_handler=expect_handler)
+        for ep in POST_ENDPOINTS.values():  # every OpenAI / vLLM endpoint (vllm_llmd.router.endpoints)
+            self.app.router.add_post(ep.path, self._handler(ep), expect_handler=expect_handler)
+        for path in GET_ENDPOINTS:
+            self.app.router.add_get(path, self.handle_get)
         self.app.router.add_get("/v1/models", self.handle_models)
         self.app.router.add_get("/health", self.handle_health)
         self.app.router.add_get("/metrics", self.handle_metrics)
@@ -128,11 +131,11 @@ class RouterApp:
         self.tokenizer_pool.close()
 
     # ---- the request path --------------------------------------------------------------------
-    async def handle_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, COMPLETIONS)
+    def _handler(self, endpoint: Endpoint) -> Any:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._generate(request, endpoint)
 
-    async def handle_chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, CHAT)
+        return handle
 
     async def _generate(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         m = self.metrics
@@ -145,7 +148,9 @@ class RouterApp:
             m.requests.labels(endpoint.path, str(e.status)).inc()
             raise
         self.observe_decision(decision, req)
-        body, prefill_pod = await self._disaggregate(request, creq, req, decision, decode, prefill)  # 4. P/D
+        body, prefill_pod = creq.body, None
+        if endpoint.pd:
+            body, prefill_pod = await self._disaggregate(request, creq, req, decision, decode, prefill)  # 4. P/D
         return await self.upstream.forward(  # 5. forward and relay
             request,
             endpoint.path,
@@ -155,6 +160,7 @@ class RouterApp:
             self.scheduler,
             remote_kv=prefill_pod is not None,
             prefill_pod=prefill_pod,
+            content_type=request.headers.get("Content-Type", "") if endpoint.prompt == "raw" else None,
         )
 
     async def decide(self, creq: ClientRequest, body_size: int) -> Routed:
@@ -269,6 +275,23 @@ class RouterApp:
         resp = web.Response(body=generate_latest(m.registry))
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
+
+    async def handle_get(self, request: web.Request) -> web.StreamResponse:
+        """A GET endpoint any healthy pod answers (``/version``)."""
+        session = self.upstream.session
+        assert session is not None
+        for pod in self.pool.available():
+            try:
+                async with (
+                    asyncio.timeout(self.cfg.pool.health_timeout_s),
+                    session.get(pod.url + request.path, headers=request_headers(request, body=False)) as r,
+                ):
+                    data, complete = await read_capped(r, MAX_MODELS_BYTES)
+                    if r.status < 500 and complete:
+                        return web.Response(status=r.status, body=data, content_type=r.content_type)
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                self.pool.report_failure(pod, f"GET {request.path} failed: {type(e).__name__}")
+        return error_response(503, "no pod available", headers={"Retry-After": str(self.pool.retry_after_s())})
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
         """The union of the models and adapters the pods serve (:mod:`.models`); before any pod's

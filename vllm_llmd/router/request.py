@@ -19,6 +19,7 @@ from aiohttp import web
 
 from vllm_llmd.pd.requests import has_client_kv_params, strip_client_kv_params
 from vllm_llmd.router.config import ACCELERATOR_PATTERN, RouterConfig
+from vllm_llmd.router.endpoints import Endpoint
 from vllm_llmd.router.errors import HTTPError
 from vllm_llmd.router.front import BodyBudget, ConnectionGuard, body_received, read_body
 
@@ -34,18 +35,6 @@ MAX_TOKENS_LIMIT = (1 << 31) - 1
 _TRAFFIC_CLASS = re.compile(ACCELERATOR_PATTERN)
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """A generation endpoint the router serves (more can be added: the request shape is per endpoint)."""
-
-    path: str
-    chat: bool
-
-
-COMPLETIONS = Endpoint("/v1/completions", chat=False)
-CHAT = Endpoint("/v1/chat/completions", chat=True)
 
 
 @dataclass(slots=True)
@@ -70,6 +59,13 @@ class ClientRequest:
     traffic_class: str | None = None
     #: the LoRA adapter the request names (its ``model``), set with the candidate pods
     lora: str | None = None
+    #: the conversation, when the prompt is one (chat, /v1/messages, Responses API items, /tokenize
+    #: with messages): rendered with the chat template
+    messages: list[Any] | None = None
+
+    @property
+    def chat(self) -> bool:
+        return self.messages is not None
 
 
 class RequestParser:
@@ -103,6 +99,8 @@ class RequestParser:
                     "(letters, digits, '.', '_', '-'), got "
                     f"{traffic_class[:64]!r}",
                 )
+        if endpoint.prompt == "raw":  # not JSON (multipart audio): passed as it came
+            return ClientRequest(endpoint, {}, body, self.default_model, 0, session_id, traffic_class=tclass)
         payload = decode_json(body)
         if has_client_kv_params(payload):  # a client never steers a KV transfer
             payload = strip_client_kv_params(payload)
@@ -113,17 +111,23 @@ class RequestParser:
             payload=payload,
             body=body,
             model=self._model(payload),
-            max_tokens=max_tokens(payload, endpoint.chat),
+            max_tokens=max_tokens(payload, endpoint.budget),
             session_id=session_id,
             cache_salt=salt if isinstance(salt, str) else None,
             traffic_class=tclass,
         )
-        if endpoint.chat:
+        kind = endpoint.prompt
+        if kind == "messages" or (kind in ("prompt", "input") and "messages" in payload):
             messages = payload.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise HTTPError(400, "'messages' must be a non-empty list")
-        else:
+            out.messages = messages
+        elif kind == "prompt":
             out.prompt_text, out.prompt_ids = prompt_of(payload)
+        elif kind == "input":
+            out.prompt_text, out.prompt_ids, out.messages = input_of(payload)
+        elif kind == "query":
+            out.prompt_text = query_of(payload)
         return out
 
     def _model(self, payload: dict[str, Any]) -> str:
@@ -149,11 +153,14 @@ def decode_json(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def max_tokens(payload: dict[str, Any], chat: bool) -> int:
-    """The request's output budget as vLLM reads it (chat: ``max_completion_tokens`` first); each
-    given value must be an integer in ``[0, MAX_TOKENS_LIMIT]``."""
+def max_tokens(payload: dict[str, Any], keys: tuple[str, ...]) -> int:
+    """The request's output budget as vLLM reads it from the endpoint's ``keys`` (chat:
+    ``max_completion_tokens`` first; none: an endpoint that generates nothing, 0); each given value
+    must be an integer in ``[0, MAX_TOKENS_LIMIT]``."""
+    if not keys:
+        return 0
     found: int | None = None
-    for key in ("max_completion_tokens", "max_tokens") if chat else ("max_tokens", "max_completion_tokens"):
+    for key in keys:
         v = payload.get(key)
         if v is None:
             continue
@@ -174,3 +181,35 @@ def prompt_of(payload: dict[str, Any]) -> tuple[str | None, list[int] | None]:
     if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
         return None, prompt  # each id is checked while it is hashed (vllm_llmd.router.prompt.checked_ids)
     raise HTTPError(400, "'prompt' must be a string, a list of strings or token ids")
+
+
+def input_of(payload: dict[str, Any]) -> tuple[str | None, list[int] | None, list[Any] | None]:
+    """``input`` of embeddings / pooling / classify (text, token ids, or a batch of either: the
+    first routes it) or of the Responses API (text, or items: a conversation after ``instructions``)."""
+    inp = payload.get("input")
+    if isinstance(inp, list) and inp and isinstance(inp[0], dict):  # Responses API items
+        items = [i for i in inp if isinstance(i, dict) and "role" in i]
+        instructions = payload.get("instructions")
+        head = [{"role": "system", "content": instructions}] if isinstance(instructions, str) else []
+        return None, None, [*head, *items] or None
+    if isinstance(inp, list) and inp and isinstance(inp[0], str | list):
+        inp = inp[0]
+    if isinstance(inp, str):
+        return inp, None, None
+    if isinstance(inp, list) and (not inp or isinstance(inp[0], int)):
+        return None, inp, None
+    if inp is None:
+        return "", None, None  # the engine says what is missing
+    raise HTTPError(400, "'input' must be a string, a list of strings or token ids, or input items")
+
+
+def query_of(payload: dict[str, Any]) -> str:
+    """Score / rerank: the query (``query``, ``text_1``, ``queries``, ``data_1``; the first of a list),
+    the head every scored pair starts with."""
+    for key in ("query", "text_1", "queries", "data_1"):
+        v = payload.get(key)
+        if isinstance(v, list) and v:
+            v = v[0]
+        if isinstance(v, str):
+            return v
+    return ""

@@ -70,11 +70,12 @@ def forward_headers(headers: Any, drop: frozenset[str] = HOP_BY_HOP) -> dict[str
     return out
 
 
-def request_headers(request: web.Request, body: bool = True) -> dict[str, str]:
-    """The client's headers as sent on to a pod (with a body: the router's own JSON's content type)."""
+def request_headers(request: web.Request, body: bool = True, content_type: str | None = None) -> dict[str, str]:
+    """The client's headers as sent on to a pod (with a body: the router's own JSON's content type,
+    or ``content_type`` for a body passed as it came, e.g. multipart)."""
     out = forward_headers(request.headers, _REQUEST_DROP)
     if body:
-        out["Content-Type"] = "application/json"
+        out["Content-Type"] = content_type or "application/json"
     return out
 
 
@@ -134,12 +135,13 @@ class Upstream:
         *,
         remote_kv: bool = False,
         prefill_pod: str | None = None,
+        content_type: str | None = None,
     ) -> web.StreamResponse:
         """Send to the best pod; until the client has received a byte, a failed pod is replaced by
         the next one in the ranking."""
         assert self.session is not None
         m = self.metrics
-        headers = request_headers(request)
+        headers = request_headers(request, content_type=content_type)
         ranked = decision.ranked[: 1 + self.cfg.max_retries]
         view = req.view
         last_err = ""
