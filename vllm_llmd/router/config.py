@@ -254,6 +254,19 @@ class ServerConfig(_Strict):
     max_body_bytes_in_flight: int = Field(default=512 << 20, ge=1024)
 
 
+class AdmissionConfig(_Strict):
+    """Admission control (``vllm_llmd.router.admission``): off unless ``max_requests_per_pod`` is set."""
+
+    #: router requests in flight on a pod at which it counts as saturated (``None``: no admission control)
+    max_requests_per_pod: int | None = Field(default=None, ge=1)
+    #: requests waiting for a slot when every pod is saturated; beyond it 429 at once
+    queue_size: int = Field(default=256, ge=0)
+    #: longest wait in the queue, then 429
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    #: the 429's ``Retry-After`` (seconds)
+    retry_after_s: int = Field(default=1, ge=1)
+
+
 class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -267,6 +280,7 @@ class RouterConfig(_Strict):
     index: IndexConfig = Field(default_factory=IndexConfig)
     pd: PDConfig = Field(default_factory=PDConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     #: Kubernetes pod discovery; discovered pods are added to ``pods``
     discovery: DiscoveryConfig | None = None
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)

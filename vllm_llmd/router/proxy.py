@@ -4,6 +4,7 @@ A generation request goes through one module per stage, each with typed input an
 
 1. :mod:`.request` -- the HTTP request -> a validated :class:`~.request.ClientRequest`;
    :mod:`.models` -- the available pods serving its model (or adapter) -> the candidates;
+   :mod:`.admission` -- when every candidate is saturated, a bounded wait for a slot, or 429;
 2. :mod:`.prompt` -- its tokens and block keys -> a :class:`~.scheduling.SchedRequest`;
 3. :mod:`.scheduling` -- prefix view, filters, scorers, picker -> a :class:`~.scheduling.Decision`;
 4. :mod:`.pd_legs` -- the P/D decider's choice and the prefill leg -> the decode body, or colocated;
@@ -23,6 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from vllm_llmd.router.admission import Admission
 from vllm_llmd.router.candidates import CandidateViews
 from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.endpoints import GET_ENDPOINTS, POST_ENDPOINTS
@@ -97,6 +99,8 @@ class RouterApp:
             pool.on_pod_lost.append(speeds.forget)
             pool.on_pods_set.append(lambda pods: speeds.set_pods({p.id: p.prefill_speed for p in pods}))
             speeds.set_pods({p.id: p.prefill_speed for p in pool.pods})
+        self.admission = Admission(cfg.admission)
+        self.inflight.on_done = self.admission.released
         self.upstream = Upstream(cfg.pool, pool, metrics)
         self.prefill_leg = PrefillLeg(cfg.pool, pool, self.upstream, self.prefill_scheduler)
         middlewares = [json_errors, self.guard.middleware, self.bodies.middleware]
@@ -167,6 +171,9 @@ class RouterApp:
         """Stages 2 and 3 (also gateway mode's): the pods serving the request's model, its tokens and
         block keys, the scheduler's decision -> (decode candidates, prefill candidates, request, decision)."""
         decode, prefill = self.candidate_pods(creq)
+        if self.cfg.admission.max_requests_per_pod is not None:  # every pod saturated: wait or 429
+            await self.admission.admit(decode)
+            decode, prefill = self.candidate_pods(creq)
         req = await self.prompts.build(creq, body_size)  # 2. tokens and block keys
         return decode, prefill, req, self.schedule(req, decode)  # 3. prefix view -> ranked pods
 
