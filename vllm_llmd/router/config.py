@@ -252,6 +252,8 @@ class ServerConfig(_Strict):
     #: request bodies held at once, in bytes (a body counts its Content-Length, or max_body_bytes when
     #: that is unknown or compressed); beyond it new requests get 503
     max_body_bytes_in_flight: int = Field(default=512 << 20, ge=1024)
+    #: one line per request on the ``vllm_llmd.router.access`` logger (``vllm_llmd.router.observe``)
+    access_log: Literal["off", "text", "json"] = "off"
 
 
 class AdmissionConfig(_Strict):

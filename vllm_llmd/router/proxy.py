@@ -38,8 +38,9 @@ from vllm_llmd.router.front import (
     make_runner,
     raise_fd_limit,
 )
-from vllm_llmd.router.metrics import RouterMetrics
+from vllm_llmd.router.metrics import RouterMetrics, SubscriberCollector
 from vllm_llmd.router.models import ModelCatalog
+from vllm_llmd.router.observe import RequestObserver, RequestRecord, request_id
 from vllm_llmd.router.pd_legs import PrefillLeg
 from vllm_llmd.router.pool import PodPool
 from vllm_llmd.router.prompt import PromptStage
@@ -82,6 +83,8 @@ class RouterApp:
         self.index = index
         self.subscriber = subscriber
         self.discovery: Any | None = None
+        if subscriber is not None:
+            metrics.registry.register(SubscriberCollector(subscriber))
         self.guard = ConnectionGuard(
             cfg.server.max_connections or default_max_connections(raise_fd_limit()),
             on_close=lambda reason: metrics.client_connections_closed.labels(reason).inc(),
@@ -101,7 +104,8 @@ class RouterApp:
             speeds.set_pods({p.id: p.prefill_speed for p in pool.pods})
         self.admission = Admission(cfg.admission)
         self.inflight.on_done = self.admission.released
-        self.upstream = Upstream(cfg.pool, pool, metrics)
+        self.observer = RequestObserver(metrics.registry, cfg.server.access_log)
+        self.upstream = Upstream(cfg.pool, pool, metrics, self.observer)
         self.prefill_leg = PrefillLeg(cfg.pool, pool, self.upstream, self.prefill_scheduler)
         middlewares = [json_errors, self.guard.middleware, self.bodies.middleware]
         self.app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=middlewares)
@@ -142,6 +146,22 @@ class RouterApp:
         return handle
 
     async def _generate(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        rec = RequestRecord(request_id(request.headers), request.method, endpoint.path, request.remote or "", 0.0)
+        rec.t0 = time.perf_counter()
+        try:
+            resp = await self._route(request, endpoint, rec)
+            rec.status = resp.status
+            return resp
+        except HTTPError as e:
+            rec.status = e.status
+            raise
+        except asyncio.CancelledError:
+            rec.status = 499  # the client left (nginx's code for it)
+            raise
+        finally:
+            self.observer.finish(rec)
+
+    async def _route(self, request: web.Request, endpoint: Endpoint, rec: RequestRecord) -> web.StreamResponse:
         m = self.metrics
         try:
             creq = await self.parser.parse(request, endpoint)  # 1. parse and validate
@@ -151,6 +171,7 @@ class RouterApp:
         except HTTPError as e:
             m.requests.labels(endpoint.path, str(e.status)).inc()
             raise
+        rec.model, rec.prompt_tokens = creq.model, req.prompt_tokens
         self.observe_decision(decision, req)
         body, prefill_pod = creq.body, None
         if endpoint.pd:
@@ -165,6 +186,7 @@ class RouterApp:
             remote_kv=prefill_pod is not None,
             prefill_pod=prefill_pod,
             content_type=request.headers.get("Content-Type", "") if endpoint.prompt == "raw" else None,
+            rec=rec,
         )
 
     async def decide(self, creq: ClientRequest, body_size: int) -> Routed:
