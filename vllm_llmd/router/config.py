@@ -5,6 +5,7 @@ Every model forbids unknown keys, so a typo is an error that names the key.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -18,6 +19,8 @@ from vllm_llmd.pd import SelectiveParams
 
 #: the P/D deciders' defaults have one owner: vllm_llmd.pd.SelectiveParams
 _PD_DEFAULTS = SelectiveParams()
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -330,6 +333,15 @@ def load_config(path: str | Path) -> RouterConfig:
         raise ConfigError(f"{p}: cannot read: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    from vllm_llmd.router.llmd_config import is_endpoint_picker_config, translate
+
+    if is_endpoint_picker_config(data):  # an llm-d EPP configuration: what maps, and what does not
+        try:
+            data, notes = translate(data, str(p))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
+        for note in notes:
+            log.warning("%s", note)
     return parse_config(data, str(p))
 
 
