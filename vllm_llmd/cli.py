@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -44,6 +45,11 @@ def _router(args: argparse.Namespace) -> int:
         tok = cfg.tokenizer.model_copy(update={"path": args.tokenizer}) if args.tokenizer else cfg.tokenizer
         if args.chat_template:
             tok = tok.model_copy(update={"chat_template": args.chat_template})
+        api_key = args.api_key or os.environ.get("VLLM_LLMD_API_KEY")
+        if api_key:  # as vLLM's --api-key / VLLM_API_KEY
+            cfg = cfg.model_copy(
+                update={"server": cfg.server.model_copy(update={"api_keys": [*cfg.server.api_keys, api_key]})}
+            )
         index = cfg.index.model_copy(update={"block_size": args.block_size}) if args.block_size else cfg.index
         cfg = RouterConfig.model_validate(
             {**cfg.model_dump(), "tokenizer": tok.model_dump(), "index": index.model_dump()}
@@ -174,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default=None, help="YAML file with pods and the scheduling profile")
     r.add_argument("--tokenizer", default=None, help="model directory holding tokenizer.json (precise scoring)")
     r.add_argument("--model", action="append", default=[], help="served model name (repeatable)")
+    r.add_argument(
+        "--api-key", default=None, help="require this Bearer key (also VLLM_LLMD_API_KEY); see server.api_keys"
+    )
     r.add_argument(
         "--chat-template",
         default=None,

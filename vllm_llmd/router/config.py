@@ -257,6 +257,19 @@ class ServerConfig(_Strict):
     max_body_bytes_in_flight: int = Field(default=512 << 20, ge=1024)
     #: one line per request on the ``vllm_llmd.router.access`` logger (``vllm_llmd.router.observe``)
     access_log: Literal["off", "text", "json"] = "off"
+    #: accepted ``Authorization: Bearer`` keys (empty: no key needed; ``vllm_llmd.router.auth``)
+    api_keys: list[str] = Field(default_factory=list)
+    #: PEM certificate chain and key: the listener speaks HTTPS
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("server.tls_cert and server.tls_key go together")
+        if any(not k for k in self.api_keys):
+            raise ValueError("server.api_keys: an empty key would accept a missing one")
+        return self
 
 
 class AdmissionConfig(_Strict):

@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from vllm_llmd.router.admission import Admission
+from vllm_llmd.router.auth import key_middleware
 from vllm_llmd.router.candidates import CandidateViews
 from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.endpoints import GET_ENDPOINTS, POST_ENDPOINTS
@@ -107,7 +108,10 @@ class RouterApp:
         self.observer = RequestObserver(metrics.registry, cfg.server.access_log)
         self.upstream = Upstream(cfg.pool, pool, metrics, self.observer)
         self.prefill_leg = PrefillLeg(cfg.pool, pool, self.upstream, self.prefill_scheduler)
-        middlewares = [json_errors, self.guard.middleware, self.bodies.middleware]
+        middlewares = [json_errors, self.guard.middleware]
+        if cfg.server.api_keys:  # before the body budget: a request without a key is not read
+            middlewares.append(key_middleware(cfg.server.api_keys))
+        middlewares.append(self.bodies.middleware)
         self.app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=middlewares)
         for ep in POST_ENDPOINTS.values():  # every OpenAI / vLLM endpoint (vllm_llmd.router.endpoints)
             self.app.router.add_post(ep.path, self._handler(ep), expect_handler=expect_handler)

@@ -88,9 +88,16 @@ def build_router(cfg: RouterConfig) -> RouterApp:
 
 
 async def serve(router: RouterApp, host: str, port: int, ready: asyncio.Event | None = None) -> None:
-    server = await start_server(router.runner(), host, port)
+    sc = router.cfg.server
+    tls = None
+    if sc.tls_cert is not None and sc.tls_key is not None:
+        from vllm_llmd.router.auth import tls_context
+
+        tls = tls_context(sc.tls_cert, sc.tls_key)
+    server = await start_server(router.runner(), host, port, ssl_context=tls)
     log.info(
-        "router listening on http://%s:%d, pods: %s",
+        "router listening on %s://%s:%d, pods: %s",
+        "https" if tls is not None else "http",
         host,
         server.port,
         ", ".join(p.id for p in router.pool.pods) or "none",
