@@ -79,8 +79,10 @@ async def test_text_access_log_and_a_bad_request_id_is_replaced(pods, caplog: py
         async with aiohttp.ClientSession() as s:
             body = {"model": "test-model", "prompt": "x", "max_tokens": 1}
             url = f"http://127.0.0.1:{srv.port}/v1/completions"
-            async with s.post(url, json=body, headers={"X-Request-Id": "x" * 300}) as r:
+            async with s.post(url, json=body, headers={"x-request-id": "x" * 300}) as r:
                 assert r.status == 200 and len(r.headers["X-Request-Id"]) == 32
+        sent = [v for p in pods for h in p.headers for k, v in h.items() if k.lower() == "x-request-id"]
+        assert len(sent) == 1 and len(sent[0]) == 32  # one header, the router's (the client's was too long)
         (line,) = [r.getMessage() for r in caplog.records if r.name == "vllm_llmd.router.access"]
         assert '"POST /v1/completions" 200 model=test-model' in line
     finally:

@@ -149,7 +149,9 @@ class Upstream:
         assert self.session is not None
         m = self.metrics
         headers = request_headers(request, content_type=content_type)
-        if rec is not None:
+        if rec is not None:  # one X-Request-Id, the record's (a client's own, if it was usable)
+            for k in [k for k in headers if k.lower() == "x-request-id"]:
+                del headers[k]
             headers[REQUEST_ID] = rec.request_id
         ranked = decision.ranked[: 1 + self.cfg.max_retries]
         view = req.view
