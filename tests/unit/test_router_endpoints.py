@@ -112,3 +112,17 @@ async def test_operator_endpoints_and_unknown_paths_are_json_404s(pods: list[Fak
         assert not any(p.other_calls for p in pods)
     finally:
         await srv.close()
+
+
+async def test_a_stray_messages_field_does_not_make_a_completion_a_chat(pods: list[FakeBackend]) -> None:
+    _router, srv = await start_router(config_for(pods))
+    try:
+        async with aiohttp.ClientSession() as s:
+            body = {"model": "test-model", "prompt": "x", "messages": "not a list", "max_tokens": 1}
+            async with s.post(f"http://127.0.0.1:{srv.port}/v1/completions", json=body) as r:
+                assert r.status == 200  # the engine judges its own fields
+            body = {"model": "test-model", "messages": "not a list"}
+            async with s.post(f"http://127.0.0.1:{srv.port}/tokenize", json=body) as r:
+                assert r.status == 400  # /tokenize takes messages: they must be a conversation
+    finally:
+        await srv.close()

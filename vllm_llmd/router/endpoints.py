@@ -40,6 +40,9 @@ class Endpoint:
     budget: tuple[str, ...] = ("max_tokens", "max_completion_tokens")
     #: may be disaggregated (prefill leg + decode)
     pd: bool = False
+    #: the body may carry ``messages`` instead of its usual prompt (vLLM's chat-style embeddings,
+    #: pooling, classify and /tokenize requests)
+    messages_too: bool = False
 
 
 COMPLETIONS = Endpoint("/v1/completions", chat=False, pd=True)
@@ -48,7 +51,8 @@ CHAT = Endpoint(
 )
 
 _POOLING = [
-    Endpoint(p, chat=False, prompt="input", budget=()) for p in ("/v1/embeddings", "/v2/embed", "/pooling", "/classify")
+    Endpoint(p, chat=False, prompt="input", budget=(), messages_too=True)
+    for p in ("/v1/embeddings", "/v2/embed", "/pooling", "/classify")
 ]
 _SCORING = [
     Endpoint(p, chat=False, prompt="query", budget=())
@@ -66,7 +70,7 @@ POST_ENDPOINTS: dict[str, Endpoint] = {
         Endpoint("/v1/responses", chat=False, prompt="input", budget=("max_output_tokens",)),
         Endpoint("/v1/messages", chat=True, prompt="messages", budget=("max_tokens",)),
         Endpoint("/v1/messages/count_tokens", chat=True, prompt="messages", budget=()),
-        Endpoint("/tokenize", chat=False, prompt="prompt", budget=()),
+        Endpoint("/tokenize", chat=False, prompt="prompt", budget=(), messages_too=True),
         Endpoint("/detokenize", chat=False, prompt="none", budget=()),
         Endpoint("/v1/chat/completions/render", chat=True, prompt="messages", budget=()),
         Endpoint("/v1/completions/render", chat=False, prompt="prompt", budget=()),

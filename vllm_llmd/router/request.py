@@ -117,7 +117,7 @@ class RequestParser:
             traffic_class=tclass,
         )
         kind = endpoint.prompt
-        if kind == "messages" or (kind in ("prompt", "input") and "messages" in payload):
+        if kind == "messages" or (endpoint.messages_too and "messages" in payload):
             messages = payload.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise HTTPError(400, "'messages' must be a non-empty list")
