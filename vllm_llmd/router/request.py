@@ -19,7 +19,7 @@ from aiohttp import web
 
 from vllm_llmd.pd.requests import has_client_kv_params, strip_client_kv_params
 from vllm_llmd.router.config import ACCELERATOR_PATTERN, RouterConfig
-from vllm_llmd.router.endpoints import Endpoint
+from vllm_llmd.router.endpoints import CHAT, COMPLETIONS, Endpoint  # noqa: F401  (CHAT, COMPLETIONS: re-exported)
 from vllm_llmd.router.errors import HTTPError
 from vllm_llmd.router.front import BodyBudget, ConnectionGuard, body_received, read_body
 
