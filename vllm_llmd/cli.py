@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 
 def _make_test_model(args: argparse.Namespace) -> int:
-    from vllm_llmd.testing.model import make_test_model
+    try:
+        from vllm_llmd.testing.model import make_test_model
+    except ImportError as e:
+        need = "vllm-llmd make-test-model needs the testing extra (pip install 'vllm-llmd[testing]')"
+        print(f"{need}: {e}", file=sys.stderr)
+        return 2
 
     path = make_test_model(args.dir, shape=args.shape, seed=args.seed)
     print(path)
@@ -37,6 +43,13 @@ def _router(args: argparse.Namespace) -> int:
             updates["max_body_bytes"] = args.max_body_bytes
         cfg = cfg.model_copy(update=updates)
         tok = cfg.tokenizer.model_copy(update={"path": args.tokenizer}) if args.tokenizer else cfg.tokenizer
+        if args.chat_template:
+            tok = tok.model_copy(update={"chat_template": args.chat_template})
+        api_key = args.api_key or os.environ.get("VLLM_LLMD_API_KEY")
+        if api_key:  # as vLLM's --api-key / VLLM_API_KEY
+            cfg = cfg.model_copy(
+                update={"server": cfg.server.model_copy(update={"api_keys": [*cfg.server.api_keys, api_key]})}
+            )
         index = cfg.index.model_copy(update={"block_size": args.block_size}) if args.block_size else cfg.index
         cfg = RouterConfig.model_validate(
             {**cfg.model_dump(), "tokenizer": tok.model_dump(), "index": index.model_dump()}
@@ -62,7 +75,11 @@ def _router(args: argparse.Namespace) -> int:
             )
             return 2
         return run_gateway(cfg, GatewayOptions(args.ext_proc, args.ext_proc_fallbacks, args.watch_streams))
-    return run(cfg)
+    try:
+        return run(cfg)
+    except ConfigError as e:  # found while building (an unusable --chat-template)
+        print(f"vllm-llmd router: {e}", file=sys.stderr)
+        return 2
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
@@ -163,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default=None, help="YAML file with pods and the scheduling profile")
     r.add_argument("--tokenizer", default=None, help="model directory holding tokenizer.json (precise scoring)")
     r.add_argument("--model", action="append", default=[], help="served model name (repeatable)")
+    r.add_argument(
+        "--api-key", default=None, help="require this Bearer key (also VLLM_LLMD_API_KEY); see server.api_keys"
+    )
+    r.add_argument(
+        "--chat-template",
+        default=None,
+        help="chat template file (or the template itself), as vLLM's --chat-template; default: the model's",
+    )
     r.add_argument("--block-size", type=int, default=None, help="router block size in tokens (default 64)")
     r.add_argument("--max-body-bytes", type=int, default=None, help="largest accepted request body")
     r.add_argument("--log-level", default=None, type=str.lower, choices=["debug", "info", "warning", "error"])

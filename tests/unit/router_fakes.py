@@ -37,6 +37,13 @@ class FakeBackend:
     num_gpu_blocks: int | str | None = None
     health_requests: int = 0
     metrics_requests: int = 0
+    #: ``/v1/models`` cards as vLLM's ``OpenAIServingModels.show_available_models`` lists them: the
+    #: served names, then each adapter with ``parent`` = the base model (``(id, parent)`` pairs)
+    served: list[tuple[str, str | None]] = field(default_factory=lambda: [("test-model", None)])
+    #: the text of ``vllm:lora_requests_info`` lines for ``/metrics``
+    lora_metrics: str = ""
+    #: (method, path, content type, body) of calls to endpoints other than the ones above
+    other_calls: list[tuple[str, str, str, bytes]] = field(default_factory=list)
     server: TestServer | None = None
 
     def app(self) -> web.Application:
@@ -46,6 +53,7 @@ class FakeBackend:
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_route("*", "/{tail:.*}", self.other)  # vLLM's other endpoints
         return app
 
     async def start(self) -> FakeBackend:
@@ -72,17 +80,27 @@ class FakeBackend:
         return web.Response(status=200 if self.healthy else 503)
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "test-model", "object": "model"}]})
+        cards = []
+        for mid, parent in self.served:
+            root = f"/adapters/{mid}" if parent else f"/models/{mid}"
+            cards.append({"id": mid, "object": "model", "owned_by": "vllm", "root": root, "parent": parent})
+        return web.json_response({"object": "list", "data": cards})
 
     async def metrics(self, request: web.Request) -> web.Response:
         self.metrics_requests += 1
-        text = 'vllm:num_requests_waiting{engine="0"} 0.0\n'
+        text = 'vllm:num_requests_waiting{engine="0"} 0.0\n' + self.lora_metrics
         if self.num_gpu_blocks is not None:  # the info gauge as vLLM's metrics logger renders it
             text += (
                 f'vllm:cache_config_info{{block_size="64",engine="0",num_gpu_blocks="{self.num_gpu_blocks}",'
                 'enable_prefix_caching="True"} 1.0\n'
             )
         return web.Response(text=text)
+
+    async def other(self, request: web.Request) -> web.Response:
+        """Any other endpoint: records the call (path, content type, body) and answers it in JSON."""
+        raw = await request.read()
+        self.other_calls.append((request.method, request.path, request.content_type, raw))
+        return web.json_response({"object": "echo", "path": request.path, "served_by": self.name})
 
     async def _hang(self) -> None:
         try:

@@ -45,6 +45,8 @@ def test_a_well_formed_batch_with_a_lower_seq_still_means_a_restart() -> None:
     e.seq = 0
     e.send([])  # an empty but well-formed batch from a new engine process
     assert idx.stats().resets == 1 and "a:1" not in idx.match(MODEL, old)
+
+
 # ---- case 7: bounded tiers, cheap clears, bounded lock holds -----------------------------------
 def test_distinct_media_do_not_grow_the_tier_set() -> None:
     """Before: every distinct medium string added a tier for ever, and clears, removals and matches

@@ -165,3 +165,68 @@ async def test_large_prompts_are_tokenized_off_the_event_loop(model_dir: Path) -
     assert ids is not None and len(ids) > 100_000
     assert ticks >= 20, ticks  # the loop went on turning while the worker tokenized
     assert worst < 1.0, worst
+
+
+# ---- issue 14: which chat template, as vLLM 0.32 + transformers resolve it -----------------------
+
+
+def _model_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_chat_template_jinja_is_found(model_dir: Path) -> None:
+    # the test model stores its template as transformers >= 4.47 saves it: chat_template.jinja only
+    import json
+
+    assert (model_dir / "chat_template.jinja").is_file()
+    assert "chat_template" not in json.loads((model_dir / "tokenizer_config.json").read_text())
+    assert PromptTokenizer(model_dir).has_chat_template
+
+
+def test_chat_template_sources_in_vllm_order(model_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    conv = {"messages": [{"role": "user", "content": "hi"}]}
+    # tokenizer_config.json only (the older format), as a string and as named templates
+    old = _model_copy(model_dir, tmp_path / "old")
+    (old / "chat_template.jinja").unlink()
+    cfg = json.loads((old / "tokenizer_config.json").read_text())
+    (old / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": "CFG {{ messages[0].content }}"}))
+    assert PromptTokenizer(old).render_chat(conv) == "CFG hi"
+    hf = transformers.AutoTokenizer.from_pretrained(str(old))
+    assert hf.apply_chat_template(conv["messages"], tokenize=False) == "CFG hi"
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D {{ bos_token }}"}]
+    (old / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": named}))
+    assert PromptTokenizer(old).render_chat(conv) == "D <s>"
+    # both: the .jinja file wins over tokenizer_config.json, as in transformers
+    both = _model_copy(model_dir, tmp_path / "both")
+    (both / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": "CFG"}))
+    (both / "chat_template.jinja").write_text("FILE {{ messages[0].content }}")
+    assert PromptTokenizer(both).render_chat(conv) == "FILE hi"
+    hf = transformers.AutoTokenizer.from_pretrained(str(both))
+    assert hf.apply_chat_template(conv["messages"], tokenize=False) == "FILE hi"
+    # --chat-template: a file, or the template itself, wins over the model's
+    f = tmp_path / "mine.jinja"
+    f.write_text("MINE {{ messages | length }}")
+    assert PromptTokenizer(both, chat_template=str(f)).render_chat(conv) == "MINE 1"
+    assert PromptTokenizer(both, chat_template="LIT {{ 'x' }}").render_chat(conv) == "LIT x"
+
+
+def test_unusable_chat_templates(model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from vllm_llmd.router.chat_template import ChatTemplateError
+    from vllm_llmd.router.config import ConfigError
+
+    # an operator's --chat-template that is neither a file nor a template stops the start
+    with pytest.raises(ChatTemplateError, match="cannot be read") as e:
+        PromptTokenizer(model_dir, chat_template=str(tmp_path / "missing.jinja"))
+    assert isinstance(e.value, ConfigError)
+    # a model whose own template does not compile: chat is scored approximately, the router starts
+    bad = _model_copy(model_dir, tmp_path / "bad")
+    (bad / "chat_template.jinja").write_text("{% for %}")
+    tok = PromptTokenizer(bad)
+    assert not tok.has_chat_template
+    assert "chat template cannot be used" in caplog.text

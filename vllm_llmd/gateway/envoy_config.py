@@ -3,8 +3,9 @@
 One generator for tests, benchmarks and ``examples/envoy/`` (``vllm-llmd envoy-config`` prints it).
 
 * Listener: an HTTP connection manager with the ``ext_proc`` filter, then the router filter. The
-  generation routes (``/v1/completions``, ``/v1/chat/completions``) go through the picker; every other
-  path (``/v1/models``, ``/health``, ...) has ``ext_proc`` disabled per route and is load balanced by
+  routes of every endpoint the router routes by its prompt (completions, chat, embeddings, score,
+  responses, tokenize ...: ``vllm_llmd.router.endpoints``) go through the picker; every other path
+  (``/v1/models``, ``/health``, ...) has ``ext_proc`` disabled per route and is load balanced by
   Envoy alone.
 * ``ext_proc`` processing mode (Envoy ``extensions/filters/http/ext_proc/v3/processing_mode.proto``):
   request headers SEND (the picker holds them until the body is in), request body BUFFERED (Envoy
@@ -40,10 +41,14 @@ from typing import Any, Literal
 
 import yaml
 
+from vllm_llmd.router.endpoints import POST_ENDPOINTS
+
 DESTINATION = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
 LB_NAMESPACE = "envoy.lb"
-GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+#: the routes whose body the picker reads: every endpoint the router routes by its JSON body
+#: (``vllm_llmd.router.endpoints``; multipart audio is load balanced by Envoy alone)
+GENERATION_PATHS = tuple(p for p, e in POST_ENDPOINTS.items() if e.prompt != "raw")
 
 _T = "type.googleapis.com/envoy."
 

@@ -30,15 +30,15 @@ from collections.abc import Mapping
 
 from vllm_llmd.gateway.picker import Pick, Reject
 from vllm_llmd.router.attempt import Attempt
+from vllm_llmd.router.endpoints import POST_ENDPOINTS, Endpoint
 from vllm_llmd.router.errors import HTTPError
 from vllm_llmd.router.pool import Pod
 from vllm_llmd.router.proxy import RouterApp
-from vllm_llmd.router.request import CHAT, COMPLETIONS, Endpoint
 from vllm_llmd.router.scheduling import SchedRequest
 
 log = logging.getLogger(__name__)
 
-_GENERATION: dict[str, Endpoint] = {COMPLETIONS.path: COMPLETIONS, CHAT.path: CHAT}
+_GENERATION: dict[str, Endpoint] = {p: e for p, e in POST_ENDPOINTS.items() if e.prompt != "raw"}
 
 
 class _Attempt:
@@ -106,9 +106,7 @@ class RouterAppPicker:
             creq = app.parser.build(  # 1.
                 endpoint, body, headers.get(self.session_header), headers.get(self.traffic_class_header)
             )
-            decode, _prefill = app.candidate_pods()
-            req = await app.prompts.build(creq, len(body))  # 2.
-            decision = app.schedule(req, decode)  # 3.
+            _decode, _prefill, req, decision = await app.decide(creq, len(body))  # 2., 3. (and model pools)
             m.decision_seconds.observe(time.perf_counter() - t0)
         except HTTPError as e:
             m.requests.labels(path, str(e.status)).inc()

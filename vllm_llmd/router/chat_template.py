@@ -6,13 +6,85 @@ vLLM renders ``tokenizer_config.json``'s ``chat_template`` with transformers'
 ``raise_exception`` and ``strftime_now``; the special tokens of the tokenizer are passed as
 variables), with ``add_generation_prompt=True`` by default. Content given as a list of parts is
 joined with ``"\\n"`` (``vllm/renderers/chat_utils.py``).
+
+Which template: :func:`resolve_chat_template` follows vLLM 0.32's ``resolve_chat_template``
+(``vllm/renderers/hf.py``): the server's ``--chat-template`` first (a file, else the literal
+template: ``vllm/renderers/chat_utils.py``, ``_load_chat_template``), then the tokenizer's own as
+transformers loads it (``PreTrainedTokenizerBase.from_pretrained`` in
+``transformers/tokenization_utils_base.py``): ``chat_template.jinja`` and
+``additional_chat_templates/*.jinja`` in the model directory take priority over
+``tokenizer_config.json``'s ``chat_template`` (a string, or named templates of which ``default``
+is used).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+
+from vllm_llmd.router.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: transformers' file names (``transformers/utils/hub.py``: CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+
+class ChatTemplateError(ConfigError):
+    """A ``--chat-template`` that is neither a readable file nor a template."""
+
+
+def load_template_arg(value: str) -> str:
+    """``--chat-template``: a file's text, or the value itself when it looks like a template
+    (vLLM's ``_load_chat_template``: a value without ``{``, ``}`` or a newline must be a file)."""
+    try:
+        return Path(value).read_text()
+    except OSError as e:
+        if not any(c in value for c in "{}\n"):
+            raise ChatTemplateError(f"chat template {value!r} looks like a file path but cannot be read: {e}") from e
+        return value
+
+
+def tokenizer_chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> str | None:
+    """The model directory's default chat template as transformers loads it, or ``None``."""
+    templates: dict[str, str] = {}
+    f = model_dir / CHAT_TEMPLATE_FILE
+    if f.is_file():
+        templates["default"] = f.read_text(encoding="utf-8")
+    d = model_dir / CHAT_TEMPLATE_DIR
+    if d.is_dir():
+        for t in sorted(d.glob("*.jinja")):
+            templates[t.name.removesuffix(".jinja")] = t.read_text(encoding="utf-8")
+    if templates:  # the files win over tokenizer_config.json
+        return templates.get("default")
+    tmpl = tokenizer_config.get("chat_template")
+    if isinstance(tmpl, list):  # named templates: vLLM asks for none, so "default"
+        tmpl = next((t.get("template") for t in tmpl if isinstance(t, dict) and t.get("name") == "default"), None)
+    return tmpl if isinstance(tmpl, str) else None
+
+
+def resolve_chat_template(
+    model_dir: Path, tokenizer_config: dict[str, Any], override: str | None = None
+) -> ChatTemplate | None:
+    """The template chat requests are rendered with (``override``: the ``--chat-template`` value)."""
+    if override is not None:
+        source: str | None = load_template_arg(override)
+    else:
+        source = tokenizer_chat_template(model_dir, tokenizer_config)
+    if source is None:
+        return None
+    special: dict[str, str] = {}
+    for k in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        v = tokenizer_config.get(k)
+        if isinstance(v, dict):
+            v = v.get("content")
+        if isinstance(v, str):
+            special[k] = v
+    return ChatTemplate(source, special)
 
 
 def content_text(content: Any) -> str:

@@ -5,6 +5,7 @@ Every model forbids unknown keys, so a typo is an error that names the key.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -18,6 +19,8 @@ from vllm_llmd.pd import SelectiveParams
 
 #: the P/D deciders' defaults have one owner: vllm_llmd.pd.SelectiveParams
 _PD_DEFAULTS = SelectiveParams()
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -49,6 +52,8 @@ class PodConfig(_Strict):
     capacity_blocks: int | None = Field(default=None, gt=0, le=1 << 40)
     #: accelerator kind (``gpu``, ``npu``, ``h100``, ...): a label the ``accelerator`` filter reads
     accelerator: str | None = Field(default=None, pattern=ACCELERATOR_PATTERN)
+    #: the models and LoRA adapters the pod serves; ``None``: read from its ``/v1/models``
+    models: list[str] | None = None
 
     @field_validator("url")
     @classmethod
@@ -109,10 +114,15 @@ class PoolConfig(_Strict):
     #: (``estimated-ttft``, ``precise-prefix-cache``), each pod's ``/metrics`` is read this often
     #: (with its health check) to learn its load-back speeds (vllm_llmd.router.tier_prices)
     tier_prices_interval_s: float = Field(default=5.0, gt=0)
+    #: how often each healthy pod's ``/v1/models`` (models and LoRA adapters) is read again
+    models_interval_s: float = Field(default=10.0, gt=0)
 
 
 class TokenizerConfig(_Strict):
     path: str | None = None
+    #: chat template for chat requests, as vLLM's ``--chat-template``: a file, or the template itself;
+    #: default: the model directory's (``chat_template.jinja``, else ``tokenizer_config.json``)
+    chat_template: str | None = None
     #: prompt-prefix tokenization cache budget in bytes (0 disables)
     prefix_cache_bytes: int = Field(default=64 << 20, ge=0)
     prefix_cache_chunk_chars: int = Field(default=256, ge=128)
@@ -249,12 +259,41 @@ class ServerConfig(_Strict):
     #: request bodies held at once, in bytes (a body counts its Content-Length, or max_body_bytes when
     #: that is unknown or compressed); beyond it new requests get 503
     max_body_bytes_in_flight: int = Field(default=512 << 20, ge=1024)
+    #: one line per request on the ``vllm_llmd.router.access`` logger (``vllm_llmd.router.observe``)
+    access_log: Literal["off", "text", "json"] = "off"
+    #: accepted ``Authorization: Bearer`` keys (empty: no key needed; ``vllm_llmd.router.auth``)
+    api_keys: list[str] = Field(default_factory=list)
+    #: PEM certificate chain and key: the listener speaks HTTPS
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("server.tls_cert and server.tls_key go together")
+        if any(not k for k in self.api_keys):
+            raise ValueError("server.api_keys: an empty key would accept a missing one")
+        return self
+
+
+class AdmissionConfig(_Strict):
+    """Admission control (``vllm_llmd.router.admission``): off unless ``max_requests_per_pod`` is set."""
+
+    #: router requests in flight on a pod at which it counts as saturated (``None``: no admission control)
+    max_requests_per_pod: int | None = Field(default=None, ge=1)
+    #: requests waiting for a slot when every pod is saturated; beyond it 429 at once
+    queue_size: int = Field(default=256, ge=0)
+    #: longest wait in the queue, then 429
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    #: the 429's ``Retry-After`` (seconds)
+    retry_after_s: int = Field(default=1, ge=1)
 
 
 class RouterConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    #: served model name(s); requests naming another model get 404
+    #: served model name(s), besides those the pods report on ``/v1/models``; a request naming a
+    #: model neither lists gets 404 (``vllm_llmd.router.models``)
     models: list[str] = Field(default_factory=list)
     pods: list[PodConfig] = Field(default_factory=list)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
@@ -263,6 +302,7 @@ class RouterConfig(_Strict):
     index: IndexConfig = Field(default_factory=IndexConfig)
     pd: PDConfig = Field(default_factory=PDConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     #: Kubernetes pod discovery; discovered pods are added to ``pods``
     discovery: DiscoveryConfig | None = None
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
@@ -310,6 +350,15 @@ def load_config(path: str | Path) -> RouterConfig:
         raise ConfigError(f"{p}: cannot read: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    from vllm_llmd.router.llmd_config import is_endpoint_picker_config, translate
+
+    if is_endpoint_picker_config(data):  # an llm-d EPP configuration: what maps, and what does not
+        try:
+            data, notes = translate(data, str(p))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
+        for note in notes:
+            log.warning("%s", note)
     return parse_config(data, str(p))
 
 

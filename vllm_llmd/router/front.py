@@ -268,9 +268,11 @@ class RunningServer:
         await self.runner.cleanup()
 
 
-async def start_server(runner: web.AppRunner, host: str, port: int, backlog: int = 1024) -> RunningServer:
+async def start_server(
+    runner: web.AppRunner, host: str, port: int, backlog: int = 1024, ssl_context: Any = None
+) -> RunningServer:
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=True)
+    site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=True, ssl_context=ssl_context)
     await site.start()
     bound = next((a[1] for a in runner.addresses if isinstance(a, tuple)), port)
     return RunningServer(runner, bound)

@@ -3,6 +3,7 @@ any scrape): uncached prompt tokens still to prefill, decode tokens still to gen
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -27,6 +28,8 @@ class Ticket:
 class InflightTracker:
     def __init__(self) -> None:
         self._load: dict[str, PodLoad] = {}
+        #: called when a request ends on a pod (admission control wakes a waiting request)
+        self.on_done: Callable[[], None] | None = None
 
     def load(self, pod: str) -> PodLoad:
         ld = self._load.get(pod)
@@ -55,3 +58,5 @@ class InflightTracker:
         ld = self.load(t.pod)
         ld.requests -= 1
         ld.decode_tokens -= t.decode_tokens
+        if self.on_done is not None:
+            self.on_done()

@@ -1,8 +1,21 @@
-"""The router's own Prometheus metrics (a private registry, served on ``/metrics``)."""
+"""The router's own Prometheus metrics (a private registry, served on ``/metrics``).
+
+No ``*_created`` series: prometheus_client adds one per counter and histogram child by default,
+doubling the series for nothing a dashboard reads (issue 14); they are switched off process-wide
+(``disable_created_metrics``). The per-request histograms are :mod:`.observe`'s; the KV event
+subscriber's counters are read from its own statistics at scrape time (:class:`SubscriberCollector`).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+disable_created_metrics()
 
 
 class RouterMetrics:
@@ -82,3 +95,44 @@ class RouterMetrics:
         self.tokenizer_cache_hits = Gauge(
             "llmd_router_tokenizer_prefix_cache_hits", "Prompts tokenized from a cached prefix", registry=r
         )
+
+
+class SubscriberCollector(Collector):
+    """The KV event subscriber's per-pod statistics (``vllm_llmd.index.subscriber.PodStats``) at
+    scrape time: batches, reconnects, replays, replayed batches, restarts, errors, connection and
+    lag (receive time minus the batch's engine timestamp, last batch)."""
+
+    _COUNTERS = (
+        ("batches", "KV event batches received live"),
+        ("reconnects", "Reconnections to the pod's KV event publisher after the first connection"),
+        ("replays", "Replay requests sent to the pod's replay endpoint (gaps, restarts, start-up)"),
+        ("replayed_batches", "KV event batches received by replay"),
+        ("restarts", "Publisher restarts detected (sequence numbers starting over)"),
+        ("errors", "Malformed KV event frames and failed replays"),
+    )
+
+    def __init__(self, subscriber: Any) -> None:
+        self.subscriber = subscriber
+
+    def collect(self) -> Iterator[Any]:
+        stats = self.subscriber.stats()
+        for attr, doc in self._COUNTERS:
+            c = CounterMetricFamily(f"llmd_router_kv_events_{attr}", doc, labels=["pod"])
+            for pod, st in stats.items():
+                c.add_metric([pod], float(getattr(st, attr)))
+            yield c
+        lag = GaugeMetricFamily(
+            "llmd_router_kv_events_lag_seconds", "Receive time minus engine timestamp, last batch", labels=["pod"]
+        )
+        up = GaugeMetricFamily(
+            "llmd_router_kv_events_connected", "1 while connected to the pod's publisher", labels=["pod"]
+        )
+        for pod, st in stats.items():
+            if st.lag_s is not None:
+                lag.add_metric([pod], st.lag_s)
+            up.add_metric([pod], 1.0 if st.connected else 0.0)
+        yield lag
+        yield up
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())

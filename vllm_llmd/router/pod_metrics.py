@@ -33,10 +33,26 @@ PREFILL_SECONDS = "vllm:request_prefill_time_seconds_sum"
 #: load-back speed per tier (``LLMDConnector`` tiers, ``vllm_llmd.wire.tier_metrics``), by ``tier`` label
 TIER_TOKENS = TIER_LOADED_TOKENS + "_total"
 TIER_SECONDS = TIER_LOAD_SECONDS + "_sum"
+#: with ``--enable-lora``: one line per label set ever seen, its value the time it was last set
+#: (``vllm/v1/metrics/loggers.py``, ``gauge_lora_info...set_to_current_time()``): the newest counts
+LORA_INFO = "vllm:lora_requests_info"
 
-_NAMES = (WAITING, RUNNING, KV_USAGE, PREFIX_HITS, PREFIX_QUERIES, CACHE_CONFIG, PREFILL_TOKENS, PREFILL_SECONDS)
+_NAMES = (
+    WAITING,
+    RUNNING,
+    KV_USAGE,
+    PREFIX_HITS,
+    PREFIX_QUERIES,
+    CACHE_CONFIG,
+    PREFILL_TOKENS,
+    PREFILL_SECONDS,
+    LORA_INFO,
+)
 _TIER_NAMES = (TIER_TOKENS, TIER_SECONDS)
 _TIER_LABEL = re.compile(r'[{,]tier="([a-z]{1,16})"')
+_LORA_LABEL = re.compile(r'(running_lora_adapters|waiting_lora_adapters|max_lora)="([^"]*)"')
+#: adapters taken from one label (a pod listing more is cut there)
+MAX_LORA_NAMES = 1024
 _NUM_BLOCKS = re.compile(r'num_gpu_blocks="(\d+)"')
 _BLOCK_SIZE = re.compile(r'block_size="(\d+)"')
 #: largest block count / block size taken from a pod (2**40 blocks is far beyond any KV cache)
@@ -77,6 +93,10 @@ class PodMetrics:
     #: per ``tier`` label: tokens loaded back, and the load jobs' seconds
     tier_tokens: dict[str, float] = field(default_factory=dict)
     tier_seconds: dict[str, float] = field(default_factory=dict)
+    #: LoRA adapters in running / waiting requests, and the pod's ``--max-loras`` (``None``: no LoRA)
+    lora_running: frozenset[str] = frozenset()
+    lora_waiting: frozenset[str] = frozenset()
+    max_lora: int | None = None
     #: ``time.monotonic()`` of the last successful scrape; 0: never
     updated: float = 0.0
 
@@ -88,6 +108,7 @@ def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
     vals: dict[str, float] = {}
     m = PodMetrics()
     tiers: dict[str, dict[str, float]] = {TIER_TOKENS: m.tier_tokens, TIER_SECONDS: m.tier_seconds}
+    lora_at = -1.0
     for line in text.splitlines():
         vllm = line.startswith("vllm:")
         if not vllm and not line.startswith("llmd:kv_tier_"):
@@ -119,6 +140,11 @@ def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
         if not (math.isfinite(v) and v >= 0):
             _reject(name, raw)
             continue
+        if name == LORA_INFO:
+            if v > lora_at:
+                lora_at = v
+                _lora(m, line[:sp])
+            continue
         vals[name] = vals.get(name, 0.0) + v
     m.waiting = vals.get(WAITING, 0.0)
     m.running = vals.get(RUNNING, 0.0)
@@ -147,3 +173,15 @@ def _tier_value(into: dict[str, float], name: str, line: str, sp: int, name_end:
     tier = t.group(1)
     if tier in into or len(into) < 8:
         into[tier] = into.get(tier, 0.0) + v
+
+
+def _lora(m: PodMetrics, labels: str) -> None:
+    for key, value in _LORA_LABEL.findall(labels):
+        if key == "max_lora":
+            m.max_lora = int(value) if value.isdigit() and len(value) <= 6 else None
+            continue
+        names = frozenset(n for n in value.split(",")[:MAX_LORA_NAMES] if n)
+        if key == "running_lora_adapters":
+            m.lora_running = names
+        else:
+            m.lora_waiting = names

@@ -5,6 +5,9 @@ Active checks and outlier detection are independent, as in Envoy: a passing heal
 ends an ejection nor resets the failures that led to one (issue 9: a pod answering 500 while its
 ``/health`` said OK was let back in a second after each ejection).
 
+Each healthy pod's model list (``/v1/models``) is read with its health checks, every
+``models_interval_s`` (:mod:`.models`).
+
 A discovery source (flags, YAML, later Kubernetes) calls :meth:`PodPool.set_pods` with the full
 list whenever it changes; pods keep their state across updates.
 """
@@ -22,6 +25,7 @@ import aiohttp
 
 from vllm_llmd.router.config import PodConfig, PoolConfig
 from vllm_llmd.router.inflight import InflightTracker, PodLoad
+from vllm_llmd.router.models import ServedModels, fetch_models
 from vllm_llmd.router.pod_metrics import PodMetrics, parse_metrics
 from vllm_llmd.router.tier_prices import TierPriceLearner
 
@@ -53,6 +57,8 @@ class Pod:
     tier_prices: TierPriceLearner = field(default_factory=TierPriceLearner)
     #: ``time.monotonic()`` after which the health check reads ``/metrics`` for the tier prices
     tier_prices_due: float = 0.0
+    #: the models and adapters it reported on ``/v1/models`` (``None``: not read yet; :mod:`.models`)
+    served: ServedModels | None = None
 
     def __post_init__(self) -> None:
         self.id = self.config.pod_id
@@ -211,6 +217,15 @@ class PodPool:
                 # the tier prices (vllm_llmd.router.tier_prices) follow the pod's load-back speeds
                 pod.tier_prices_due = time.monotonic() + self.cfg.tier_prices_interval_s
                 await self.scrape(pod)
+            if pod.config.models is None and (
+                pod.served is None or time.monotonic() - pod.served.read_at >= self.cfg.models_interval_s
+            ):
+                assert self._session is not None
+                served = await fetch_models(self._session, pod.url, self.cfg.health_timeout_s)
+                if served is not None:
+                    if pod.served is None or served.ids != pod.served.ids:
+                        log.info("pod %s serves %s", pod.id, ", ".join(sorted(served.ids)) or "no model")
+                    pod.served = served
         else:
             pod.health_failures += 1
             if pod.healthy and pod.health_failures >= self.cfg.failure_threshold:
@@ -218,6 +233,7 @@ class PodPool:
                 pod.healthy = False
                 pod.capacity_read = False  # it may come back as a different engine
                 self._lost(pod.id)
+                pod.served = None
         return ok
 
     async def check_all(self) -> None:

@@ -78,10 +78,10 @@ class PromptStage:
     def _prompt(self, req: ClientRequest) -> SchedRequest:
         ids: Sequence[int] | None = None
         text = ""
-        if req.endpoint.chat:
+        if req.messages is not None:
             ids = self._chat_ids(req)
             if ids is None:
-                text = conversation_text(req.payload["messages"])
+                text = conversation_text(req.messages)
         elif req.prompt_ids is not None:
             ids = checked_ids(req.prompt_ids)
         else:
@@ -97,7 +97,7 @@ class PromptStage:
             out = self._keyed(req, head, "")
             out.prompt_tokens = len(req.prompt_ids)
             return out
-        text = conversation_text(req.payload["messages"]) if req.endpoint.chat else req.prompt_text or ""
+        text = conversation_text(req.messages) if req.messages is not None else req.prompt_text or ""
         return self._keyed(req, None, text)
 
     def _keyed(self, req: ClientRequest, ids: Sequence[int] | None, text: str) -> SchedRequest:
@@ -109,7 +109,15 @@ class PromptStage:
             keys = text_block_keys(req.model, text, bs, cap, salt)
             n = max(1, len(text) // CHARS_PER_TOKEN)
         return SchedRequest(
-            req.model, ids, text, n, req.max_tokens, keys, session_id=req.session_id, traffic_class=req.traffic_class
+            req.model,
+            ids,
+            text,
+            n,
+            req.max_tokens,
+            keys,
+            session_id=req.session_id,
+            traffic_class=req.traffic_class,
+            lora=req.lora,
         )
 
     def _chat_ids(self, req: ClientRequest) -> Sequence[int] | None:
@@ -117,7 +125,12 @@ class PromptStage:
         if tok is None or not tok.has_chat_template:
             return None
         try:
-            return tok.encode_chat_ids(req.payload)
+            body = (
+                req.payload
+                if req.payload.get("messages") is req.messages
+                else {**req.payload, "messages": req.messages}
+            )
+            return tok.encode_chat_ids(body)
         except Exception as e:  # a template error is the engine's to report; route approximately
             log.debug("chat template failed: %s", e)
             if not self._template_failure_logged:

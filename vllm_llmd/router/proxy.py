@@ -3,6 +3,8 @@
 A generation request goes through one module per stage, each with typed input and output:
 
 1. :mod:`.request` -- the HTTP request -> a validated :class:`~.request.ClientRequest`;
+   :mod:`.models` -- the available pods serving its model (or adapter) -> the candidates;
+   :mod:`.admission` -- when every candidate is saturated, a bounded wait for a slot, or 429;
 2. :mod:`.prompt` -- its tokens and block keys -> a :class:`~.scheduling.SchedRequest`;
 3. :mod:`.scheduling` -- prefix view, filters, scorers, picker -> a :class:`~.scheduling.Decision`;
 4. :mod:`.pd_legs` -- the P/D decider's choice and the prefill leg -> the decode body, or colocated;
@@ -22,8 +24,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from vllm_llmd.router.admission import Admission
+from vllm_llmd.router.auth import key_middleware
 from vllm_llmd.router.candidates import CandidateViews
 from vllm_llmd.router.config import RouterConfig
+from vllm_llmd.router.endpoints import GET_ENDPOINTS, POST_ENDPOINTS
 from vllm_llmd.router.errors import HTTPError, error_response, json_errors
 from vllm_llmd.router.front import (
     BodyBudget,
@@ -34,11 +39,13 @@ from vllm_llmd.router.front import (
     make_runner,
     raise_fd_limit,
 )
-from vllm_llmd.router.metrics import RouterMetrics
+from vllm_llmd.router.metrics import RouterMetrics, SubscriberCollector
+from vllm_llmd.router.models import ModelCatalog
+from vllm_llmd.router.observe import RequestObserver, RequestRecord, request_id
 from vllm_llmd.router.pd_legs import PrefillLeg
 from vllm_llmd.router.pool import PodPool
 from vllm_llmd.router.prompt import PromptStage
-from vllm_llmd.router.request import CHAT, COMPLETIONS, ClientRequest, Endpoint, RequestParser
+from vllm_llmd.router.request import ClientRequest, Endpoint, RequestParser
 from vllm_llmd.router.scheduling import Candidate, Decider, Decision, NoCandidate, SchedRequest, Scheduler
 from vllm_llmd.router.scheduling.scorers import TTFTCosts
 from vllm_llmd.router.tokenize import PromptTokenizer, TokenizerPool
@@ -48,6 +55,7 @@ log = logging.getLogger(__name__)
 
 #: a pod's model list is small; a larger answer is not relayed
 MAX_MODELS_BYTES = 1 << 20
+Routed = tuple[list[Candidate], list[Candidate], SchedRequest, Decision]
 
 
 class RouterApp:
@@ -76,6 +84,8 @@ class RouterApp:
         self.index = index
         self.subscriber = subscriber
         self.discovery: Any | None = None
+        if subscriber is not None:
+            metrics.registry.register(SubscriberCollector(subscriber))
         self.guard = ConnectionGuard(
             cfg.server.max_connections or default_max_connections(raise_fd_limit()),
             on_close=lambda reason: metrics.client_connections_closed.labels(reason).inc(),
@@ -86,18 +96,27 @@ class RouterApp:
         # the stages, in the order a request meets them
         self.parser = RequestParser(cfg, self.guard, self.bodies)
         self.prompts = PromptStage(tokenizer, self.tokenizer_pool, cfg.index.block_size, cfg.index.max_prompt_blocks)
+        self.catalog = ModelCatalog(cfg.models)
         speeds = scheduler.ctx.speeds
         self.candidates = CandidateViews(cfg.index.block_size, speeds)
         if speeds is not None:  # what was learned of a pod is dropped when it goes or turns unhealthy
             pool.on_pod_lost.append(speeds.forget)
             pool.on_pods_set.append(lambda pods: speeds.set_pods({p.id: p.prefill_speed for p in pods}))
             speeds.set_pods({p.id: p.prefill_speed for p in pool.pods})
-        self.upstream = Upstream(cfg.pool, pool, metrics)
+        self.admission = Admission(cfg.admission)
+        self.inflight.on_done = self.admission.released
+        self.observer = RequestObserver(metrics.registry, cfg.server.access_log)
+        self.upstream = Upstream(cfg.pool, pool, metrics, self.observer)
         self.prefill_leg = PrefillLeg(cfg.pool, pool, self.upstream, self.prefill_scheduler)
-        middlewares = [json_errors, self.guard.middleware, self.bodies.middleware]
+        middlewares = [json_errors, self.guard.middleware]
+        if cfg.server.api_keys:  # before the body budget: a request without a key is not read
+            middlewares.append(key_middleware(cfg.server.api_keys))
+        middlewares.append(self.bodies.middleware)
         self.app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=middlewares)
-        self.app.router.add_post(COMPLETIONS.path, self.handle_completions, expect_handler=expect_handler)
-        self.app.router.add_post(CHAT.path, self.handle_chat, expect_handler=expect_handler)
+        for ep in POST_ENDPOINTS.values():  # every OpenAI / vLLM endpoint (vllm_llmd.router.endpoints)
+            self.app.router.add_post(ep.path, self._handler(ep), expect_handler=expect_handler)
+        for path in GET_ENDPOINTS:
+            self.app.router.add_get(path, self.handle_get)
         self.app.router.add_get("/v1/models", self.handle_models)
         self.app.router.add_get("/health", self.handle_health)
         self.app.router.add_get("/metrics", self.handle_metrics)
@@ -125,26 +144,43 @@ class RouterApp:
         self.tokenizer_pool.close()
 
     # ---- the request path --------------------------------------------------------------------
-    async def handle_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, COMPLETIONS)
+    def _handler(self, endpoint: Endpoint) -> Any:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._generate(request, endpoint)
 
-    async def handle_chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, CHAT)
+        return handle
 
     async def _generate(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        rec = RequestRecord(request_id(request.headers), request.method, endpoint.path, request.remote or "", 0.0)
+        rec.t0 = time.perf_counter()
+        try:
+            resp = await self._route(request, endpoint, rec)
+            rec.status = resp.status
+            return resp
+        except HTTPError as e:
+            rec.status = e.status
+            raise
+        except asyncio.CancelledError:
+            rec.status = 499  # the client left (nginx's code for it)
+            raise
+        finally:
+            self.observer.finish(rec)
+
+    async def _route(self, request: web.Request, endpoint: Endpoint, rec: RequestRecord) -> web.StreamResponse:
         m = self.metrics
         try:
             creq = await self.parser.parse(request, endpoint)  # 1. parse and validate
             t0 = time.perf_counter()
-            decode, prefill = self.candidate_pods()
-            req = await self.prompts.build(creq, len(creq.body))  # 2. tokens and block keys
-            decision = self.schedule(req, decode)  # 3. prefix view -> ranked pods
+            decode, prefill, req, decision = await self.decide(creq, len(creq.body))  # 2. and 3.
             m.decision_seconds.observe(time.perf_counter() - t0)
         except HTTPError as e:
             m.requests.labels(endpoint.path, str(e.status)).inc()
             raise
+        rec.model, rec.prompt_tokens = creq.model, req.prompt_tokens
         self.observe_decision(decision, req)
-        body, prefill_pod = await self._disaggregate(request, creq, req, decision, decode, prefill)  # 4. P/D
+        body, prefill_pod = creq.body, None
+        if endpoint.pd:
+            body, prefill_pod = await self._disaggregate(request, creq, req, decision, decode, prefill)  # 4. P/D
         return await self.upstream.forward(  # 5. forward and relay
             request,
             endpoint.path,
@@ -154,11 +190,27 @@ class RouterApp:
             self.scheduler,
             remote_kv=prefill_pod is not None,
             prefill_pod=prefill_pod,
+            content_type=request.headers.get("Content-Type", "") if endpoint.prompt == "raw" else None,
+            rec=rec,
         )
 
-    def candidate_pods(self) -> tuple[list[Candidate], list[Candidate]]:
-        """The available pods as candidates: (decode or both, prefill)."""
-        cands = self.candidates.of(self.pool.available())
+    async def decide(self, creq: ClientRequest, body_size: int) -> Routed:
+        """Stages 2 and 3 (also gateway mode's): the pods serving the request's model, its tokens and
+        block keys, the scheduler's decision -> (decode candidates, prefill candidates, request, decision)."""
+        decode, prefill = self.candidate_pods(creq)
+        if self.cfg.admission.max_requests_per_pod is not None:  # every pod saturated: wait or 429
+            await self.admission.admit(decode)
+            decode, prefill = self.candidate_pods(creq)
+        req = await self.prompts.build(creq, body_size)  # 2. tokens and block keys
+        return decode, prefill, req, self.schedule(req, decode)  # 3. prefix view -> ranked pods
+
+    def candidate_pods(self, creq: ClientRequest) -> tuple[list[Candidate], list[Candidate]]:
+        """The available pods serving the request's model (or LoRA adapter) as candidates: (decode
+        or both, prefill). Marks ``creq.lora`` when the model is an adapter on those pods."""
+        pods = self.catalog.select(creq.model, self.pool.available(), self.pool.pods)
+        if self.catalog.is_adapter(pods, creq.model):
+            creq.lora = creq.model
+        cands = self.candidates.of(pods)
         decode = [c for c in cands if c.role != "prefill"]
         if not decode:
             raise HTTPError(503, "no healthy pod", headers={"Retry-After": str(self.pool.retry_after_s())})
@@ -261,7 +313,29 @@ class RouterApp:
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
+    async def handle_get(self, request: web.Request) -> web.StreamResponse:
+        """A GET endpoint any healthy pod answers (``/version``)."""
+        session = self.upstream.session
+        assert session is not None
+        for pod in self.pool.available():
+            try:
+                async with (
+                    asyncio.timeout(self.cfg.pool.health_timeout_s),
+                    session.get(pod.url + request.path, headers=request_headers(request, body=False)) as r,
+                ):
+                    data, complete = await read_capped(r, MAX_MODELS_BYTES)
+                    if r.status < 500 and complete:
+                        return web.Response(status=r.status, body=data, content_type=r.content_type)
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+                self.pool.report_failure(pod, f"GET {request.path} failed: {type(e).__name__}")
+        return error_response(503, "no pod available", headers={"Retry-After": str(self.pool.retry_after_s())})
+
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
+        """The union of the models and adapters the pods serve (:mod:`.models`); before any pod's
+        list is known, the first available pod's own answer."""
+        cards = self.catalog.listing(self.pool.pods)
+        if cards is not None:
+            return web.json_response({"object": "list", "data": cards})
         session = self.upstream.session
         assert session is not None
         for pod in self.pool.available():
@@ -275,10 +349,4 @@ class RouterApp:
                         return web.Response(body=data, content_type="application/json")
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 self.pool.report_failure(pod, f"GET /v1/models failed: {type(e).__name__}")
-        if self.cfg.models:
-            created = int(time.time())
-            data_list = [
-                {"id": m, "object": "model", "created": created, "owned_by": "vllm-llmd"} for m in self.cfg.models
-            ]
-            return web.json_response({"object": "list", "data": data_list})
         return error_response(503, "no pod available", headers={"Retry-After": str(self.pool.retry_after_s())})

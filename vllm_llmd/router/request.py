@@ -1,6 +1,6 @@
 """Stage 1 of the request path: the client's HTTP request -> a validated :class:`ClientRequest`.
 
-Reads the body within the front's limits, decodes the JSON, checks the model and the few fields
+Reads the body within the front's limits, decodes the JSON, checks the few fields
 the router itself uses (the prompt or the messages, the output budget), and strips what a client
 must never send: ``kv_transfer_params`` / ``ec_transfer_params`` (top level, ``vllm_xargs``,
 ``extra_body``: every way vLLM 0.32 turns a request field into ``Request.kv_transfer_params``, see
@@ -19,6 +19,7 @@ from aiohttp import web
 
 from vllm_llmd.pd.requests import has_client_kv_params, strip_client_kv_params
 from vllm_llmd.router.config import ACCELERATOR_PATTERN, RouterConfig
+from vllm_llmd.router.endpoints import CHAT, COMPLETIONS, Endpoint  # noqa: F401  (CHAT, COMPLETIONS: re-exported)
 from vllm_llmd.router.errors import HTTPError
 from vllm_llmd.router.front import BodyBudget, ConnectionGuard, body_received, read_body
 
@@ -34,18 +35,6 @@ MAX_TOKENS_LIMIT = (1 << 31) - 1
 _TRAFFIC_CLASS = re.compile(ACCELERATOR_PATTERN)
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """A generation endpoint the router serves (more can be added: the request shape is per endpoint)."""
-
-    path: str
-    chat: bool
-
-
-COMPLETIONS = Endpoint("/v1/completions", chat=False)
-CHAT = Endpoint("/v1/chat/completions", chat=True)
 
 
 @dataclass(slots=True)
@@ -68,6 +57,15 @@ class ClientRequest:
     cache_salt: str | None = None
     #: the traffic-class header's value, lowercased (the ``accelerator`` filter)
     traffic_class: str | None = None
+    #: the LoRA adapter the request names (its ``model``), set with the candidate pods
+    lora: str | None = None
+    #: the conversation, when the prompt is one (chat, /v1/messages, Responses API items, /tokenize
+    #: with messages): rendered with the chat template
+    messages: list[Any] | None = None
+
+    @property
+    def chat(self) -> bool:
+        return self.messages is not None
 
 
 class RequestParser:
@@ -77,7 +75,6 @@ class RequestParser:
         self.body_timeout_s = cfg.server.body_timeout_s
         self.session_header = cfg.session_header
         self.traffic_class_header = cfg.traffic_class_header
-        self.models = frozenset(cfg.models)
         self.default_model = cfg.models[0] if cfg.models else ""
         self.guard = guard
 
@@ -102,6 +99,8 @@ class RequestParser:
                     "(letters, digits, '.', '_', '-'), got "
                     f"{traffic_class[:64]!r}",
                 )
+        if endpoint.prompt == "raw":  # not JSON (multipart audio): passed as it came
+            return ClientRequest(endpoint, {}, body, self.default_model, 0, session_id, traffic_class=tclass)
         payload = decode_json(body)
         if has_client_kv_params(payload):  # a client never steers a KV transfer
             payload = strip_client_kv_params(payload)
@@ -112,17 +111,23 @@ class RequestParser:
             payload=payload,
             body=body,
             model=self._model(payload),
-            max_tokens=max_tokens(payload, endpoint.chat),
+            max_tokens=max_tokens(payload, endpoint.budget),
             session_id=session_id,
             cache_salt=salt if isinstance(salt, str) else None,
             traffic_class=tclass,
         )
-        if endpoint.chat:
+        kind = endpoint.prompt
+        if kind == "messages" or (endpoint.messages_too and "messages" in payload):
             messages = payload.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise HTTPError(400, "'messages' must be a non-empty list")
-        else:
+            out.messages = messages
+        elif kind == "prompt":
             out.prompt_text, out.prompt_ids = prompt_of(payload)
+        elif kind == "input":
+            out.prompt_text, out.prompt_ids, out.messages = input_of(payload)
+        elif kind == "query":
+            out.prompt_text = query_of(payload)
         return out
 
     def _model(self, payload: dict[str, Any]) -> str:
@@ -131,9 +136,7 @@ class RequestParser:
             return self.default_model
         if not isinstance(model, str):
             raise HTTPError(400, "'model' must be a string")
-        if self.models and model not in self.models:
-            raise HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
-        return model
+        return model  # whether a pod serves it: vllm_llmd.router.models
 
 
 def decode_json(body: bytes) -> dict[str, Any]:
@@ -150,11 +153,14 @@ def decode_json(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def max_tokens(payload: dict[str, Any], chat: bool) -> int:
-    """The request's output budget as vLLM reads it (chat: ``max_completion_tokens`` first); each
-    given value must be an integer in ``[0, MAX_TOKENS_LIMIT]``."""
+def max_tokens(payload: dict[str, Any], keys: tuple[str, ...]) -> int:
+    """The request's output budget as vLLM reads it from the endpoint's ``keys`` (chat:
+    ``max_completion_tokens`` first; none: an endpoint that generates nothing, 0); each given value
+    must be an integer in ``[0, MAX_TOKENS_LIMIT]``."""
+    if not keys:
+        return 0
     found: int | None = None
-    for key in ("max_completion_tokens", "max_tokens") if chat else ("max_tokens", "max_completion_tokens"):
+    for key in keys:
         v = payload.get(key)
         if v is None:
             continue
@@ -175,3 +181,35 @@ def prompt_of(payload: dict[str, Any]) -> tuple[str | None, list[int] | None]:
     if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
         return None, prompt  # each id is checked while it is hashed (vllm_llmd.router.prompt.checked_ids)
     raise HTTPError(400, "'prompt' must be a string, a list of strings or token ids")
+
+
+def input_of(payload: dict[str, Any]) -> tuple[str | None, list[int] | None, list[Any] | None]:
+    """``input`` of embeddings / pooling / classify (text, token ids, or a batch of either: the
+    first routes it) or of the Responses API (text, or items: a conversation after ``instructions``)."""
+    inp = payload.get("input")
+    if isinstance(inp, list) and inp and isinstance(inp[0], dict):  # Responses API items
+        items = [i for i in inp if isinstance(i, dict) and "role" in i]
+        instructions = payload.get("instructions")
+        head = [{"role": "system", "content": instructions}] if isinstance(instructions, str) else []
+        return None, None, [*head, *items] or None
+    if isinstance(inp, list) and inp and isinstance(inp[0], str | list):
+        inp = inp[0]
+    if isinstance(inp, str):
+        return inp, None, None
+    if isinstance(inp, list) and (not inp or isinstance(inp[0], int)):
+        return None, inp, None
+    if inp is None:
+        return "", None, None  # the engine says what is missing
+    raise HTTPError(400, "'input' must be a string, a list of strings or token ids, or input items")
+
+
+def query_of(payload: dict[str, Any]) -> str:
+    """Score / rerank: the query (``query``, ``text_1``, ``queries``, ``data_1``; the first of a list),
+    the head every scored pair starts with."""
+    for key in ("query", "text_1", "queries", "data_1"):
+        v = payload.get(key)
+        if isinstance(v, list) and v:
+            v = v[0]
+        if isinstance(v, str):
+            return v
+    return ""

@@ -53,6 +53,7 @@ def build_router(cfg: RouterConfig) -> RouterApp:
         prefix_cache_bytes=cfg.tokenizer.prefix_cache_bytes,
         chunk_chars=cfg.tokenizer.prefix_cache_chunk_chars,
         max_segment_chars=cfg.tokenizer.max_segment_chars,
+        chat_template=cfg.tokenizer.chat_template,
     )
     index = subscriber = None
     if tokenizer is not None:
@@ -87,9 +88,16 @@ def build_router(cfg: RouterConfig) -> RouterApp:
 
 
 async def serve(router: RouterApp, host: str, port: int, ready: asyncio.Event | None = None) -> None:
-    server = await start_server(router.runner(), host, port)
+    sc = router.cfg.server
+    tls = None
+    if sc.tls_cert is not None and sc.tls_key is not None:
+        from vllm_llmd.router.auth import tls_context
+
+        tls = tls_context(sc.tls_cert, sc.tls_key)
+    server = await start_server(router.runner(), host, port, ssl_context=tls)
     log.info(
-        "router listening on http://%s:%d, pods: %s",
+        "router listening on %s://%s:%d, pods: %s",
+        "https" if tls is not None else "http",
         host,
         server.port,
         ", ".join(p.id for p in router.pool.pods) or "none",

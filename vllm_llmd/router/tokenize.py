@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vllm_llmd.index.keys import chain_keys
-from vllm_llmd.router.chat_template import ChatTemplate
+from vllm_llmd.router.chat_template import ChatTemplate, resolve_chat_template
 from vllm_llmd.router.prefix_cache import TokenPrefixCache
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class PromptTokenizer:
         prefix_cache_bytes: int = 64 << 20,
         chunk_chars: int = 256,
         max_segment_chars: int = 1 << 20,
+        chat_template: str | None = None,
     ) -> None:
         from tokenizers import Tokenizer
 
@@ -94,7 +95,7 @@ class PromptTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise TokenizerUnavailable(f"cannot load {tok_file}: {e}") from e
         self._batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        self._chat = _load_chat_template(d)
+        self._chat = _load_chat_template(d, chat_template)
         self._chunk = chunk_chars
         self.max_segment_chars = max_segment_chars
         self._cache = TokenPrefixCache(prefix_cache_bytes)
@@ -243,7 +244,7 @@ class PromptTokenizer:
         return self.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
 
 
-def _load_chat_template(d: Path) -> ChatTemplate | None:
+def _load_chat_template(d: Path, override: str | None) -> ChatTemplate | None:
     cfg: dict[str, Any] = {}
     cfg_file = d / "tokenizer_config.json"
     if cfg_file.exists():
@@ -251,17 +252,13 @@ def _load_chat_template(d: Path) -> ChatTemplate | None:
             cfg = json.loads(cfg_file.read_text())
         except (OSError, ValueError) as e:
             log.warning("cannot read %s (%s); chat requests will not be tokenized", cfg_file, e)
-    special: dict[str, str] = {}
-    for k in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        v = cfg.get(k)
-        if isinstance(v, dict):
-            v = v.get("content")
-        if isinstance(v, str):
-            special[k] = v
-    tmpl = cfg.get("chat_template")
-    if isinstance(tmpl, list):  # named templates: vLLM uses "default"
-        tmpl = next((t.get("template") for t in tmpl if isinstance(t, dict) and t.get("name") == "default"), None)
-    return ChatTemplate(tmpl, special) if isinstance(tmpl, str) else None
+    if override is not None:  # the operator's choice: an unusable one stops the start (ChatTemplateError)
+        return resolve_chat_template(d, cfg if isinstance(cfg, dict) else {}, override)
+    try:
+        return resolve_chat_template(d, cfg if isinstance(cfg, dict) else {})
+    except Exception as e:  # jinja2's TemplateError, an unreadable file: the model's, not ours
+        log.warning("the model's chat template cannot be used (%s): chat requests are scored approximately", e)
+        return None
 
 
 class TokenizerPool:
@@ -314,6 +311,6 @@ def load_tokenizer(path: str | Path | None, **kw: Any) -> PromptTokenizer | None
         return None
     try:
         return PromptTokenizer(path, **kw)
-    except (TokenizerUnavailable, OSError) as e:
+    except (TokenizerUnavailable, OSError, ImportError) as e:
         log.warning("tokenizer unavailable (%s): precise prefix scoring is off, using the approximate scorer", e)
         return None

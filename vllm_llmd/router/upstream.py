@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from typing import Any
 
 import aiohttp
@@ -28,6 +29,7 @@ from vllm_llmd.router.attempt import Attempt
 from vllm_llmd.router.config import PoolConfig
 from vllm_llmd.router.errors import error_response
 from vllm_llmd.router.metrics import RouterMetrics
+from vllm_llmd.router.observe import REQUEST_ID, RequestObserver, RequestRecord
 from vllm_llmd.router.pool import Pod, PodPool
 from vllm_llmd.router.scheduling import Decision, SchedRequest, Scheduler
 
@@ -70,11 +72,12 @@ def forward_headers(headers: Any, drop: frozenset[str] = HOP_BY_HOP) -> dict[str
     return out
 
 
-def request_headers(request: web.Request, body: bool = True) -> dict[str, str]:
-    """The client's headers as sent on to a pod (with a body: the router's own JSON's content type)."""
+def request_headers(request: web.Request, body: bool = True, content_type: str | None = None) -> dict[str, str]:
+    """The client's headers as sent on to a pod (with a body: the router's own JSON's content type,
+    or ``content_type`` for a body passed as it came, e.g. multipart)."""
     out = forward_headers(request.headers, _REQUEST_DROP)
     if body:
-        out["Content-Type"] = "application/json"
+        out["Content-Type"] = content_type or "application/json"
     return out
 
 
@@ -97,10 +100,13 @@ async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> tuple[bytes, bo
 
 
 class Upstream:
-    def __init__(self, cfg: PoolConfig, pool: PodPool, metrics: RouterMetrics) -> None:
+    def __init__(
+        self, cfg: PoolConfig, pool: PodPool, metrics: RouterMetrics, observer: RequestObserver | None = None
+    ) -> None:
         self.cfg = cfg
         self.pool = pool
         self.metrics = metrics
+        self.observer = observer
         #: per request: connect, then the longest wait for more bytes (a stream's idle gap)
         self.timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.stream_idle_timeout_s
@@ -134,12 +140,19 @@ class Upstream:
         *,
         remote_kv: bool = False,
         prefill_pod: str | None = None,
+        content_type: str | None = None,
+        rec: RequestRecord | None = None,
     ) -> web.StreamResponse:
         """Send to the best pod; until the client has received a byte, a failed pod is replaced by
-        the next one in the ranking."""
+        the next one in the ranking. ``rec``: the request's record (its id goes to the pod; the pod,
+        status and chunk times are filled in, :mod:`.observe`)."""
         assert self.session is not None
         m = self.metrics
-        headers = request_headers(request)
+        headers = request_headers(request, content_type=content_type)
+        if rec is not None:  # one X-Request-Id, the record's (a client's own, if it was usable)
+            for k in [k for k in headers if k.lower() == "x-request-id"]:
+                del headers[k]
+            headers[REQUEST_ID] = rec.request_id
         ranked = decision.ranked[: 1 + self.cfg.max_retries]
         view = req.view
         last_err = ""
@@ -185,7 +198,10 @@ class Upstream:
                         continue
                     attempt.answering(streamed=streamed and upstream.status == 200)
                     out_headers = self._response_headers(upstream, pod, cached, prefill_pod)
-                    return await self._relay(request, path, upstream, data, complete, pod, out_headers, attempt)
+                    if rec is not None:
+                        rec.pod, rec.status = pod.id, upstream.status
+                        out_headers[REQUEST_ID] = rec.request_id
+                    return await self._relay(request, path, upstream, data, complete, pod, out_headers, attempt, rec)
                 except TimeoutError:
                     last_err = f"no answer within {self.cfg.first_byte_timeout_s:g} s"
                     m.upstream_errors.labels(pod.id, "timeout").inc()
@@ -225,6 +241,7 @@ class Upstream:
         pod: Pod,
         headers: dict[str, str],
         attempt: Attempt | None = None,
+        rec: RequestRecord | None = None,
     ) -> web.StreamResponse:
         m = self.metrics
         if upstream.status >= 500:
@@ -239,6 +256,12 @@ class Upstream:
         out = web.StreamResponse(status=upstream.status, headers=headers)
         await out.prepare(request)
         chunk = data
+        obs = self.observer if rec is not None and upstream.content_type == "text/event-stream" else None
+        itl = last = None
+        if obs is not None:
+            assert rec is not None
+            obs.first_chunk(rec)
+            itl, last = obs.itl_for(rec), time.perf_counter()
         while chunk:
             try:
                 await out.write(chunk)
@@ -254,6 +277,10 @@ class Upstream:
                 chunk = await upstream.content.readany()
                 if chunk and attempt is not None:
                     attempt.chunk(chunk)
+                if itl is not None and chunk:
+                    now = time.perf_counter()
+                    itl.observe(now - last)
+                    last = now
             except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
                 # the pod failed mid-stream: the client already has bytes, so it cannot be retried
                 m.upstream_errors.labels(pod.id, "midstream").inc()

@@ -8,7 +8,8 @@ Routes (as ``vllm.entrypoints.openai.api_server`` serves them): ``POST /v1/compl
 
 Prompts are tokenized by the model's ``tokenizer.json`` through
 :class:`vllm_llmd.router.tokenize.PromptTokenizer` (completions: ``add_special_tokens`` defaults to
-true; chat: the template of ``tokenizer_config.json``, then no special tokens), as vLLM does.
+true; chat: the model's template as vLLM resolves it, ``chat_template.jinja`` before
+``tokenizer_config.json``, then no special tokens), as vLLM does.
 Generated tokens are drawn from the vocabulary's ids that decode on their own to non-empty text
 (:class:`Vocabulary`), so the streamed text and ``usage`` agree token for token.
 """

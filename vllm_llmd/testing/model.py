@@ -91,11 +91,12 @@ def _train_tokenizer(out: Path, vocab_size: int, seed: int) -> None:
                 "pad_token": "<pad>",
                 "add_bos_token": False,
                 "model_max_length": 1_000_000,
-                "chat_template": chat_template,
             },
             indent=1,
         )
     )
+    # the chat template in its own file, as transformers >= 4.47 saves it (and loads it first)
+    (out / "chat_template.jinja").write_text(chat_template)
     (out / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"})
     )
@@ -138,7 +139,7 @@ def make_test_model(out_dir: str | Path, shape: ModelShape | str = "tiny", seed:
     if isinstance(shape, str):
         shape = SHAPES[shape]
     out = Path(out_dir)
-    stamp = {"generator": "vllm_llmd.testing.model", "seed": seed, "shape": asdict(shape)}
+    stamp = {"generator": "vllm_llmd.testing.model", "format": 2, "seed": seed, "shape": asdict(shape)}
     stamp_file = out / "llmd_test_model.json"
     if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
         return out

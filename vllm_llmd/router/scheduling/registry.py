@@ -61,6 +61,11 @@ def registered(kind: Kind | None = None) -> list[str]:
 
 
 def create(kind: Kind, type_name: str, raw_params: dict[str, Any], ctx: SchedulingContext, where: str) -> Any:
+    if type_name not in _REGISTRY:  # an llm-d name (vllm_llmd.router.scheduling.aliases)
+        from vllm_llmd.router.scheduling.aliases import resolve
+
+        type_name, fixed = resolve(type_name)
+        raw_params = {**(raw_params or {}), **fixed}
     spec = _REGISTRY.get(type_name)
     if spec is None or spec.kind != kind:
         known = ", ".join(registered(kind))
