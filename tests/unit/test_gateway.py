@@ -249,36 +249,3 @@ async def test_an_envoy_mode_the_picker_cannot_speak_fails_closed_with_a_clear_e
         status, _, _ = await post(s, gw.url, {"model": "test-model", "prompt": "x"})
         assert status == 500 and gw.backends[0].received == []  # never routed blind
         assert "request_body_mode FULL_DUPLEX_STREAMED: the picker needs BUFFERED" in caplog.text
-
-
-async def test_grpc_health_answers_the_probe_services() -> None:
-    """Kubernetes probes the ext_proc port with gRPC health, service "readiness"
-    (examples/kubernetes/components/gateway/router-ext-proc-patch.yaml): every service the router
-    registers answers SERVING once it serves, an unknown one NOT_FOUND (a probe would fail)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from vllm_llmd.gateway.server import HEALTH_SERVICES, GatewayOptions, serve_gateway
-    from vllm_llmd.router.config import RouterConfig
-    from vllm_llmd.router.server import build_router
-    from vllm_llmd.testing.engine import free_port
-
-    cfg = RouterConfig.model_validate({"models": ["m"], "pods": [{"url": f"http://127.0.0.1:{free_port()}"}]})
-    cfg = cfg.model_copy(update={"port": free_port()})
-    addr = f"127.0.0.1:{free_port()}"
-    ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve_gateway(build_router(cfg), GatewayOptions(ext_proc=addr), ready, stop))
-    try:
-        await asyncio.wait_for(ready.wait(), 30)
-        assert "readiness" in HEALTH_SERVICES
-        async with grpc.aio.insecure_channel(addr) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            for name in HEALTH_SERVICES:
-                r = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
-                assert r.status == health_pb2.HealthCheckResponse.SERVING, name
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                await stub.Check(health_pb2.HealthCheckRequest(service="no-such-service"), timeout=5)
-            assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)

@@ -71,6 +71,9 @@ class PodStats:
     last_seq: int | None = None
     lag_s: float | None = None  # receive time minus the batch's engine timestamp, last batch
     last_batch_at: float | None = None  # time.time() of the last live batch
+    #: the index holds what the engine's replay buffer held at the last (re)connect (without a replay
+    #: endpoint: the stream is connected); stays set across later disconnects
+    synced: bool = False
 
 
 class _PodConn:
@@ -160,6 +163,17 @@ class KVEventSubscriber:
     def stats(self) -> dict[str, PodStats]:
         with self._stats_lock:
             return {pod: PodStats(**vars(c.stats)) for pod, c in self._conns.items()}
+
+    def synced(self, pod: str) -> bool:
+        """Whether ``pod``'s stream has been synced (:attr:`PodStats.synced`); ``False`` if unknown."""
+        with self._stats_lock:
+            conn = self._conns.get(pod)
+            return conn is not None and conn.stats.synced
+
+    @property
+    def alive(self) -> bool:
+        """The subscriber thread runs (``False`` before :meth:`start` and after :meth:`stop` or a crash)."""
+        return self._thread is not None and self._thread.is_alive()
 
     # -------------------------------------------------------------- internals
 
@@ -291,6 +305,8 @@ class KVEventSubscriber:
                     conn.stats.connected = True
                     if conn.ever_connected:
                         conn.stats.reconnects += 1
+                    if conn.stats.replay_endpoint is None:
+                        conn.stats.synced = True
                 conn.ever_connected = True
                 self._sync(conn)
             elif kind == zmq.EVENT_DISCONNECTED:
@@ -371,6 +387,7 @@ class KVEventSubscriber:
         with self._stats_lock:
             conn.stats.replayed_batches += len(got)
             conn.stats.last_seq = self.index.last_seq(conn.pod)
+            conn.stats.synced = True
 
     def _sync(self, conn: _PodConn) -> None:
         """On (re)connect: bring the pod's entries in line with the engine's replay buffer."""
@@ -402,3 +419,4 @@ class KVEventSubscriber:
         with self._stats_lock:
             conn.stats.replayed_batches += len(got)
             conn.stats.last_seq = self.index.last_seq(conn.pod)
+            conn.stats.synced = True

@@ -216,6 +216,9 @@ class ServerConfig(_Strict):
     #: request bodies held at once, in bytes (a body counts its Content-Length, or max_body_bytes when
     #: that is unknown or compressed); beyond it new requests get 503
     max_body_bytes_in_flight: int = Field(default=512 << 20, ge=1024)
+    #: readiness (``/readyz``) waits at most this long after start-up for the available pods' KV
+    #: event streams to sync from their replay endpoints (``vllm_llmd.router.probes``)
+    index_sync_timeout_s: float = Field(default=60.0, ge=0)
 
 
 class RouterConfig(_Strict):
