@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from gateway_harness import gateway
 
+from vllm_llmd.gateway.envoy_config import EnvoyOptions, bootstrap
 from vllm_llmd.gateway.router_picker import RouterAppPicker
 from vllm_llmd.testing.wait import wait_until_async
 
@@ -249,3 +250,34 @@ async def test_an_envoy_mode_the_picker_cannot_speak_fails_closed_with_a_clear_e
         status, _, _ = await post(s, gw.url, {"model": "test-model", "prompt": "x"})
         assert status == 500 and gw.backends[0].received == []  # never routed blind
         assert "request_body_mode FULL_DUPLEX_STREAMED: the picker needs BUFFERED" in caplog.text
+
+
+async def test_fail_open_with_an_original_dst_cluster_answers_503_without_looping(tmp_path, monkeypatch) -> None:
+    """What ``envoy-config`` refuses (``--cluster original-dst --failure-mode-allow``) and why
+    (docs/gateway.md, "Failure modes"): the bootstrap is edited to fail open anyway and the picker
+    fails. Envoy 1.40 answers 503 (no destination: the ORIGINAL_DST cluster has no host for a
+    request without the header) -- the request does not loop back into Envoy's own listener, and
+    reaches no pod. Failing open there is no better than failing closed."""
+
+    async def boom(self, path, headers, body):
+        raise RuntimeError("scheduler bug")
+
+    def fail_open(boot: dict) -> None:
+        hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ext = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+        ext["failure_mode_allow"] = True
+
+    monkeypatch.setattr(RouterAppPicker, "pick", boom)
+    envoy = {"cluster": "original-dst", "retries": 0}
+    async with (
+        gateway(tmp_path, n=1, envoy=envoy, gw={"fallbacks": 0}, edit=fail_open) as gw,
+        aiohttp.ClientSession() as s,
+    ):
+        status, _, _ = await post(s, gw.url, {"model": "test-model", "prompt": "x"})
+        assert status == 503
+        assert gw.backends[0].received == []
+        stats = gw.envoy.stats("http.llmd_gateway.downstream_rq_total")
+        # one downstream request on the listener: nothing came back into it
+        assert stats.get("http.llmd_gateway.downstream_rq_total") == 1, stats
+    with pytest.raises(ValueError, match="answers 503 just as failing closed"):
+        bootstrap(EnvoyOptions(pods=[], picker="127.0.0.1:9002", cluster="original-dst", failure_mode_allow=True))
