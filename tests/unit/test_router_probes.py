@@ -110,6 +110,9 @@ async def test_readiness_waits_for_the_index_to_sync_from_replay(backend: FakeBa
 
             await wait_until_async(ready, 15, "/readyz answers 200 once the replay answered", interval=0.05)
             assert router.subscriber.stats()[backend.pod_id].synced
+            # the rebuild took at least the failed replays before the engine came up
+            sync_s = (await _get(s, base + "/readyz"))[1]["info"]["index_sync_s"]
+            assert sync_s is not None and sync_s >= 0.2
     finally:
         await srv.close()
         live.close(linger=0)
@@ -126,6 +129,9 @@ class _Subscriber:
 
     def synced(self, pod: str) -> bool:
         return pod in self.done
+
+    def sync_seconds(self) -> float | None:
+        return None
 
 
 class _Discovery:

@@ -74,6 +74,8 @@ class PodStats:
     #: the index holds what the engine's replay buffer held at the last (re)connect (without a replay
     #: endpoint: the stream is connected); stays set across later disconnects
     synced: bool = False
+    #: seconds from the pod's subscription to its first sync (the index rebuilt from its replay)
+    sync_s: float | None = None
 
 
 class _PodConn:
@@ -87,6 +89,14 @@ class _PodConn:
         self.sync_due: float | None = None
         #: a gap could not be filled: the next successful sync drops the pod and rebuilds it
         self.rebuild = False
+        self.added_at = time.monotonic()
+
+    def mark_synced(self) -> None:
+        """(Under the stats lock.)"""
+        st = self.stats
+        if not st.synced:
+            st.synced = True
+            st.sync_s = time.monotonic() - self.added_at
 
 
 class KVEventSubscriber:
@@ -169,6 +179,15 @@ class KVEventSubscriber:
         with self._stats_lock:
             conn = self._conns.get(pod)
             return conn is not None and conn.stats.synced
+
+    def sync_seconds(self) -> float | None:
+        """The longest time a pod subscribed now took from its subscription to its first sync (a
+        router's index rebuild time at start-up); ``None`` until every pod has synced once."""
+        with self._stats_lock:
+            times = [c.stats.sync_s for c in self._conns.values()]
+        if not times or any(t is None for t in times):
+            return None
+        return max(t for t in times if t is not None)
 
     @property
     def alive(self) -> bool:
@@ -306,7 +325,7 @@ class KVEventSubscriber:
                     if conn.ever_connected:
                         conn.stats.reconnects += 1
                     if conn.stats.replay_endpoint is None:
-                        conn.stats.synced = True
+                        conn.mark_synced()
                 conn.ever_connected = True
                 self._sync(conn)
             elif kind == zmq.EVENT_DISCONNECTED:
@@ -387,7 +406,7 @@ class KVEventSubscriber:
         with self._stats_lock:
             conn.stats.replayed_batches += len(got)
             conn.stats.last_seq = self.index.last_seq(conn.pod)
-            conn.stats.synced = True
+            conn.mark_synced()
 
     def _sync(self, conn: _PodConn) -> None:
         """On (re)connect: bring the pod's entries in line with the engine's replay buffer."""
@@ -419,4 +438,4 @@ class KVEventSubscriber:
         with self._stats_lock:
             conn.stats.replayed_batches += len(got)
             conn.stats.last_seq = self.index.last_seq(conn.pod)
-            conn.stats.synced = True
+            conn.mark_synced()

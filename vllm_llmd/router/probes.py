@@ -40,6 +40,7 @@ class _Subscriber(Protocol):
     @property
     def alive(self) -> bool: ...
     def synced(self, pod: str) -> bool: ...
+    def sync_seconds(self) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,15 @@ class ProbeResult:
     checks: dict[str, bool]
     #: what a failing (or timed-out) check is waiting for
     detail: dict[str, Any] = field(default_factory=dict)
+    #: facts for operators (``index_sync_s``: seconds the slowest pod's stream took to sync)
+    info: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": "ok" if self.ok else "unavailable", "checks": self.checks}
         if self.detail:
             out["detail"] = self.detail
+        if self.info:
+            out["info"] = self.info
         return out
 
 
@@ -97,7 +102,10 @@ class Probes:
             detail["pods"] = f"{len(self.pool.pods)} pods known, none available"
         index_ok = self._index_check(detail, discovery_ok and pods_ok)
         checks = {"discovery": discovery_ok, "pods": pods_ok, "index": index_ok}
-        return ProbeResult(all(checks.values()), checks, detail)
+        info = {}
+        if self.subscriber is not None:
+            info["index_sync_s"] = self.subscriber.sync_seconds()
+        return ProbeResult(all(checks.values()), checks, detail, info)
 
     def _index_check(self, detail: dict[str, Any], pods_known: bool) -> bool:
         sub = self.subscriber
