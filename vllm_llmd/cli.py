@@ -24,7 +24,7 @@ def _make_test_model(args: argparse.Namespace) -> int:
 def _router(args: argparse.Namespace) -> int:
     from vllm_llmd.router.config import ConfigError, RouterConfig, load_config, parse_worker_flag
     from vllm_llmd.router.scheduling import PluginError
-    from vllm_llmd.router.server import build_router, run
+    from vllm_llmd.router.server import build_router, configure_logging, run
 
     try:
         cfg = load_config(args.config) if args.config else RouterConfig()
@@ -57,8 +57,11 @@ def _router(args: argparse.Namespace) -> int:
         ids = [p.pod_id for p in cfg.pods]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"duplicate pods: {ids}")
+        configure_logging(cfg)
+        # built here so a configuration it rejects (e.g. discovery without the k8s extra) is a
+        # clear error, not a traceback
+        router = build_router(cfg)
         if args.check:
-            build_router(cfg)
             print(f"config OK: {len(cfg.pods)} pods, scorers {[s.type for s in cfg.profile.scorers]}")
             return 0
     except (ConfigError, PluginError) as e:
@@ -74,10 +77,10 @@ def _router(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        return run_gateway(cfg, GatewayOptions(args.ext_proc, args.ext_proc_fallbacks, args.watch_streams))
+        return run_gateway(cfg, GatewayOptions(args.ext_proc, args.ext_proc_fallbacks, args.watch_streams), router)
     try:
-        return run(cfg)
-    except ConfigError as e:  # found while building (an unusable --chat-template)
+        return run(cfg, router)
+    except ConfigError as e:  # found while starting
         print(f"vllm-llmd router: {e}", file=sys.stderr)
         return 2
 

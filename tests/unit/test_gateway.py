@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from gateway_harness import gateway
 
+from vllm_llmd.gateway.envoy_config import EnvoyOptions, bootstrap
 from vllm_llmd.gateway.router_picker import RouterAppPicker
 from vllm_llmd.testing.wait import wait_until_async
 
@@ -251,34 +252,32 @@ async def test_an_envoy_mode_the_picker_cannot_speak_fails_closed_with_a_clear_e
         assert "request_body_mode FULL_DUPLEX_STREAMED: the picker needs BUFFERED" in caplog.text
 
 
-async def test_grpc_health_answers_the_probe_services() -> None:
-    """Kubernetes probes the ext_proc port with gRPC health, service "readiness"
-    (examples/kubernetes/components/gateway/router-ext-proc-patch.yaml): every service the router
-    registers answers SERVING once it serves, an unknown one NOT_FOUND (a probe would fail)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+async def test_fail_open_with_an_original_dst_cluster_answers_503_without_looping(tmp_path, monkeypatch) -> None:
+    """What ``envoy-config`` refuses (``--cluster original-dst --failure-mode-allow``) and why
+    (docs/gateway.md, "Failure modes"): the bootstrap is edited to fail open anyway and the picker
+    fails. Envoy 1.40 answers 503 (no destination: the ORIGINAL_DST cluster has no host for a
+    request without the header) -- the request does not loop back into Envoy's own listener, and
+    reaches no pod. Failing open there is no better than failing closed."""
 
-    from vllm_llmd.gateway.server import HEALTH_SERVICES, GatewayOptions, serve_gateway
-    from vllm_llmd.router.config import RouterConfig
-    from vllm_llmd.router.server import build_router
-    from vllm_llmd.testing.engine import free_port
+    async def boom(self, path, headers, body):
+        raise RuntimeError("scheduler bug")
 
-    cfg = RouterConfig.model_validate({"models": ["m"], "pods": [{"url": f"http://127.0.0.1:{free_port()}"}]})
-    cfg = cfg.model_copy(update={"port": free_port()})
-    addr = f"127.0.0.1:{free_port()}"
-    ready, stop = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve_gateway(build_router(cfg), GatewayOptions(ext_proc=addr), ready, stop))
-    try:
-        await asyncio.wait_for(ready.wait(), 30)
-        assert "readiness" in HEALTH_SERVICES
-        async with grpc.aio.insecure_channel(addr) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            for name in HEALTH_SERVICES:
-                r = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
-                assert r.status == health_pb2.HealthCheckResponse.SERVING, name
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                await stub.Check(health_pb2.HealthCheckRequest(service="no-such-service"), timeout=5)
-            assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+    def fail_open(boot: dict) -> None:
+        hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ext = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+        ext["failure_mode_allow"] = True
+
+    monkeypatch.setattr(RouterAppPicker, "pick", boom)
+    envoy = {"cluster": "original-dst", "retries": 0}
+    async with (
+        gateway(tmp_path, n=1, envoy=envoy, gw={"fallbacks": 0}, edit=fail_open) as gw,
+        aiohttp.ClientSession() as s,
+    ):
+        status, _, _ = await post(s, gw.url, {"model": "test-model", "prompt": "x"})
+        assert status == 503
+        assert gw.backends[0].received == []
+        stats = gw.envoy.stats("http.llmd_gateway.downstream_rq_total")
+        # one downstream request on the listener: nothing came back into it
+        assert stats.get("http.llmd_gateway.downstream_rq_total") == 1, stats
+    with pytest.raises(ValueError, match="answers 503 just as failing closed"):
+        bootstrap(EnvoyOptions(pods=[], picker="127.0.0.1:9002", cluster="original-dst", failure_mode_allow=True))

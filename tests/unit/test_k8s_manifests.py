@@ -34,8 +34,9 @@ from vllm_llmd.cli import build_parser
 from vllm_llmd.discovery.inferencepool import InferencePoolV1, parse_pool
 from vllm_llmd.discovery.pods import PodDefaults, read_pod
 from vllm_llmd.discovery.source import label_selector
-from vllm_llmd.gateway.server import HEALTH_SERVICES
-from vllm_llmd.router.config import parse_config
+from vllm_llmd.gateway.server import READINESS_SERVICES
+from vllm_llmd.router.config import RouterConfig, parse_config
+from vllm_llmd.router.server import build_router
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "kubernetes"
@@ -300,8 +301,10 @@ def test_router_deployment_rbac_and_probes() -> None:
             assert (group, resource, verb) in granted
     assert all(v in ("get", "list", "watch") for _, _, v in granted)  # read-only
     (c,) = spec["containers"]
-    # probes on endpoints the router serves today (not /health: it is 503 with no engine ready)
-    assert c["livenessProbe"]["httpGet"]["path"] == "/metrics" and c["readinessProbe"]["httpGet"]["path"] == "/metrics"
+    # liveness and readiness probes on the router's own endpoints (not /health: 503 with no engine)
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    served = {r.resource.canonical for r in build_router(RouterConfig()).app.router.routes() if r.resource}
+    assert {"/livez", "/readyz"} <= served
     assert c["args"][:3] == ["router", "--config", "/etc/vllm-llmd/router.yaml"]
     (sm,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
     (svc,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "vllm-llmd-router"]
@@ -355,7 +358,8 @@ def test_gateway_router_serves_ext_proc_where_envoy_looks() -> None:
     assert clusters["llmd_pods"]["type"] == "ORIGINAL_DST" and args.ext_proc_fallbacks == 0
     # readiness: gRPC health on that port, a service the router's gRPC server registers
     probe = c["readinessProbe"]["grpc"]
-    assert probe["port"] == ext_proc_port and probe["service"] in HEALTH_SERVICES
+    assert probe["port"] == ext_proc_port and probe["service"] in READINESS_SERVICES
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"  # liveness stays on the HTTP side
     # the router image can run gateway mode (the gateway extra: grpcio, Envoy's protos)
     install = next(ln for ln in (ROOT / "docker/router.Dockerfile").read_text().splitlines() if "pip install" in ln)
     assert "gateway" in install.split("[", 1)[1].split("]", 1)[0].split(",")

@@ -30,7 +30,7 @@ What is read from each pod: :mod:`vllm_llmd.discovery.pods`. Outputs, after ever
 * ``on_removed(pod_id)`` callbacks — for per-pod router state (approximate prefix memory) of pods
   that are gone.
 
-State for later users (readiness probes, replicas): :attr:`synced` (the first list applied),
+State read elsewhere: :attr:`synced` (the first list applied; the readiness probe, ``vllm_llmd.router.probes``),
 :meth:`stats`.
 """
 

@@ -80,8 +80,28 @@ def _header(key: str, value: str | bytes) -> base_pb2.HeaderValueOption:
 
 
 def _headers_dict(hm: Any) -> dict[str, str]:
-    """Envoy ``HeaderMap`` -> ``{lower-case name: value}`` (``raw_value`` since Envoy 1.2x, else ``value``)."""
-    return {h.key: h.raw_value.decode("latin-1") if h.raw_value else h.value for h in hm.headers}
+    """Envoy ``HeaderMap`` -> ``{lower-case name: value}`` (``raw_value`` since Envoy 1.2x, else ``value``).
+    Each field of a upb message is read once (every read builds a new Python object)."""
+    out: dict[str, str] = {}
+    for h in hm.headers:
+        raw = h.raw_value
+        out[h.key] = raw.decode("latin-1") if raw else h.value
+    return out
+
+
+def _status_and_type(hm: Any) -> tuple[int, str]:
+    """``:status`` and ``content-type`` of a response ``HeaderMap`` (all the servicer reads of it)."""
+    status, ctype = 0, ""
+    for h in hm.headers:
+        key = h.key
+        if key == ":status" or key == "content-type":
+            raw = h.raw_value
+            value = raw.decode("latin-1") if raw else h.value
+            if key == ":status":
+                status = int(value) if value.isdigit() else 0
+            else:
+                ctype = value
+    return status, ctype
 
 
 def immediate(rej: Reject) -> pb.ProcessingResponse:
@@ -98,6 +118,30 @@ def immediate(rej: Reject) -> pb.ProcessingResponse:
             details=f"llmd_{rej.err_type}",
         )
     )
+
+
+#: answers to a request body naming endpoints and keeping the body, by endpoint list: built once
+#: (a few hundred distinct lists in a fleet); cleared when it reaches the bound
+_PICKED: dict[str, pb.ProcessingResponse] = {}
+_PICKED_MAX = 4096
+
+
+def picked_response(pick: Pick) -> pb.ProcessingResponse:
+    """The ``request_body`` answer for ``pick`` (cached when it names endpoints and keeps the body;
+    the message is only ever serialized, never changed, once built)."""
+    if pick.body is None and pick.endpoints:
+        key = ",".join(pick.endpoints)
+        out = _PICKED.get(key)
+        if out is None:
+            if len(_PICKED) >= _PICKED_MAX:
+                _PICKED.clear()
+            common, meta = destination_common(pick)
+            out = _PICKED[key] = pb.ProcessingResponse(
+                request_body=pb.BodyResponse(response=common), dynamic_metadata=meta
+            )
+        return out
+    common, meta = destination_common(pick)
+    return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=meta)
 
 
 def destination_common(pick: Pick) -> tuple[pb.CommonResponse, struct_pb2.Struct | None]:
@@ -158,7 +202,6 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         pick: Pick | None = None
         path = ""
         headers: dict[str, str] = {}
-        chunks: list[bytes] = []
         size = 0
         watching = first = False
         #: the response reached its end (headers with end_of_stream, or the last watched chunk), or
@@ -169,28 +212,22 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             async for req in request_iterator:
                 kind = req.WhichOneof("request")
                 if kind == "request_body":
-                    rb = req.request_body
-                    size += len(rb.body)
+                    body = req.request_body.body  # read once: each read copies the bytes out of upb
+                    size += len(body)
                     if size > self.max_body_bytes:
                         self.metrics.rejected.inc()
                         yield immediate(
                             Reject(413, f"request body exceeds {self.max_body_bytes} bytes", "RequestTooLargeError")
                         )
                         return
-                    chunks.append(rb.body)
-                    # BUFFERED mode sends the body once (end_of_stream false only if trailers follow)
-                    res = await self._decide(
-                        path, headers, chunks[0] if len(chunks) == 1 else b"".join(chunks), context
-                    )
-                    chunks.clear()
+                    res = await self._decide(path, headers, body, context)
                     if isinstance(res, Reject):
                         self.metrics.rejected.inc()
                         yield immediate(res)
                         return
                     pick = res
                     (self.metrics.picked if pick.endpoints else self.metrics.passthrough).inc()
-                    common, meta = destination_common(pick)
-                    yield pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=meta)
+                    yield picked_response(pick)
                 elif kind == "request_headers":
                     if req.HasField("protocol_config"):
                         why = unsupported_mode(req.protocol_config)
@@ -224,8 +261,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     if pick is None:
                         yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
                         continue
-                    resp_headers = _headers_dict(rh.headers)
-                    status = int(resp_headers.get(":status", "0") or 0)
+                    status, ctype = _status_and_type(rh.headers)
                     served = None
                     fm = req.metadata_context.filter_metadata
                     if LB_NAMESPACE in fm:
@@ -243,7 +279,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         complete = ended = True
                         picker.on_first_byte(pick)
                         picker.on_response_end(pick, True)
-                    elif self.watch_streams and resp_headers.get("content-type", "").startswith("text/event-stream"):
+                    elif self.watch_streams and ctype.startswith("text/event-stream"):
                         watching = first = True
                         out.mode_override.response_body_mode = _STREAMED
                     else:

@@ -3,8 +3,11 @@
 One process, one event loop (uvloop), one scheduling state:
 
 * the gRPC server on ``ADDR`` speaks ``ext_proc`` to Envoy (:mod:`vllm_llmd.gateway.extproc`) and
-  the standard gRPC health protocol, with the services the inference extension's EPP exposes
-  (``liveness``, ``readiness``, ``envoy.service.ext_proc.v3.ExternalProcessor``; ``""`` too);
+  the standard gRPC health protocol, with the services the inference extension's EPP exposes:
+  ``liveness`` follows the router's liveness, ``readiness``,
+  ``envoy.service.ext_proc.v3.ExternalProcessor`` and ``""`` follow its readiness
+  (:mod:`vllm_llmd.router.probes`, the same checks as HTTP ``/livez`` and ``/readyz``, re-read every
+  ``HEALTH_POLL_S``); all are ``NOT_SERVING`` while the router shuts down;
 * the router's own HTTP app keeps serving on ``--host/--port``: ``/health``, ``/metrics`` (the
   router's registry plus ``llmd_gateway_*``), and the proxy endpoints, which share the picker's
   in-flight accounting. It also owns the pod pool's health/metrics loops and the KV event subscriber.
@@ -17,6 +20,7 @@ keeps its meaning and a deployment switches mode with one flag.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -38,6 +42,10 @@ log = logging.getLogger("vllm_llmd.gateway")
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 HEALTH_SERVICES = ("", "liveness", "readiness", EXT_PROC_SERVICE)
+#: the gRPC health services that follow readiness (``liveness`` follows liveness)
+READINESS_SERVICES = ("", "readiness", EXT_PROC_SERVICE)
+#: seconds between re-reads of the probes for the gRPC health services
+HEALTH_POLL_S = 0.5
 #: room for protobuf framing and headers on top of the largest accepted body
 _GRPC_SLACK_BYTES = 1 << 20
 
@@ -71,10 +79,28 @@ def build_grpc_server(router: RouterApp, opts: GatewayOptions) -> tuple[grpc.aio
     return server, health, servicer
 
 
+def _status(serving: bool) -> Any:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 async def _set_health(health: Any, serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in HEALTH_SERVICES:
-        await health.set(name, status)
+        await health.set(name, _status(serving))
+
+
+async def follow_probes(router: RouterApp, health: Any, interval_s: float = HEALTH_POLL_S) -> None:
+    """Keep the gRPC health services equal to the router's probes (until cancelled)."""
+    last: tuple[bool, bool] | None = None
+    while True:
+        now = (router.probes.liveness().ok, router.probes.readiness().ok)
+        if now != last:
+            if last is None or now[1] != last[1]:
+                log.info("gateway: readiness %s", "SERVING" if now[1] else "NOT_SERVING")
+            await health.set("liveness", _status(now[0]))
+            for name in READINESS_SERVICES:
+                await health.set(name, _status(now[1]))
+            last = now
+        await asyncio.sleep(interval_s)
 
 
 async def serve_gateway(
@@ -87,8 +113,9 @@ async def serve_gateway(
     site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)
     await site.start()
     server, health, _ = build_grpc_server(router, opts)
+    await _set_health(health, False)  # until the probes are first read: known, not serving
     await server.start()
-    await _set_health(health, True)
+    follow = asyncio.create_task(follow_probes(router, health), name="gateway-health")
     log.info(
         "gateway: ext_proc on %s, router HTTP on http://%s:%d, pods: %s",
         opts.ext_proc,
@@ -109,19 +136,20 @@ async def serve_gateway(
         await stop.wait()
     finally:
         log.info("gateway shutting down")
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
         await _set_health(health, False)
         await server.stop(grace=5)
         await runner.cleanup()
 
 
-def run(cfg: RouterConfig, opts: GatewayOptions) -> int:
-    from vllm_llmd.router.server import build_router
+def run(cfg: RouterConfig, opts: GatewayOptions, router: RouterApp | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; ``router``: built from ``cfg`` already (else built here)."""
+    from vllm_llmd.router.server import build_router, configure_logging
 
-    logging.basicConfig(
-        level=getattr(logging, cfg.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    router = build_router(cfg)
+    configure_logging(cfg)
+    router = router or build_router(cfg)
     # as vllm_llmd.router.server.run: start-up objects out of the collector, young generation
     # collected less often (trims GC pauses from the latency tail)
     gc.collect()

@@ -71,6 +71,11 @@ class PodStats:
     last_seq: int | None = None
     lag_s: float | None = None  # receive time minus the batch's engine timestamp, last batch
     last_batch_at: float | None = None  # time.time() of the last live batch
+    #: the index holds what the engine's replay buffer held at the last (re)connect (without a replay
+    #: endpoint: the stream is connected); stays set across later disconnects
+    synced: bool = False
+    #: seconds from the pod's subscription to its first sync (the index rebuilt from its replay)
+    sync_s: float | None = None
 
 
 class _PodConn:
@@ -84,6 +89,14 @@ class _PodConn:
         self.sync_due: float | None = None
         #: a gap could not be filled: the next successful sync drops the pod and rebuilds it
         self.rebuild = False
+        self.added_at = time.monotonic()
+
+    def mark_synced(self) -> None:
+        """(Under the stats lock.)"""
+        st = self.stats
+        if not st.synced:
+            st.synced = True
+            st.sync_s = time.monotonic() - self.added_at
 
 
 class KVEventSubscriber:
@@ -160,6 +173,26 @@ class KVEventSubscriber:
     def stats(self) -> dict[str, PodStats]:
         with self._stats_lock:
             return {pod: PodStats(**vars(c.stats)) for pod, c in self._conns.items()}
+
+    def synced(self, pod: str) -> bool:
+        """Whether ``pod``'s stream has been synced (:attr:`PodStats.synced`); ``False`` if unknown."""
+        with self._stats_lock:
+            conn = self._conns.get(pod)
+            return conn is not None and conn.stats.synced
+
+    def sync_seconds(self) -> float | None:
+        """The longest time a pod subscribed now took from its subscription to its first sync (a
+        router's index rebuild time at start-up); ``None`` until every pod has synced once."""
+        with self._stats_lock:
+            times = [c.stats.sync_s for c in self._conns.values()]
+        if not times or any(t is None for t in times):
+            return None
+        return max(t for t in times if t is not None)
+
+    @property
+    def alive(self) -> bool:
+        """The subscriber thread runs (``False`` before :meth:`start` and after :meth:`stop` or a crash)."""
+        return self._thread is not None and self._thread.is_alive()
 
     # -------------------------------------------------------------- internals
 
@@ -291,6 +324,8 @@ class KVEventSubscriber:
                     conn.stats.connected = True
                     if conn.ever_connected:
                         conn.stats.reconnects += 1
+                    if conn.stats.replay_endpoint is None:
+                        conn.mark_synced()
                 conn.ever_connected = True
                 self._sync(conn)
             elif kind == zmq.EVENT_DISCONNECTED:
@@ -371,6 +406,7 @@ class KVEventSubscriber:
         with self._stats_lock:
             conn.stats.replayed_batches += len(got)
             conn.stats.last_seq = self.index.last_seq(conn.pod)
+            conn.mark_synced()
 
     def _sync(self, conn: _PodConn) -> None:
         """On (re)connect: bring the pod's entries in line with the engine's replay buffer."""
@@ -402,3 +438,4 @@ class KVEventSubscriber:
         with self._stats_lock:
             conn.stats.replayed_batches += len(got)
             conn.stats.last_seq = self.index.last_seq(conn.pod)
+            conn.mark_synced()

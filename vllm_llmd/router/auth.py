@@ -1,7 +1,7 @@
 """Optional API keys and TLS for the router's listener.
 
 * **API keys** (``server.api_keys``, or ``--api-key`` / ``VLLM_LLMD_API_KEY`` like vLLM's
-  ``--api-key`` / ``VLLM_API_KEY``): every request except ``/health`` and ``/metrics`` (probes and
+  ``--api-key`` / ``VLLM_API_KEY``): every request except ``/health``, ``/livez``, ``/readyz`` and ``/metrics`` (probes and
   Prometheus) must carry ``Authorization: Bearer <one of the keys>``, compared in constant time;
   otherwise 401 in the OpenAI error shape, before its body is read. vLLM checks only ``/v1`` paths
   (``vllm/entrypoints/openai/server_utils.py``, ``AuthenticationMiddleware``); the router checks every
@@ -22,7 +22,7 @@ from aiohttp import web
 from vllm_llmd.router.errors import error_response
 
 #: paths that never need a key (liveness/readiness probes, Prometheus)
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/livez", "/readyz", "/metrics"})
 
 
 def key_middleware(keys: Iterable[str]) -> Callable[..., Awaitable[web.StreamResponse]]:

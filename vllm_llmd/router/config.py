@@ -267,6 +267,10 @@ class ServerConfig(_Strict):
     tls_cert: str | None = None
     tls_key: str | None = None
 
+    #: readiness (``/readyz``) waits at most this long after start-up for the available pods' KV
+    #: event streams to sync from their replay endpoints (``vllm_llmd.router.probes``)
+    index_sync_timeout_s: float = Field(default=60.0, ge=0)
+
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -185,6 +185,12 @@ class PodPool:
         if self.scrape_metrics:
             self._tasks.append(asyncio.create_task(supervise("metrics", self._metrics_loop), name="router-metrics"))
 
+    @property
+    def running(self) -> bool:
+        """The background loops were started and none has ended (``supervise`` restarts a loop that
+        fails, so only a cancellation ends one)."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
     async def stop(self) -> None:
         for t in [*self._tasks, *self._probes]:
             t.cancel()

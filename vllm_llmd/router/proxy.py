@@ -44,6 +44,7 @@ from vllm_llmd.router.models import ModelCatalog
 from vllm_llmd.router.observe import RequestObserver, RequestRecord, request_id
 from vllm_llmd.router.pd_legs import PrefillLeg
 from vllm_llmd.router.pool import PodPool
+from vllm_llmd.router.probes import ProbeResult, Probes
 from vllm_llmd.router.prompt import PromptStage
 from vllm_llmd.router.request import ClientRequest, Endpoint, RequestParser
 from vllm_llmd.router.scheduling import Candidate, Decider, Decision, NoCandidate, SchedRequest, Scheduler
@@ -86,6 +87,7 @@ class RouterApp:
         self.discovery: Any | None = None
         if subscriber is not None:
             metrics.registry.register(SubscriberCollector(subscriber))
+        self.probes = Probes(pool, subscriber, lambda: self.discovery, cfg.server.index_sync_timeout_s)
         self.guard = ConnectionGuard(
             cfg.server.max_connections or default_max_connections(raise_fd_limit()),
             on_close=lambda reason: metrics.client_connections_closed.labels(reason).inc(),
@@ -119,6 +121,8 @@ class RouterApp:
             self.app.router.add_get(path, self.handle_get)
         self.app.router.add_get("/v1/models", self.handle_models)
         self.app.router.add_get("/health", self.handle_health)
+        self.app.router.add_get("/livez", self.handle_livez)
+        self.app.router.add_get("/readyz", self.handle_readyz)
         self.app.router.add_get("/metrics", self.handle_metrics)
         self.app.on_startup.append(self._startup)
         self.app.on_cleanup.append(self._cleanup)
@@ -135,6 +139,7 @@ class RouterApp:
         await self.pool.start(session)
         if self.subscriber is not None:
             self.subscriber.start()
+        self.probes.start()
 
     async def _cleanup(self, app: web.Application) -> None:
         if self.subscriber is not None:
@@ -282,6 +287,16 @@ class RouterApp:
                 headers={"Retry-After": str(self.pool.retry_after_s())},
             )
         return web.json_response({"status": "ok", "pods_available": n})
+
+    async def handle_livez(self, request: web.Request) -> web.Response:
+        return self._probe_response(self.probes.liveness())
+
+    async def handle_readyz(self, request: web.Request) -> web.Response:
+        return self._probe_response(self.probes.readiness())
+
+    @staticmethod
+    def _probe_response(res: ProbeResult) -> web.Response:
+        return web.json_response(res.as_json(), status=200 if res.ok else 503)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -47,6 +47,14 @@ def _make_decider(cfg: RouterConfig, ctx: SchedulingContext) -> Decider:
     return create_plugin("decider", pd.decider_name, raw, ctx, "pd.decider", Decider)
 
 
+def configure_logging(cfg: RouterConfig) -> None:
+    """The process's log format and level (once: later calls change nothing)."""
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
 def build_router(cfg: RouterConfig) -> RouterApp:
     tokenizer = load_tokenizer(
         cfg.tokenizer.path,
@@ -118,12 +126,10 @@ async def serve(router: RouterApp, host: str, port: int, ready: asyncio.Event | 
         await server.close()
 
 
-def run(cfg: RouterConfig) -> int:
-    logging.basicConfig(
-        level=getattr(logging, cfg.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    router = build_router(cfg)
+def run(cfg: RouterConfig, router: RouterApp | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; ``router``: built from ``cfg`` already (else built here)."""
+    configure_logging(cfg)
+    router = router or build_router(cfg)
     # Start-up objects (tokenizer, config, plugin instances) never die: keep them out of every later
     # collection, and collect the young generation less often. Per-request garbage is mostly acyclic
     # (freed by reference counting), so this trims the collector's pauses from the latency tail.
