@@ -397,8 +397,7 @@ class LLMDConnectorWorker:
         if self.transport is None:
             return KVConnectorTransferResults(set(), set(), set())
         self._poll_pulls()
-        # idle cost: no leases, nothing to release; a notice arriving now waits in NIXL for the next poll
-        sending = self._leases.poll(self.transport.get_notifs() if self._leases else ())
+        sending = self._leases.poll(self.transport.get_notifs())
         failed = self._recv_failed
         recving = self._recv_done | failed
         self._recv_done, self._recv_failed = set(), set()
