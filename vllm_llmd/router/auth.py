@@ -3,10 +3,11 @@
 * **API keys** (``server.api_keys``, or ``--api-key`` / ``VLLM_LLMD_API_KEY`` like vLLM's
   ``--api-key`` / ``VLLM_API_KEY``): every request except ``/health``, ``/livez``, ``/readyz``
   and ``/metrics`` (probes and Prometheus) must carry ``Authorization: Bearer <one of the keys>``,
-  compared in constant time; otherwise 401 in the OpenAI error shape, before its body is read. vLLM
-  checks only ``/v1`` paths (``vllm/entrypoints/openai/server_utils.py``, ``AuthenticationMiddleware``); the router checks every
-  forwarded path, ``/tokenize`` and ``/version`` included. The header is forwarded to the pods as
-  sent (pods started with the same ``--api-key`` accept it).
+  compared in constant time; otherwise 401 in the OpenAI error shape, before its body is read.
+  vLLM checks only ``/v1`` paths (``vllm/entrypoints/openai/server_utils.py``,
+  ``AuthenticationMiddleware``); the router checks every forwarded path, ``/tokenize`` and
+  ``/version`` included. The header is forwarded to the pods as sent (pods started with the same
+  ``--api-key`` accept it).
 * **TLS** (``server.tls_cert``, ``server.tls_key``): the listener speaks HTTPS (``ssl.SSLContext``
   with the server defaults of ``ssl.create_default_context``).
 """
