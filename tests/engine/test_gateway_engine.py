@@ -80,12 +80,18 @@ async def test_gateway_streams_chat_and_completions(engines, test_model_dir, tmp
             "model": "test-model",
             "messages": [{"role": "system", "content": prose(9, 60)}, {"role": "user", "content": "hello"}],
             "max_tokens": 6,
+            # the test model's weights are random and vLLM samples (temperature 1): without this an
+            # early EOS can end the stream after one chunk (seen once in CI)
+            "ignore_eos": True,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
         for path, body in (
             ("/v1/chat/completions", chat),
-            ("/v1/completions", {"model": "test-model", "prompt": prose(10, 80), "max_tokens": 6, "stream": True}),
+            (
+                "/v1/completions",
+                {"model": "test-model", "prompt": prose(10, 80), "max_tokens": 6, "ignore_eos": True, "stream": True},
+            ),
         ):
             events = []
             async with s.post(gw.url + path, json=body) as r:
