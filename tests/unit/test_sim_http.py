@@ -27,6 +27,7 @@ from vllm_llmd.router.tokenize import PromptTokenizer
 from vllm_llmd.sim.profile import PodProfile
 from vllm_llmd.sim.server import PodEndpoints, SimPod, Vocabulary
 from vllm_llmd.testing.engine import free_port
+from vllm_llmd.testing.wait import wait_until_async
 
 GOLDEN = json.loads((Path(__file__).parent / "sim_golden.json").read_text())
 ID = re.compile(r"^(cmpl|chatcmpl|modelperm)-[0-9a-f]{16}$")
@@ -239,9 +240,6 @@ async def test_client_disconnect_aborts_and_frees_blocks(pod: SimPod) -> None:
         await r.content.readline()
         assert pod.engine.metrics.running == 1
         r.close()
-    for _ in range(100):
-        if pod.engine.metrics.running == 0:
-            break
-        await asyncio.sleep(0.02)
+    await wait_until_async(lambda: pod.engine.metrics.running == 0, 10, "the aborted request to leave the engine")
     assert pod.engine.metrics.running == 0 and pod.engine.metrics.success["abort"] == 1
     assert pod.engine.pool.num_free_blocks() == 23
