@@ -1,6 +1,9 @@
 """Shared fixtures. Real vLLM CPU engines are started once per session and shared by every test
 that asks for them (they take about a minute to start).
 
+Every test engine runs with ``--enforce-eager``: torch.compile's warm-up doubles a start (one engine of
+the tiny model, quiet machine, 2026-12-03: 58 s eager, 112 s compiled) and no test measures speed.
+
 Ordering: a test that kills or restarts engines carries ``@pytest.mark.destructive`` and runs after
 every other test (``scope="session"``, the default: it uses the session's shared engines) or after
 every other test of its module (``scope="module"``: it uses a module's own engines). See
@@ -82,7 +85,9 @@ class EnginePair:
 
 
 def _spec(model: Path, block_size: int, trace_dir: Path, **kw: object) -> EngineSpec:
-    spec = EngineSpec(model=model, block_size=block_size, served_model_name=MODEL_NAME, **kw)
+    spec = EngineSpec(
+        model=model, block_size=block_size, served_model_name=MODEL_NAME, extra_args=["--enforce-eager"], **kw
+    )
     spec.extra_env["LLMD_PLUGIN_TRACE"] = str(trace_dir / f"{spec.port}.jsonl")
     return spec
 
@@ -130,8 +135,6 @@ def env_events_engine(test_model_dir: Path, tmp_path_factory: pytest.TempPathFac
         served_model_name=MODEL_NAME,
         events_port=None,
         replay_port=None,
-        # no torch.compile warm-up: this engine only has to publish events, and it starts while the
-        # pair is already busy (a compiled start took over 10 minutes on a loaded 2-core box)
         extra_args=["--enforce-eager"],
         extra_env={
             "LLMD_KV_EVENTS": "1",

@@ -42,6 +42,7 @@ def pd_pair(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             events_port=None,
             replay_port=None,
             kv_transfer_config=cfg,
+            extra_args=["--enforce-eager"],
         )
         return EngineProcess(spec, logs / f"{role}.log")
 

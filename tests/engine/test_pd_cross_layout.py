@@ -51,6 +51,7 @@ def engine128(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         events_port=None,
         replay_port=None,
         kv_transfer_config={"kv_connector": "LLMDConnector", "kv_role": "kv_both"},
+        extra_args=["--enforce-eager"],
     )
     engine = EngineProcess(spec, logs / "engine-128.log")
     try:

@@ -134,6 +134,7 @@ class FakeKubeAPI:
         self._watches: set[_Watch] = set()
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._runner: web.AppRunner | None = None
+        self._closing = False
         self.url = ""
 
     # ------------------------------------------------------------ server
@@ -143,13 +144,16 @@ class FakeKubeAPI:
         app.router.add_get("/apis/{group}/{version}/namespaces/{ns}/{plural}", self._custom)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, shutdown_timeout=5.0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{port}"
         return self.url
 
     async def stop(self) -> None:
+        # a watch request still in flight registers after this: it sees ``_closing`` and ends at once
+        # (otherwise the runner's clean-up waits for it up to the site's shutdown timeout)
+        self._closing = True
         for w in list(self._watches):
             w.queue.put_nowait(None)
         if self._runner is not None:
@@ -316,6 +320,8 @@ class FakeKubeAPI:
                     if ev is not None:
                         w.queue.put_nowait(ev)
         self._watches.add(w)
+        if self._closing:
+            w.queue.put_nowait(None)
         timeout = float(q.get("timeoutSeconds", 0) or 0) or None
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
