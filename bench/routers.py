@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_llmd.testing.engine import stop_process_group
+from vllm_llmd.testing.engine import file_tail, stop_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -358,10 +358,7 @@ class RouterProcess:
         raise RouterStartError(f"{self.kind.name} not ready in {timeout}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return file_tail(self.log_path, lines)
 
     def get(self, path: str, port: int | None = None) -> str | None:
         url = f"http://127.0.0.1:{port or self.launch.port}{path}"

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from vllm_llmd.connectors.transports.base import (
-    KVTransport,
-    MemoryKind,
-    Peer,
-    Region,
-    TransportError,
-    XferState,
-)
+from vllm_llmd.connectors.transports.base import KVTransport, MemoryKind, Peer, Region, TransportError, XferState
 
 __all__ = ["KVTransport", "MemoryKind", "Peer", "Region", "TransportError", "XferState", "make_transport"]
 

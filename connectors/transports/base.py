@@ -72,6 +72,18 @@ class Peer:
     backends: tuple[str, ...] = ()
 
 
+def check_runs(local: np.ndarray, remote: np.ndarray) -> None:
+    """What :meth:`KVTransport.read_runs` accepts: matching ``(addr, len)`` rows, equal lengths."""
+    if local.shape != remote.shape or local.ndim != 2 or local.shape[1] != 2:
+        raise TransportError("read_runs: local and remote must be matching (addr, len) rows")
+    if not np.array_equal(local[:, 1], remote[:, 1]):
+        raise TransportError("read_runs: local and remote run lengths differ")
+
+
+#: ``(region index, block id)`` pairs, one a block (the connector's block address)
+BlockPairs = Sequence[tuple[int, int]]
+
+
 class KVTransport(ABC):
     """Register memory, exchange metadata, read/write blocks, poll, notify, release."""
 
@@ -94,11 +106,7 @@ class KVTransport(ABC):
 
     @abstractmethod
     def add_peer(
-        self,
-        metadata: bytes,
-        regions: Sequence[Region],
-        memory: MemoryKind | None = None,
-        backends: Sequence[str] = (),
+        self, metadata: bytes, regions: Sequence[Region], memory: MemoryKind | None = None, backends: Sequence[str] = ()
     ) -> Peer:
         """Connect to a remote endpoint described by its metadata and region table; ``memory`` is
         where that table lives (default: the same kind as ours), ``backends`` the backends to use
@@ -109,24 +117,12 @@ class KVTransport(ABC):
 
     # ---- data movement -------------------------------------------------------------------
     @abstractmethod
-    def read_blocks(
-        self,
-        peer: Peer,
-        local: Sequence[tuple[int, int]],
-        remote: Sequence[tuple[int, int]],
-        notif: bytes = b"",
-    ) -> object:
+    def read_blocks(self, peer: Peer, local: BlockPairs, remote: BlockPairs, notif: bytes = b"") -> object:
         """Post a READ of remote ``(region, block)`` pairs into local ones; returns a handle.
         ``notif`` is delivered to the peer once the read completed."""
 
     @abstractmethod
-    def write_blocks(
-        self,
-        peer: Peer,
-        local: Sequence[tuple[int, int]],
-        remote: Sequence[tuple[int, int]],
-        notif: bytes = b"",
-    ) -> object:
+    def write_blocks(self, peer: Peer, local: BlockPairs, remote: BlockPairs, notif: bytes = b"") -> object:
         """Post a WRITE of local ``(region, block)`` pairs into remote ones; returns a handle."""
 
     def read_runs(

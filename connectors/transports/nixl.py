@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from vllm_llmd.connectors.transports.base import (
+    BlockPairs,
     KVTransport,
     MemoryKind,
     Peer,
     Region,
     TransportError,
     XferState,
+    check_runs,
 )
 
 _LOCAL = "NIXL_INIT_AGENT"  # NIXL's name for the local side of a prepped list
@@ -204,11 +206,7 @@ class NixlTransport(KVTransport):
         return bytes(self._agent.get_agent_metadata())
 
     def add_peer(
-        self,
-        metadata: bytes,
-        regions: Sequence[Region],
-        memory: MemoryKind | None = None,
-        backends: Sequence[str] = (),
+        self, metadata: bytes, regions: Sequence[Region], memory: MemoryKind | None = None, backends: Sequence[str] = ()
     ) -> Peer:
         if self._local_dlist is None:
             raise TransportError("register memory before adding peers")
@@ -251,14 +249,7 @@ class NixlTransport(KVTransport):
             pass
 
     # ---- data movement -------------------------------------------------------------------
-    def _xfer(
-        self,
-        op: str,
-        peer: Peer,
-        local: Sequence[tuple[int, int]],
-        remote: Sequence[tuple[int, int]],
-        notif: bytes,
-    ) -> object:
+    def _xfer(self, op: str, peer: Peer, local: BlockPairs, remote: BlockPairs, notif: bytes) -> object:
         if len(local) != len(remote):
             raise TransportError(f"{op}: {len(local)} local blocks but {len(remote)} remote blocks")
         entry = self._peers.get(peer.name)
@@ -267,8 +258,9 @@ class NixlTransport(KVTransport):
         _, remote_dlist, remote_offsets = entry
         local_idx = _indices(self._regions, self._offsets, local)
         remote_idx = _indices(peer.regions, remote_offsets, remote)
-        try:
-            handle = self._agent.make_prepped_xfer(
+        return self._start(
+            f"{op} to {peer.name}",
+            lambda: self._agent.make_prepped_xfer(
                 op,
                 self._local_dlist,
                 local_idx,
@@ -276,13 +268,19 @@ class NixlTransport(KVTransport):
                 remote_idx,
                 notif_msg=notif,
                 backends=list(peer.backends or self.backends),
-            )
+            ),
+        )
+
+    def _start(self, what: str, make: Callable[[], object]) -> object:
+        """Make a transfer (``make``) and post it; one that fails to start is released and raises."""
+        try:
+            handle = make()
             state = self._agent.transfer(handle)
         except Exception as exc:
-            raise TransportError(f"NIXL {op} to {peer.name} failed to start: {exc}") from exc
+            raise TransportError(f"NIXL {what} failed to start: {exc}") from exc
         if state == "ERR":
             self._agent.release_xfer_handle(handle)
-            raise TransportError(f"NIXL {op} to {peer.name} failed to start")
+            raise TransportError(f"NIXL {what} failed to start")
         return handle
 
     def read_blocks(self, peer, local, remote, notif: bytes = b"") -> object:  # type: ignore[override]
@@ -291,30 +289,23 @@ class NixlTransport(KVTransport):
     def read_runs(self, peer: Peer, local: np.ndarray, remote: np.ndarray, notif: bytes = b"") -> object:
         if peer.name not in self._peers:
             raise TransportError(f"unknown peer {peer.name}")
-        if local.shape != remote.shape or local.ndim != 2 or local.shape[1] != 2:
-            raise TransportError("read_runs: local and remote must be matching (addr, len) rows")
-        if not np.array_equal(local[:, 1], remote[:, 1]):
-            raise TransportError("read_runs: local and remote run lengths differ")
+        check_runs(local, remote)
         mem_l, dev_l = _locate(self._spans, local, "local")
         own = [(r.base_addr, r.nbytes, r.device_id, peer.memory) for r in peer.regions]
         mem_r, dev_r = _locate(own, remote, f"peer {peer.name}'s")
         ldesc = np.stack([local[:, 0], local[:, 1], dev_l], axis=1).astype(np.uint64)
         rdesc = np.stack([remote[:, 0], remote[:, 1], dev_r], axis=1).astype(np.uint64)
-        try:
-            handle = self._agent.initialize_xfer(
+        handle = self._start(
+            f"READ of {len(local)} runs from {peer.name}",
+            lambda: self._agent.initialize_xfer(
                 "READ",
                 self._agent.get_xfer_descs(ldesc, mem_l.value),
                 self._agent.get_xfer_descs(rdesc, mem_r.value),
                 peer.name,
                 b"",
                 backends=list(peer.backends or self.backends),
-            )
-            state = self._agent.transfer(handle)
-        except Exception as exc:
-            raise TransportError(f"NIXL READ of {len(local)} runs from {peer.name} failed to start: {exc}") from exc
-        if state == "ERR":
-            self._agent.release_xfer_handle(handle)
-            raise TransportError(f"NIXL READ from {peer.name} failed to start")
+            ),
+        )
         return _Read(handle, peer.name, notif)
 
     def write_blocks(self, peer, local, remote, notif: bytes = b"") -> object:  # type: ignore[override]

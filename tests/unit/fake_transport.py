@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from vllm_llmd.connectors.transports.base import KVTransport, MemoryKind, Peer, Region, TransportError, XferState
+from vllm_llmd.connectors.transports import KVTransport, MemoryKind, Peer, Region, TransportError, XferState
+from vllm_llmd.connectors.transports.base import check_runs
 
 
 @dataclass
@@ -101,11 +102,7 @@ class FakeTransport(KVTransport):
         return self.agent_name.encode()
 
     def add_peer(
-        self,
-        metadata: bytes,
-        regions: Sequence[Region],
-        memory: MemoryKind | None = None,
-        backends: Sequence[str] = (),
+        self, metadata: bytes, regions: Sequence[Region], memory: MemoryKind | None = None, backends: Sequence[str] = ()
     ) -> Peer:
         if not self._regions:
             raise TransportError("register memory before adding peers")
@@ -158,10 +155,7 @@ class FakeTransport(KVTransport):
     def read_runs(self, peer: Peer, local: np.ndarray, remote: np.ndarray, notif: bytes = b"") -> object:
         if peer.name not in self._peers:
             raise TransportError(f"unknown peer {peer.name}")
-        if local.shape != remote.shape or local.ndim != 2 or local.shape[1] != 2:
-            raise TransportError("read_runs: local and remote must be matching (addr, len) rows")
-        if not np.array_equal(local[:, 1], remote[:, 1]):
-            raise TransportError("read_runs: local and remote run lengths differ")
+        check_runs(local, remote)
         self._inside([(r.base_addr, r.nbytes) for r in self._regions] + self._scratch, local, "our")
         self._inside([(r.base_addr, r.nbytes) for r in peer.regions], remote, f"peer {peer.name}'s")
         copies = [(int(m), int(t), int(n)) for (m, n), (t, _) in zip(local.tolist(), remote.tolist(), strict=True)]

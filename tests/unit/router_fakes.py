@@ -11,10 +11,12 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from vllm_llmd.index import KVBlockIndex
 from vllm_llmd.router.config import PodConfig, RouterConfig
 from vllm_llmd.router.front import RunningServer, start_server
 from vllm_llmd.router.proxy import RouterApp
 from vllm_llmd.router.server import build_router
+from vllm_llmd.wire.kv_events import BlockStored, encode_batch, seq_to_bytes
 
 
 @dataclass
@@ -245,3 +247,18 @@ def stop_process(proc: Any) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def store_blocks(index: KVBlockIndex, pod: str, toks: list[int], seq: int, medium: str = "GPU", bs: int = 64) -> None:
+    """Publish ``toks``' whole blocks as one ``BlockStored`` batch of ``pod`` (seq ``seq``) to ``index``."""
+    n = len(toks) - len(toks) % bs
+    ev = BlockStored(
+        block_hashes=list(range(seq * 1000, seq * 1000 + n // bs)),
+        parent_block_hash=None,
+        token_ids=toks[:n],
+        block_size=bs,
+        lora_id=None,
+        medium=medium,
+        lora_name=None,
+    )
+    index.ingest(pod, [f"kv@{pod}@m".encode(), seq_to_bytes(seq), encode_batch([ev])])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from router_fakes import store_blocks
 
 from vllm_llmd.index import KVBlockIndex
 from vllm_llmd.router.config import ProfileConfig
@@ -11,7 +12,6 @@ from vllm_llmd.router.pod_metrics import PodMetrics, parse_metrics
 from vllm_llmd.router.prefix_memory import PrefixMemory
 from vllm_llmd.router.prompt import token_block_keys
 from vllm_llmd.router.scheduling import Candidate, PluginError, SchedRequest, SchedulingContext, build_scheduler
-from vllm_llmd.wire.kv_events import BlockStored, encode_batch, seq_to_bytes
 
 BS = 64
 
@@ -100,26 +100,12 @@ def test_prefill_speed_steers_cold_requests_to_the_fast_pod() -> None:
     assert sched.schedule(_req(ctx, _tokens(5, 0)), pods).chosen.id == "p1"
 
 
-def _store(index: KVBlockIndex, pod: str, toks: list[int], seq: int, medium: str = "GPU") -> None:
-    n = len(toks) - len(toks) % BS
-    ev = BlockStored(
-        block_hashes=list(range(seq * 1000, seq * 1000 + n // BS)),
-        parent_block_hash=None,
-        token_ids=toks[:n],
-        block_size=BS,
-        lora_id=None,
-        medium=medium,
-        lora_name=None,
-    )
-    index.ingest(pod, [f"kv@{pod}@m".encode(), seq_to_bytes(seq), encode_batch([ev])])
-
-
 def test_precise_index_routes_to_the_pod_holding_the_prefix() -> None:
     index = KVBlockIndex(block_size=BS, capacity_blocks=100_000)
     ctx = _ctx(index, ttl=0.0)  # no speculative entries: only events count
     sched = _default(ctx)
     pods = _pods(ctx, events=True)
-    _store(index, "p1", _tokens(3, 0), 1)
+    store_blocks(index, "p1", _tokens(3, 0), 1)
     d = sched.schedule(_req(ctx, _tokens(3, 9)), pods)
     assert d.chosen.id == "p1"
     assert d.predicted_cached_tokens == 2048

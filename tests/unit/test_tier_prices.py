@@ -7,6 +7,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 from aiohttp import web
+from router_fakes import store_blocks
 
 from vllm_llmd.index import KVBlockIndex
 from vllm_llmd.pd.load import DEFAULT_OTHER_TIER_PRICE, DEFAULT_TIER_PRICES, TokenPrices, prefill_equivalent, tier_price
@@ -18,7 +19,6 @@ from vllm_llmd.router.prefix_memory import PrefixMemory
 from vllm_llmd.router.scheduling import Candidate, SchedRequest, SchedulingContext, build_scheduler
 from vllm_llmd.router.scheduling.prefix_view import held_by_tier
 from vllm_llmd.router.tier_prices import TierPriceLearner
-from vllm_llmd.wire.kv_events import BlockStored, encode_batch, seq_to_bytes
 
 BS = 64
 
@@ -189,20 +189,6 @@ def _tokens(prefix: int, n: int = 2048, tail: int = 64) -> list[int]:
     return [(prefix * 7919 + i) % 4000 + 1 for i in range(n)] + [(prefix * 31 + i) % 4000 + 1 for i in range(tail)]
 
 
-def _store(index: KVBlockIndex, pod: str, toks: list[int], seq: int, medium: str) -> None:
-    n = len(toks) - len(toks) % BS
-    ev = BlockStored(
-        block_hashes=list(range(seq * 1000, seq * 1000 + n // BS)),
-        parent_block_hash=None,
-        token_ids=toks[:n],
-        block_size=BS,
-        lora_id=None,
-        medium=medium,
-        lora_name=None,
-    )
-    index.ingest(pod, [f"kv@{pod}@m".encode(), seq_to_bytes(seq), encode_batch([ev])])
-
-
 def _req(index: KVBlockIndex, toks: list[int]) -> SchedRequest:
     return SchedRequest("m", toks, "", len(toks), 16, index.block_keys("m", toks))
 
@@ -213,8 +199,8 @@ def _costs(profile: dict, hbm: str | None, lower: str | None, prices: TokenPrice
     sched = build_scheduler(ProfileConfig.model_validate(profile), ctx)
     pods = _pods(ctx, [prices, prices, prices])
     toks = _tokens(1, n=2048, tail=0)
-    _store(index, "p0", toks, 1, "GPU")
-    _store(index, "p1", toks, 1, lower_medium)  # p2 holds nothing
+    store_blocks(index, "p0", toks, 1, "GPU")
+    store_blocks(index, "p1", toks, 1, lower_medium)  # p2 holds nothing
     from vllm_llmd.router.scheduling.scorers import TTFTCosts
 
     req = _req(index, toks)
@@ -252,8 +238,8 @@ def test_a_queue_on_the_hbm_pod_sends_the_request_to_the_dram_pod_not_to_a_miss(
     sched = build_scheduler(ProfileConfig(), ctx)
     pods = _pods(ctx, [TokenPrices(tiers={"CPU": 0.05})] * 3)
     toks = _tokens(2, tail=0)
-    _store(index, "p0", toks, 1, "GPU")
-    _store(index, "p1", toks, 1, "CPU")
+    store_blocks(index, "p0", toks, 1, "GPU")
+    store_blocks(index, "p1", toks, 1, "CPU")
     ctx.inflight.start("p0", 4000, 0)  # the HBM pod is 4000 prefill tokens behind
     assert sched.schedule(_req(index, toks), pods).chosen.id == "p1"
 
@@ -264,8 +250,8 @@ def test_precise_prefix_scorer_discounts_lower_tiers_by_their_price() -> None:
     sched = build_scheduler(ProfileConfig.model_validate({"scorers": [{"type": "precise-prefix-cache"}]}), ctx)
     pods = _pods(ctx, [TokenPrices(tiers={"CPU": 0.5})] * 2)
     toks = _tokens(4, tail=0)
-    _store(index, "p0", toks, 1, "CPU")
-    _store(index, "p1", toks[:1024], 1, "GPU")
+    store_blocks(index, "p0", toks, 1, "CPU")
+    store_blocks(index, "p1", toks[:1024], 1, "GPU")
     d = sched.schedule(_req(index, toks), pods)
     assert d.scores["precise-prefix-cache"]["p0"] == pytest.approx(0.5)
     assert d.scores["precise-prefix-cache"]["p1"] == pytest.approx(0.5)

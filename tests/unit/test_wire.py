@@ -17,21 +17,24 @@ from vllm_llmd.wire import (
     seq_to_bytes,
 )
 
+#: one stored-block event's fields, given to vLLM's ``BlockStored`` and to ours
+_STORED = dict(
+    block_hashes=[1, b"\x00" * 24 + (2).to_bytes(8, "big")],
+    parent_block_hash=None,
+    token_ids=list(range(8)),
+    block_size=4,
+    lora_id=None,
+    medium="GPU",
+    lora_name=None,
+    extra_keys=[None, ("salt",)],
+    group_idx=0,
+    kv_cache_spec_kind="full_attention",
+)
+
 
 def _ours() -> list:
     return [
-        BlockStored(
-            block_hashes=[1, b"\x00" * 24 + (2).to_bytes(8, "big")],
-            parent_block_hash=None,
-            token_ids=list(range(8)),
-            block_size=4,
-            lora_id=None,
-            medium="GPU",
-            lora_name=None,
-            extra_keys=[None, ("salt",)],
-            group_idx=0,
-            kv_cache_spec_kind="full_attention",
-        ),
+        BlockStored(**_STORED),
         BlockRemoved(block_hashes=[1], medium="GPU"),
         AllBlocksCleared(),
     ]
@@ -41,18 +44,7 @@ def test_encoding_matches_vllm_byte_for_byte() -> None:
     theirs = vllm_events.KVEventBatch(
         ts=1.5,
         events=[
-            vllm_events.BlockStored(
-                block_hashes=[1, b"\x00" * 24 + (2).to_bytes(8, "big")],
-                parent_block_hash=None,
-                token_ids=list(range(8)),
-                block_size=4,
-                lora_id=None,
-                medium="GPU",
-                lora_name=None,
-                extra_keys=[None, ("salt",)],
-                group_idx=0,
-                kv_cache_spec_kind="full_attention",
-            ),
+            vllm_events.BlockStored(**_STORED),
             vllm_events.BlockRemoved(block_hashes=[1], medium="GPU"),
             vllm_events.AllBlocksCleared(),
         ],

@@ -123,18 +123,17 @@ def _settings(name: str, annotations: Mapping[str, str]) -> dict[str, Any]:
     if unknown:
         raise BadPod(f"pod {name}: unknown annotation(s) {unknown}; known: {sorted(KNOWN_ANNOTATIONS)}")
     out: dict[str, Any] = {}
-    raw = annotations.get(PREFILL_SPEED_ANNOTATION)
-    if raw is not None:
-        try:
-            out["prefill_speed"] = float(raw)
-        except ValueError:
-            raise BadPod(f"pod {name}: {PREFILL_SPEED_ANNOTATION}={raw!r} is not a number") from None
-    raw = annotations.get(CAPACITY_ANNOTATION)
-    if raw is not None:
-        try:
-            out["capacity_blocks"] = int(raw)
-        except ValueError:
-            raise BadPod(f"pod {name}: {CAPACITY_ANNOTATION}={raw!r} is not an integer") from None
+    numbers: tuple[tuple[str, str, type[float] | type[int], str], ...] = (
+        ("prefill_speed", PREFILL_SPEED_ANNOTATION, float, "a number"),
+        ("capacity_blocks", CAPACITY_ANNOTATION, int, "an integer"),
+    )
+    for key, annotation, kind, what in numbers:
+        raw = annotations.get(annotation)
+        if raw is not None:
+            try:
+                out[key] = kind(raw)
+            except ValueError:
+                raise BadPod(f"pod {name}: {annotation}={raw!r} is not {what}") from None
     return out
 
 

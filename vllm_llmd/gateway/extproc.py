@@ -187,13 +187,19 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self._mode_warned = False
 
     async def _decide(self, path: str, headers: Mapping[str, str], body: bytes, context: Any) -> Pick | Reject:
+        """The picker's answer, counted (rejected, picked or passed through); a picker error aborts the stream."""
         try:
-            return await self.picker.pick(path, headers, body)
+            res = await self.picker.pick(path, headers, body)
         except Exception as e:
             self.metrics.failed.inc()
             log.exception("picker failed on %s", path)
             await context.abort(grpc.StatusCode.INTERNAL, f"picker failed: {type(e).__name__}: {e}")
             raise  # not reached: abort raises
+        if isinstance(res, Reject):
+            self.metrics.rejected.inc()
+        else:
+            (self.metrics.picked if res.endpoints else self.metrics.passthrough).inc()
+        return res
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
@@ -222,11 +228,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         return
                     res = await self._decide(path, headers, body, context)
                     if isinstance(res, Reject):
-                        self.metrics.rejected.inc()
                         yield immediate(res)
                         return
                     pick = res
-                    (self.metrics.picked if pick.endpoints else self.metrics.passthrough).inc()
                     yield picked_response(pick)
                 elif kind == "request_headers":
                     if req.HasField("protocol_config"):
@@ -247,11 +251,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         continue
                     res = await self._decide(path, headers, b"", context)
                     if isinstance(res, Reject):
-                        self.metrics.rejected.inc()
                         yield immediate(res)
                         return
                     pick = res
-                    (self.metrics.picked if pick.endpoints else self.metrics.passthrough).inc()
                     common, meta = destination_common(pick)
                     yield pb.ProcessingResponse(
                         request_headers=pb.HeadersResponse(response=common), dynamic_metadata=meta

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
-import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +35,7 @@ from vllm_llmd.gateway.extproc import ExtProcServicer
 from vllm_llmd.gateway.router_picker import RouterAppPicker
 from vllm_llmd.router.config import RouterConfig
 from vllm_llmd.router.proxy import RouterApp
+from vllm_llmd.router.server import build_router, configure_logging, run_server, stop_on_signals
 
 log = logging.getLogger("vllm_llmd.gateway")
 
@@ -123,13 +122,7 @@ async def serve_gateway(
         cfg.port,
         ", ".join(p.id for p in router.pool.pods) or "none",
     )
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop = stop_on_signals(stop)
     if ready is not None:
         ready.set()
     try:
@@ -146,19 +139,7 @@ async def serve_gateway(
 
 def run(cfg: RouterConfig, opts: GatewayOptions, router: RouterApp | None = None) -> int:
     """Serve until SIGINT/SIGTERM; ``router``: built from ``cfg`` already (else built here)."""
-    from vllm_llmd.router.server import build_router, configure_logging
-
     configure_logging(cfg)
     router = router or build_router(cfg)
-    # as vllm_llmd.router.server.run: start-up objects out of the collector, young generation
-    # collected less often (trims GC pauses from the latency tail)
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
-    try:
-        import uvloop
-
-        uvloop.run(serve_gateway(router, opts))
-    except ImportError:  # pragma: no cover - uvloop is a base dependency off Windows
-        asyncio.run(serve_gateway(router, opts))
+    run_server(serve_gateway(router, opts))
     return 0

@@ -1,23 +1,11 @@
 """KVEventSubscriber: one ZMQ SUB per pod, feeding a :class:`KVBlockIndex` in order, in a thread.
 
-Per pod: a SUB socket on the pod's publisher (ZMQ reconnects on its own with exponential backoff,
-``RECONNECT_IVL`` .. ``RECONNECT_IVL_MAX``) and, when given, the pod's replay endpoint (a ROUTER;
-we ask it with a short-lived DEALER, ``[b"", start_seq]`` -> ``[b"", topic, seq, payload]`` ... seq -1).
-
-* on every (re)connect (socket monitor: handshake succeeded) the pod is *synced*: replay from seq 0
-  and compare with what the index applied last (same seq, same payload digest -> same engine, apply
-  what is new; otherwise the engine restarted or we missed more than its buffer holds -> drop the
-  pod's entries and rebuild from the replay). This also rebuilds the index when the router restarts.
-* a live batch after a gap in seq -> fetch the missing batches from the replay endpoint;
-* a live batch whose seq went backwards (and is no duplicate) -> engine restart: drop the pod's
-  entries, replay from 0;
-* a replay that fails (times out: an engine still starting, or overloaded; or its answer is
-  misframed or over the bounds of :mod:`.replay`) is retried every second while connected; a gap
-  that could not be filled makes the next sync rebuild the pod.
-
-Without a replay endpoint gaps are only counted, and a restart is noticed at its first batch. What
-counts as a gap, a duplicate or a restart is decided by :mod:`.stream` (through
-``KVBlockIndex.ingest(..., hold=True)``); only a well-formed batch can be any of them.
+Per pod: a SUB socket on the pod's publisher (vLLM's ``ZmqEventPublisher``,
+``vllm/distributed/kv_events.py``; ZMQ reconnects on its own with exponential backoff,
+``RECONNECT_IVL`` .. ``RECONNECT_IVL_MAX``), a socket monitor that reports each (re)connect, and,
+when given, the pod's replay endpoint (a ROUTER; asked with a short-lived DEALER by :mod:`.replay`).
+This module owns the sockets, the thread and its commands; what each batch, gap, restart and
+(re)connect means for the pod's entries is :mod:`.pod_sync`'s.
 """
 
 from __future__ import annotations
@@ -28,75 +16,20 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
-import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from vllm_llmd.index.block_index import KVBlockIndex
+from vllm_llmd.index.pod_sync import PodConn, PodStats, PodSync
 from vllm_llmd.index.replay import MAX_BATCHES, MAX_BYTES, MAX_MESSAGE_BYTES, ReplayLimits, fetch_replay
-from vllm_llmd.index.stream import Verdict, frame_seq
 from vllm_llmd.wire.curve import CurveClient, client_from_env
 
 logger = logging.getLogger(__name__)
 
 
-class _BatchHead(msgspec.Struct, array_like=True):
-    """Only the timestamp of an ``EventBatch`` (the events stay undecoded)."""
-
-    ts: float
-    events: msgspec.Raw
-    data_parallel_rank: Any = None
-
-
-_head = msgspec.msgpack.Decoder(_BatchHead)
-#: seconds between retries of a failed sync (replay request)
-RETRY_SYNC_S = 1.0
 _HANDSHAKE = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
-
-
-@dataclass
-class PodStats:
-    endpoint: str
-    replay_endpoint: str | None
-    connected: bool = False
-    batches: int = 0
-    errors: int = 0  # malformed frames, failed replays
-    reconnects: int = 0  # connects after the first
-    replays: int = 0
-    replayed_batches: int = 0
-    restarts: int = 0
-    last_seq: int | None = None
-    lag_s: float | None = None  # receive time minus the batch's engine timestamp, last batch
-    last_batch_at: float | None = None  # time.time() of the last live batch
-    #: the index holds what the engine's replay buffer held at the last (re)connect (without a replay
-    #: endpoint: the stream is connected); stays set across later disconnects
-    synced: bool = False
-    #: seconds from the pod's subscription to its first sync (the index rebuilt from its replay)
-    sync_s: float | None = None
-
-
-class _PodConn:
-    def __init__(self, pod: str, endpoint: str, replay: str | None, sub: zmq.Socket, mon: zmq.Socket | None) -> None:
-        self.pod = pod
-        self.sub = sub
-        self.mon = mon
-        self.stats = PodStats(endpoint, replay)
-        self.ever_connected = False
-        #: when to (re)try a sync that failed (replay timed out, e.g. an engine still starting)
-        self.sync_due: float | None = None
-        #: a gap could not be filled: the next successful sync drops the pod and rebuilds it
-        self.rebuild = False
-        self.added_at = time.monotonic()
-
-    def mark_synced(self) -> None:
-        """(Under the stats lock.)"""
-        st = self.stats
-        if not st.synced:
-            st.synced = True
-            st.sync_s = time.monotonic() - self.added_at
 
 
 class KVEventSubscriber:
@@ -124,8 +57,9 @@ class KVEventSubscriber:
         self.reconnect_ivl_max_ms = reconnect_ivl_max_ms
         self._ctx = context or zmq.Context.instance()
         self._cmds: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.SimpleQueue()
-        self._conns: dict[str, _PodConn] = {}
+        self._conns: dict[str, PodConn] = {}
         self._stats_lock = threading.Lock()
+        self._pods = PodSync(index, self._stats_lock, self._fetch)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake_addr = f"inproc://kv-sub-wake-{id(self)}"
@@ -196,6 +130,9 @@ class KVEventSubscriber:
 
     # -------------------------------------------------------------- internals
 
+    def _fetch(self, endpoint: str, start: int) -> list[list[bytes]] | None:
+        return fetch_replay(self._ctx, endpoint, start, self.limits, self.curve)
+
     def _command(self, fn: Callable[..., None], *args: Any) -> None:
         self._cmds.put((fn, args))
         self._wake()
@@ -233,9 +170,9 @@ class KVEventSubscriber:
                 mon.close(linger=0)
             return
         with self._stats_lock:
-            self._conns[pod] = _PodConn(pod, endpoint, replay, sub, mon)
+            self._conns[pod] = PodConn(pod, endpoint, replay, sub, mon)
 
-    def _close(self, conn: _PodConn) -> None:
+    def _close(self, conn: PodConn) -> None:
         try:
             if conn.mon is not None:
                 conn.sub.disable_monitor()
@@ -266,7 +203,7 @@ class KVEventSubscriber:
                 except Exception:
                     logger.exception("kv subscriber: command failed")
             # keep the poller in step with the pods
-            wanted: dict[int, tuple[zmq.Socket, _PodConn, bool]] = {}
+            wanted: dict[int, tuple[zmq.Socket, PodConn, bool]] = {}
             for conn in self._conns.values():
                 wanted[id(conn.sub)] = (conn.sub, conn, False)
                 if conn.mon is not None:
@@ -307,11 +244,11 @@ class KVEventSubscriber:
             for conn in list(self._conns.values()):
                 if conn.sync_due is not None and conn.sync_due <= now and conn.stats.connected:
                     try:
-                        self._sync(conn)
+                        self._pods.sync(conn)
                     except Exception:
                         logger.exception("kv subscriber: sync of %s failed", conn.pod)
 
-    def _on_monitor(self, conn: _PodConn) -> None:
+    def _on_monitor(self, conn: PodConn) -> None:
         assert conn.mon is not None
         while True:
             try:
@@ -327,115 +264,15 @@ class KVEventSubscriber:
                     if conn.stats.replay_endpoint is None:
                         conn.mark_synced()
                 conn.ever_connected = True
-                self._sync(conn)
+                self._pods.sync(conn)
             elif kind == zmq.EVENT_DISCONNECTED:
                 with self._stats_lock:
                     conn.stats.connected = False
 
-    def _drain(self, conn: _PodConn, budget: int = 1000) -> None:
+    def _drain(self, conn: PodConn, budget: int = 1000) -> None:
         for _ in range(budget):
             try:
                 frames = conn.sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._on_live(conn, frames)
-
-    def _on_live(self, conn: _PodConn, frames: list[bytes]) -> None:
-        st = conn.stats
-        now = time.time()
-        replay = st.replay_endpoint is not None
-        verdict = self.index.ingest(conn.pod, frames, hold=replay)
-        if verdict is Verdict.GAP:
-            last = self.index.last_seq(conn.pod)
-            self._fill(conn, 0 if last is None else last + 1)
-            self.index.ingest(conn.pod, frames)  # a duplicate now, unless the replay failed
-        elif verdict is Verdict.RESTART:
-            logger.info(
-                "kv subscriber: %s restarted (seq %s after %s); rebuilding from replay",
-                conn.pod,
-                frame_seq(frames),
-                self.index.last_seq(conn.pod),
-            )
-            with self._stats_lock:
-                st.restarts += 1
-            self.index.reset_pod(conn.pod)
-            self._fill(conn, 0)
-            self.index.ingest(conn.pod, frames)
-        elif verdict is Verdict.BAD:
-            with self._stats_lock:
-                st.errors += 1
-            return
-        lag = None
-        try:
-            lag = max(0.0, now - _head.decode(frames[2]).ts)
-        except Exception:
-            pass
-        with self._stats_lock:
-            st.batches += 1
-            st.last_seq = self.index.last_seq(conn.pod)
-            st.last_batch_at = now
-            if lag is not None:
-                st.lag_s = lag
-
-    def _replay(self, conn: _PodConn, start: int) -> list[list[bytes]] | None:
-        """Batches with seq >= start from the pod's replay endpoint, or ``None`` if that failed."""
-        endpoint = conn.stats.replay_endpoint
-        if endpoint is None:
-            return None
-        return fetch_replay(self._ctx, endpoint, start, self.limits, self.curve)
-
-    def _fill(self, conn: _PodConn, start: int) -> None:
-        """Apply the batches from ``start`` on; if the replay buffer no longer reaches back to
-        ``start``, the missed blocks are unknowable: drop the pod and rebuild from the buffer."""
-        got = self._replay(conn, start)
-        with self._stats_lock:
-            conn.stats.replays += 1
-            if got is None:
-                conn.stats.errors += 1
-        if got is None:
-            conn.rebuild = True  # the missing batches are unknown: rebuild once a replay works
-            conn.sync_due = time.monotonic() + RETRY_SYNC_S
-            return
-        first = frame_seq(got[0]) if got else None
-        if start > 0 and first is not None and first > start:
-            logger.info("kv subscriber: %s replay buffer starts after seq %d; resyncing", conn.pod, start)
-            self.index.reset_pod(conn.pod)
-        for frames in got:
-            if (frame_seq(frames) or 0) >= start:
-                self.index.ingest(conn.pod, frames)
-        with self._stats_lock:
-            conn.stats.replayed_batches += len(got)
-            conn.stats.last_seq = self.index.last_seq(conn.pod)
-            conn.mark_synced()
-
-    def _sync(self, conn: _PodConn) -> None:
-        """On (re)connect: bring the pod's entries in line with the engine's replay buffer."""
-        if conn.stats.replay_endpoint is None:
-            return
-        got = self._replay(conn, 0)
-        with self._stats_lock:
-            conn.stats.replays += 1
-            if got is None:
-                conn.stats.errors += 1
-        if got is None:
-            conn.sync_due = time.monotonic() + RETRY_SYNC_S
-            return
-        conn.sync_due = None
-        last = self.index.last_seq(conn.pod)
-        if conn.rebuild:
-            conn.rebuild = False
-            self.index.reset_pod(conn.pod)
-            last = None
-        if last is not None and not self.index.continues(conn.pod, got):
-            logger.info("kv subscriber: %s has a new engine or lost history; rebuilding", conn.pod)
-            with self._stats_lock:
-                conn.stats.restarts += 1
-            self.index.reset_pod(conn.pod)
-            last = None
-        for frames in got:
-            if last is None or (frame_seq(frames) or 0) > last:
-                self.index.ingest(conn.pod, frames)
-        with self._stats_lock:
-            conn.stats.replayed_batches += len(got)
-            conn.stats.last_seq = self.index.last_seq(conn.pod)
-            conn.mark_synced()
+            self._pods.on_live(conn, frames)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -19,6 +19,7 @@ from vllm_llmd.pd import SelectiveParams
 
 #: the P/D deciders' defaults have one owner: vllm_llmd.pd.SelectiveParams
 _PD_DEFAULTS = SelectiveParams()
+_M = TypeVar("_M", bound=BaseModel)
 
 log = logging.getLogger(__name__)
 
@@ -335,25 +336,36 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: Any, source: str = "config") -> RouterConfig:
+def validated(model: type[_M], data: Any, source: str, error: type[Exception]) -> _M:
+    """A YAML document (``None`` or a mapping) as ``model``; anything else raises ``error`` naming
+    ``source`` and each bad key (the router's config and the simulator's fleet profile)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        raise error(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
-        return RouterConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise error(format_validation_error(e, source)) from None
+
+
+def read_yaml(path: Path, error: type[Exception]) -> Any:
+    """The YAML document in ``path``; a missing file or bad YAML raises ``error`` naming the file."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
+
+
+def parse_config(data: Any, source: str = "config") -> RouterConfig:
+    return validated(RouterConfig, data, source, ConfigError)
 
 
 def load_config(path: str | Path) -> RouterConfig:
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    data = read_yaml(p, ConfigError)
     from vllm_llmd.router.llmd_config import is_endpoint_picker_config, translate
 
     if is_endpoint_picker_config(data):  # an llm-d EPP configuration: what maps, and what does not

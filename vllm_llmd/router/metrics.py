@@ -98,7 +98,7 @@ class RouterMetrics:
 
 
 class SubscriberCollector(Collector):
-    """The KV event subscriber's per-pod statistics (``vllm_llmd.index.subscriber.PodStats``) at
+    """The KV event subscriber's per-pod statistics (``vllm_llmd.index.pod_sync.PodStats``) at
     scrape time: batches, reconnects, replays, replayed batches, restarts, errors, connection and
     lag (receive time minus the batch's engine timestamp, last batch)."""
 

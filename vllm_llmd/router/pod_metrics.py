@@ -132,13 +132,8 @@ def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
             if bs is not None:
                 m.block_size = bs
             continue
-        raw = line[sp + 1 :]
-        try:
-            v = float(raw)
-        except ValueError:
-            continue
-        if not (math.isfinite(v) and v >= 0):
-            _reject(name, raw)
+        v = _sample(name, line[sp + 1 :])
+        if v is None:
             continue
         if name == LORA_INFO:
             if v > lora_at:
@@ -157,18 +152,25 @@ def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
     return m
 
 
+def _sample(name: str, raw: str) -> float | None:
+    """A sample's value if it is a finite, non-negative number (another number is rejected, logged)."""
+    try:
+        v = float(raw)
+    except ValueError:
+        return None
+    if not (math.isfinite(v) and v >= 0):
+        _reject(name, raw)
+        return None
+    return v
+
+
 def _tier_value(into: dict[str, float], name: str, line: str, sp: int, name_end: int) -> None:
     """Add one tier series sample to ``into[tier]`` (summed over the other labels); at most 8 tiers."""
     t = _TIER_LABEL.search(line, name_end, sp) if name_end > 0 else None
     if t is None:
         return
-    raw = line[sp + 1 :]
-    try:
-        v = float(raw)
-    except ValueError:
-        return
-    if not (math.isfinite(v) and v >= 0):
-        _reject(name, raw)
+    v = _sample(name, line[sp + 1 :])
+    if v is None:
         return
     tier = t.group(1)
     if tier in into or len(into) < 8:

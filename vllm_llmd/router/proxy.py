@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -330,20 +331,7 @@ class RouterApp:
 
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
         """A GET endpoint any healthy pod answers (``/version``)."""
-        session = self.upstream.session
-        assert session is not None
-        for pod in self.pool.available():
-            try:
-                async with (
-                    asyncio.timeout(self.cfg.pool.health_timeout_s),
-                    session.get(pod.url + request.path, headers=request_headers(request, body=False)) as r,
-                ):
-                    data, complete = await read_capped(r, MAX_MODELS_BYTES)
-                    if r.status < 500 and complete:
-                        return web.Response(status=r.status, body=data, content_type=r.content_type)
-            except (TimeoutError, aiohttp.ClientError, OSError) as e:
-                self.pool.report_failure(pod, f"GET {request.path} failed: {type(e).__name__}")
-        return error_response(503, "no pod available", headers={"Retry-After": str(self.pool.retry_after_s())})
+        return await self._from_a_pod(request, request.path, lambda status: status < 500)
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
         """The union of the models and adapters the pods serve (:mod:`.models`); before any pod's
@@ -351,17 +339,24 @@ class RouterApp:
         cards = self.catalog.listing(self.pool.pods)
         if cards is not None:
             return web.json_response({"object": "list", "data": cards})
+        return await self._from_a_pod(request, "/v1/models", lambda status: status == 200, "application/json")
+
+    async def _from_a_pod(
+        self, request: web.Request, path: str, ok: Callable[[int], bool], content_type: str | None = None
+    ) -> web.Response:
+        """The first available pod's whole answer to ``GET path`` whose status ``ok`` accepts (a pod
+        that fails is reported to the pool; the next is tried), else 503."""
         session = self.upstream.session
         assert session is not None
         for pod in self.pool.available():
             try:
                 async with (
                     asyncio.timeout(self.cfg.pool.health_timeout_s),
-                    session.get(pod.url + "/v1/models", headers=request_headers(request, body=False)) as r,
+                    session.get(pod.url + path, headers=request_headers(request, body=False)) as r,
                 ):
                     data, complete = await read_capped(r, MAX_MODELS_BYTES)
-                    if r.status == 200 and complete:
-                        return web.Response(body=data, content_type="application/json")
+                    if ok(r.status) and complete:
+                        return web.Response(status=r.status, body=data, content_type=content_type or r.content_type)
             except (TimeoutError, aiohttp.ClientError, OSError) as e:
-                self.pool.report_failure(pod, f"GET /v1/models failed: {type(e).__name__}")
+                self.pool.report_failure(pod, f"GET {path} failed: {type(e).__name__}")
         return error_response(503, "no pod available", headers={"Retry-After": str(self.pool.retry_after_s())})

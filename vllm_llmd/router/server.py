@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
+from collections.abc import Coroutine
 from typing import Any
 
 from vllm_llmd.router.config import RouterConfig
@@ -110,13 +112,7 @@ async def serve(router: RouterApp, host: str, port: int, ready: asyncio.Event | 
         server.port,
         ", ".join(p.id for p in router.pool.pods) or "none",
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
+    stop = stop_on_signals()
     if ready is not None:
         ready.set()
     try:
@@ -130,9 +126,27 @@ def run(cfg: RouterConfig, router: RouterApp | None = None) -> int:
     """Serve until SIGINT/SIGTERM; ``router``: built from ``cfg`` already (else built here)."""
     configure_logging(cfg)
     router = router or build_router(cfg)
-    # Start-up objects (tokenizer, config, plugin instances) never die: keep them out of every later
-    # collection, and collect the young generation less often. Per-request garbage is mostly acyclic
-    # (freed by reference counting), so this trims the collector's pauses from the latency tail.
+    run_server(serve(router, cfg.host, cfg.port))
+    return 0
+
+
+def stop_on_signals(stop: asyncio.Event | None = None) -> asyncio.Event:
+    """``stop`` (or a new event), set on SIGINT/SIGTERM where the running loop takes signal handlers."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def run_server(main: Coroutine[Any, Any, None]) -> None:
+    """Run a server's coroutine to the end on uvloop (asyncio's own loop where uvloop is missing).
+
+    Start-up objects (tokenizer, config, plugin instances) never die: keep them out of every later
+    collection, and collect the young generation less often. Per-request garbage is mostly acyclic
+    (freed by reference counting), so this trims the collector's pauses from the latency tail.
+    """
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
@@ -142,5 +156,4 @@ def run(cfg: RouterConfig, router: RouterApp | None = None) -> int:
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a base dependency off Windows
         runner = asyncio.run
-    runner(serve(router, cfg.host, cfg.port))
-    return 0
+    runner(main)

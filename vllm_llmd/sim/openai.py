@@ -115,17 +115,25 @@ def parse_request(body: Any, chat: bool, served: list[str]) -> ParsedRequest:
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             raise RequestError("messages must be a non-empty list", param="messages")
         max_tokens = _int_field(body, "max_completion_tokens") or _int_field(body, "max_tokens")
-        return ParsedRequest(
-            chat=True,
-            model=model,
-            stream=stream,
-            include_usage=include_usage,
-            continuous_usage=continuous,
-            max_tokens=max_tokens,
-            cache_salt=salt,
-            body=body,
-            add_special_tokens=bool(body.get("add_special_tokens", False)),
-        )
+        prompt = None
+    else:
+        prompt = _completion_prompt(body)
+        max_tokens = _int_field(body, "max_tokens") if "max_tokens" in body else 16
+    return ParsedRequest(
+        chat=chat,
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
+        continuous_usage=continuous,
+        max_tokens=max_tokens,
+        cache_salt=salt,
+        prompt=prompt,
+        body=body if chat else {},
+        add_special_tokens=bool(body.get("add_special_tokens", not chat)),
+    )
+
+
+def _completion_prompt(body: dict[str, Any]) -> str | list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -140,18 +148,7 @@ def parse_request(body: Any, chat: bool, served: list[str]) -> ParsedRequest:
         raise RequestError(
             "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)", param="prompt"
         )
-    max_tokens = _int_field(body, "max_tokens") if "max_tokens" in body else 16
-    return ParsedRequest(
-        chat=False,
-        model=model,
-        stream=stream,
-        include_usage=include_usage,
-        continuous_usage=continuous,
-        max_tokens=max_tokens,
-        cache_salt=salt,
-        prompt=prompt,
-        add_special_tokens=bool(body.get("add_special_tokens", True)),
-    )
+    return prompt
 
 
 def resolve_max_tokens(req: ParsedRequest, prompt_len: int, max_model_len: int) -> int:

@@ -27,9 +27,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vllm_llmd.router.config import format_validation_error, read_yaml, validated
 from vllm_llmd.sim.cost import CostModel
 
 
@@ -97,7 +97,7 @@ class FleetProfile(_Strict):
             try:
                 out.append(PodClass.model_validate(merged))
             except ValidationError as e:
-                raise ProfileError(_format(e, f"classes[{i}]")) from None
+                raise ProfileError(format_validation_error(e, f"classes[{i}]")) from None
         if not out:
             raise ProfileError("classes: at least one class is needed")
         return out
@@ -134,26 +134,8 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _format(err: ValidationError, where: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key {loc!r}")
-        else:
-            lines.append(f"{where}: {loc}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def parse_profile(data: Any, source: str = "profile") -> FleetProfile:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ProfileError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    try:
-        prof = FleetProfile.model_validate(data)
-    except ValidationError as e:
-        raise ProfileError(_format(e, source)) from None
+    prof = validated(FleetProfile, data, source, ProfileError)
     try:
         prof.resolved_classes()
     except ProfileError as e:
@@ -163,12 +145,7 @@ def parse_profile(data: Any, source: str = "profile") -> FleetProfile:
 
 def load_profile(path: str | Path) -> FleetProfile:
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ProfileError(f"{p}: cannot read: {e}") from None
-    except yaml.YAMLError as e:
-        raise ProfileError(f"{p}: not valid YAML: {e}") from None
+    data = read_yaml(p, ProfileError)
     prof = parse_profile(data, str(p))
     if prof.tokenizer and not Path(prof.tokenizer).is_absolute():
         # a relative tokenizer path is relative to the profile file

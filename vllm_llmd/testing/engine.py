@@ -28,6 +28,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def file_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a process's log file ("" if it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
     """End a child started with ``start_new_session=True`` and everything in its process group:
     SIGTERM, then SIGKILL after ``timeout``; nothing of the group may outlive its leader."""
@@ -191,10 +199,7 @@ class EngineProcess:
         return self
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return file_tail(self.log_path, lines)
 
     def is_healthy(self) -> bool:
         try:

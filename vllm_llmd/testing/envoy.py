@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from vllm_llmd.testing.engine import stop_process_group
+from vllm_llmd.testing.engine import file_tail, stop_process_group
 
 
 def envoy_binary() -> str | None:
@@ -84,10 +84,7 @@ class EnvoyProcess:
         return out
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return file_tail(self.log_path, lines)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is not None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from vllm_llmd.testing.engine import EngineProcess, free_port, stop_process_group
+from vllm_llmd.testing.engine import EngineProcess, file_tail, free_port, stop_process_group
 
 
 def write_config(path: Path, engines: Sequence[EngineProcess], model_dir: Path, **overrides: Any) -> Path:
@@ -128,10 +128,7 @@ class RouterReplica:
             )
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return file_tail(self.log_path, lines)
 
     def kill(self) -> None:
         """SIGKILL: a replica that dies without shutting down."""
