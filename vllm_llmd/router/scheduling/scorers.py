@@ -110,6 +110,7 @@ class EstimatedTTFTScorer(_Base):
         held_of, cached_of = v.held, v.cached
         capacity_on = cw > 0
         cap_frac = prm.capacity_fraction
+        n_miss = max(0, n)  # every token a miss: prefill_equivalent(n, {}) = 0.0 + miss * n_miss
         for i, p in enumerate(pods):
             pid = p.id
             if tiered:
@@ -118,7 +119,7 @@ class EstimatedTTFTScorer(_Base):
                     priced = prefill_equivalent(n, held, p.prices)
                     uncached = n - held.get(HBM, 0)  # blocks the engine allocates
                 else:
-                    priced = 0.0 + p.prices.miss * max(0, n)  # prefill_equivalent(n, {})
+                    priced = 0.0 + p.prices.miss * n_miss
                     uncached = n
             else:
                 c = cached_of.get(pid, 0)
