@@ -52,7 +52,7 @@ def prefix_view(req: SchedRequest, pods: list[Candidate], ctx: SchedulingContext
     """Per request, over every candidate; only the pods the index or the routing memory names hold
     anything, so the per-pod work is one ``dict.fromkeys`` for ``cached`` and ``remembered`` (zeros)
     plus a loop over those few pods: over 100 pods a pod-by-pod loop was ~15% of the decision
-    (bench/bench_router_decision.py, py-spy; figures in bench/RESULTS.md). ``held`` names only pods
+    (bench/bench_router_decision.py profiled; figures in bench/RESULTS.md). ``held`` names only pods
     that hold something (readers use ``held.get(pod, {})``)."""
     v = PrefixView()
     bs = ctx.block_size
