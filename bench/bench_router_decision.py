@@ -27,10 +27,14 @@ def main() -> None:
     ap.add_argument("--prefix-tokens", type=int, default=2048)
     ap.add_argument("--suffix-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--chunk-chars", type=int, default=None, help="tokenizer.prefix_cache_chunk_chars")
     args = ap.parse_args()
     model = make_test_model(Path(tempfile.mkdtemp(prefix="llmd-decision-")) / "small", shape="small")
     pods = [{"url": f"http://10.0.{i // 250}.{i % 250}:8000", "events": "tcp://127.0.0.1:1"} for i in range(args.pods)]
-    router = build_router(RouterConfig.model_validate({"pods": pods, "tokenizer": {"path": str(model)}}))
+    tok_cfg: dict[str, object] = {"path": str(model)}
+    if args.chunk_chars is not None:
+        tok_cfg["prefix_cache_chunk_chars"] = args.chunk_chars
+    router = build_router(RouterConfig.model_validate({"pods": pods, "tokenizer": tok_cfg}))
     assert router.tokenizer is not None and router.index is not None
     tok = router.tokenizer._tok
     rng = random.Random(0)
@@ -58,16 +62,23 @@ def main() -> None:
     print(f"prompt ~{len(prompts[0])} characters")
     cands = router.pool.pods
 
+    split = [0.0, 0.0]  # CPU seconds in stage 2 (tokens, keys) and stage 3 (candidates, schedule)
+
     async def one(p: str) -> None:
         # stages 2 and 3 of the request path (vllm_llmd/router/proxy.py): tokens and keys, then scheduling
+        t0 = time.process_time()
         creq = ClientRequest(COMPLETIONS, {"prompt": p}, b"", "test-model", 16, None, prompt_text=p)
         req = await router.prompts.build(creq, len(p))
+        t1 = time.process_time()
         router.scheduler.schedule(req, router.candidates.of(cands))
+        split[0] += t1 - t0
+        split[1] += time.process_time() - t1
 
     async def run() -> tuple[list[float], float]:
         for p in prompts[:100]:
             await one(p)
         lat = []
+        split[:] = [0.0, 0.0]
         c0 = time.process_time()
         for p in prompts[100:]:
             t = time.perf_counter()
@@ -81,6 +92,12 @@ def main() -> None:
     print(
         f"decision over {args.pods} pods: CPU {1e3 * cpu / n:.3f} ms/request (~{n / cpu:.0f} decisions/s/core), "
         f"wall p50 {1e3 * lat[n // 2]:.3f} ms, p99 {1e3 * lat[int(n * 0.99)]:.3f} ms"
+    )
+    tk = router.tokenizer
+    print(
+        f"  CPU: tokens+keys {1e6 * split[0] / n:.0f} us + schedule {1e6 * split[1] / n:.0f} us; wall mean "
+        f"{1e6 * sum(lat) / n:.0f} us; "
+        f"tokenizer prefix cache {tk.cache_hits} hits, {tk.cache_misses} misses"
     )
 
 

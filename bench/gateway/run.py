@@ -11,6 +11,9 @@ Rows (``--rows``):
 * ``gateway_null``: as ``gateway`` below, but the ext_proc servicer runs a picker that does no work
   (``null_picker.py``): the protocol layer's own cost;
 * ``gateway``: wrk -> Envoy -> nginx, Envoy asking ``vllm-llmd router --ext-proc`` for each request;
+  with ``--pickers N``, N such routers (active-active replicas: each its own index from the same
+  events, nothing shared) listed as the endpoints of Envoy's picker cluster, which spreads the
+  ext_proc streams over them round robin;
 * ``ours``: our proxy (``vllm-llmd router``);
 * ``cache_aware``: ``vllm-router --policy cache_aware``.
 
@@ -43,7 +46,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parent / "overhead")]  # bench/ (rout
 import run as overhead  # noqa: E402  (bench/overhead/run.py)
 from routers import REPO, ROUTERS, Launch, RouterKind, RouterProcess, Worker, free_port  # noqa: E402
 
-from vllm_llmd.gateway.envoy_config import EnvoyOptions, bootstrap  # noqa: E402
+from vllm_llmd.gateway.envoy_config import EnvoyOptions, _addr, bootstrap  # noqa: E402
 from vllm_llmd.testing.engine import stop_process_group  # noqa: E402
 from vllm_llmd.testing.envoy import EnvoyProcess  # noqa: E402
 from vllm_llmd.testing.model import make_test_model  # noqa: E402
@@ -77,11 +80,16 @@ def gateway_kind(ext_proc: str, extra: list[str]) -> RouterKind:
     return RouterKind("gateway", "Envoy + vllm-llmd picker (ext_proc)", build, available=base.available)
 
 
-def envoy_for(ports: list[int], picker: str, with_ext_proc: bool, concurrency: int) -> EnvoyProcess:
+def envoy_for(ports: list[int], picker: str | list[str], with_ext_proc: bool, concurrency: int) -> EnvoyProcess:
+    pickers = [picker] if isinstance(picker, str) else picker
     opts = EnvoyOptions(
-        pods=[f"127.0.0.1:{p}" for p in ports], picker=picker, listen_port=free_port(), admin_port=free_port()
+        pods=[f"127.0.0.1:{p}" for p in ports], picker=pickers[0], listen_port=free_port(), admin_port=free_port()
     )
     b = bootstrap(opts)
+    if len(pickers) > 1:  # replicas: every picker an endpoint of the picker cluster
+        (cluster,) = [c for c in b["static_resources"]["clusters"] if c["name"] == "llmd_picker"]
+        lb = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        lb[:] = [{"endpoint": {"address": _addr(a)}} for a in pickers]
     if not with_ext_proc:
         b = copy.deepcopy(b)
         hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -117,6 +125,7 @@ def main() -> int:
     ap.add_argument("--index-prefixes", type=int, default=0)
     ap.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
     ap.add_argument("--picker-args", default="", help="extra flags for the gateway row's router (space separated)")
+    ap.add_argument("--pickers", type=int, default=1, help="gateway row: picker processes (replicas) behind Envoy")
     ap.add_argument("--tag", default="", help="suffix for the output files")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -137,6 +146,7 @@ def main() -> int:
         "pods": args.pods,
         "index_prefixes_per_pod": args.index_prefixes,
         "envoy_concurrency": args.envoy_concurrency,
+        "pickers": args.pickers,
     }
     rows: list[dict[str, Any]] = []
     rows_wanted = [r for r in args.rows.split(",") if r]
@@ -188,35 +198,46 @@ def main() -> int:
                     Worker(w.url, events=ep, model_dir=model_dir, served_name="test-model")
                     for w, ep in zip(plain, feed.endpoints, strict=True)
                 ]
-            picker_addr = f"127.0.0.1:{free_port()}"
-            kind = gateway_kind(picker_addr, args.picker_args.split()) if name == "gateway" else ROUTERS[name]
-            why = kind.available()
+            n_procs = args.pickers if name == "gateway" else 1
+            picker_addrs = [f"127.0.0.1:{free_port()}" for _ in range(n_procs)]
+            kinds = [
+                gateway_kind(a, args.picker_args.split()) if name == "gateway" else ROUTERS[name] for a in picker_addrs
+            ]
+            why = kinds[0].available()
             if why:
                 log(f"{name}: skipped: {why}")
                 continue
-            router = RouterProcess(kind, kind.build(workers, free_port()), OUT / f"router_{name}.log")
+            routers = [
+                RouterProcess(k, k.build(workers, free_port()), OUT / f"router_{name}{i or ''}.log")
+                for i, k in enumerate(kinds)
+            ]
             envoy = None
             try:
-                router.start().wait_ready(timeout=120)
-                assert router.proc is not None
-                row: dict[str, Any] = {"router": name, "label": kind.label}
+                for router in routers:
+                    router.start()
+                for router in routers:
+                    router.wait_ready(timeout=120)
+                    assert router.proc is not None
+                row: dict[str, Any] = {"router": name, "label": kinds[0].label}
+                if n_procs > 1:
+                    row["label"] += f" x{n_procs} replicas"
                 if feed is not None:
-                    row["index_blocks"] = feed.fill(router.url)
+                    for router in routers:
+                        row["index_blocks"] = feed.fill(router.url)
                     row["label"] += f" ({row['index_blocks']} index blocks)"
                     log(f"{name}: index holds {row['index_blocks']} blocks")
-                pids = {"router": router.proc.pid}
-                url = router.url
+                pids = {f"router{i or ''}": r.proc.pid for i, r in enumerate(routers)}  # type: ignore[union-attr]
+                url = routers[0].url
                 if name == "gateway":
-                    envoy = envoy_for(ports, picker_addr, True, args.envoy_concurrency).start_ready()
+                    envoy = envoy_for(ports, picker_addrs, True, args.envoy_concurrency).start_ready()
                     assert envoy.proc is not None
                     pids["envoy"] = envoy.proc.pid
                     url = envoy.listen_url  # type: ignore[attr-defined]
                 row |= measure_pids(url, args, env, name, pids)
                 if name in ("ours", "gateway"):
-                    n = metric(router.url, "llmd_router_decision_seconds_count")
-                    row["decision_ms_mean"] = round(
-                        1e3 * metric(router.url, "llmd_router_decision_seconds_sum") / max(n, 1), 3
-                    )
+                    n = sum(metric(r.url, "llmd_router_decision_seconds_count") for r in routers)
+                    total = sum(metric(r.url, "llmd_router_decision_seconds_sum") for r in routers)
+                    row["decision_ms_mean"] = round(1e3 * total / max(n, 1), 3)
                 rows.append(row)
                 log(f"{name}: {row['saturated']['req_s']} req/s; 1 conn p99 {row['single']['p99_ms']} ms")
             except Exception as exc:  # one failed row must not lose the others
@@ -224,7 +245,8 @@ def main() -> int:
             finally:
                 if envoy is not None:
                     envoy.stop()
-                router.stop()
+                for router in routers:
+                    router.stop()
                 if feed is not None:
                     feed.close()
     finally:
@@ -244,7 +266,8 @@ def main() -> int:
     summary = (
         "\n".join(lines) + f"\n\n{args.pods} pods, {args.index_prefixes} indexed prefixes per pod;"
         f" wrk -t{args.threads} -c{args.connections} -d{args.duration}s and -c1;"
-        f" Envoy --concurrency {args.envoy_concurrency}; {meta['date_utc']} UTC on"
+        f" Envoy --concurrency {args.envoy_concurrency}, {args.pickers} picker process(es);"
+        f" {meta['date_utc']} UTC on"
         f" {meta['cores']} cores, load average before {meta['load_avg_before']}, after {meta['load_avg_after']}\n"
     )
     (OUT / f"results{args.tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -81,12 +81,20 @@ class KVFootprint:
         """Per pod in ``fair`` (pod -> fair share, summing to 1): ``max(0, share / fair - 1)``
         where ``share`` is the pod's part of these pods' summed footprints; 0 everywhere while
         nothing was routed."""
-        pods = self._pods
-        fp = {p: len(pods.get(p, ())) for p in fair}
-        total = sum(fp.values())
+        return dict(zip(fair, self.excess_of(list(fair), list(fair.values())), strict=True))
+
+    def excess_of(self, pods: list[str], fair: list[float]) -> list[float]:
+        """:meth:`excess` over parallel lists (distinct pods), without building a dict per call."""
+        d = self._pods
+        fp = [len(d[p]) if p in d else 0 for p in pods]
+        total = sum(fp)
         if total <= 0:
-            return dict.fromkeys(fair, 0.0)
-        return {p: (max(0.0, fp[p] / (total * f) - 1.0) if f > 0 else 0.0) for p, f in fair.items()}
+            return [0.0] * len(pods)
+        # max(0.0, y) as a conditional (same value, NaN -> 0.0), no call per pod
+        return [
+            ((y if (y := x / (total * f) - 1.0) > 0.0 else 0.0) if f > 0 else 0.0)
+            for x, f in zip(fp, fair, strict=True)
+        ]
 
     def pods(self) -> list[str]:
         return list(self._pods)

@@ -53,7 +53,8 @@ class PrefixView:
     #: tiers of the index match per pod (as the index reports them)
     tiers: dict[str, list[str]] = field(default_factory=dict)
     #: cached prompt tokens per pod by where they are (medium -> tokens, summing to ``cached``):
-    #: the index's tier of each matched block; tokens only the routing memory knows count as ``GPU``
+    #: the index's tier of each matched block; tokens only the routing memory knows count as ``GPU``;
+    #: pods holding nothing are absent (read it with ``held.get(pod, {})``)
     held: dict[str, dict[str, int]] = field(default_factory=dict)
     #: from the routing memory only (tokens)
     remembered: dict[str, int] = field(default_factory=dict)

@@ -6,7 +6,7 @@ import random
 
 from pydantic import Field
 
-from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT, queued_tokens
+from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT
 from vllm_llmd.router.scheduling.framework import Candidate, SchedRequest, SchedulingContext
 from vllm_llmd.router.scheduling.registry import Params, register
 
@@ -33,15 +33,22 @@ class MaxScorePicker:
         dw = self.params.decode_token_weight
         best = max(totals.values())
         last = self._last_pick
-
-        def key(p: Candidate) -> tuple[float, float, int, int]:
-            t = totals[p.id]
-            # quantise near-ties of the best score into one bucket
-            bucket = -best if best - t <= eps else -t
-            load = queued_tokens(p.load.prefill_tokens, p.load.decode_tokens, dw)
-            return (bucket, load, p.load.requests, last.get(p.id, -1))
-
-        ranked = sorted(pods, key=key)
+        # sort keys built in one comprehension (a key function per pod cost ~7% of a decision over
+        # 100 pods); the position breaks full ties as the stable sort did, so ``p`` is never compared.
+        # Near-ties of the best score are quantised into one bucket.
+        keyed = [
+            (
+                -best if best - (t := totals[p.id]) <= eps else -t,
+                p.load.prefill_tokens + dw * p.load.decode_tokens,  # queued_tokens(...)
+                p.load.requests,
+                last.get(p.id, -1),
+                i,
+                p,
+            )
+            for i, p in enumerate(pods)
+        ]
+        keyed.sort()
+        ranked = [k[5] for k in keyed]
         self._n += 1
         last[ranked[0].id] = self._n
         return ranked

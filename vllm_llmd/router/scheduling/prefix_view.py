@@ -49,6 +49,11 @@ def held_by_tier(tiers: list[str], block_size: int, cached: int) -> dict[str, in
 
 
 def prefix_view(req: SchedRequest, pods: list[Candidate], ctx: SchedulingContext) -> PrefixView:
+    """Per request, over every candidate; only the pods the index or the routing memory names hold
+    anything, so the per-pod work is one ``dict.fromkeys`` for ``cached`` and ``remembered`` (zeros)
+    plus a loop over those few pods: over 100 pods a pod-by-pod loop was ~15% of the decision
+    (bench/bench_router_decision.py profiled; figures in bench/RESULTS.md). ``held`` names only pods
+    that hold something (readers use ``held.get(pod, {})``)."""
     v = PrefixView()
     bs = ctx.block_size
     keys = req.block_keys
@@ -64,21 +69,32 @@ def prefix_view(req: SchedRequest, pods: list[Candidate], ctx: SchedulingContext
             v.precise[pod_id] = int(m.tokens)
             v.tiers[pod_id] = list(m.tiers)
         spec = ctx.memory.match(keys, max_age_s=ctx.speculative_ttl_s)
-        approx = None
+        approx: dict[str, int] = {}
         if any(not p.has_events for p in pods):
             approx = ctx.memory.match(keys)
     else:
         spec = ctx.memory.match(keys)
         approx = spec
+    ids = [p.id for p in pods]
+    v.remembered = dict.fromkeys(ids, 0)
+    v.cached = cached_of = dict.fromkeys(ids, 0)
+    named = v.precise.keys() | spec.keys() | approx.keys() if precise_on else approx.keys()
+    if not named:
+        return v
     n = req.prompt_tokens
+    precise, tiers, held, remembered = v.precise, v.tiers, v.held, v.remembered
     for p in pods:
+        pid = p.id
+        if pid not in named:
+            continue
         if precise_on and p.has_events:
-            rem = spec.get(p.id, 0) * bs
-            c = max(v.precise.get(p.id, 0), rem)
+            rem = spec.get(pid, 0) * bs
+            c = max(precise.get(pid, 0), rem)
         else:
-            rem = (approx or {}).get(p.id, 0) * bs
+            rem = approx.get(pid, 0) * bs
             c = rem
-        v.remembered[p.id] = rem
-        v.cached[p.id] = cached = min(n, c)
-        v.held[p.id] = held_by_tier(v.tiers.get(p.id, []) if p.has_events else [], bs, cached)
+        remembered[pid] = rem
+        cached_of[pid] = cached = min(n, c)
+        if cached > 0:
+            held[pid] = held_by_tier(tiers.get(pid, []) if p.has_events else [], bs, cached)
     return v

@@ -75,14 +75,21 @@ class Scheduler:
             cands = f.filter(req, cands)
             if not cands:
                 raise NoCandidate(f"filter {f.name} left no pod")
-        totals = {p.id: 0.0 for p in cands}
+        ids = [p.id for p in cands]
+        acc = [0.0] * len(ids)
         per_scorer: dict[str, dict[str, float]] = {}
         for ws in self.scorers:
             s = ws.scorer.score(req, cands)
             per_scorer[ws.scorer.name] = s
             w = ws.weight
-            for pid in totals:
-                totals[pid] += w * min(1.0, max(0.0, s.get(pid, 0.0)))
+            get = s.get
+            # each score clamped to [0, 1] (``min(1.0, max(0.0, x))``, NaN -> 0), weighted, summed in
+            # scorer order
+            acc = [
+                a + w * ((x if x < 1.0 else 1.0) if (x := get(pid, 0.0)) > 0.0 else 0.0)
+                for a, pid in zip(acc, ids, strict=True)
+            ]
+        totals = dict(zip(ids, acc, strict=True))
         ranked = self.picker.rank(req, cands, totals)
         chosen = ranked[0]
         cached = view.cached.get(chosen.id, 0)
