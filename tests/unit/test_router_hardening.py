@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -491,13 +492,18 @@ async def test_a_huge_list_of_token_ids_is_checked_off_the_event_loop(backends) 
     _router, srv = await start_router(config_for(backends, max_body_bytes=16 << 20))
     url = f"http://127.0.0.1:{srv.port}/v1/completions"
     stop = asyncio.Event()
+    # the bodies are encoded before probing starts: this test's client shares the router's event loop,
+    # and encoding 13 MiB of JSON on it (~1 s on a loaded box) would be a stall of the test's own
+    ids = list(range(1, 1_500_000))  # ~13 MiB of JSON
+    good = json.dumps({"model": "test-model", "prompt": ids, "max_tokens": 1}).encode()
+    bad = json.dumps({"model": "test-model", "prompt": [*ids, -1], "max_tokens": 1}).encode()
+    headers = {"Content-Type": "application/json"}
     try:
         prober = asyncio.create_task(_probe_health(f"http://127.0.0.1:{srv.port}", stop))
-        ids = list(range(1, 1_500_000))  # ~13 MiB of JSON
         async with aiohttp.ClientSession() as s:
-            async with s.post(url, json={"model": "test-model", "prompt": ids, "max_tokens": 1}) as r:
+            async with s.post(url, data=good, headers=headers) as r:
                 assert r.status == 200
-            async with s.post(url, json={"model": "test-model", "prompt": [*ids, -1], "max_tokens": 1}) as r:
+            async with s.post(url, data=bad, headers=headers) as r:
                 assert r.status == 400 and "token ids" in (await r.json())["error"]["message"]
         stop.set()
         lat = await prober
