@@ -1,8 +1,30 @@
 #!/usr/bin/env bash
 # The whole test suite: sets up .venv (vLLM CPU, NIXL, test tools), lints, then runs every test,
-# unit tests and tests on real vLLM CPU engines. Extra arguments go to pytest.
+# unit tests and tests on real vLLM CPU engines. Extra arguments go to pytest (one run).
+#
+# Without arguments the suite runs as two pytest processes at once: tests/engine (real engines,
+# mostly waiting on them: an engine decodes on one thread) and tests/unit + tests/robustness (CPU
+# work that fills the waits). The engine run streams; the other's output follows it. The exit code
+# is the first failure's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-env.sh
 .venv/bin/python -m ruff check vllm_llmd connectors tests examples bench
-exec .venv/bin/python -m pytest "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+out=$(mktemp -t llmd-unit-XXXXXX.log)
+.venv/bin/python -m pytest tests/unit tests/robustness >"$out" 2>&1 &
+other=$!
+trap 'kill $other 2>/dev/null || true' EXIT
+rc=0
+.venv/bin/python -m pytest tests/engine || rc=$?
+rc_other=0
+wait $other || rc_other=$?
+trap - EXIT
+echo
+echo "=================== tests/unit + tests/robustness (ran alongside) ==================="
+cat "$out"
+rm -f "$out"
+if [ $rc -ne 0 ]; then exit $rc; fi
+exit $rc_other
