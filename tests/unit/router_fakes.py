@@ -23,6 +23,8 @@ from vllm_llmd.wire.kv_events import BlockStored, encode_batch, seq_to_bytes
 class FakeBackend:
     name: str
     received: list[dict[str, Any]] = field(default_factory=list)
+    #: the bodies of ``received`` as they came
+    raw_bodies: list[bytes] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     healthy: bool = True
     #: a streaming answer waits on this after its first chunk (to prove the router does not buffer)
@@ -114,6 +116,7 @@ class FakeBackend:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.received.append(body)
+        self.raw_bodies.append(await request.read())  # read once: aiohttp keeps the bytes
         self.headers.append(dict(request.headers))
         if self.die == "before_first_byte":
             assert request.transport is not None

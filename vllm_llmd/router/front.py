@@ -183,14 +183,20 @@ class BodyBudget:
             self.held -= request.get(_RESERVED, 0)
 
 
+#: the event loop runs after each this many bytes of body read (:func:`read_body`)
+READ_STEP_BYTES = 1 << 20
+
+
 async def read_body(request: web.Request, max_bytes: int, timeout_s: float, budget: BodyBudget | None = None) -> bytes:
     """The whole (decoded) request body within ``timeout_s``, counted in ``budget``; ``HTTPError``
-    503 / 413 / 408 / 400."""
+    503 / 413 / 408 / 400. Read as aiohttp's ``request.read()`` does, but with the stream buffering at
+    most about ``2 * READ_STEP_BYTES`` and the event loop running after every ``READ_STEP_BYTES``
+    (aiohttp's read() cost the event loop 45-70 ms of CPU for 16 MiB here, in few long steps)."""
     if budget is not None:
         budget.reserve(request, max_bytes)
     try:
         async with asyncio.timeout(timeout_s):
-            return await request.read()
+            return await _read(request, max_bytes)
     except web.HTTPRequestEntityTooLarge as e:
         raise HTTPError(413, f"request body exceeds {max_bytes} bytes", "RequestTooLargeError", close=True) from e
     except TimeoutError as e:
@@ -201,6 +207,28 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float, budg
         raise HTTPError(400, f"cannot decode the request body: {cause}", "BadRequestError", close=True) from e
     except (ConnectionError, web.HTTPBadRequest) as e:
         raise HTTPError(400, f"cannot read the request body: {e}", "BadRequestError", close=True) from e
+
+
+async def _read(request: web.Request, max_bytes: int) -> bytes:
+    content = request.content
+    # aiohttp's read() raises the stream's buffer to the whole body (so a compressed body
+    # decompresses in large chunks): then each readany() joins everything that has arrived, ~16 MiB
+    # in one call. A buffer of one step bounds the work per call and still decompresses in 1 MiB chunks.
+    set_chunk = getattr(content, "set_read_chunk_size", None)
+    if set_chunk is not None:
+        set_chunk(READ_STEP_BYTES)
+    chunks: list[bytes] = []
+    size = since = 0
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > max_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=size)
+        chunks.append(chunk)
+        since += len(chunk)
+        if since >= READ_STEP_BYTES:
+            since = 0
+            await asyncio.sleep(0)
+    return b"".join(chunks)
 
 
 async def expect_handler(request: web.Request) -> web.StreamResponse | None:

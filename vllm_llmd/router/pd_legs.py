@@ -28,14 +28,13 @@ from vllm_llmd.router.pool import PodPool
 from vllm_llmd.router.request import ClientRequest
 from vllm_llmd.router.scheduling import Candidate, NoCandidate, SchedRequest, Scheduler
 from vllm_llmd.router.scheduling.framework import PluginOutputs
-from vllm_llmd.router.upstream import Upstream, client_gone, read_capped, request_headers
+from vllm_llmd.router.upstream import Upstream, body_payload, client_gone, read_capped, request_headers
 
 log = logging.getLogger(__name__)
 
 #: a prefill answer is one token and the KV transfer parameters
 MAX_PREFILL_ANSWER_BYTES = 1 << 20
 _decoder = msgspec.json.Decoder()
-_encoder = msgspec.json.Encoder()
 
 
 class PrefillLeg:
@@ -57,7 +56,7 @@ class PrefillLeg:
         except NoCandidate:
             return None
         assert preq.view is not None
-        leg = _encoder.encode(build_prefill_request(creq.payload, chat=creq.endpoint.chat))
+        leg = creq.encode(build_prefill_request(creq.payload, chat=creq.endpoint.chat))
         headers = request_headers(request)
         for i, cand in enumerate(decision.ranked[: 1 + self.cfg.max_retries]):
             pod = self.pool.get(cand.id)
@@ -80,7 +79,10 @@ class PrefillLeg:
                     async with (
                         asyncio.timeout(self.cfg.first_byte_timeout_s),
                         session.post(
-                            pod.url + creq.endpoint.path, data=leg, headers=headers, timeout=self.upstream.timeout
+                            pod.url + creq.endpoint.path,
+                            data=body_payload(leg),
+                            headers=headers,
+                            timeout=self.upstream.timeout,
                         ) as r,
                     ):
                         data, complete = await read_capped(r, MAX_PREFILL_ANSWER_BYTES)
@@ -93,7 +95,7 @@ class PrefillLeg:
                         return None
                     self.pool.report_success(pod)
                     decode = build_decode_request(creq.payload, _decoder.decode(data))
-                    return _encoder.encode(decode), pod.id
+                    return creq.encode(decode), pod.id
                 except TimeoutError:
                     self.pool.report_failure(pod, f"prefill leg: no answer within {self.cfg.first_byte_timeout_s:g} s")
                 except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as e:

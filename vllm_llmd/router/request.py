@@ -11,13 +11,13 @@ Invalid input raises :class:`~vllm_llmd.router.errors.HTTPError` (a JSON 4xx).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
 from vllm_llmd.pd.requests import has_client_kv_params, strip_client_kv_params
+from vllm_llmd.router.body_json import Originals, decode_json, decode_json_stepwise, encode_json
 from vllm_llmd.router.config import ACCELERATOR_PATTERN, RouterConfig
 from vllm_llmd.router.endpoints import CHAT, COMPLETIONS, Endpoint  # noqa: F401  (CHAT, COMPLETIONS: re-exported)
 from vllm_llmd.router.errors import HTTPError
@@ -33,8 +33,6 @@ MAX_TOKENS_LIMIT = (1 << 31) - 1
 
 #: a traffic class: what an accelerator kind may be (vllm_llmd.router.config.ACCELERATOR_PATTERN)
 _TRAFFIC_CLASS = re.compile(ACCELERATOR_PATTERN)
-_decoder = msgspec.json.Decoder()
-_encoder = msgspec.json.Encoder()
 
 
 @dataclass(slots=True)
@@ -62,10 +60,17 @@ class ClientRequest:
     #: the conversation, when the prompt is one (chat, /v1/messages, Responses API items, /tokenize
     #: with messages): rendered with the chat template
     messages: list[Any] | None = None
+    #: the client's bytes of the body's large top-level values (a huge body's prompt or messages)
+    originals: Originals = field(default_factory=dict)
 
     @property
     def chat(self) -> bool:
         return self.messages is not None
+
+    def encode(self, payload: dict[str, Any]) -> bytes:
+        """A body derived from this request's (e.g. a P/D leg) as JSON: values it shares with the
+        client's body are written as the client's bytes (:func:`~.body_json.encode_json`)."""
+        return encode_json(payload, self.originals)
 
 
 class RequestParser:
@@ -79,16 +84,26 @@ class RequestParser:
         self.guard = guard
 
     async def parse(self, request: web.Request, endpoint: Endpoint) -> ClientRequest:
+        """The request from the client's HTTP request; a huge body is decoded in steps
+        (:func:`~.body_json.decode_json_stepwise`) so the event loop keeps running."""
         body = await read_body(request, self.max_body_bytes, self.body_timeout_s, self.budget)
         body_received(request, self.guard)
-        return self.build(
-            endpoint, body, request.headers.get(self.session_header), request.headers.get(self.traffic_class_header)
-        )
+        headers = request.headers
+        tclass = self._traffic_class(headers.get(self.traffic_class_header))
+        if endpoint.prompt == "raw":  # not JSON (multipart audio): passed as it came
+            return self._build(endpoint, body, None, {}, headers.get(self.session_header), tclass)
+        payload, originals = await decode_json_stepwise(body)
+        return self._build(endpoint, body, payload, originals, headers.get(self.session_header), tclass)
 
     def build(
         self, endpoint: Endpoint, body: bytes, session_id: str | None, traffic_class: str | None = None
     ) -> ClientRequest:
-        """The request from a body already read (by :meth:`parse`, or by gateway mode's Envoy)."""
+        """The request from a body already read (by gateway mode's Envoy), decoded in one call."""
+        tclass = self._traffic_class(traffic_class)
+        payload = None if endpoint.prompt == "raw" else decode_json(body)
+        return self._build(endpoint, body, payload, {}, session_id, tclass)
+
+    def _traffic_class(self, traffic_class: str | None) -> str | None:
         tclass = None
         if traffic_class is not None:
             tclass = traffic_class.strip().lower()
@@ -99,12 +114,24 @@ class RequestParser:
                     "(letters, digits, '.', '_', '-'), got "
                     f"{traffic_class[:64]!r}",
                 )
-        if endpoint.prompt == "raw":  # not JSON (multipart audio): passed as it came
+        return tclass
+
+    def _build(
+        self,
+        endpoint: Endpoint,
+        body: bytes,
+        payload: dict[str, Any] | None,
+        originals: Originals,
+        session_id: str | None,
+        tclass: str | None,
+    ) -> ClientRequest:
+        if payload is None:  # not JSON (multipart audio): passed as it came
             return ClientRequest(endpoint, {}, body, self.default_model, 0, session_id, traffic_class=tclass)
-        payload = decode_json(body)
         if has_client_kv_params(payload):  # a client never steers a KV transfer
             payload = strip_client_kv_params(payload)
-            body = _encoder.encode(payload)
+            # the rest as the client's bytes: a huge prompt is copied, not re-encoded
+            body = encode_json(payload, originals)
+        # else the client's bytes are forwarded untouched
         salt = payload.get("cache_salt")
         out = ClientRequest(
             endpoint=endpoint,
@@ -115,6 +142,7 @@ class RequestParser:
             session_id=session_id,
             cache_salt=salt if isinstance(salt, str) else None,
             traffic_class=tclass,
+            originals=originals,
         )
         kind = endpoint.prompt
         if kind == "messages" or (endpoint.messages_too and "messages" in payload):
@@ -137,20 +165,6 @@ class RequestParser:
         if not isinstance(model, str):
             raise HTTPError(400, "'model' must be a string")
         return model  # whether a pod serves it: vllm_llmd.router.models
-
-
-def decode_json(body: bytes) -> dict[str, Any]:
-    if not body:
-        raise HTTPError(400, "empty request body: expected a JSON object")
-    try:
-        payload = _decoder.decode(body)
-    except msgspec.DecodeError as e:
-        raise HTTPError(400, f"malformed JSON body: {e}") from e
-    except RecursionError as e:  # msgspec's depth limit is the interpreter's recursion limit
-        raise HTTPError(400, "malformed JSON body: nested too deeply") from e
-    if not isinstance(payload, dict):
-        raise HTTPError(400, "the JSON body must be an object")
-    return payload
 
 
 def max_tokens(payload: dict[str, Any], keys: tuple[str, ...]) -> int:

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
+import sys
 from collections.abc import Coroutine
 from typing import Any
 
@@ -23,6 +24,13 @@ from vllm_llmd.router.speed import SpeedEstimator
 from vllm_llmd.router.tokenize import load_tokenizer
 
 log = logging.getLogger("vllm_llmd.router")
+
+#: the interpreter's thread switch interval in the router process (Python's default: 5 ms). While a
+#: tokenizer worker runs Python code (vllm_llmd.router.tokenize), the event loop waits up to this
+#: long for the GIL after each of its own system calls, several per request: with 5 ms, ``/health``
+#: answered in 130-230 ms during a 16 MiB chat prompt, with 0.5 ms in ~50 ms (tests/robustness/
+#: big_prompt.py, bench/RESULTS.md "One huge prompt").
+SWITCH_INTERVAL_S = 0.0005
 
 
 def _make_index(cfg: RouterConfig) -> tuple[Any, Any]:
@@ -150,6 +158,7 @@ def run_server(main: Coroutine[Any, Any, None]) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         import uvloop
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import BytesPayload
 
 from vllm_llmd.router.attempt import Attempt
 from vllm_llmd.router.config import PoolConfig
@@ -59,6 +61,30 @@ _REQUEST_DROP = HOP_BY_HOP | {"content-encoding", "content-type"}
 #: a non-streamed answer longer than this is relayed as it arrives instead of being held whole
 MAX_BUFFERED_BYTES = 16 << 20
 _CACHED_TOKENS = re.compile(rb'"cached_tokens"\s*:\s*(\d{1,12})\b')
+
+
+#: a body over this is written to the pod in steps of this size (:func:`body_payload`)
+WRITE_STEP_BYTES = 1 << 20
+
+
+class _StepwiseBody(BytesPayload):
+    """A large request body written ``WRITE_STEP_BYTES`` at a time, each step waiting for the socket
+    to take it (aiohttp writes a ``bytes`` body in one call: ~90 ms of event loop for 16 MiB here)."""
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        view = memoryview(self._value)
+        if content_length is not None:
+            view = view[:content_length]
+        for i in range(0, len(view), WRITE_STEP_BYTES):
+            await writer.write(view[i : i + WRITE_STEP_BYTES])  # drains once past its 64 KiB limit
+
+
+def body_payload(body: bytes) -> bytes | BytesPayload:
+    """What to hand aiohttp as a request's ``data``: a large body is written in steps."""
+    return _StepwiseBody(body) if len(body) > WRITE_STEP_BYTES else body
 
 
 def forward_headers(headers: Any, drop: frozenset[str] = HOP_BY_HOP) -> dict[str, str]:
@@ -181,7 +207,7 @@ class Upstream:
                 try:
                     async with asyncio.timeout(self.cfg.first_byte_timeout_s):
                         upstream = await self.session.post(
-                            pod.url + path, data=body, headers=headers, timeout=self.timeout
+                            pod.url + path, data=body_payload(body), headers=headers, timeout=self.timeout
                         )
                         streamed = upstream.status == 200 and upstream.content_type == "text/event-stream"
                         if streamed:
