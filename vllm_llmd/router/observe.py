@@ -3,6 +3,7 @@
 * **Request id.** A client's ``X-Request-Id`` is kept, else the router makes one (``uuid4`` hex); it
   is sent to the pod in ``X-Request-Id``, which vLLM 0.32 takes as the request's id
   (``vllm/entrypoints/serve/engine/serving.py``, ``_base_request_id``), and returned to the client.
+  Every leg of a request carries it, the P/D prefill leg too (:func:`.upstream.pod_headers`).
 * **Histograms** (with ``model`` and ``pod`` labels; names as vLLM's own, under the router's prefix:
   ``vllm:e2e_request_latency_seconds``, ``vllm:time_to_first_token_seconds``,
   ``vllm:inter_token_latency_seconds`` in ``vllm/v1/metrics/loggers.py``, same buckets):
