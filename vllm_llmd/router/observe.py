@@ -12,7 +12,9 @@
   and ``llmd_router_inter_token_latency_seconds{model,pod}`` (between two reads of a stream from the
   pod: vLLM sends a chunk per token, or per ``--stream-interval``; chunks that arrive together are
   one read). Only requests that reached a pod are observed, so the ``model`` label holds served
-  models only. Proxy mode only: in gateway mode Envoy relays the answer.
+  models only. Gateway mode observes the same histograms from Envoy's ext_proc events
+  (``vllm_llmd.gateway.router_picker``: duration from Envoy's request headers to the stream's end,
+  TTFT and inter-token latency for watched SSE streams only).
 * **Access log.** ``server.access_log``: ``off`` (default), ``text`` or ``json``: one line per
   request on the ``vllm_llmd.router.access`` logger, after it ends.
 """
