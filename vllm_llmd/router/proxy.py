@@ -17,6 +17,7 @@ front's limits are :mod:`.front`; error answers :mod:`.errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -220,33 +221,19 @@ class RouterApp:
         elif span is not None:
             span.set_attribute("llmd.pd", "colocated")
             span.end()
-        if prefill_pod is not None and tr is not None:
-            with tr.leg("decode"):
-                return await self._forward(request, endpoint, body, req, decision, prefill_pod, rec)
-        return await self._forward(request, endpoint, body, req, decision, prefill_pod, rec)  # 5.
-
-    async def _forward(
-        self,
-        request: web.Request,
-        endpoint: Endpoint,
-        body: bytes,
-        req: SchedRequest,
-        decision: Decision,
-        prefill_pod: str | None,
-        rec: RequestRecord,
-    ) -> web.StreamResponse:
-        return await self.upstream.forward(  # 5. forward and relay
-            request,
-            endpoint.path,
-            body,
-            req,
-            decision,
-            self.scheduler,
-            remote_kv=prefill_pod is not None,
-            prefill_pod=prefill_pod,
-            content_type=request.headers.get("Content-Type", "") if endpoint.prompt == "raw" else None,
-            rec=rec,
-        )
+        with tr.leg("decode") if prefill_pod is not None and tr is not None else contextlib.nullcontext():
+            return await self.upstream.forward(  # 5. forward and relay
+                request,
+                endpoint.path,
+                body,
+                req,
+                decision,
+                self.scheduler,
+                remote_kv=prefill_pod is not None,
+                prefill_pod=prefill_pod,
+                content_type=request.headers.get("Content-Type", "") if endpoint.prompt == "raw" else None,
+                rec=rec,
+            )
 
     async def decide(self, creq: ClientRequest, body_size: int) -> Routed:
         """Stages 2 and 3 (also gateway mode's): the pods serving the request's model, its tokens and
@@ -307,10 +294,7 @@ class RouterApp:
             return creq.body, None
         outcomes = self.metrics.pd_requests
         rid = rec.request_id if rec is not None else None
-        if self.tracing is not None:
-            with self.tracing.leg("prefill"):
-                leg = await self.prefill_leg.run(request, creq, req, sources, rid)
-        else:
+        with self.tracing.leg("prefill") if self.tracing is not None else contextlib.nullcontext():
             leg = await self.prefill_leg.run(request, creq, req, sources, rid)
         if leg is None:
             outcomes.labels("fallback").inc()
