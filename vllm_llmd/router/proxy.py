@@ -126,8 +126,9 @@ class RouterApp:
         self.upstream = Upstream(cfg.pool, pool, metrics, self.observer, self.tracing)
         self.prefill_leg = PrefillLeg(cfg.pool, pool, self.upstream, self.prefill_scheduler)
         middlewares = [json_errors, self.guard.middleware]
-        if self.tracing is not None:  # outermost: the server span sees every answer, errors too
-            middlewares.insert(0, self.tracing.server_middleware())
+        server_span = self.tracing.server_middleware() if self.tracing is not None else None
+        if server_span is not None:  # outermost: the server span sees every answer, errors too
+            middlewares.insert(0, server_span)
         if cfg.server.api_keys:  # before the body budget: a request without a key is not read
             middlewares.append(key_middleware(cfg.server.api_keys))
         middlewares.append(self.bodies.middleware)

@@ -103,16 +103,21 @@ class Tracing:
         self._internal = SpanKind.INTERNAL
         self._error = StatusCode.ERROR
 
-    def server_middleware(self) -> Any:
+    def server_middleware(self) -> Any | None:
         """The aiohttp server instrumentation's middleware for our own application. Its module keeps
         its settings in globals that ``instrument()`` fills (excluded URLs, semconv mode, meters), so
-        it is instrumented once and un-instrumented at once, leaving ``web.Application`` unpatched."""
+        it is instrumented and at once un-instrumented, leaving ``web.Application`` unpatched.
+        ``None`` when the process is instrumented already (``opentelemetry-instrument``): every
+        ``web.Application`` then has the middleware."""
         from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor, create_aiohttp_middleware
 
         inst = AioHttpServerInstrumentor()
-        if not inst.is_instrumented_by_opentelemetry:
-            inst.instrument(tracer_provider=self.provider)
-            inst.uninstrument()
+        if inst.is_instrumented_by_opentelemetry:
+            return None
+        inst.instrument(tracer_provider=self.provider)
+        if not inst.is_instrumented_by_opentelemetry:  # it refuses on a dependency conflict (and logs why)
+            raise ConfigError("opentelemetry-instrumentation-aiohttp-server refused to instrument aiohttp")
+        inst.uninstrument()
         return create_aiohttp_middleware(tracer_provider=self.provider)
 
     def client_trace_config(self) -> aiohttp.TraceConfig:
