@@ -152,3 +152,13 @@ sys.exit(main(["router", "--worker", "http://127.0.0.1:9", "--otlp-traces-endpoi
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     assert "needs the otel extra (pip install 'vllm-llmd[otel]')" in out.stderr
+
+
+def test_the_otlp_exporters_import_beside_the_gateway_protos() -> None:
+    """xds-protos (the gateway extra) ships an older copy of opentelemetry-proto's modules; the OTLP
+    exporters (the router's and vLLM's) must still import (scripts/setup-env.sh lays them back)."""
+    import vllm_llmd.gateway.extproc  # noqa: F401  (the xds protos, loaded first)
+    from vllm_llmd.router.tracing import exporter_provider
+
+    exporter_provider("http://127.0.0.1:9/v1/traces").shutdown()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: F401

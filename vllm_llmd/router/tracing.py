@@ -63,16 +63,24 @@ def exporter_provider(endpoint: str) -> Any:
 
     protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc")
     exporter: Any
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    try:
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True)
-    elif protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+            exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True)
+        elif protocol == "http/protobuf":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-        exporter = HttpExporter(endpoint=endpoint)
-    else:
-        raise ConfigError(f"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL={protocol!r}: grpc or http/protobuf")
+            exporter = HttpExporter(endpoint=endpoint)
+        else:
+            raise ConfigError(f"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL={protocol!r}: grpc or http/protobuf")
+    except ImportError as e:
+        # xds-protos (the gateway extra) ships its own, older copy of opentelemetry-proto's modules:
+        # installed after opentelemetry-proto, it replaces them (docs/router.md, scripts/setup-env.sh)
+        raise ConfigError(
+            f"the OTLP exporter cannot be imported ({e}); if xds-protos replaced opentelemetry-proto's files, "
+            "reinstall it: pip install --force-reinstall --no-deps opentelemetry-proto==<its installed version>"
+        ) from e
     attrs = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": "vllm-llmd-router"}
     provider = TracerProvider(resource=Resource.create(attrs))
     provider.add_span_processor(BatchSpanProcessor(exporter))
