@@ -27,6 +27,10 @@ pip install -q --upgrade pip
 # package would otherwise be a multi-GB CUDA build.
 pip install -q torch==2.13.0
 pip install -q -e ".[cpu,dev]"
+# xds-protos (the gateway extra) carries an older copy of opentelemetry-proto's modules; installed
+# after it, it breaks the OTLP exporters (vLLM's --otlp-traces-endpoint and the router's): lay
+# opentelemetry-proto's own files back on top
+pip install -q --force-reinstall --no-deps "opentelemetry-proto==$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 # NIXL: the nixl-cu12 backend works on host memory without CUDA; `nixl` is a meta package whose
 # other dependency (nixl-cu13) we do not need.
 pip install -q nixl-cu12==1.5.1

@@ -50,6 +50,9 @@ def _router(args: argparse.Namespace) -> int:
             cfg = cfg.model_copy(
                 update={"server": cfg.server.model_copy(update={"api_keys": [*cfg.server.api_keys, api_key]})}
             )
+        if args.otlp_traces_endpoint:
+            server = cfg.server.model_copy(update={"otlp_traces_endpoint": args.otlp_traces_endpoint})
+            cfg = cfg.model_copy(update={"server": server})
         index = cfg.index.model_copy(update={"block_size": args.block_size}) if args.block_size else cfg.index
         cfg = RouterConfig.model_validate(
             {**cfg.model_dump(), "tokenizer": tok.model_dump(), "index": index.model_dump()}
@@ -185,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", action="append", default=[], help="served model name (repeatable)")
     r.add_argument(
         "--api-key", default=None, help="require this Bearer key (also VLLM_LLMD_API_KEY); see server.api_keys"
+    )
+    r.add_argument(
+        "--otlp-traces-endpoint",
+        default=None,
+        help="send OpenTelemetry traces to this OTLP collector, as vLLM's flag (needs the otel extra); "
+        "see server.otlp_traces_endpoint",
     )
     r.add_argument(
         "--chat-template",

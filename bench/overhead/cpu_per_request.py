@@ -7,7 +7,10 @@ so comparing two versions (``PYTHONPATH=<other checkout>``) compares the routers
     .venv/bin/python bench/overhead/cpu_per_request.py 1500 [stream]
 
 ``stream``: the backend streams 9 SSE chunks (the inter-token histogram's path). With
-``LLMD_BENCH_ADMISSION=1`` admission control is on (never saturated). Prints one JSON line.
+``LLMD_BENCH_ADMISSION=1`` admission control is on (never saturated). With ``LLMD_BENCH_OTEL=1``
+tracing is on (the ``otel`` extra): every span is made and batched (``BatchSpanProcessor``, as with
+``--otlp-traces-endpoint``) to an exporter that drops it, so the network is not measured. Prints one
+JSON line.
 """
 
 from __future__ import annotations
@@ -77,7 +80,18 @@ async def main() -> None:
     }
     if os.environ.get("LLMD_BENCH_ADMISSION"):
         data["admission"] = {"max_requests_per_pod": 4096}
-    router = build_router(RouterConfig.model_validate(data))
+    provider = None
+    if os.environ.get("LLMD_BENCH_OTEL"):
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+        class Drop(SpanExporter):
+            def export(self, spans: object) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(Drop()))
+    router = build_router(RouterConfig.model_validate(data), **({"tracer_provider": provider} if provider else {}))
     srv = await start_server(router.runner(), "127.0.0.1", 0)
     url = f"http://127.0.0.1:{srv.port}/v1/completions"
     words = " ".join(f"w{i}" for i in range(3000))
@@ -101,6 +115,7 @@ async def main() -> None:
         "code": proxy.__file__,
         "n": N,
         "stream": STREAM,
+        "otel": provider is not None,
         "cpu_ms_per_req": round((c1 - c0) / N * 1e3, 4),
         "wall_req_s": round(N / (t1 - t0), 1),
         "load": os.getloadavg()[0],

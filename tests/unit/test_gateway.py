@@ -37,6 +37,13 @@ async def post(
         return r.status, parsed, dict(r.headers)
 
 
+def sample(text: str, name: str, labels: str) -> float | None:
+    """The value of ``name{labels}`` in a Prometheus text page, ``None`` if absent."""
+    head = f"{name}{{{labels}}} "
+    found = [line[len(head) :] for line in text.splitlines() if line.startswith(head)]
+    return float(found[0]) if found else None
+
+
 async def test_prefix_affinity_and_pod_headers_through_envoy(tmp_path) -> None:
     async with gateway(tmp_path, n=2) as gw, aiohttp.ClientSession() as s:
         served: dict[int, set[str]] = {}
@@ -163,7 +170,17 @@ async def test_sse_passes_through_unbuffered_and_times_the_first_token(tmp_path)
         assert rest.endswith(b"data: [DONE]\n\n") and b'"cached_tokens": 7' in rest
         await wait_until_async(gw.idle, 5, "accounting released at the end of the stream")
         async with s.get(gw.router_url + "/metrics") as r:
-            assert f'llmd_router_prefix_reported_hit_tokens_total{{pod="{b.pod_id}"}} 7.0' in await r.text()
+            text = await r.text()
+        assert f'llmd_router_prefix_reported_hit_tokens_total{{pod="{b.pod_id}"}} 7.0' in text
+        # proxy mode's histograms, from the picker's view of the stream (router/observe.py names)
+        labels = f'model="test-model",pod="{b.pod_id}"'
+        assert sample(text, "llmd_router_time_to_first_token_seconds_count", labels) == 1
+        assert sample(text, "llmd_router_inter_token_latency_seconds_count", labels) >= 1  # chunks after the gate
+        dur = f'endpoint="/v1/completions",{labels}'
+        assert sample(text, "llmd_router_request_duration_seconds_count", dur) == 1
+        assert sample(text, "llmd_router_request_duration_seconds_sum", dur) >= sample(
+            text, "llmd_router_time_to_first_token_seconds_sum", labels
+        )
 
 
 @pytest.mark.parametrize("watch", [True, False])
@@ -174,11 +191,26 @@ async def test_first_token_is_the_first_chunk_when_watching_else_the_headers(tmp
         body = {"model": "test-model", "prompt": prompt(5), "stream": True, "max_tokens": 3}
         async with s.post(gw.url + "/v1/completions", json=body) as r:
             assert r.status == 200  # the headers are out, no token yet
+            t_headers = time.perf_counter()
             _, prefill, _ = gw.load()[b.pod_id]
             assert (prefill > 0) is watch  # watching: the prompt is still queued for prefill
+            async with s.get(gw.router_url + "/metrics") as m:  # time passes between the headers and the token
+                assert await m.read()
+            t_token = time.perf_counter()
             b.first_chunk.set()
             assert (await r.read()).endswith(b"data: [DONE]\n\n")
         await wait_until_async(gw.idle, 5, "accounting released")
+        async with s.get(gw.router_url + "/metrics") as m:
+            text = await m.text()
+        labels = f'model="test-model",pod="{b.pod_id}"'
+        ttft = sample(text, "llmd_router_time_to_first_token_seconds_sum", labels)
+        if watch:  # the first chunk, not the headers: it counts the wait after the client had the headers
+            assert ttft is not None and ttft >= t_token - t_headers
+        else:
+            assert ttft is None  # no body reaches the picker: no TTFT, rather than the headers' time
+        dur = f'endpoint="/v1/completions",{labels}'
+        assert sample(text, "llmd_router_request_duration_seconds_count", dur) == 1
+        assert sample(text, "llmd_router_request_duration_seconds_sum", dur) >= t_token - t_headers
 
 
 async def test_streams_envoy_aborts_release_accounting(tmp_path) -> None:

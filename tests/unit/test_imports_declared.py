@@ -26,6 +26,7 @@ EXTRAS_OF = {
     "vllm_llmd/discovery/source.py": ("k8s",),
     "vllm_llmd/testing/": ("testing",),
     "vllm_llmd/sim/": ("sim",),
+    "vllm_llmd/router/tracing.py": ("otel",),
     # engine-side: runs inside vLLM processes (vLLM is the host, whichever build), imports it lazily
     "vllm_llmd/plugin.py": ("cpu", "cuda"),
     "vllm_llmd/vllm_compat.py": ("cpu", "cuda"),

@@ -60,6 +60,32 @@ async def test_long_prompt_is_disaggregated(pd_backends) -> None:
         await srv.close()
 
 
+def _request_ids(b: FakeBackend) -> list[list[str]]:
+    return [[v for k, v in h.items() if k.lower() == "x-request-id"] for h in b.headers]
+
+
+async def test_both_legs_carry_the_request_id(pd_backends) -> None:
+    p, d = pd_backends
+    _, srv = await start_router(_cfg(p, d))
+    try:
+        body = {"model": "test-model", "prompt": "word " * 2000, "max_tokens": 2}
+        url = f"http://127.0.0.1:{srv.port}/v1/completions"
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json=body, headers={"X-Request-Id": "client-1"}) as r:
+                assert r.status == 200 and r.headers["X-LLMD-Prefill-Pod"] == p.pod_id
+                assert r.headers["X-Request-Id"] == "client-1"
+            body["prompt"] = "other " * 2000  # not yet on the decode pod: disaggregated again
+            async with s.post(url, json=body) as r:  # no id from the client: the router's, on both legs
+                assert r.status == 200 and r.headers["X-LLMD-Prefill-Pod"] == p.pod_id
+                made = r.headers["X-Request-Id"]
+        assert len(made) == 32
+        # exactly one X-Request-Id per leg, the same on the prefill and the decode leg (as llm-d's sidecar)
+        assert _request_ids(p) == [["client-1"], [made]]
+        assert _request_ids(d) == [["client-1"], [made]]
+    finally:
+        await srv.close()
+
+
 async def test_short_prompt_stays_on_the_decode_pod(pd_backends) -> None:
     p, d = pd_backends
     _, srv = await start_router(_cfg(p, d, threshold=1000))

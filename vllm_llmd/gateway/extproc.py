@@ -35,6 +35,7 @@ then fails closed (500) or open (forwards without a destination) per its ``failu
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -207,6 +208,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         picker = self.picker
         pick: Pick | None = None
         path = ""
+        started = 0.0
         headers: dict[str, str] = {}
         size = 0
         watching = first = False
@@ -231,8 +233,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         yield immediate(res)
                         return
                     pick = res
+                    pick.started = started
                     yield picked_response(pick)
                 elif kind == "request_headers":
+                    started = time.perf_counter()  # the request's latency counts from here
                     if req.HasField("protocol_config"):
                         why = unsupported_mode(req.protocol_config)
                         if why is not None:
@@ -254,6 +258,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         yield immediate(res)
                         return
                     pick = res
+                    pick.started = started
                     common, meta = destination_common(pick)
                     yield pb.ProcessingResponse(
                         request_headers=pb.HeadersResponse(response=common), dynamic_metadata=meta

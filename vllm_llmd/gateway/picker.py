@@ -35,6 +35,8 @@ class Pick:
     body: bytes | None = None
     #: the picker's own bookkeeping for this request (opaque to the gateway)
     attempt: Any = None
+    #: ``time.perf_counter()`` when Envoy's request headers reached the gateway (set by it; 0: unknown)
+    started: float = 0.0
 
 
 @dataclass(slots=True)

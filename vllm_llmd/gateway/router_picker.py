@@ -16,7 +16,12 @@ client:
   (``report_connect_failure``, as the proxy does) and the attempt moves to the pod that served;
   5xx counts toward ejection, anything else is a success;
 * first byte: the attempt's prefill part is released; end: the attempt ends (in-flight released,
-  the routing memory entry starts to age).
+  the routing memory entry starts to age);
+* proxy mode's per-request histograms (:class:`~vllm_llmd.router.observe.RequestObserver`, same
+  names and labels), from what the picker sees: the request's duration from Envoy's request headers
+  (``Pick.started``) to the end of the ext_proc stream, for requests whose response started; TTFT
+  (to the first chunk) and inter-token latency (between chunks, as Envoy relays them) for watched
+  SSE streams only (``--watch-streams``, the default: otherwise no body reaches the picker).
 
 Not here yet: P/D (a prefill leg needs the picker to call the prefill pod before answering Envoy);
 pods with ``role: prefill`` are never picked and ``pd.peers`` is ignored (logged at start).
@@ -27,6 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from vllm_llmd.gateway.picker import Pick, Reject
 from vllm_llmd.router.attempt import Attempt
@@ -45,11 +51,14 @@ class _Attempt:
     """One request's bookkeeping on the pod currently serving it: a router :class:`Attempt`, moved
     to another pod when Envoy falls back."""
 
-    __slots__ = ("app", "attempt", "cached", "done", "path", "pod", "req")
+    __slots__ = ("app", "attempt", "cached", "done", "itl", "last", "model", "path", "pod", "req", "responded")
 
-    def __init__(self, app: RouterApp, path: str, req: SchedRequest, pod: Pod) -> None:
-        self.app, self.path, self.req = app, path, req
-        self.done = False
+    def __init__(self, app: RouterApp, path: str, model: str, req: SchedRequest, pod: Pod) -> None:
+        self.app, self.path, self.model, self.req = app, path, model, req
+        self.done = self.responded = False
+        #: the stream's inter-token histogram child (from its first chunk) and the last chunk's time
+        self.itl: Any = None
+        self.last = 0.0
         self._start(pod, scheduled=True)
 
     def _start(self, pod: Pod, scheduled: bool) -> None:
@@ -114,7 +123,7 @@ class RouterAppPicker:
         app.observe_decision(decision, req)
         ranked = decision.ranked[: 1 + self.fallbacks]
         pod = app.pool.get(ranked[0].id)
-        attempt = _Attempt(app, path, req, pod) if pod is not None else None
+        attempt = _Attempt(app, path, creq.model, req, pod) if pod is not None else None
         new_body = creq.body if creq.body is not body else None  # re-encoded: something was stripped
         return Pick([c.id for c in ranked], new_body, attempt)
 
@@ -125,6 +134,7 @@ class RouterAppPicker:
             return {}
         app = self.app
         m = app.metrics
+        a.responded = True
         if served and served != a.pod.id and not a.done:
             # Envoy went down the list: every endpoint before ``served`` failed before answering
             for ep in pick.endpoints:
@@ -151,9 +161,23 @@ class RouterAppPicker:
 
     def on_response_data(self, pick: Pick, data: bytes) -> None:
         a: _Attempt | None = pick.attempt
-        if a is not None and b"cached_tokens" in data:
+        if a is None:
+            return
+        now = time.perf_counter()
+        if a.itl is None:  # the first chunk: the first token (vLLM streams one chunk per token or interval)
+            obs = self.app.observer
+            if pick.started:
+                obs.ttft.labels(a.model, a.pod.id).observe(now - pick.started)
+            a.itl = obs.itl.labels(a.model, a.pod.id)
+        else:
+            a.itl.observe(now - a.last)
+        a.last = now
+        if b"cached_tokens" in data:
             self.app.upstream.observe_reported(a.pod, data)
 
     def on_response_end(self, pick: Pick, complete: bool) -> None:
-        if pick.attempt is not None:
-            pick.attempt.end()
+        a: _Attempt | None = pick.attempt
+        if a is not None:
+            if a.responded and not a.done and pick.started:
+                self.app.observer.duration.labels(a.path, a.model, a.pod.id).observe(time.perf_counter() - pick.started)
+            a.end()

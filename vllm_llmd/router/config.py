@@ -267,6 +267,9 @@ class ServerConfig(_Strict):
     #: PEM certificate chain and key: the listener speaks HTTPS
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: OTLP collector to send OpenTelemetry traces to, as vLLM's ``--otlp-traces-endpoint``
+    #: (``vllm_llmd.router.tracing``; needs the ``otel`` extra); ``None``: no tracing
+    otlp_traces_endpoint: str | None = None
 
     #: readiness (``/readyz``) waits at most this long after start-up for the available pods' KV
     #: event streams to sync from their replay endpoints (``vllm_llmd.router.probes``)

@@ -3,6 +3,7 @@
 * **Request id.** A client's ``X-Request-Id`` is kept, else the router makes one (``uuid4`` hex); it
   is sent to the pod in ``X-Request-Id``, which vLLM 0.32 takes as the request's id
   (``vllm/entrypoints/serve/engine/serving.py``, ``_base_request_id``), and returned to the client.
+  Every leg of a request carries it, the P/D prefill leg too (:func:`.upstream.pod_headers`).
 * **Histograms** (with ``model`` and ``pod`` labels; names as vLLM's own, under the router's prefix:
   ``vllm:e2e_request_latency_seconds``, ``vllm:time_to_first_token_seconds``,
   ``vllm:inter_token_latency_seconds`` in ``vllm/v1/metrics/loggers.py``, same buckets):
@@ -11,7 +12,9 @@
   and ``llmd_router_inter_token_latency_seconds{model,pod}`` (between two reads of a stream from the
   pod: vLLM sends a chunk per token, or per ``--stream-interval``; chunks that arrive together are
   one read). Only requests that reached a pod are observed, so the ``model`` label holds served
-  models only. Proxy mode only: in gateway mode Envoy relays the answer.
+  models only. Gateway mode observes the same histograms from Envoy's ext_proc events
+  (``vllm_llmd.gateway.router_picker``: duration from Envoy's request headers to the stream's end,
+  TTFT and inter-token latency for watched SSE streams only).
 * **Access log.** ``server.access_log``: ``off`` (default), ``text`` or ``json``: one line per
   request on the ``vllm_llmd.router.access`` logger, after it ends.
 """

@@ -28,7 +28,7 @@ from vllm_llmd.router.pool import PodPool
 from vllm_llmd.router.request import ClientRequest
 from vllm_llmd.router.scheduling import Candidate, NoCandidate, SchedRequest, Scheduler
 from vllm_llmd.router.scheduling.framework import PluginOutputs
-from vllm_llmd.router.upstream import Upstream, body_payload, client_gone, read_capped, request_headers
+from vllm_llmd.router.upstream import Upstream, body_payload, client_gone, pod_headers, read_capped
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,15 @@ class PrefillLeg:
         self.scheduler = scheduler
 
     async def run(
-        self, request: web.Request, creq: ClientRequest, req: SchedRequest, sources: list[Candidate]
+        self,
+        request: web.Request,
+        creq: ClientRequest,
+        req: SchedRequest,
+        sources: list[Candidate],
+        rid: str | None = None,
     ) -> tuple[bytes, str] | None:
-        """The decode leg's body and the prefill pod, or ``None`` to serve the request colocated."""
+        """The decode leg's body and the prefill pod, or ``None`` to serve the request colocated.
+        ``rid``: the request's id, sent in ``X-Request-Id`` as on the decode leg (:func:`.pod_headers`)."""
         session = self.upstream.session
         assert session is not None
         preq = replace(req, view=None, outputs=PluginOutputs())  # scored afresh among the sources
@@ -57,7 +63,7 @@ class PrefillLeg:
             return None
         assert preq.view is not None
         leg = creq.encode(build_prefill_request(creq.payload, chat=creq.endpoint.chat))
-        headers = request_headers(request)
+        headers = pod_headers(request, rid)
         for i, cand in enumerate(decision.ranked[: 1 + self.cfg.max_retries]):
             pod = self.pool.get(cand.id)
             if pod is None:

@@ -17,10 +17,11 @@ front's limits are :mod:`.front`; error answers :mod:`.errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -53,6 +54,9 @@ from vllm_llmd.router.scheduling.scorers import TTFTCosts
 from vllm_llmd.router.tokenize import PromptTokenizer, TokenizerPool
 from vllm_llmd.router.upstream import Upstream, read_capped, request_headers
 
+if TYPE_CHECKING:
+    from vllm_llmd.router.tracing import Tracing
+
 log = logging.getLogger(__name__)
 
 #: a pod's model list is small; a larger answer is not relayed
@@ -74,7 +78,10 @@ class RouterApp:
         subscriber: Any | None = None,
         prefill_scheduler: Scheduler | None = None,
         decider: Decider | None = None,
+        tracer_provider: Any | None = None,
     ) -> None:
+        """``tracer_provider``: an OpenTelemetry tracer provider to trace with (else one exporting to
+        ``server.otlp_traces_endpoint``, if set; :mod:`.tracing`)."""
         self.cfg = cfg
         self.pool = pool
         self.inflight = pool.inflight
@@ -109,9 +116,19 @@ class RouterApp:
         self.admission = Admission(cfg.admission)
         self.inflight.on_done = self.admission.released
         self.observer = RequestObserver(metrics.registry, cfg.server.access_log)
-        self.upstream = Upstream(cfg.pool, pool, metrics, self.observer)
+        self.tracing: Tracing | None = None
+        if tracer_provider is not None or cfg.server.otlp_traces_endpoint:
+            from vllm_llmd.router.tracing import Tracing, exporter_provider
+
+            endpoint = cfg.server.otlp_traces_endpoint
+            owned = tracer_provider is None and endpoint is not None
+            self.tracing = Tracing(tracer_provider or exporter_provider(endpoint or ""), owned)
+        self.upstream = Upstream(cfg.pool, pool, metrics, self.observer, self.tracing)
         self.prefill_leg = PrefillLeg(cfg.pool, pool, self.upstream, self.prefill_scheduler)
         middlewares = [json_errors, self.guard.middleware]
+        server_span = self.tracing.server_middleware() if self.tracing is not None else None
+        if server_span is not None:  # outermost: the server span sees every answer, errors too
+            middlewares.insert(0, server_span)
         if cfg.server.api_keys:  # before the body budget: a request without a key is not read
             middlewares.append(key_middleware(cfg.server.api_keys))
         middlewares.append(self.bodies.middleware)
@@ -137,7 +154,11 @@ class RouterApp:
         session = await self.upstream.start()
         self.pool.scrape_metrics = self.scheduler.needs_metrics
         self.pool.learn_tier_prices = self.scheduler.prices_tiers
-        await self.pool.start(session)
+        if self.tracing is not None:
+            with self.tracing.background():  # the pool's health checks and scrapes are not traced
+                await self.pool.start(session)
+        else:
+            await self.pool.start(session)
         if self.subscriber is not None:
             self.subscriber.start()
         self.probes.start()
@@ -148,6 +169,8 @@ class RouterApp:
         await self.pool.stop()
         await self.upstream.close()
         self.tokenizer_pool.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
     # ---- the request path --------------------------------------------------------------------
     def _handler(self, endpoint: Endpoint) -> Any:
@@ -174,10 +197,17 @@ class RouterApp:
 
     async def _route(self, request: web.Request, endpoint: Endpoint, rec: RequestRecord) -> web.StreamResponse:
         m = self.metrics
+        tr = self.tracing
         try:
             creq = await self.parser.parse(request, endpoint)  # 1. parse and validate
+            span = tr.route_span() if tr is not None else None
             t0 = time.perf_counter()
-            decode, prefill, req, decision = await self.decide(creq, len(creq.body))  # 2. and 3.
+            try:
+                decode, prefill, req, decision = await self.decide(creq, len(creq.body))  # 2. and 3.
+            except BaseException as e:
+                if span is not None and tr is not None:
+                    tr.failed(span, e)
+                raise
             m.decision_seconds.observe(time.perf_counter() - t0)
         except HTTPError as e:
             m.requests.labels(endpoint.path, str(e.status)).inc()
@@ -185,20 +215,26 @@ class RouterApp:
         rec.model, rec.prompt_tokens = creq.model, req.prompt_tokens
         self.observe_decision(decision, req)
         body, prefill_pod = creq.body, None
+        if span is not None and tr is not None:
+            tr.decided(span, creq.model, req, decision)
         if endpoint.pd:
-            body, prefill_pod = await self._disaggregate(request, creq, req, decision, decode, prefill)  # 4. P/D
-        return await self.upstream.forward(  # 5. forward and relay
-            request,
-            endpoint.path,
-            body,
-            req,
-            decision,
-            self.scheduler,
-            remote_kv=prefill_pod is not None,
-            prefill_pod=prefill_pod,
-            content_type=request.headers.get("Content-Type", "") if endpoint.prompt == "raw" else None,
-            rec=rec,
-        )
+            body, prefill_pod = await self._disaggregate(request, creq, req, decision, decode, prefill, rec, span)
+        elif span is not None:
+            span.set_attribute("llmd.pd", "colocated")
+            span.end()
+        with tr.leg("decode") if prefill_pod is not None and tr is not None else contextlib.nullcontext():
+            return await self.upstream.forward(  # 5. forward and relay
+                request,
+                endpoint.path,
+                body,
+                req,
+                decision,
+                self.scheduler,
+                remote_kv=prefill_pod is not None,
+                prefill_pod=prefill_pod,
+                content_type=request.headers.get("Content-Type", "") if endpoint.prompt == "raw" else None,
+                rec=rec,
+            )
 
     async def decide(self, creq: ClientRequest, body_size: int) -> Routed:
         """Stages 2 and 3 (also gateway mode's): the pods serving the request's model, its tokens and
@@ -236,17 +272,31 @@ class RouterApp:
         decision: Decision,
         decode: list[Candidate],
         prefill: list[Candidate],
+        rec: RequestRecord | None = None,
+        span: Any | None = None,
     ) -> tuple[bytes, str | None]:
-        """The body for the decode pod and the prefill pod that produced its KV (``None``: colocated)."""
+        """The body for the decode pod and the prefill pod that produced its KV (``None``: colocated).
+        ``span``: the request's ``llmd.route`` span (:mod:`.tracing`), ended here once P/D is decided."""
         decider = self.decider
-        if decider is None or not decider.active(prefill):
+        sources = None
+        if decider is not None and decider.active(prefill):
+            sources = decider.sources(req, decision, decode, prefill)
+            pd = "aggregated" if sources is None else "disaggregated"
+        else:
+            pd = "colocated"
+        if span is not None:
+            span.set_attribute("llmd.pd", pd)
+            if sources is not None:
+                span.set_attribute("llmd.prefill_sources", [c.id for c in sources])
+            span.end()
+        if sources is None:
+            if pd == "aggregated":
+                self.metrics.pd_requests.labels("aggregated").inc()
             return creq.body, None
         outcomes = self.metrics.pd_requests
-        sources = decider.sources(req, decision, decode, prefill)
-        if sources is None:
-            outcomes.labels("aggregated").inc()
-            return creq.body, None
-        leg = await self.prefill_leg.run(request, creq, req, sources)
+        rid = rec.request_id if rec is not None else None
+        with self.tracing.leg("prefill") if self.tracing is not None else contextlib.nullcontext():
+            leg = await self.prefill_leg.run(request, creq, req, sources, rid)
         if leg is None:
             outcomes.labels("fallback").inc()
             return creq.body, None

@@ -65,7 +65,9 @@ def configure_logging(cfg: RouterConfig) -> None:
     )
 
 
-def build_router(cfg: RouterConfig) -> RouterApp:
+def build_router(cfg: RouterConfig, tracer_provider: Any | None = None) -> RouterApp:
+    """``tracer_provider``: trace with this OpenTelemetry provider (:mod:`.tracing`; else with one
+    exporting to ``server.otlp_traces_endpoint`` if that is set)."""
     tokenizer = load_tokenizer(
         cfg.tokenizer.path,
         prefix_cache_bytes=cfg.tokenizer.prefix_cache_bytes,
@@ -94,7 +96,9 @@ def build_router(cfg: RouterConfig) -> RouterApp:
     decider = _make_decider(cfg, ctx)
     pool = PodPool(cfg.pool, inflight=inflight)
     pool.set_pods(cfg.pods)
-    router = RouterApp(cfg, pool, scheduler, tokenizer, RouterMetrics(), index, subscriber, prefill_scheduler, decider)
+    router = RouterApp(
+        cfg, pool, scheduler, tokenizer, RouterMetrics(), index, subscriber, prefill_scheduler, decider, tracer_provider
+    )
     if cfg.discovery is not None:  # Kubernetes: pods come and go without a restart
         from vllm_llmd.discovery.source import KubernetesDiscovery
 

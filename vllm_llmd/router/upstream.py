@@ -107,6 +107,19 @@ def request_headers(request: web.Request, body: bool = True, content_type: str |
     return out
 
 
+def pod_headers(request: web.Request, rid: str | None, content_type: str | None = None) -> dict[str, str]:
+    """:func:`request_headers` with one ``X-Request-Id``, ``rid`` (the request's, :mod:`.observe`),
+    on every leg of a request: llm-d's routing sidecar sends one id on the prefill and the decode leg
+    (``internal/proxy/connector_nixlv2.go``) and vLLM makes each engine's own id unique from it
+    (``vllm/v1/engine/input_processor.py``: ``f"{external_req_id}-{random_uuid():.8}"``)."""
+    out = request_headers(request, content_type=content_type)
+    if rid is not None:
+        for k in [k for k in out if k.lower() == "x-request-id"]:
+            del out[k]
+        out[REQUEST_ID] = rid
+    return out
+
+
 def client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
@@ -127,9 +140,16 @@ async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> tuple[bytes, bo
 
 class Upstream:
     def __init__(
-        self, cfg: PoolConfig, pool: PodPool, metrics: RouterMetrics, observer: RequestObserver | None = None
+        self,
+        cfg: PoolConfig,
+        pool: PodPool,
+        metrics: RouterMetrics,
+        observer: RequestObserver | None = None,
+        tracing: Any | None = None,
     ) -> None:
+        """``tracing``: a :class:`~.tracing.Tracing` whose client spans the session's requests get."""
         self.cfg = cfg
+        self.tracing = tracing
         self.pool = pool
         self.metrics = metrics
         self.observer = observer
@@ -148,6 +168,7 @@ class Upstream:
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            trace_configs=[self.tracing.client_trace_config()] if self.tracing is not None else None,
         )
         return self.session
 
@@ -174,11 +195,7 @@ class Upstream:
         status and chunk times are filled in, :mod:`.observe`)."""
         assert self.session is not None
         m = self.metrics
-        headers = request_headers(request, content_type=content_type)
-        if rec is not None:  # one X-Request-Id, the record's (a client's own, if it was usable)
-            for k in [k for k in headers if k.lower() == "x-request-id"]:
-                del headers[k]
-            headers[REQUEST_ID] = rec.request_id
+        headers = pod_headers(request, rec.request_id if rec is not None else None, content_type)
         ranked = decision.ranked[: 1 + self.cfg.max_retries]
         view = req.view
         last_err = ""
