@@ -15,6 +15,13 @@ layout), re-lay them out on receive (same model, dtype and head layout; block si
 differ: the peer's canonical :class:`~.layout.KVLayout` says where its blocks are), over a NIXL
 backend both have; anything else raises :class:`HandshakeMismatch` naming every field that stands
 in the way.
+
+The same channel serves **peer loads** (docs/peer-loading.md): a reader asks the holder to pin
+blocks of its DRAM tier (:class:`PinRequest`, at most :data:`MAX_PIN_HASHES` block hashes per
+message so a request stays within the 4 KiB frame bound; a longer prefix takes several) and gets
+the slots' chunk ids under a lease (:class:`PinReply`), reads them with NIXL, then releases the
+lease (:class:`ReleaseRequest`). This channel forwards pins and releases to the engine's scheduler process
+(connectors/peer_serve.py), whose own thread answers them without the engine stepping.
 """
 
 from __future__ import annotations
@@ -26,6 +33,14 @@ import msgspec
 import zmq
 from vllm_llmd.connectors.layout import KVLayout
 from vllm_llmd.connectors.negotiate import ALWAYS, DIRECT, Plan, describe_problems, negotiate
+from vllm_llmd.connectors.peer_serve import (
+    MAX_PIN_HASHES,
+    PinReply,
+    PinRequest,
+    ReleaseReply,
+    ReleaseRequest,
+    forward_to_scheduler,
+)
 from vllm_llmd.connectors.transports.base import Region
 
 from vllm_llmd.wire.curve import CurveClient, CurveServer, stop_authenticator
@@ -36,7 +51,8 @@ logger = logging.getLogger("vllm.vllm_llmd.connectors")
 _dropped_log = LogLimiter(logger)
 
 #: 2: backends, canonical KV layout, KV group count and platform in EngineInfo (cross-layout plans)
-PROTOCOL_VERSION = 2
+#: 3: the DRAM tier's region and page offsets in EngineInfo; pin / release requests (peer loads)
+PROTOCOL_VERSION = 3
 #: what a REQ peer's request is on a ROUTER: [identity, b"", payload]
 REQUEST_FRAMES = 3
 #: largest request frame the server accepts (a request is ~30 bytes)
@@ -76,6 +92,10 @@ class EngineInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_kv_groups: int = 1
     #: "cpu", "cuda", "rbln", ... (logs and errors only)
     platform: str = ""
+    #: the DRAM tier peers may read (one row of ``block_len`` bytes per chunk; None: no tier served)
+    tier_region: Region | None = None
+    #: where region ``r``'s page of a block sits in a DRAM-tier row (byte offset), per region
+    tier_pages: list[int] = msgspec.field(default_factory=list)
 
     def mismatches(self, other: EngineInfo) -> dict[str, tuple[object, object]]:
         pairs = {f: (getattr(self, f), getattr(other, f)) for f in COMPAT_FIELDS}
@@ -95,8 +115,10 @@ class HandshakeRefused(msgspec.Struct, frozen=True, tag="error"):
     reason: str
 
 
-_req_decoder = msgspec.msgpack.Decoder(HandshakeRequest)
+_req_decoder = msgspec.msgpack.Decoder(HandshakeRequest | PinRequest | ReleaseRequest)
 _reply_decoder = msgspec.msgpack.Decoder(HandshakeReply | HandshakeRefused)
+_pin_decoder = msgspec.msgpack.Decoder(PinReply | HandshakeRefused)
+_release_decoder = msgspec.msgpack.Decoder(ReleaseReply | HandshakeRefused)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -156,6 +178,17 @@ class HandshakeServer:
         if req.tp_rank != self.info.tp_rank:
             self.refused += 1
             return _encoder.encode(HandshakeRefused(f"this side channel serves TP rank {self.info.tp_rank}"))
+        if isinstance(req, PinRequest | ReleaseRequest):
+            # the DRAM tier's manager lives with the engine's scheduler (another process): forward
+            why = None
+            if isinstance(req, PinRequest) and req.engine_id != self.info.engine_id:
+                why = f"this is engine {self.info.engine_id!r}, not {req.engine_id!r}"
+            elif self.info.tier_region is None:
+                why = "this engine serves no DRAM tier to peers"
+            if why is not None:
+                self.refused += 1
+                return _encoder.encode(HandshakeRefused(why))
+            return forward_to_scheduler(self.info.engine_id, payload)
         self.served += 1
         return self._reply
 
@@ -240,3 +273,77 @@ def fetch_engine_info(
     if isinstance(reply, HandshakeRefused):
         raise HandshakeError(f"{host}:{port} refused the handshake: {reply.reason}")
     return reply.info
+
+
+def _request(host: str, port: int, payload: bytes, timeout_s: float, curve: CurveClient | None) -> bytes:
+    """One REQ/REP exchange on a peer's side channel (one-frame answers only)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    if curve is not None:
+        curve.apply(sock)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
+    sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+    sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+    try:
+        sock.connect(f"tcp://{host}:{port}")
+        sock.send(payload)
+        try:
+            out = sock.recv()
+        except zmq.Again as exc:
+            raise HandshakeError(f"no answer from {host}:{port} within {timeout_s}s") from exc
+        if sock.getsockopt(zmq.RCVMORE):
+            raise HandshakeError(f"malformed answer from {host}:{port}: more than one frame")
+        return out
+    finally:
+        sock.close(linger=0)
+
+
+def pin_blocks(
+    host: str,
+    port: int,
+    tp_rank: int,
+    engine_id: str,
+    hashes: list[bytes],
+    lease_seconds: float,
+    timeout_s: float,
+    curve: CurveClient | None = None,
+) -> list[tuple[int, list[int]]]:
+    """Pin ``hashes`` in the DRAM tier of the engine behind ``host:port`` (``MAX_PIN_HASHES`` per
+    message): ``[(lease id, chunk ids), ...]`` covering the leading run it holds (stops at the first
+    message answered short). :class:`HandshakeError` if the first message is refused; leases already
+    taken when a later message fails are released before raising."""
+    leases: list[tuple[int, list[int]]] = []
+    try:
+        for i in range(0, len(hashes), MAX_PIN_HASHES):
+            part = hashes[i : i + MAX_PIN_HASHES]
+            payload = _encoder.encode(PinRequest(PROTOCOL_VERSION, tp_rank, engine_id, part, lease_seconds))
+            try:
+                reply = _pin_decoder.decode(_request(host, port, payload, timeout_s, curve))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise HandshakeError(f"malformed pin answer from {host}:{port}: {exc}") from exc
+            if isinstance(reply, HandshakeRefused):
+                if leases:
+                    break
+                raise HandshakeError(f"{host}:{port} refused the pin: {reply.reason}")
+            if len(reply.chunks) > len(part):
+                raise HandshakeError(f"{host}:{port} answered {len(reply.chunks)} chunks for {len(part)} blocks")
+            leases.append((reply.lease_id, list(reply.chunks)))
+            if len(reply.chunks) < len(part):
+                break
+    except HandshakeError:
+        release_blocks(host, port, tp_rank, [lid for lid, _ in leases], timeout_s, curve)
+        raise
+    return leases
+
+
+def release_blocks(
+    host: str, port: int, tp_rank: int, lease_ids: list[int], timeout_s: float, curve: CurveClient | None = None
+) -> None:
+    """Release peer leases (best effort: a lease not released expires on the holder)."""
+    for lid in lease_ids:
+        try:
+            _request(host, port, _encoder.encode(ReleaseRequest(PROTOCOL_VERSION, tp_rank, lid)), timeout_s, curve)
+        except HandshakeError as exc:
+            logger.info("LLMDConnector: peer lease %d at %s:%s not released (%s); it expires", lid, host, port, exc)
+            return

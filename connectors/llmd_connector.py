@@ -100,9 +100,11 @@ class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
     # ---- worker side -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         assert self.worker is not None
-        self.worker.register_kv_caches(kv_caches)
-        if self.tiers is not None:  # tiers
+        tier_worker = None
+        if self.tiers is not None:  # tiers: first, so the worker can offer the DRAM tier to peers
             self.tiers.child.register_kv_caches(kv_caches)
+            tier_worker = self.tiers.tier_worker()
+        self.worker.register_kv_caches(kv_caches, tier_worker=tier_worker)
 
     # tiers: the worker half of the tiers reads its own part of the step's metadata
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
@@ -178,7 +180,7 @@ class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
         if self.worker is not None:
             self.worker.shutdown()
         if self.tiers is not None:  # tiers
-            self.tiers.child.shutdown()
+            self.tiers.shutdown()
 
     # ---- scheduler side ----------------------------------------------------------------------
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:

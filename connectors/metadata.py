@@ -10,9 +10,18 @@ from dataclasses import KW_ONLY, dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-from vllm_llmd.wire.kv_transfer import PRODUCER_TAG, RemotePrefill, parse_remote_prefill
+from vllm_llmd.wire.kv_transfer import PRODUCER_TAG, PeerLoad, RemotePrefill, parse_remote_prefill
 
-__all__ = ["PRODUCER_TAG", "LLMDConnectorMetadata", "RecvJob", "RemotePrefill", "parse_remote_prefill"]
+__all__ = ["PRODUCER_TAG", "LLMDConnectorMetadata", "PeerJob", "RecvJob", "RemotePrefill", "parse_remote_prefill"]
+
+
+@dataclass
+class PeerJob:
+    """A peer load (connectors/peer_load.py): the holder, and this request's own block hashes for
+    the blocks to load (``hashes[i]`` into ``RecvJob.local_block_ids[0][i]``)."""
+
+    load: PeerLoad
+    hashes: list[bytes]
 
 
 @dataclass
@@ -31,6 +40,8 @@ class RecvJob:
     #: prefix hit); a cross-layout pull maps them onto the prefill engine's whole block list
     first_token: int = 0
     end_token: int = 0
+    #: a peer load instead of a P/D pull (``remote`` is then ``None``)
+    peer: PeerJob | None = None
 
 
 @dataclass

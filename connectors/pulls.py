@@ -87,21 +87,25 @@ class DecodePulls:
         return self.cfg.relayout_buffer_mb > 0 and self.setup is not None and self.setup.local_views is not None
 
     def _link(self, remote: RemotePrefill) -> _Link:
-        link = self._links.get(remote.remote_engine_id)
+        return self._link_to(remote.remote_engine_id, remote.remote_host, remote.remote_port)
+
+    def _link_to(self, engine_id: str, host: str, port: int) -> _Link:
+        """The handshaken peer ``engine_id`` at ``host:port`` (P/D pulls and peer loads)."""
+        link = self._links.get(engine_id)
         if link is not None:
             return link
         if self.transport is None or self.info is None:
             raise TransportError("the KV cache is not registered yet")
         try:
             info = fetch_engine_info(
-                remote.remote_host,
-                remote.remote_port,
+                host,
+                port,
                 self.tp_rank,
                 self.cfg.handshake_timeout_seconds,
                 self.cfg.max_message_bytes,
                 curve=self._curve_client,
             )
-            plan = check_compatible(self.info, info, remote.remote_engine_id, can_relayout=self._can_relayout())
+            plan = check_compatible(self.info, info, engine_id, can_relayout=self._can_relayout())
             peer = self.transport.add_peer(info.agent_metadata, info.regions, MemoryKind(info.memory), plan.backends)
         except (HandshakeError, TransportError, ValueError) as exc:
             self._stats.add("handshakes_failed")
@@ -115,7 +119,7 @@ class DecodePulls:
                 plan.why,
                 plan.backends[0],
             )
-        link = self._links[remote.remote_engine_id] = _Link(peer, plan, info)
+        link = self._links[engine_id] = _Link(peer, plan, info)
         return link
 
     def _drop_peer(self, engine_id: str) -> None:

@@ -35,12 +35,13 @@ from vllm_llmd.connectors.config import LLMDConnectorConfig
 from vllm_llmd.connectors.metadata import (
     PRODUCER_TAG,
     LLMDConnectorMetadata,
+    PeerJob,
     RecvJob,
     RemotePrefill,
 )
 from vllm_llmd.connectors.stats import LLMDConnectorStats
 
-from vllm_llmd.wire.kv_transfer import KVParamsError, RemoteDecode, parse_kv_transfer_params
+from vllm_llmd.wire.kv_transfer import KVParamsError, PeerLoad, RemoteDecode, parse_kv_transfer_params
 from vllm_llmd.wire.logs import LogLimiter
 
 if TYPE_CHECKING:
@@ -113,6 +114,8 @@ class LLMDConnectorScheduler:
     # ---- start-up ------------------------------------------------------------------------
     def set_side_channel(self, host: str, port: int) -> None:
         self.side_channel_host, self.side_channel_port = host, port
+        # on /metrics as llmd:kv_endpoint_info: how a router names this engine as a peer-load holder
+        self._stats.data["endpoint"] = f"{self.engine_id}|{host}:{port}"
 
     # ---- kv_transfer_params --------------------------------------------------------------
     def _refuse(self, request: Request, why: str) -> None:
@@ -128,7 +131,7 @@ class LLMDConnectorScheduler:
             pass
         self._stats.add("kv_params_refused")
 
-    def admit(self, request: Request) -> RemotePrefill | RemoteDecode | None:
+    def admit(self, request: Request) -> RemotePrefill | RemoteDecode | PeerLoad | None:
         """What ``request.kv_transfer_params`` ask of this engine, checked; refused params become
         ``None`` (a plain request). Never raises."""
         try:
@@ -139,6 +142,12 @@ class LLMDConnectorScheduler:
                 why = parsed.misfit(
                     num_groups=self.num_groups, max_tokens=self.max_tokens, block_size=same
                 ) or peer_refusal(parsed.remote_host, self.cfg.allowed_peers)
+            elif isinstance(parsed, PeerLoad):
+                why = parsed.misfit(block_size=self.block_size, max_tokens=self.max_tokens) or peer_refusal(
+                    parsed.peer_host, self.cfg.allowed_peers
+                )
+                if why is None and parsed.peer_engine_id == self.engine_id:
+                    why = "a peer load names this engine itself"
         except KVParamsError as exc:
             parsed, why = None, str(exc)
         except Exception as exc:  # a bug of ours must not take the engine core down
@@ -152,11 +161,29 @@ class LLMDConnectorScheduler:
         parsed = self.admit(request) if self.is_consumer else None
         return parsed if isinstance(parsed, RemotePrefill) and parsed.do_remote_prefill else None
 
+    def _peer_load(self, request: Request) -> PeerLoad | None:
+        parsed = self.admit(request) if self.is_consumer else None
+        return parsed if isinstance(parsed, PeerLoad) and parsed.do_peer_load else None
+
+    def _peer_blocks(self, request: Request, peer: PeerLoad) -> int:
+        """Leading blocks of the prompt to load from the holder: whole blocks it holds, never the
+        prompt's last token (the engine computes at least one), at most the blocks hashed so far."""
+        usable = min(peer.peer_num_tokens, request.num_prompt_tokens - 1)
+        return max(0, min(usable // self.block_size, len(request.block_hashes)))
+
     # ---- decode side ---------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         remote = self._remote_prefill(request)
         if remote is None:
-            return 0, False
+            peer = self._peer_load(request)
+            if peer is None:
+                return 0, False
+            try:
+                count = self._peer_blocks(request, peer) * self.block_size - num_computed_tokens
+            except Exception as exc:
+                self._refuse(request, f"{type(exc).__name__}: {exc}")
+                return 0, False
+            return (count, True) if count > 0 else (0, False)
         try:
             if remote.lease_expires_at is not None and time.time() > remote.lease_expires_at - LEASE_MARGIN_SECONDS:
                 logger.warning(
@@ -177,6 +204,12 @@ class LLMDConnectorScheduler:
         if self.stages and self.is_producer and isinstance(self.admit(request), RemoteDecode):
             self._to_stage.setdefault(request.request_id, (request, []))
         remote = self._remote_prefill(request)
+        peer = self._peer_load(request) if remote is None else None
+        if peer is not None:
+            request.kv_transfer_params["do_peer_load"] = False  # one attempt per request
+            if num_external_tokens > 0:
+                self._recv.append(self._peer_job(request, peer, blocks, num_external_tokens))
+            return
         if remote is None:
             if num_external_tokens > 0:  # cannot happen: we reported none; never leave vLLM waiting
                 self._recv.append(RecvJob(request.request_id, None, [], [], refused="no remote prefill"))
@@ -192,6 +225,23 @@ class LLMDConnectorScheduler:
             job = RecvJob(request.request_id, remote, [], [], refused=f"{type(exc).__name__}: {exc}")
         # vLLM now waits for this request's blocks: the worker must answer, even if only "failed"
         self._recv.append(job)
+
+    def _peer_job(self, request: Request, peer: PeerLoad, blocks: KVCacheBlocks, num_external: int) -> RecvJob:
+        """Load blocks ``[first, first + n)`` of the prompt (``first``: this engine's own prefix hit)
+        from the holder, named by this request's own block hashes."""
+        rid = request.request_id
+        try:
+            local = [list(g) for g in blocks.get_unhashed_block_ids_all_groups()]
+            first = sum(b.block_hash is not None and not b.is_null for b in blocks.blocks[0]) if blocks.blocks else 0
+            n = num_external // self.block_size
+            hashes = [bytes(h) for h in request.block_hashes[first : first + n]]
+            refused = None
+            if len(local) != 1 or len(local[0]) < n or len(hashes) != n or n * self.block_size != num_external:
+                refused = "the allocation does not match the blocks to load"
+            job = RecvJob(rid, None, [local[0][:n] if local else []], [], refused=refused, peer=PeerJob(peer, hashes))
+        except Exception as exc:
+            job = RecvJob(rid, None, [], [], refused=f"{type(exc).__name__}: {exc}", peer=PeerJob(peer, []))
+        return job
 
     def _recv_job(self, rid: str, remote: RemotePrefill, blocks: KVCacheBlocks, num_external: int) -> RecvJob:
         local = [list(g) for g in blocks.get_unhashed_block_ids_all_groups()]
@@ -230,7 +280,7 @@ class LLMDConnectorScheduler:
                 request.kv_transfer_params["do_remote_prefill"] = False
                 self._recv.append(RecvJob(request.request_id, parsed, [], []))
             return False, None
-        if not self.is_producer:
+        if not self.is_producer or not isinstance(parsed, RemoteDecode):
             return False, None
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
             return False, None

@@ -14,6 +14,8 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
+from vllm_llmd.wire.tier_metrics import ENDPOINT_INFO, PEER_LOAD_BLOCKS, PEER_LOAD_SECONDS
+
 COUNTERS = (
     "bytes_read",  # bytes pulled by this (decode) engine
     "blocks_read",
@@ -34,6 +36,17 @@ COUNTERS = (
     "staged_in_bytes",  # ... host -> device copies after a pull
 )
 GAUGES = ("held_blocks", "held_requests")
+#: per-holder peer-load counters (connectors/peer_load.py) are keys ``peer|<holder engine id>|<what>``,
+#: ``what`` one of PEER_RESULTS (loads by result) or PEER_AMOUNTS
+PEER_PREFIX = "peer|"
+PEER_RESULTS = ("ok", "refused", "evicted", "unreachable", "timeout", "failed")
+PEER_AMOUNTS = ("bytes", "blocks", "seconds")
+#: where this engine serves KV (``<engine id>|<host>:<port>``), reported once by the scheduler
+ENDPOINT = "endpoint"
+
+
+def _peer_keys(data: dict[str, Any]) -> list[str]:
+    return [k for k in data if k.startswith(PEER_PREFIX)]
 
 
 @dataclass
@@ -62,6 +75,10 @@ class LLMDConnectorStats(KVConnectorStats):
         for key in GAUGES:
             if key in other.data:
                 self.data[key] = other.data[key]
+        for key in _peer_keys(other.data):
+            self.data[key] = self.data.get(key, 0) + other.data[key]
+        if other.data.get(ENDPOINT):
+            self.data[ENDPOINT] = other.data[ENDPOINT]
         if other.data.get("memory"):
             self.data["memory"] = other.data["memory"]
         return self
@@ -69,10 +86,16 @@ class LLMDConnectorStats(KVConnectorStats):
     def reduce(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {k: self.data.get(k, 0) for k in COUNTERS if self.data.get(k)}
         out.update({k: self.data[k] for k in GAUGES if k in self.data})
+        out.update({k: self.data[k] for k in _peer_keys(self.data) if self.data[k]})
         return out
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(k) for k in COUNTERS) and not any(k in self.data for k in GAUGES)
+        return (
+            not any(self.data.get(k) for k in COUNTERS)
+            and not any(k in self.data for k in GAUGES)
+            and not any(self.data[k] for k in _peer_keys(self.data))
+            and not self.data.get(ENDPOINT)
+        )
 
     def clone_and_reset(self) -> LLMDConnectorStats:
         out = LLMDConnectorStats(data=dict(self.data))
@@ -133,6 +156,32 @@ class LLMDPromMetrics(KVConnectorPromMetrics):
             documentation="KV bytes copied between device and host staging (RBLN), by direction.",
             labelnames=[*lbl, "direction"],
         )
+        self._peer_loads = self._counter_cls(
+            name="llmd:kv_peer_loads",
+            documentation="Prefix loads from a peer's DRAM tier by holder and result (all but ok: prefilled locally).",
+            labelnames=[*lbl, "peer", "result"],
+        )
+        self._peer_bytes = self._counter_cls(
+            name="llmd:kv_peer_load_bytes",
+            documentation="KV bytes read from peers' DRAM tiers.",
+            labelnames=[*lbl, "peer"],
+        )
+        self._peer_blocks = self._counter_cls(
+            name=PEER_LOAD_BLOCKS,
+            documentation="KV blocks read from peers' DRAM tiers.",
+            labelnames=[*lbl, "peer"],
+        )
+        self._peer_seconds = self._counter_cls(
+            name=PEER_LOAD_SECONDS,
+            documentation="Wall time of completed peer loads (NIXL read), by holder.",
+            labelnames=[*lbl, "peer"],
+        )
+        self._endpoint = self._gauge_cls(
+            name=ENDPOINT_INFO,
+            documentation="Where this engine's connector serves KV to peers (1; engine_id, side_channel labels).",
+            labelnames=[*lbl, "engine_id", "side_channel"],
+            multiprocess_mode="mostrecent",
+        )
         self._held = self._gauge_cls(
             name="llmd:kv_lease_held_blocks",
             documentation="Blocks held under a lease for a decode engine.",
@@ -177,6 +226,21 @@ class LLMDPromMetrics(KVConnectorPromMetrics):
         for direction, key in (("d2h", "staged_out_bytes"), ("h2d", "staged_in_bytes")):
             if d.get(key):
                 self._staged.labels(*labels, direction).inc(d[key])
+        for key in _peer_keys(d):
+            _, engine, what = key.split("|", 2)
+            if not d[key]:
+                continue
+            if what in PEER_RESULTS:
+                self._peer_loads.labels(*labels, engine, what).inc(d[key])
+            elif what == "bytes":
+                self._peer_bytes.labels(*labels, engine).inc(d[key])
+            elif what == "blocks":
+                self._peer_blocks.labels(*labels, engine).inc(d[key])
+            elif what == "seconds":
+                self._peer_seconds.labels(*labels, engine).inc(d[key])
+        if d.get(ENDPOINT):
+            engine_id, _, side_channel = str(d[ENDPOINT]).partition("|")
+            self._endpoint.labels(*labels, engine_id, side_channel).set(1)
         if "held_blocks" in d:
             self._held.labels(*labels).set(d["held_blocks"])
         if "held_requests" in d:

@@ -25,7 +25,8 @@ from vllm_llmd.connectors.config import LLMDConnectorConfig
 from vllm_llmd.connectors.handshake import PROTOCOL_VERSION, EngineInfo, HandshakeServer
 from vllm_llmd.connectors.kv_setup import KVSetup, cpu_attention_isa, setup_kv
 from vllm_llmd.connectors.leases import Leases
-from vllm_llmd.connectors.metadata import LLMDConnectorMetadata
+from vllm_llmd.connectors.metadata import LLMDConnectorMetadata, RecvJob
+from vllm_llmd.connectors.peer_load import PeerLoader, tier_offer
 from vllm_llmd.connectors.pulls import DecodePulls
 from vllm_llmd.connectors.stats import LLMDConnectorStats
 from vllm_llmd.connectors.transports import KVTransport, make_transport
@@ -71,13 +72,16 @@ class LLMDConnectorWorker(DecodePulls):
         self._init_pulls()
         self._stats = LLMDConnectorStats()
         self._leases = Leases(self._stats)
+        self._tier_worker: object | None = None  # the DRAM tier's copy worker: offered to peers
+        self._peer_loader: PeerLoader | None = None
         # CURVE on the side channel, from LLMD_CURVE_* (vllm_llmd/wire/curve.py); a bad key stops start-up
         self._curve_server = server_from_env(os.environ)
         self._curve_client = client_from_env(os.environ)
 
     # ---- start-up ------------------------------------------------------------------------
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], tier_worker: object | None = None) -> None:
         cfg = self.cfg
+        self._tier_worker = tier_worker
         self.setup = setup_kv(
             kv_caches,
             self.kv_cache_config,
@@ -120,6 +124,13 @@ class LLMDConnectorWorker(DecodePulls):
         regions = list(self.transport.regions)
         self.region_groups = self.setup.region_groups
         mc = self.vllm_config.model_config
+        offer = tier_offer(self._tier_worker, regions) if self._tier_worker is not None else None
+        if offer is not None:  # peers read DRAM-tier slots with one-sided reads: register the region
+            try:
+                self.transport.register_scratch(offer[2], offer[3])
+            except Exception as exc:
+                logger.warning("LLMDConnector: the DRAM tier is not offered to peers: %s", exc)
+                offer = None
         self.info = EngineInfo(
             protocol=PROTOCOL_VERSION,
             engine_id=self.engine_id,
@@ -138,6 +149,8 @@ class LLMDConnectorWorker(DecodePulls):
             kv_layout=self.setup.wire_layout,
             num_kv_groups=self.setup.num_kv_groups,
             platform=self.setup.platform.kind,
+            tier_region=offer[0] if offer else None,
+            tier_pages=offer[1] if offer else [],
         )
         self.server = self._serve(self.info)
         order = self.setup.wire_layout.order() if self.setup.wire_layout else "-"
@@ -177,27 +190,55 @@ class LLMDConnectorWorker(DecodePulls):
             return
         self._leases.start(meta.send)
         for job in meta.recv:
-            self._start_pull(job)
-        if self._leases or self._pulls:
+            if job.peer is not None:  # a peer load (connectors/peer_load.py)
+                self._start_peer(job)
+            else:
+                self._start_pull(job)
+        if self._leases or self._pulls or self._peer_busy():
             self.transport.set_active(True)
 
     def transfer_results(self) -> KVConnectorTransferResults:
         if self.transport is None:
             return KVConnectorTransferResults(set(), set(), set())
         self._poll_pulls()
+        if self._peer_loader is not None:
+            loaded, not_loaded = self._peer_loader.poll()
+            self._recv_done |= loaded
+            self._recv_failed |= not_loaded
         sending = self._leases.poll(self.transport.get_notifs())
         failed = self._recv_failed
         recving = self._recv_done | failed
         self._recv_done, self._recv_failed = set(), set()
         # idle cost: the transport's background progress runs only while a peer may read our leased
         # blocks or we wait on a pull (bench/RESULTS.md, "idle connector")
-        self.transport.set_active(bool(self._leases or self._pulls))
+        self.transport.set_active(bool(self._leases or self._pulls or self._peer_busy()))
         return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving, failed_recving=failed)
+
+    def _start_peer(self, job: RecvJob) -> None:
+        if self._peer_loader is None:
+            assert self.transport is not None
+            cfg = self.cfg
+            self._peer_loader = PeerLoader(
+                self.transport,
+                self._link_to,
+                self._stats,
+                cfg.transfer_timeout_seconds,
+                cfg.handshake_timeout_seconds,
+                self._curve_client,
+                self.tp_rank,
+            )
+        self._peer_loader.start(job)
+
+    def _peer_busy(self) -> bool:
+        return self._peer_loader is not None and self._peer_loader.busy
 
     def get_stats(self) -> LLMDConnectorStats | None:
         return None if self._stats.is_empty() else self._stats.clone_and_reset()
 
     def shutdown(self) -> None:
+        if self._peer_loader is not None:
+            self._peer_loader.close()
+            self._peer_loader = None
         if self.server is not None:
             self.server.close()
             self.server = None

@@ -13,6 +13,9 @@ swaps the worker for :class:`~.host_copy.HostCopyWorker`. It also:
 - builds the manager as vLLM does, with two differences: the primary tier always records its
   events and the manager is :class:`LLMDTieringManager`, which counts every tier change for the
   ``llmd:kv_tier_*`` metrics and forwards the events only when the engine publishes KV events;
+- makes the manager lock-holding (every ``OffloadingManager`` call the connector makes takes
+  ``manager.lock``), so the side channel's thread can pin DRAM-tier blocks for a peer between two
+  scheduler calls without the engine stepping (connectors/peer_serve.py, docs/peer-loading.md);
 - unlinks the shared-memory file once the scheduler has mapped it (the workers mapped it first,
   when they registered the KV cache), so an engine killed with SIGKILL leaves nothing in /dev/shm.
   vLLM's tiering spec unlinks it only at a clean shutdown.
@@ -21,8 +24,10 @@ swaps the worker for :class:`~.host_copy.HostCopyWorker`. It also:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import threading
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -45,6 +50,34 @@ logger = logging.getLogger("vllm.vllm_llmd.tiers")
 
 #: our tier names (metric labels) for vLLM's media
 TIER_OF_MEDIUM = {Medium.CPU: "dram", Medium.STORAGE: "disk"}
+#: the ``OffloadingManager`` calls vLLM's offloading scheduler makes (vllm/distributed/kv_transfer/
+#: kv_connector/v1/offloading/scheduler.py and offloading_connector.py), each run under the lock
+LOCKED_CALLS = (
+    "lookup",
+    "get_load_source",
+    "prepare_load",
+    "touch",
+    "complete_load",
+    "prepare_store",
+    "complete_store",
+    "on_new_request",
+    "on_request_finished",
+    "on_schedule_end",
+    "has_pending_work",
+    "reset_cache",
+    "get_stats",
+    "shutdown",
+)
+
+
+def _locked(lock: threading.RLock, fn: Any, materialise: bool = False) -> Any:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            out = fn(*args, **kwargs)
+            return list(out) if materialise else out
+
+    return call
 
 
 class LLMDTieringManager(TieringOffloadingManager):
@@ -55,6 +88,12 @@ class LLMDTieringManager(TieringOffloadingManager):
         self._publish = publish
         #: (tier, "stored" | "evicted") -> blocks, and ("disk", "promoted"); drained by the connector
         self.changes: Counter[tuple[str, str]] = Counter()
+        #: held by every manager call and by a peer's pin or release (connectors/peer_serve.py)
+        self.lock = threading.RLock()
+        for name in LOCKED_CALLS:
+            setattr(self, name, _locked(self.lock, getattr(self, name)))
+        # a generator: iterated inside the lock
+        self.take_events = _locked(self.lock, self.take_events, materialise=True)  # type: ignore[method-assign]
 
     def take_events(self) -> Iterable[OffloadingEvent]:
         for event in super().take_events():

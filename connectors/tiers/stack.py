@@ -11,6 +11,8 @@ forwards every connector call to it; this class adds what sits between the two h
   request asks the tiers. The other half is told about the allocation with zero external tokens
   (so the P/D half still releases a lease it does not need, and the tiers still store the request's
   blocks afterwards, including blocks pulled from a prefill engine).
+- **peer loads** (connectors/peer_serve.py): the scheduler half serves pins of the DRAM tier for
+  peers (:class:`~vllm_llmd.connectors.peer_serve.PinServer`, fed by the worker's side channel);
 - **tier and tenant metrics** (stats.py): what each tier stored, evicted, promoted and loaded,
   residency gauges, load-back times, and per-tenant prompt and hit tokens.
 """
@@ -81,6 +83,7 @@ class TierStack:
             self._disk = next(iter(self._manager.secondary_tiers), None)
             self._chunk_bytes = self._manager.primary_tier.get_kv_memoryview().strides[0]
             self._dram_capacity = self._manager.primary_tier._num_chunks
+            self.pin_server = self._serve_peers(str(ktc.engine_id))
 
     # ---- scheduler: which half loads a request ---------------------------------------------------
     def match(self, request: Any, num_computed_tokens: int, pd: tuple[int | None, bool]) -> tuple[int | None, bool]:
@@ -181,6 +184,26 @@ class TierStack:
 
     def reset_cache(self) -> bool | None:
         return self.child.reset_cache()
+
+    def tier_worker(self) -> Any:
+        """The DRAM tier's copy worker (worker half, after ``register_kv_caches``), or ``None``."""
+        cw = self.child.connector_worker
+        return None if cw is None else getattr(cw, "worker", None)
+
+    def _serve_peers(self, engine_id: str) -> Any:
+        from vllm_llmd.connectors.peer_serve import PeerHoldings, PinServer
+
+        try:
+            return PinServer(engine_id, PeerHoldings(self._manager))
+        except Exception as exc:  # the engine runs; peers cannot load from it (they prefill)
+            logger.warning("LLMDConnector: the DRAM tier is not served to peers: %s", exc)
+            return None
+
+    def shutdown(self) -> None:
+        if getattr(self, "pin_server", None) is not None:
+            self.pin_server.close()
+            self.pin_server = None
+        self.child.shutdown()
 
     # ---- worker ------------------------------------------------------------------------------------
     def worker_stats(self) -> TierStats | None:

@@ -70,6 +70,8 @@ class Peer:
     memory: MemoryKind = MemoryKind.DRAM
     #: NIXL backends both sides have, in our order of preference (empty: the transport's own)
     backends: tuple[str, ...] = ()
+    #: more of the peer's registered memory that ``read_runs`` may read (its DRAM tier: peer loads)
+    extra: tuple[Region, ...] = ()
 
 
 def check_runs(local: np.ndarray, remote: np.ndarray) -> None:

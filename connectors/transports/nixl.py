@@ -292,6 +292,7 @@ class NixlTransport(KVTransport):
         check_runs(local, remote)
         mem_l, dev_l = _locate(self._spans, local, "local")
         own = [(r.base_addr, r.nbytes, r.device_id, peer.memory) for r in peer.regions]
+        own += [(r.base_addr, r.nbytes, r.device_id, MemoryKind.DRAM) for r in peer.extra]
         mem_r, dev_r = _locate(own, remote, f"peer {peer.name}'s")
         ldesc = np.stack([local[:, 0], local[:, 1], dev_l], axis=1).astype(np.uint64)
         rdesc = np.stack([remote[:, 0], remote[:, 1], dev_r], axis=1).astype(np.uint64)

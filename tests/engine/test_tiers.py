@@ -6,8 +6,11 @@ from disk; the output is token-identical to the prefix's first, fresh computatio
 loaded tokens as external hits by source; the tier gauges move; the KV events put the prefix's
 blocks in the right tier of a KVBlockIndex; and the router's price learner prices the DRAM tier
 from the engine's /metrics. Bad disk files (corrupt, missing) are recomputed. A P/D
-hand-off whose prefill engine loads its prefix back from DRAM. An unwritable disk path stops the
-engine at start-up with an error naming the key.
+hand-off whose prefill engine loads its prefix back from DRAM. A peer load: engine A of the shared
+pair loads a prefix from the tier engine's DRAM tier without the tier engine computing anything, and
+falls back to a local prefill (same tokens) when the holder lacks the blocks or is gone
+(docs/peer-loading.md). An unwritable disk path stops the engine at start-up with an error naming
+the key.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from vllm_llmd.router.pod_metrics import parse_metrics
 from vllm_llmd.router.tier_prices import TierPriceLearner
 from vllm_llmd.testing.engine import EngineProcess, EngineSpec, EngineStartError
 from vllm_llmd.testing.wait import wait_until
+from vllm_llmd.wire import PeerLoad
 
 pytestmark = pytest.mark.engine
 
@@ -299,6 +303,73 @@ def test_pd_prefill_engine_loads_its_prefix_from_dram_then_decode_pulls_it(tiere
         30,
         "the decode engine pulling the blocks",
     )
+
+
+def _holder(url: str) -> tuple[str, str, int]:
+    """The engine id and side channel the engine reports (``llmd:kv_endpoint_info``, what a router reads)."""
+    for fam in text_string_to_metric_families(_text(url)):
+        for s in fam.samples:
+            if s.name == "llmd:kv_endpoint_info" and s.value == 1:
+                host, _, port = s.labels["side_channel"].rpartition(":")
+                return s.labels["engine_id"], host, int(port)
+    raise AssertionError("no llmd:kv_endpoint_info on " + url)
+
+
+def _peer_params(holder: tuple[str, str, int], tokens: int = PREFIX_BLOCKS * BLOCK) -> dict:
+    return PeerLoad(True, holder[0], holder[1], holder[2], tokens, BLOCK).as_params()
+
+
+def _peer_loads(url: str, holder: str) -> dict[str, float]:
+    out = {r: _metric(url, "llmd:kv_peer_loads_total", peer=holder, result=r) for r in ("ok", "refused", "unreachable")}
+    out["bytes"] = _metric(url, "llmd:kv_peer_load_bytes_total", peer=holder)
+    return out
+
+
+def _prompt_tokens(url: str) -> float:
+    return _metric(url, "vllm:prompt_tokens_total")
+
+
+def test_a_prefix_held_only_by_the_tier_engine_is_loaded_by_a_peer_from_its_dram_tier(tiered: TierEngine, engines):
+    reader = engines.a  # block 32, kv_both, no tiers of its own
+    p = _prompt()
+    stored = _metric(tiered.url, "llmd:kv_tier_stored_blocks_total", tier="dram")
+    fresh = _complete(tiered.url, p)
+    wait_until(
+        lambda: _metric(tiered.url, "llmd:kv_tier_stored_blocks_total", tier="dram") >= stored + PREFIX_BLOCKS,
+        30,
+        "the prefix stored in the DRAM tier",
+    )
+    holder = _holder(tiered.url)
+    computed = _prompt_tokens(tiered.url)
+    ext = _metric(reader.url, "vllm:external_prefix_cache_hits_total")
+    before = _peer_loads(reader.url, holder[0])
+    assert _complete(reader.url, p, kv_transfer_params=_peer_params(holder)) == fresh
+    assert _metric(reader.url, "vllm:external_prefix_cache_hits_total") - ext == PREFIX_BLOCKS * BLOCK
+    assert _prompt_tokens(tiered.url) == computed  # the holder computed nothing for it
+    wait_until(lambda: _peer_loads(reader.url, holder[0])["ok"] == before["ok"] + 1, 30, "the peer load counted")
+    assert _peer_loads(reader.url, holder[0])["bytes"] - before["bytes"] == PREFIX_BLOCKS * BLOCK_BYTES
+
+
+def test_a_peer_load_of_blocks_the_holder_lacks_falls_back_to_a_local_prefill(tiered: TierEngine, engines):
+    reader = engines.a
+    holder = _holder(tiered.url)
+    q = _prompt()
+    before = _peer_loads(reader.url, holder[0])
+    out = _complete(reader.url, q, kv_transfer_params=_peer_params(holder))
+    wait_until(lambda: _peer_loads(reader.url, holder[0])["refused"] == before["refused"] + 1, 30, "the refusal")
+    assert out == _complete(tiered.url, q)  # the same tokens as a fresh computation elsewhere
+
+
+@pytest.mark.destructive(scope="module")
+def test_a_peer_load_from_a_holder_that_is_gone_falls_back_to_a_local_prefill(tiered: TierEngine, engines):
+    reader = engines.a
+    holder = _holder(tiered.url)
+    r = _prompt()
+    fresh = _complete(tiered.url, r)
+    tiered.engine.stop()
+    before = _peer_loads(reader.url, holder[0])
+    assert _complete(reader.url, r, kv_transfer_params=_peer_params(holder)) == fresh
+    wait_until(lambda: _peer_loads(reader.url, holder[0])["unreachable"] > before["unreachable"], 30, "the failure")
 
 
 def test_an_unwritable_disk_path_stops_the_engine_at_start_up(test_model_dir: Path, tmp_path: Path):

@@ -61,6 +61,13 @@ HBM = MEDIUM_GPU
 #: connector's) is priced as :data:`DEFAULT_OTHER_TIER_PRICE`.
 DEFAULT_TIER_PRICES: dict[str, float] = {MEDIUM_CPU: 0.1, MEDIUM_STORAGE: 0.4}
 DEFAULT_OTHER_TIER_PRICE = 0.5
+#: key prefix of a peer pod's price (``"peer:<pod>"``: loading from that pod's DRAM tier,
+#: :mod:`vllm_llmd.pd.peer`) and its price until the pair has been measured: above the DRAM tier's
+#: own 0.1 (a NIXL read over the network plus a pin round trip), far below a prefill (a 2,048-token
+#: prefix of the small test model is ~20 MB: a few ms at the 1-8 GB/s NIXL measured here, against
+#: tens to hundreds of ms of prefill; /work/shared/README.md "NIXL on the CPU")
+PEER_PREFIX = "peer:"
+DEFAULT_PEER_PRICE = 0.15
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +85,8 @@ class TokenPrices:
             return self.hit
         p = self.tiers.get(where)
         if p is None:
+            if where.startswith(PEER_PREFIX):
+                return DEFAULT_PEER_PRICE
             p = DEFAULT_TIER_PRICES.get(where, DEFAULT_OTHER_TIER_PRICE)
         return p
 

@@ -23,6 +23,7 @@ from typing import Any
 from vllm_llmd.wire.kv_transfer import (
     REMOTE_DECODE_REQUEST,
     KVParamsError,
+    PeerLoad,
     RemotePrefill,
     parse_kv_transfer_params,
 )
@@ -100,6 +101,22 @@ def build_decode_request(body: Mapping[str, Any], prefill_response: Mapping[str,
     prefill engine's ``kv_transfer_params``."""
     out = strip_client_kv_params(body)
     out[KV_TRANSFER_PARAMS] = prefill_kv_transfer_params(prefill_response)
+    return out
+
+
+def build_peer_load_request(
+    body: Mapping[str, Any], holder_engine_id: str, host: str, port: int, block_size: int, held_tokens: int
+) -> dict[str, Any]:
+    """The request for a pod that loads a prefix from a peer's DRAM tier (docs/peer-loading.md): the
+    client's request (minus any client ``kv_transfer_params``) plus router-built
+    :class:`~vllm_llmd.wire.PeerLoad` params naming the holder (checked here as the engine will)."""
+    out = strip_client_kv_params(body)
+    params = PeerLoad(True, holder_engine_id, host, port, held_tokens, block_size).as_params()
+    try:
+        parse_kv_transfer_params(params)
+    except KVParamsError as exc:
+        raise PDError(f"peer load params: {exc}") from exc
+    out[KV_TRANSFER_PARAMS] = params
     return out
 
 

@@ -62,6 +62,12 @@ class RouterMetrics:
         self.upstream_errors = Counter(
             "llmd_router_upstream_errors", "Upstream failures by pod and kind", ["pod", "kind"], registry=r
         )
+        self.peer_loads = Counter(
+            "llmd_router_peer_loads",
+            "Requests sent to a pod with peer-load params (it loads the prefix from a peer's DRAM tier)",
+            ["pod"],
+            registry=r,
+        )
         self.pd_requests = Counter(
             "llmd_router_pd_requests",
             "Requests in a pool with prefill pods, by outcome (disaggregated, aggregated, fallback)",

@@ -17,7 +17,14 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from vllm_llmd.wire.tier_metrics import TIER_LOAD_SECONDS, TIER_LOADED_TOKENS
+from vllm_llmd.wire.kv_transfer import HOST_PATTERN
+from vllm_llmd.wire.tier_metrics import (
+    ENDPOINT_INFO,
+    PEER_LOAD_BLOCKS,
+    PEER_LOAD_SECONDS,
+    TIER_LOAD_SECONDS,
+    TIER_LOADED_TOKENS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,13 @@ _NAMES = (
     LORA_INFO,
 )
 _TIER_NAMES = (TIER_TOKENS, TIER_SECONDS)
+PEER_SECONDS = PEER_LOAD_SECONDS + "_total"
+PEER_BLOCKS = PEER_LOAD_BLOCKS + "_total"
+_PEER_LABEL = re.compile(r'[{,]peer="([A-Za-z0-9._:-]{1,256})"')
+_ENDPOINT = re.compile(r'engine_id="([A-Za-z0-9._:-]{1,256})".*side_channel="([^"]{1,300}):(\d{1,5})"')
+_HOST = re.compile(HOST_PATTERN)
+#: holders a pod's peer-load series are kept for
+MAX_PEERS = 64
 _TIER_LABEL = re.compile(r'[{,]tier="([a-z]{1,16})"')
 _LORA_LABEL = re.compile(r'(running_lora_adapters|waiting_lora_adapters|max_lora)="([^"]*)"')
 #: adapters taken from one label (a pod listing more is cut there)
@@ -93,6 +107,11 @@ class PodMetrics:
     #: per ``tier`` label: tokens loaded back, and the load jobs' seconds
     tier_tokens: dict[str, float] = field(default_factory=dict)
     tier_seconds: dict[str, float] = field(default_factory=dict)
+    #: peer loads this pod made, per holder engine id: seconds and blocks (``vllm_llmd.router.tier_prices``)
+    peer_seconds: dict[str, float] = field(default_factory=dict)
+    peer_blocks: dict[str, float] = field(default_factory=dict)
+    #: ``(engine id, side-channel host, port)`` when the pod's connector reports it (a peer-load holder)
+    kv_endpoint: tuple[str, str, int] | None = None
     #: LoRA adapters in running / waiting requests, and the pod's ``--max-loras`` (``None``: no LoRA)
     lora_running: frozenset[str] = frozenset()
     lora_waiting: frozenset[str] = frozenset()
@@ -108,10 +127,11 @@ def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
     vals: dict[str, float] = {}
     m = PodMetrics()
     tiers: dict[str, dict[str, float]] = {TIER_TOKENS: m.tier_tokens, TIER_SECONDS: m.tier_seconds}
+    peers: dict[str, dict[str, float]] = {PEER_SECONDS: m.peer_seconds, PEER_BLOCKS: m.peer_blocks}
     lora_at = -1.0
     for line in text.splitlines():
         vllm = line.startswith("vllm:")
-        if not vllm and not line.startswith("llmd:kv_tier_"):
+        if not vllm and not line.startswith(("llmd:kv_tier_", "llmd:kv_peer_load_", ENDPOINT_INFO)):
             continue
         name_end = line.find("{")
         sp = line.rfind(" ")
@@ -121,6 +141,10 @@ def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
         if not vllm:
             if name in _TIER_NAMES:
                 _tier_value(tiers[name], name, line, sp, name_end)
+            elif name in peers:
+                _peer_value(peers[name], name, line, sp, name_end)
+            elif name == ENDPOINT_INFO:
+                m.kv_endpoint = _endpoint(line[:sp]) or m.kv_endpoint
             continue
         if name not in _NAMES:
             continue
@@ -187,3 +211,28 @@ def _lora(m: PodMetrics, labels: str) -> None:
             m.lora_running = names
         else:
             m.lora_waiting = names
+
+
+def _peer_value(into: dict[str, float], name: str, line: str, sp: int, name_end: int) -> None:
+    p = _PEER_LABEL.search(line, name_end, sp) if name_end > 0 else None
+    if p is None:
+        return
+    try:
+        v = float(line[sp + 1 :])
+    except ValueError:
+        return
+    if not (math.isfinite(v) and v >= 0):
+        _reject(name, line[sp + 1 :])
+        return
+    peer = p.group(1)
+    if peer in into or len(into) < MAX_PEERS:
+        into[peer] = into.get(peer, 0.0) + v
+
+
+def _endpoint(labels: str) -> tuple[str, str, int] | None:
+    """``(engine id, host, port)`` from ``llmd:kv_endpoint_info``'s labels, checked as the engine's
+    connector checks ``kv_transfer_params`` (a host that could change a ZMQ endpoint is dropped)."""
+    e = _ENDPOINT.search(labels)
+    if e is None or not _HOST.match(e.group(2)) or not 0 < int(e.group(3)) <= 65535:
+        return None
+    return e.group(1), e.group(2), int(e.group(3))

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from vllm_llmd.pd import PDError
+from vllm_llmd.pd.requests import build_peer_load_request
 from vllm_llmd.router.admission import Admission
 from vllm_llmd.router.auth import key_middleware
 from vllm_llmd.router.candidates import CandidateViews
@@ -50,7 +52,7 @@ from vllm_llmd.router.probes import ProbeResult, Probes
 from vllm_llmd.router.prompt import PromptStage
 from vllm_llmd.router.request import ClientRequest, Endpoint, RequestParser
 from vllm_llmd.router.scheduling import Candidate, Decider, Decision, NoCandidate, SchedRequest, Scheduler
-from vllm_llmd.router.scheduling.scorers import TTFTCosts
+from vllm_llmd.router.scheduling.scorers import PeerPlans, TTFTCosts
 from vllm_llmd.router.tokenize import PromptTokenizer, TokenizerPool
 from vllm_llmd.router.upstream import Upstream, read_capped, request_headers
 
@@ -222,6 +224,8 @@ class RouterApp:
         elif span is not None:
             span.set_attribute("llmd.pd", "colocated")
             span.end()
+        if prefill_pod is None and endpoint.prompt != "raw":  # 4b. a peer load priced cheapest
+            body = self._peer_load_body(creq, req, decision) or body
         with tr.leg("decode") if prefill_pod is not None and tr is not None else contextlib.nullcontext():
             return await self.upstream.forward(  # 5. forward and relay
                 request,
@@ -302,6 +306,22 @@ class RouterApp:
             return creq.body, None
         outcomes.labels("disaggregated").inc()
         return leg
+
+    def _peer_load_body(self, creq: ClientRequest, req: SchedRequest, decision: Decision) -> bytes | None:
+        """The chosen pod's body with peer-load params when ``estimated-ttft`` (``peer_loads``) priced
+        loading from a peer cheapest for it (docs/peer-loading.md); ``None``: send it as it is."""
+        plans = req.outputs.get(PeerPlans)
+        plan = plans.plans.get(decision.chosen.id) if plans is not None else None
+        if plans is None or plan is None or plan.peer is None or plan.peer not in plans.holders:
+            return None
+        host, port, block_size, held = plans.holders[plan.peer]
+        try:
+            payload = build_peer_load_request(creq.payload, plan.peer, host, port, block_size, held)
+        except PDError as exc:
+            log.warning("peer load not asked: %s", exc)
+            return None
+        self.metrics.peer_loads.labels(decision.chosen.id).inc()
+        return creq.encode(payload)
 
     def observe_decision(self, decision: Decision, req: SchedRequest) -> None:
         m = self.metrics

@@ -14,6 +14,13 @@ all loaded tokens) and the prices, a prefill token being 1:
     price(CPU)     = clamp01(dram(p) / prefill(p))
     price(STORAGE) = clamp01((disk(p) + dram(p)) / prefill(p))
 
+A peer load (docs/peer-loading.md) is priced per holder ``X`` the same way, from the reader's own
+counters (``p`` loaded from ``X``; ``block_size`` from ``vllm:cache_config_info``):
+
+    peer(p, X)    = d llmd:kv_peer_load_seconds_total{peer=X}
+                    / (block_size * d llmd:kv_peer_load_blocks_total{peer=X})
+    price(peer:X) = clamp01(peer(p, X) / prefill(p))      (vllm_llmd.pd.peer; key "peer:<X's engine id>")
+
 A price stays at its documented default (:data:`vllm_llmd.pd.load.DEFAULT_TIER_PRICES`) until both
 of its speeds have been seen. The prefill time is vLLM's per request (scheduled to first token), so
 under load it includes the batch the prefill shares: the price is relative to what a miss costs a
@@ -26,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vllm_llmd.pd.load import DEFAULT_PRICES, DEFAULT_TIER_PRICES, TokenPrices, tier_price
+from vllm_llmd.pd.peer import peer_key, peer_price
 from vllm_llmd.router.pod_metrics import PodMetrics
 from vllm_llmd.wire.tier_metrics import TIER_DISK, TIER_DRAM, TIER_MEDIUM
 
@@ -61,6 +69,8 @@ class TierPriceLearner:
     prefill: _Rate = field(default_factory=_Rate)
     dram: _Rate = field(default_factory=_Rate)
     disk: _Rate = field(default_factory=_Rate)
+    #: per holder engine id: this pod's peer loads from it
+    peers: dict[str, _Rate] = field(default_factory=dict)
     prices: TokenPrices = DEFAULT_PRICES
 
     def observe(self, m: PodMetrics) -> TokenPrices:
@@ -69,6 +79,10 @@ class TierPriceLearner:
         tok, sec = m.tier_tokens, m.tier_seconds  # a series not there yet (nothing loaded) is 0
         self.dram.update(sec.get(TIER_DRAM, 0.0), sum(tok.values()))
         self.disk.update(sec.get(TIER_DISK, 0.0), tok.get(TIER_DISK, 0.0))
+        bs = m.block_size or 0
+        for peer, seconds in m.peer_seconds.items():
+            if bs and (peer in self.peers or len(self.peers) < 64):
+                self.peers.setdefault(peer, _Rate()).update(seconds, m.peer_blocks.get(peer, 0.0) * bs)
         prices = self.compute()
         if prices.tiers != self.prices.tiers:
             self.prices = prices
@@ -78,12 +92,14 @@ class TierPriceLearner:
         pre, dram, disk = self.prefill.value, self.dram.value, self.disk.value
         cpu, storage = TIER_MEDIUM[TIER_DRAM], TIER_MEDIUM[TIER_DISK]
         disk_then_dram = None if disk is None or dram is None else disk + dram
-        return TokenPrices(
-            tiers={
-                cpu: tier_price(dram, pre, DEFAULT_TIER_PRICES[cpu]),
-                storage: tier_price(disk_then_dram, pre, DEFAULT_TIER_PRICES[storage]),
-            }
-        )
+        tiers = {
+            cpu: tier_price(dram, pre, DEFAULT_TIER_PRICES[cpu]),
+            storage: tier_price(disk_then_dram, pre, DEFAULT_TIER_PRICES[storage]),
+        }
+        for peer, rate in self.peers.items():
+            if rate.value is not None:
+                tiers[peer_key(peer)] = peer_price(rate.value, pre)
+        return TokenPrices(tiers=tiers)
 
     def speeds(self) -> dict[str, float | None]:
         """Seconds per token as learned (``None``: not yet), for logs and tests."""

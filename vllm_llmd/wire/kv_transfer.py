@@ -14,6 +14,14 @@ reached directly can receive any JSON value there (a string, a list, a dict of a
 parser never raises anything but :class:`KVParamsError` on such input, bounds every list and
 string, and leaves checks that need the engine's own numbers to :meth:`RemotePrefill.misfit`.
 
+**Peer loads** (docs/peer-loading.md): the router alone may ask an engine to load a prefix's KV
+from a *holder* pod's DRAM tier (:class:`PeerLoad`, ``do_peer_load``). The params name the holder
+and how many leading prompt tokens it holds; the block hashes are the loading engine's own (computed
+from its prompt), so no params can make an engine load KV for other tokens. A client cannot send
+these: the router strips client ``kv_transfer_params``, and on an engine reached directly the
+holder still pins only blocks whose hashes match the prompt, and answers only over its side channel
+(CURVE and ``allowed_peers`` apply).
+
 Imports nothing of ``vllm_llmd``.
 """
 
@@ -87,6 +95,32 @@ class RemotePrefill(msgspec.Struct, frozen=True):
         return msgspec.to_builtins(self)
 
 
+class PeerLoad(msgspec.Struct, frozen=True):
+    """What the router sends an engine to load a prefix from a peer pod's DRAM tier (router-built
+    only: :func:`vllm_llmd.pd.requests.strip_client_kv_params` drops what clients send)."""
+
+    do_peer_load: bool
+    peer_engine_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    peer_host: Annotated[str, msgspec.Meta(pattern=HOST_PATTERN)]
+    peer_port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    #: leading prompt tokens the holder holds (whole blocks of ``peer_block_size``)
+    peer_num_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]
+    peer_block_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]
+    connector: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+    def misfit(self, *, block_size: int, max_tokens: int) -> str | None:
+        """Why this engine cannot load from the holder (``None``: it may try): peer loads copy whole
+        blocks as they are, so the block sizes must match."""
+        if self.peer_block_size != block_size:
+            return f"the holder's block size {self.peer_block_size} is not ours ({block_size})"
+        if self.peer_num_tokens > max_tokens:
+            return f"peer_num_tokens {self.peer_num_tokens} exceeds the max model length {max_tokens}"
+        return None
+
+    def as_params(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)
+
+
 class RemoteDecode(msgspec.Struct, frozen=True):
     """What the router sends a prefill engine: compute the prompt, hold its KV for a decode engine."""
 
@@ -114,10 +148,11 @@ def _flag(params: dict[Any, Any], key: str) -> bool:
     return value
 
 
-def parse_kv_transfer_params(params: object) -> RemotePrefill | RemoteDecode | None:
-    """Classify a request's ``kv_transfer_params``: ``None`` (nothing to do: absent, empty, or both
-    flags off), :class:`RemoteDecode` (hold the KV for a decode engine), :class:`RemotePrefill` (pull
-    the prompt's KV). Anything else raises :class:`KVParamsError` naming what is wrong."""
+def parse_kv_transfer_params(params: object) -> RemotePrefill | RemoteDecode | PeerLoad | None:
+    """Classify a request's ``kv_transfer_params``: ``None`` (nothing to do: absent, empty, or every
+    flag off), :class:`RemoteDecode` (hold the KV for a decode engine), :class:`RemotePrefill` (pull
+    the prompt's KV), :class:`PeerLoad` (load a prefix from a peer's DRAM tier). Anything else raises
+    :class:`KVParamsError` naming what is wrong."""
     if params is None:
         return None
     if not isinstance(params, dict):
@@ -129,8 +164,16 @@ def parse_kv_transfer_params(params: object) -> RemotePrefill | RemoteDecode | N
     prefill, decode = _flag(params, "do_remote_prefill"), _flag(params, "do_remote_decode")
     if prefill and decode:
         raise KVParamsError("kv_transfer_params ask for a remote prefill and a remote decode at once")
+    peer = _flag(params, "do_peer_load")
+    if peer and (prefill or decode):
+        raise KVParamsError("kv_transfer_params ask for a peer load together with a P/D transfer")
     if decode:
         return RemoteDecode()
+    if peer:
+        try:
+            return msgspec.convert(params, PeerLoad)
+        except (msgspec.ValidationError, TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise KVParamsError(f"malformed kv_transfer_params for a peer load: {exc}") from exc
     if not prefill:
         return None
     try:

@@ -17,3 +17,10 @@ TIER_LOAD_SECONDS = "llmd:kv_tier_load_seconds"
 #: the ``tier`` label values of the tier series, and the KV-event medium each tier's blocks carry
 TIER_DRAM, TIER_DISK = "dram", "disk"
 TIER_MEDIUM = {TIER_DRAM: MEDIUM_CPU, TIER_DISK: MEDIUM_STORAGE}
+
+#: peer loads (docs/peer-loading.md), on the reader, label ``peer`` = the holder's engine id:
+#: counters of completed loads' seconds and blocks (the router learns each pair's speed from them)
+PEER_LOAD_SECONDS = "llmd:kv_peer_load_seconds"
+PEER_LOAD_BLOCKS = "llmd:kv_peer_load_blocks"
+#: gauge (1) with labels ``engine_id`` and ``side_channel`` (``host:port``): how to name a holder
+ENDPOINT_INFO = "llmd:kv_endpoint_info"

@@ -21,6 +21,7 @@ from vllm_llmd.pd import PodCost, SelectiveParams, choose_kv_source, should_disa
 from vllm_llmd.pd.load import prefill_equivalent
 from vllm_llmd.router.scheduling.framework import Candidate, Decision, SchedRequest, SchedulingContext
 from vllm_llmd.router.scheduling.registry import Params, register
+from vllm_llmd.router.scheduling.scorers import PeerPlans
 
 #: the P/D deciders' defaults have one owner: vllm_llmd.pd.SelectiveParams
 _PD_DEFAULTS = SelectiveParams()
@@ -79,10 +80,16 @@ class SelectivePeersDecider:
             return None
         n = req.prompt_tokens
 
+        plans = req.outputs.get(PeerPlans)
+
         def cost(c: Candidate) -> PodCost:
             ld = c.load
-            # the prompt's prefill work on c: lower-tier hits at c's load-back price (vllm_llmd.pd.load)
-            uncached = round(prefill_equivalent(n, view.held.get(c.id, {}), c.prices))
+            # the prompt's prefill work on c: lower-tier hits at c's load-back price (vllm_llmd.pd.load),
+            # or, with estimated-ttft's peer_loads, c's cheapest plan including a peer load (vllm_llmd.pd.peer)
+            plan = plans.plans.get(c.id) if plans is not None else None
+            uncached = round(
+                plan.cost if plan is not None else prefill_equivalent(n, view.held.get(c.id, {}), c.prices)
+            )
             return PodCost(c.id, uncached, ld.prefill_tokens, ld.decode_tokens, c.prefill_speed)
 
         peers = [c for c in decode if c.role == "both" and c.id != chosen.id]

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT, HBM, prefill_equivalent, queued_tokens
+from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT, HBM, MEDIUM_CPU, prefill_equivalent, queued_tokens
+from vllm_llmd.pd.peer import PeerPlan, peer_plan
 from vllm_llmd.router.scheduling.epochs import EpochWatch
 from vllm_llmd.router.scheduling.footprint import KVFootprint
 from vllm_llmd.router.scheduling.framework import Candidate, PrefixView, SchedRequest, SchedulingContext
@@ -43,6 +44,34 @@ class TTFTCosts:
     costs: dict[str, float]
 
 
+@dataclass(frozen=True, slots=True)
+class PeerPlans:
+    """With ``peer_loads``: per pod, its cheapest plan (:func:`vllm_llmd.pd.peer.peer_plan`), and per
+    holder engine id its side channel and block size (what the router's peer-load params name)."""
+
+    plans: dict[str, PeerPlan]
+    holders: dict[str, tuple[str, int, int, int]]  # engine id -> (host, port, block size, tokens held)
+
+
+def peer_offers(v: PrefixView, pods: list[Candidate], block_size: int) -> dict[str, tuple[str, int]]:
+    """Pods that can serve a peer load of this prompt: pod id -> (engine id, leading prompt tokens it
+    holds in its engine cache or DRAM tier, per the KV-event index; docs/peer-loading.md)."""
+    out: dict[str, tuple[str, int]] = {}
+    for x in pods:
+        ep = x.metrics.kv_endpoint
+        if ep is None or not x.has_events:
+            continue
+        lead = 0
+        for t in v.tiers.get(x.id, []):
+            if t not in (HBM, MEDIUM_CPU):
+                break
+            lead += 1
+        tokens = min(lead * block_size, v.precise.get(x.id, 0))
+        if tokens > 0:
+            out[x.id] = (ep[0], tokens)
+    return out
+
+
 # ---- cost model ---------------------------------------------------------------------------------
 class EstimatedTTFTParams(Params):
     #: weight of one outstanding decode token relative to one prefill token (vllm_llmd.pd.load)
@@ -65,6 +94,10 @@ class EstimatedTTFTParams(Params):
     #: price a prefix found in a lower KV tier (DRAM, disk) by what loading it back costs on the
     #: pod (learned per pod and tier, vllm_llmd.pd.load.TokenPrices); false: as if in the engine cache
     price_tiers: bool = True
+    #: price a third option per pod: load the rest of the prefix from a peer's DRAM tier
+    #: (vllm_llmd.pd.peer.peer_plan, docs/peer-loading.md); the router then sends the chosen pod the
+    #: peer-load params. Needs engines with tiers reporting llmd:kv_endpoint_info and KV events.
+    peer_loads: bool = False
 
 
 @register("scorer", "estimated-ttft", EstimatedTTFTParams)
@@ -111,6 +144,8 @@ class EstimatedTTFTScorer(_Base):
         capacity_on = cw > 0
         cap_frac = prm.capacity_fraction
         n_miss = max(0, n)  # every token a miss: prefill_equivalent(n, {}) = 0.0 + miss * n_miss
+        offers = peer_offers(v, pods, bs) if prm.peer_loads and tiered else {}
+        plans: dict[str, PeerPlan] = {}
         for i, p in enumerate(pods):
             pid = p.id
             if tiered:
@@ -124,6 +159,10 @@ class EstimatedTTFTScorer(_Base):
             else:
                 c = cached_of.get(pid, 0)
                 priced = uncached = n - c
+            if offers:
+                others = {e: t for x, (e, t) in offers.items() if x != pid}
+                plan = plans[pid] = peer_plan(n, held_of.get(pid) or {}, others, p.prices, block_size=bs)
+                priced = plan.cost
             ex = shares[i] if shares is not None else 0.0
             cost = pw * (1.0 + bw * (ex if ex < 1.0 else 1.0)) * priced
             if capacity_on and p.capacity_blocks and uncached > 0:
@@ -134,6 +173,14 @@ class EstimatedTTFTScorer(_Base):
             ps = p.prefill_speed
             ld = p.load
             out[pid] = cost / ps + (ld.prefill_tokens / ps + dw * ld.decode_tokens / p.decode_speed)
+        if plans:
+            by_id = {x.id: x for x in pods}
+            holders = {}
+            for x, (e, t) in offers.items():
+                ep, xbs = by_id[x].metrics.kv_endpoint, by_id[x].metrics.block_size
+                if ep is not None and xbs:
+                    holders[e] = (ep[1], ep[2], xbs, t)
+            req.outputs.put(PeerPlans(plans, holders))
         return out
 
     def _sync_epochs(self) -> None:

@@ -1,0 +1,201 @@
+"""Peer loads, holder side (connectors/peer_serve.py, the side channel's pin/release in handshake.py):
+vLLM's real DRAM-tier manager over a real shared-memory region, real ZMQ. Pinned blocks survive
+eviction pressure until released or expired; the pin runs without any scheduler call; the side
+channel checks the engine id, bounds the request and refuses what it does not hold."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+import zmq
+from vllm.v1.kv_offload.base import LookupResult, ReqContext, make_offload_key
+from vllm.v1.kv_offload.cpu.shared_offload_region import SharedOffloadRegion
+from vllm.v1.kv_offload.tiering.manager import CPUPrimaryTierOffloadingManager
+from vllm_llmd.connectors.handshake import (
+    MAX_PIN_HASHES,
+    PROTOCOL_VERSION,
+    EngineInfo,
+    HandshakeError,
+    HandshakeServer,
+    pin_blocks,
+    release_blocks,
+)
+from vllm_llmd.connectors.peer_serve import PeerHoldings, PinRefused, PinServer
+from vllm_llmd.connectors.tiers.spec import LLMDTieringManager
+from vllm_llmd.connectors.transports.base import Region
+
+CHUNKS = 8
+ROW = 4096
+
+
+def _hash(i: int) -> bytes:
+    return i.to_bytes(32, "big")
+
+
+@pytest.fixture
+def manager() -> Iterator[LLMDTieringManager]:
+    region = SharedOffloadRegion(
+        engine_id=f"peer-unit-{uuid.uuid4().hex}",
+        num_chunks=CHUNKS,
+        rank=None,
+        kv_bytes_per_chunk=ROW,
+        cpu_page_size=ROW,
+    )
+    primary = CPUPrimaryTierOffloadingManager(num_chunks=CHUNKS, mmap_region=region)
+    m = LLMDTieringManager(primary, [], publish=False)
+    yield m
+    m.shutdown()
+
+
+def _store(m: LLMDTieringManager, ids: range) -> None:
+    ctx = ReqContext(req_id=f"store-{ids.start}")
+    keys = [make_offload_key(_hash(i), 0) for i in ids]
+    out = m.primary_tier.prepare_store(keys, ctx)  # as the tiering manager's store does
+    assert out is not None
+    m.primary_tier.complete_store(keys, ctx)
+
+
+def _in_tier(m: LLMDTieringManager, i: int) -> bool:
+    return m.primary_tier.lookup(make_offload_key(_hash(i), 0), ReqContext(req_id="q")) == LookupResult.HIT
+
+
+def test_pinned_blocks_survive_eviction_until_released(manager: LLMDTieringManager) -> None:
+    _store(manager, range(0, 4))
+    h = PeerHoldings(manager)
+    lease, chunks = h.pin([_hash(i) for i in range(0, 6)], 5.0)  # only the leading 4 are held
+    assert len(chunks) == 4 and len(set(chunks)) == 4
+    _store(manager, range(10, 14))  # fills the other 4 chunks
+    _store(manager, range(20, 24))  # needs room: only unpinned blocks may go
+    assert all(_in_tier(manager, i) for i in range(0, 4))
+    assert h.release(lease) and not h.release(lease)
+    _store(manager, range(30, 34))
+    assert not all(_in_tier(manager, i) for i in range(0, 4))  # evictable again
+    assert h.take_counts() == {"pinned": 4, "released": 4}
+
+
+def test_a_lease_not_released_expires(manager: LLMDTieringManager) -> None:
+    _store(manager, range(0, 2))
+    h = PeerHoldings(manager)
+    h.pin([_hash(0), _hash(1)], 1.0)
+    assert h.expire(now=0.0) == 0 and h.held == 1
+    import time
+
+    assert h.expire(now=time.monotonic() + 2.0) == 2 and h.held == 0
+
+
+def test_nothing_held_or_too_much_asked_is_refused(manager: LLMDTieringManager) -> None:
+    h = PeerHoldings(manager)
+    with pytest.raises(PinRefused, match="none of the blocks"):
+        h.pin([_hash(99)], 1.0)
+    with pytest.raises(PinRefused):
+        h.pin([], 1.0)
+    assert h.take_counts() == {"refused": 2}
+
+
+def _info(engine_id: str, tier: bool = True) -> EngineInfo:
+    return EngineInfo(
+        protocol=PROTOCOL_VERSION,
+        engine_id=engine_id,
+        tp_rank=0,
+        model="m",
+        kv_dtype="auto/bf16",
+        block_size=32,
+        num_layers=2,
+        layout="LBHNC",
+        block_len=ROW,
+        transport="nixl",
+        memory="DRAM",
+        agent_metadata=b"",
+        regions=[Region(0x1000, 4, ROW)],
+        tier_region=Region(0x100000, CHUNKS, ROW) if tier else None,
+        tier_pages=[0] if tier else [],
+    )
+
+
+@pytest.fixture
+def holder(manager: LLMDTieringManager) -> Iterator[tuple[HandshakeServer, PeerHoldings]]:
+    engine_id = f"holder-{uuid.uuid4().hex[:8]}"
+    h = PeerHoldings(manager)
+    pins = PinServer(engine_id, h)  # the scheduler process's half
+    server = HandshakeServer(_info(engine_id), "127.0.0.1", 0)  # the worker's side channel forwards to it
+    yield server, h
+    server.close()
+    pins.close()
+
+
+def _port(server: HandshakeServer) -> int:
+    return int(server.endpoint.rsplit(":", 1)[1])
+
+
+def test_the_side_channel_pins_and_releases_through_the_scheduler_process_half(
+    holder: tuple[HandshakeServer, PeerHoldings], manager: LLMDTieringManager
+) -> None:
+    server, h = holder
+    _store(manager, range(0, 3))
+    leases = pin_blocks("127.0.0.1", _port(server), 0, server.info.engine_id, [_hash(i) for i in range(3)], 5.0, 2.0)
+    assert len(leases) == 1 and len(leases[0][1]) == 3 and h.held == 1
+    release_blocks("127.0.0.1", _port(server), 0, [leases[0][0]], 2.0)
+    assert h.held == 0
+
+
+def test_the_side_channel_refuses_another_engine_id_and_unheld_blocks(
+    holder: tuple[HandshakeServer, PeerHoldings], manager: LLMDTieringManager
+) -> None:
+    server, h = holder
+    _store(manager, range(0, 1))
+    with pytest.raises(HandshakeError, match="refused the pin: this is engine"):
+        pin_blocks("127.0.0.1", _port(server), 0, "someone-else", [_hash(0)], 5.0, 2.0)
+    with pytest.raises(HandshakeError, match="none of the blocks"):
+        pin_blocks("127.0.0.1", _port(server), 0, server.info.engine_id, [_hash(7)], 5.0, 2.0)
+    assert h.held == 0
+
+
+def test_a_long_prefix_is_pinned_in_several_messages_and_stops_at_the_first_short_one(
+    holder: tuple[HandshakeServer, PeerHoldings], manager: LLMDTieringManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vllm_llmd.connectors.handshake as hs
+
+    monkeypatch.setattr(hs, "MAX_PIN_HASHES", 2)
+    server, h = holder
+    _store(manager, range(0, 5))
+    leases = pin_blocks("127.0.0.1", _port(server), 0, server.info.engine_id, [_hash(i) for i in range(8)], 5.0, 2.0)
+    assert [len(c) for _, c in leases] == [2, 2, 1] and h.held == 3
+
+
+def test_a_side_channel_without_a_pin_server_refuses(manager: LLMDTieringManager) -> None:
+    server = HandshakeServer(_info(f"lonely-{uuid.uuid4().hex[:8]}"), "127.0.0.1", 0)
+    try:
+        with pytest.raises(HandshakeError, match="serves no DRAM tier"):
+            pin_blocks("127.0.0.1", _port(server), 0, server.info.engine_id, [_hash(0)], 5.0, 2.0)
+    finally:
+        server.close()
+
+
+def test_an_oversized_pin_request_is_refused_by_its_type() -> None:
+    ctx = zmq.Context.instance()
+    server = HandshakeServer(_info("x", tier=False), "127.0.0.1", 0)
+    try:
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.RCVTIMEO, 2000)
+        sock.connect(server.endpoint)
+        many = [b"\x01" * 8] * (MAX_PIN_HASHES + 1)
+        sock.send(
+            msgspec.msgpack.encode(
+                {
+                    "type": "pin",
+                    "protocol": PROTOCOL_VERSION,
+                    "tp_rank": 0,
+                    "engine_id": "x",
+                    "hashes": many,
+                    "lease_seconds": 1.0,
+                }
+            )
+        )
+        reply = msgspec.msgpack.decode(sock.recv())
+        sock.close(linger=0)
+        assert reply["type"] == "error" and "malformed" in reply["reason"]
+    finally:
+        server.close()
