@@ -1,4 +1,5 @@
-"""Stage 4 of the request path: prefill/decode. The decider (``pd.decider``,
+"""Stage 4 of the request path: prefill/decode (and 4b, a peer load: :func:`peer_load_body`).
+The decider (``pd.decider``,
 :mod:`vllm_llmd.router.scheduling.deciders`) says whether a request gets a prefill leg and which
 pods may run it; :class:`PrefillLeg` runs that leg and returns the decode leg's body.
 
@@ -16,18 +17,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
+from typing import Any
 
 import aiohttp
 import msgspec
 from aiohttp import web
 
 from vllm_llmd.pd import PDError, build_decode_request, build_prefill_request
+from vllm_llmd.pd.requests import build_peer_load_request
 from vllm_llmd.router.attempt import Attempt
 from vllm_llmd.router.config import PoolConfig
 from vllm_llmd.router.pool import PodPool
 from vllm_llmd.router.request import ClientRequest
-from vllm_llmd.router.scheduling import Candidate, NoCandidate, SchedRequest, Scheduler
+from vllm_llmd.router.scheduling import Candidate, Decision, NoCandidate, SchedRequest, Scheduler
 from vllm_llmd.router.scheduling.framework import PluginOutputs
+from vllm_llmd.router.scheduling.scorers import PeerPlans
 from vllm_llmd.router.upstream import Upstream, body_payload, client_gone, pod_headers, read_capped
 
 log = logging.getLogger(__name__)
@@ -112,3 +116,21 @@ class PrefillLeg:
                     log.warning("prefill pod %s gave no usable kv_transfer_params (%s): serving aggregated", pod.id, e)
                     return None
         return None
+
+
+def peer_load_body(creq: ClientRequest, req: SchedRequest, decision: Decision, counter: Any) -> bytes | None:
+    """Stage 4b: the chosen pod's body with router-built peer-load params when ``estimated-ttft``
+    (``peer_loads``) priced loading from a peer cheapest for it (docs/peer-loading.md), counted in
+    ``counter`` (per pod); ``None``: send the body as it is."""
+    plans = req.outputs.get(PeerPlans)
+    plan = plans.plans.get(decision.chosen.id) if plans is not None else None
+    if plans is None or plan is None or plan.peer is None or plan.peer not in plans.holders:
+        return None
+    host, port, block_size, held = plans.holders[plan.peer]
+    try:
+        payload = build_peer_load_request(creq.payload, plan.peer, host, port, block_size, held)
+    except PDError as exc:
+        log.warning("peer load not asked: %s", exc)
+        return None
+    counter.labels(decision.chosen.id).inc()
+    return creq.encode(payload)
