@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from big_prompt import measure_big_prompts
 from harness import REPORT
 

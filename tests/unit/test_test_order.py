@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +27,14 @@ def test_destructive_tests_are_ordered_by_their_marker() -> None:
     pd = [i for i, t in enumerate(ids) if "test_pd.py::" in t]
     assert pd == list(range(pd[0], pd[0] + len(pd)))  # the module's tests stay together (one engine pair)
     assert ids[pd[-1]].endswith("test_prefill_engine_killed_after_prefill_leg_decode_prefills_locally")
+
+
+def test_timing_tests_live_where_test_sh_runs_them_alone() -> None:
+    """scripts/test.sh runs ``-m timing tests/robustness`` alone before everything else (collecting
+    tests/unit too would add ~15 s of imports); a ``timing`` test elsewhere would run beside the
+    engine tests instead."""
+    decorator = re.compile(r"^\s*(@pytest\.mark\.timing|pytestmark\b.*\btiming\b)", re.M)
+    marked = [p for p in (ROOT / "tests").rglob("test_*.py") if decorator.search(p.read_text())]
+    assert marked, "no test is marked timing"
+    assert all(p.parent == ROOT / "tests" / "robustness" for p in marked), marked
+    assert "-m timing tests/robustness" in (ROOT / "scripts" / "test.sh").read_text()
