@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TypeVar
 
 import msgspec
 import zmq
@@ -49,6 +50,8 @@ from vllm_llmd.wire.logs import LogLimiter
 logger = logging.getLogger("vllm.vllm_llmd.connectors")
 
 _dropped_log = LogLimiter(logger)
+
+T = TypeVar("T")
 
 #: 2: backends, canonical KV layout, KV group count and platform in EngineInfo (cross-layout plans)
 #: 3: the DRAM tier's region and page offsets in EngineInfo; pin / release requests (peer loads)
@@ -247,6 +250,26 @@ def fetch_engine_info(
 ) -> EngineInfo:
     """Ask the worker behind ``host:port`` for its :class:`EngineInfo` (as a CURVE client of it when
     ``curve`` is given: a server without the expected key never answers)."""
+    payload = _encoder.encode(HandshakeRequest(PROTOCOL_VERSION, tp_rank))
+    reply = _exchange(host, port, payload, timeout_s, curve, "handshake", _reply_decoder, max_message_bytes)
+    if isinstance(reply, HandshakeRefused):
+        raise HandshakeError(f"{host}:{port} refused the handshake: {reply.reason}")
+    return reply.info
+
+
+def _exchange(
+    host: str,
+    port: int,
+    payload: bytes,
+    timeout_s: float,
+    curve: CurveClient | None,
+    what: str,
+    decoder: msgspec.msgpack.Decoder[T],
+    max_message_bytes: int = 64 * 1024,
+) -> T:
+    """One REQ/REP exchange on a peer's side channel: the one-frame answer, decoded by ``decoder``
+    (:class:`HandshakeError` naming ``what`` -- "handshake", "pin", "release" -- when there is no
+    answer within ``timeout_s``, or it is not one frame of the expected type)."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     if curve is not None:
@@ -257,46 +280,19 @@ def fetch_engine_info(
     sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
     try:
         sock.connect(f"tcp://{host}:{port}")
-        sock.send(_encoder.encode(HandshakeRequest(PROTOCOL_VERSION, tp_rank)))
-        try:
-            payload = sock.recv()
-        except zmq.Again as exc:
-            raise HandshakeError(f"no handshake answer from {host}:{port} within {timeout_s}s") from exc
-        if sock.getsockopt(zmq.RCVMORE):
-            raise HandshakeError(f"malformed handshake answer from {host}:{port}: more than one frame")
-    finally:
-        sock.close(linger=0)
-    try:
-        reply = _reply_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise HandshakeError(f"malformed handshake answer from {host}:{port}: {exc}") from exc
-    if isinstance(reply, HandshakeRefused):
-        raise HandshakeError(f"{host}:{port} refused the handshake: {reply.reason}")
-    return reply.info
-
-
-def _request(host: str, port: int, payload: bytes, timeout_s: float, curve: CurveClient | None) -> bytes:
-    """One REQ/REP exchange on a peer's side channel (one-frame answers only)."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    if curve is not None:
-        curve.apply(sock)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
-    sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
-    sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
-    try:
-        sock.connect(f"tcp://{host}:{port}")
         sock.send(payload)
         try:
             out = sock.recv()
         except zmq.Again as exc:
-            raise HandshakeError(f"no answer from {host}:{port} within {timeout_s}s") from exc
+            raise HandshakeError(f"no {what} answer from {host}:{port} within {timeout_s}s") from exc
         if sock.getsockopt(zmq.RCVMORE):
-            raise HandshakeError(f"malformed answer from {host}:{port}: more than one frame")
-        return out
+            raise HandshakeError(f"malformed {what} answer from {host}:{port}: more than one frame")
     finally:
         sock.close(linger=0)
+    try:
+        return decoder.decode(out)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise HandshakeError(f"malformed {what} answer from {host}:{port}: {exc}") from exc
 
 
 def pin_blocks(
@@ -318,10 +314,7 @@ def pin_blocks(
         for i in range(0, len(hashes), MAX_PIN_HASHES):
             part = hashes[i : i + MAX_PIN_HASHES]
             payload = _encoder.encode(PinRequest(PROTOCOL_VERSION, tp_rank, engine_id, part, lease_seconds))
-            try:
-                reply = _pin_decoder.decode(_request(host, port, payload, timeout_s, curve))
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise HandshakeError(f"malformed pin answer from {host}:{port}: {exc}") from exc
+            reply = _exchange(host, port, payload, timeout_s, curve, "pin", _pin_decoder)
             if isinstance(reply, HandshakeRefused):
                 if leases:
                     break
@@ -343,7 +336,8 @@ def release_blocks(
     """Release peer leases (best effort: a lease not released expires on the holder)."""
     for lid in lease_ids:
         try:
-            _request(host, port, _encoder.encode(ReleaseRequest(PROTOCOL_VERSION, tp_rank, lid)), timeout_s, curve)
+            payload = _encoder.encode(ReleaseRequest(PROTOCOL_VERSION, tp_rank, lid))
+            _exchange(host, port, payload, timeout_s, curve, "release", _release_decoder)
         except HandshakeError as exc:
             logger.info("LLMDConnector: peer lease %d at %s:%s not released (%s); it expires", lid, host, port, exc)
             return

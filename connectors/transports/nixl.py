@@ -2,7 +2,8 @@
 
 Memory kind follows where the KV cache lives: host DRAM for CPU engines, VRAM for CUDA engines.
 Every (region, block) pair becomes one NIXL descriptor; both the local and each remote region
-table are prepared once (``prep_xfer_dlist``) so a transfer is a single ``make_prepped_xfer``.
+table are prepared once (``prep_xfer_dlist``) so a transfer is a single ``make_prepped_xfer``
+(the descriptor arithmetic and its bounds checks: connectors/transports/descriptors.py).
 
 What crosses the network from here is only NIXL's own agent-metadata blob (parsed by NIXL's C++
 side) plus our msgspec region table; we never use ``get_serialized_descs`` (it pickles).
@@ -25,62 +26,9 @@ from vllm_llmd.connectors.transports.base import (
     XferState,
     check_runs,
 )
+from vllm_llmd.connectors.transports.descriptors import block_descs, block_indices, block_offsets, locate_runs
 
 _LOCAL = "NIXL_INIT_AGENT"  # NIXL's name for the local side of a prepped list
-
-
-def _descs(regions: Sequence[Region]) -> np.ndarray:
-    """One ``(addr, len, dev)`` row per block of every region, region-major."""
-    rows = []
-    for r in regions:
-        addrs = r.base_addr + np.arange(r.num_blocks, dtype=np.uint64) * np.uint64(r.block_len)
-        block = np.empty((r.num_blocks, 3), dtype=np.uint64)
-        block[:, 0] = addrs
-        block[:, 1] = r.block_len
-        block[:, 2] = r.device_id
-        rows.append(block)
-    return np.concatenate(rows) if rows else np.empty((0, 3), dtype=np.uint64)
-
-
-def _offsets(regions: Sequence[Region]) -> list[int]:
-    out, acc = [], 0
-    for r in regions:
-        out.append(acc)
-        acc += r.num_blocks
-    return out
-
-
-def _indices(regions: Sequence[Region], offsets: list[int], pairs: Sequence[tuple[int, int]]) -> np.ndarray:
-    idx = np.empty(len(pairs), dtype=np.int32)
-    for i, (region, block) in enumerate(pairs):
-        if not 0 <= region < len(regions) or not 0 <= block < regions[region].num_blocks:
-            raise TransportError(f"block ({region}, {block}) is outside the registered regions")
-        idx[i] = offsets[region] + block
-    return idx
-
-
-def _locate(
-    spans: Sequence[tuple[int, int, int, MemoryKind]], runs: np.ndarray, whose: str
-) -> tuple[MemoryKind, np.ndarray]:
-    """The memory kind and device id of every ``(addr, len)`` run; each must lie inside one span of
-    registered memory, all of one kind (``TransportError`` otherwise: nothing is read)."""
-    if len(runs) == 0:
-        raise TransportError("nothing to read")
-    order = sorted(spans)  # registered spans do not overlap; a run must sit in one (NIXL checks it too)
-    bases = np.array([s[0] for s in order], dtype=np.int64)
-    ends = bases + np.array([s[1] for s in order], dtype=np.int64)
-    addr, n = runs[:, 0].astype(np.int64), runs[:, 1].astype(np.int64)
-    idx = np.searchsorted(bases, addr, side="right") - 1
-    ok = (idx >= 0) & (n > 0)
-    ok &= addr + n <= ends[np.clip(idx, 0, None)]
-    if not ok.all():
-        bad = int(np.argmin(ok))
-        raise TransportError(f"run ({int(addr[bad]):#x}, {int(n[bad])}) is outside {whose} registered memory")
-    kinds = {order[i][3] for i in np.unique(idx).tolist()}
-    if len(kinds) > 1:
-        raise TransportError(f"runs span {whose} memory of several kinds {sorted(kinds)}")
-    devs = np.array([s[2] for s in order], dtype=np.int64)[idx]
-    return kinds.pop(), devs
 
 
 class _Read:
@@ -183,10 +131,10 @@ class NixlTransport(KVTransport):
             reg = [(r.base_addr, r.nbytes, r.device_id, "") for r in regions]
             self._reg_descs = self._agent.get_reg_descs(reg, self.memory.value)
             self._agent.register_memory(self._reg_descs, backends=self.backends)
-        xfer = self._agent.get_xfer_descs(_descs(regions), self.memory.value)
+        xfer = self._agent.get_xfer_descs(block_descs(regions), self.memory.value)
         self._local_dlist = self._agent.prep_xfer_dlist(_LOCAL, xfer, backends=self.backends)
         self._regions = regions
-        self._offsets = _offsets(regions)
+        self._offsets = block_offsets(regions)
         self._spans.extend((r.base_addr, r.nbytes, r.device_id, self.memory) for r in regions)
 
     def register_scratch(self, base_addr: int, nbytes: int, memory: MemoryKind = MemoryKind.DRAM) -> None:
@@ -223,7 +171,7 @@ class NixlTransport(KVTransport):
         if not use:
             raise TransportError(f"no NIXL backend in common with peer {name} (ours: {self.backends})")
         try:
-            xfer = self._agent.get_xfer_descs(_descs(regions), memory.value)
+            xfer = self._agent.get_xfer_descs(block_descs(regions), memory.value)
             dlist = self._agent.prep_xfer_dlist(name, xfer, backends=use)
         except Exception as exc:  # e.g. a region table beyond the memory the peer registered
             try:
@@ -232,7 +180,7 @@ class NixlTransport(KVTransport):
                 pass
             raise TransportError(f"peer {name}'s region table does not match the memory it registered: {exc}") from exc
         peer = Peer(name=name, regions=regions, memory=memory, backends=tuple(use))
-        self._peers[name] = (peer, dlist, _offsets(regions))
+        self._peers[name] = (peer, dlist, block_offsets(regions))
         return peer
 
     def remove_peer(self, peer: Peer) -> None:
@@ -256,8 +204,8 @@ class NixlTransport(KVTransport):
         if entry is None:
             raise TransportError(f"unknown peer {peer.name}")
         _, remote_dlist, remote_offsets = entry
-        local_idx = _indices(self._regions, self._offsets, local)
-        remote_idx = _indices(peer.regions, remote_offsets, remote)
+        local_idx = block_indices(self._regions, self._offsets, local)
+        remote_idx = block_indices(peer.regions, remote_offsets, remote)
         return self._start(
             f"{op} to {peer.name}",
             lambda: self._agent.make_prepped_xfer(
@@ -290,10 +238,10 @@ class NixlTransport(KVTransport):
         if peer.name not in self._peers:
             raise TransportError(f"unknown peer {peer.name}")
         check_runs(local, remote)
-        mem_l, dev_l = _locate(self._spans, local, "local")
+        mem_l, dev_l = locate_runs(self._spans, local, "local")
         own = [(r.base_addr, r.nbytes, r.device_id, peer.memory) for r in peer.regions]
         own += [(r.base_addr, r.nbytes, r.device_id, MemoryKind.DRAM) for r in peer.extra]
-        mem_r, dev_r = _locate(own, remote, f"peer {peer.name}'s")
+        mem_r, dev_r = locate_runs(own, remote, f"peer {peer.name}'s")
         ldesc = np.stack([local[:, 0], local[:, 1], dev_l], axis=1).astype(np.uint64)
         rdesc = np.stack([remote[:, 0], remote[:, 1], dev_r], axis=1).astype(np.uint64)
         handle = self._start(

@@ -33,10 +33,38 @@ MODEL = "test-model"
 SETTINGS = {"block_size": 32, "num_gpu_blocks": 40, "max_model_len": 1024}
 
 
-class Events:
-    """Every KV event a publisher sends, in order (a SUB socket on its own thread)."""
+def _replay(endpoint: str, start: int) -> list[tuple[int, bytes]]:
+    """The batches a publisher's replay endpoint still holds from ``start`` on, as ``(seq, payload)``
+    (vLLM's ``ZmqEventPublisher._service_replay``: one message a batch, then an empty-topic end)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart([b"", start.to_bytes(8, "big")])
+        out = []
+        while True:
+            assert sock.poll(10_000), f"no replay answer from {endpoint}"
+            _, topic, seq, payload = sock.recv_multipart()
+            if not topic:
+                return out
+            out.append((int.from_bytes(seq, "big"), payload))
+    finally:
+        sock.close(0)
 
-    def __init__(self, endpoint: str) -> None:
+
+class Events:
+    """Every KV event a publisher sends from now on, in order (a SUB socket on its own thread).
+
+    No wait for the subscription to reach the publisher (ZMQ's slow joiner): :meth:`backfill` asks
+    the replay endpoint for what was published before the first batch received, as a late
+    subscriber does; ``start`` (the publisher's next seq when we began) keeps earlier batches out."""
+
+    def __init__(self, endpoint: str, replay: str) -> None:
+        self._dec = msgspec.msgpack.Decoder()
+        self._replay_endpoint = replay
+        held = _replay(replay, 0)
+        self.start = held[-1][0] + 1 if held else 0
+        self.missed: list[tuple[int, list[Any]]] = []
         self.batches: list[tuple[int, list[Any]]] = []
         self._stop = threading.Event()
         self._sock = zmq.Context.instance().socket(zmq.SUB)
@@ -47,16 +75,23 @@ class Events:
         self._t.start()
 
     def _run(self) -> None:
-        dec = msgspec.msgpack.Decoder()
         while not self._stop.is_set():
             try:
                 _, seq, payload = self._sock.recv_multipart()
             except zmq.Again:
                 continue
-            self.batches.append((int.from_bytes(seq, "big"), dec.decode(payload)[1]))
+            self.batches.append((int.from_bytes(seq, "big"), self._dec.decode(payload)[1]))
+
+    def backfill(self) -> None:
+        wait_until(lambda: self.batches, 10, "a batch on the live stream")
+        first = self.batches[0][0]
+        held = _replay(self._replay_endpoint, self.start)
+        self.missed = [(seq, msgspec.msgpack.decode(p)[1]) for seq, p in held if seq < first]
+        seqs = [seq for seq, _ in [*self.missed, *self.batches]]
+        assert seqs == list(range(self.start, self.start + len(seqs))), seqs
 
     def events(self) -> list[Any]:
-        return [e for _, evs in self.batches for e in evs]
+        return [e for _, evs in [*self.missed, *self.batches] for e in evs]
 
     def close(self) -> None:
         self._stop.set()
@@ -156,10 +191,9 @@ def _sequence() -> list[tuple[str, dict[str, Any]]]:
 
 
 def test_same_events_and_hits_as_a_real_engine(real: EngineProcess, sim: dict[str, Any]) -> None:
-    real_events = Events(real.spec.events_endpoint or "")
-    sim_events = Events(sim["events"])
+    real_events = Events(real.spec.events_endpoint or "", real.spec.replay_endpoint or "")
+    sim_events = Events(sim["events"], sim["replay"])
     try:
-        threading.Event().wait(0.5)  # let both SUB subscriptions reach their publishers
         urls = {"real": real.url, "sim": sim["url"]}
         before = {k: metric(u, "vllm:prefix_cache_hits_total") for k, u in urls.items()}
         usage: dict[str, list[tuple[int, int]]] = {"real": [], "sim": []}
@@ -167,6 +201,8 @@ def test_same_events_and_hits_as_a_real_engine(real: EngineProcess, sim: dict[st
             for k, u in urls.items():
                 out = post(u + path, body)
                 usage[k].append((out["usage"]["prompt_tokens"], out["usage"]["prompt_tokens_details"]["cached_tokens"]))
+        real_events.backfill()
+        sim_events.backfill()
         n_real = len(real_events.events())
         wait_until(lambda: len(sim_events.events()) >= n_real, 10, "the simulator's events")
         assert usage["sim"] == usage["real"]

@@ -103,7 +103,7 @@ async def _measure(base: str, pid: int, body: bytes, path: str) -> dict[str, Any
     def sample() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], rss_mib(pid))
-            time.sleep(0.01)
+            time.sleep(0.01)  # pacing: the RSS sampling period
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -116,7 +116,7 @@ async def _measure(base: str, pid: int, body: bytes, path: str) -> dict[str, Any
                 async with s.get(base + "/health") as r:
                     await r.read()
                 lat.append(time.perf_counter() - t)
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # pacing: the probes' inter-arrival gap
 
         prober = asyncio.create_task(probe())
         # the big request goes out from its own thread with a blocking client (its socket writes
@@ -125,7 +125,8 @@ async def _measure(base: str, pid: int, body: bytes, path: str) -> dict[str, Any
         t0 = time.perf_counter()
         status = await asyncio.to_thread(_post, base + path, body)
         took = time.perf_counter() - t0
-        await asyncio.sleep(0.2)  # a few probes after the request (a stall at its end shows too)
+        after = len(lat)  # a few probes after the request (a stall at its end shows too)
+        await wait_until_async(lambda: len(lat) >= after + 5 or prober.done(), 60, "five /health probes after it")
         done.set()
         await prober
     th.join()

@@ -97,7 +97,7 @@ class Load:
                     async with asyncio.timeout(rng.choice([0.0005, 0.002, 0.01])):
                         async with s.post(self.base + path, data=data, headers=headers) as r:
                             await r.content.readany()
-                            await asyncio.sleep(1)
+                            await asyncio.sleep(1)  # pacing: a client that stops reading mid-answer
                 except TimeoutError:
                     pass
                 return

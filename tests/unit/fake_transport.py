@@ -4,12 +4,13 @@ fast unit tests.
 It follows :class:`vllm_llmd.connectors.transports.nixl.NixlTransport` (connectors/transports/nixl.py):
 a peer is added from its metadata and region table (unknown metadata or a region table beyond the
 memory the peer registered is a :class:`TransportError`); a READ names ``(region, block)`` pairs on
-both sides and is checked against the registered regions (``_indices``); ``poll`` reports ``DONE``
+both sides and is checked against the registered regions (``block_indices``); ``poll`` reports ``DONE``
 and only then sends the completion notification to the peer (``_Read``); ``release`` of a pending
 transfer cancels it. Cross-layout reads (``read_runs`` of ``(addr, len)`` rows into our regions or
 a scratch buffer registered with ``register_scratch``) are checked the same way against both sides'
-registered memory (``_locate`` in nixl.py), and a peer is read over the backends both sides agreed
-(``backends``; the fake has the ones its test gives it, ``("UCX",)`` by default). Bytes really
+registered memory (``locate_runs``), and a peer is read over the backends both sides agreed
+(``backends``; the fake has the ones its test gives it, ``("UCX",)`` by default). Those checks are the
+real transport's own (connectors/transports/descriptors.py, which imports no NIXL). Bytes really
 move: a READ copies the peer's block memory into ours with ``ctypes.memmove`` (both "engines" live
 in this process), as NIXL's UCX backend copies between processes.
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from vllm_llmd.connectors.transports import KVTransport, MemoryKind, Peer, Region, TransportError, XferState
 from vllm_llmd.connectors.transports.base import check_runs
+from vllm_llmd.connectors.transports.descriptors import block_descs, block_indices, block_offsets, locate_runs
 
 
 @dataclass
@@ -124,12 +126,8 @@ class FakeTransport(KVTransport):
     # ---- data movement
     @staticmethod
     def _addrs(regions: Sequence[Region], pairs: Sequence[tuple[int, int]]) -> list[int]:
-        out = []
-        for region, block in pairs:
-            if not 0 <= region < len(regions) or not 0 <= block < regions[region].num_blocks:
-                raise TransportError(f"block ({region}, {block}) is outside the registered regions")
-            out.append(regions[region].base_addr + block * regions[region].block_len)
-        return out
+        rows = block_descs(regions)[block_indices(regions, block_offsets(regions), pairs)]
+        return [int(a) for a in rows[:, 0]]
 
     def _post(self, peer: Peer, local, remote, notif: bytes, read: bool) -> Xfer:  # type: ignore[no-untyped-def]
         if len(local) != len(remote):
@@ -148,9 +146,7 @@ class FakeTransport(KVTransport):
 
     @staticmethod
     def _inside(spans: Sequence[tuple[int, int]], rows: np.ndarray, whose: str) -> None:
-        for addr, n in rows.tolist():
-            if not any(base <= addr and addr + n <= base + size for base, size in spans):
-                raise TransportError(f"run ({addr:#x}, {n}) is outside {whose} registered memory")
+        locate_runs([(base, size, 0, MemoryKind.DRAM) for base, size in spans], rows, whose)
 
     def read_runs(self, peer: Peer, local: np.ndarray, remote: np.ndarray, notif: bytes = b"") -> object:
         if peer.name not in self._peers:

@@ -107,7 +107,7 @@ def test_client_keeps_sessions_closed_loop_and_concurrency_bounded(tm: workloads
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-LLMD-Pod": "p1"})
             await resp.prepare(request)
             for _ in range(body["max_tokens"]):
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0.001)  # pacing: a backend that streams its tokens over time
                 await resp.write(b'data: {"choices": [{"text": "x"}]}\n\n')
             await resp.write(b"data: [DONE]\n\n")
             inflight[s] -= 1

@@ -17,7 +17,8 @@ class _SilentSpec(EngineSpec):
     """Starts a Python process that prints one line and then sleeps: a start that hangs."""
 
     def command(self) -> list[str]:
-        return [sys.executable, "-c", "import time; print('booting', flush=True); time.sleep(600)"]
+        hang = "import time; print('booting', flush=True); time.sleep(600)"  # pacing: a start that hangs on purpose
+        return [sys.executable, "-c", hang]
 
 
 def test_a_silent_start_is_detected_retried_and_its_stacks_logged(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ async def _probe_health(base: str, stop: asyncio.Event) -> list[float]:
             async with s.get(base + "/health") as r:
                 assert r.status == 200
             lat.append(time.perf_counter() - t)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # pacing: the probes' inter-arrival gap
     return lat
 
 
@@ -307,18 +307,23 @@ async def test_a_stream_that_stalls_is_aborted_after_the_idle_timeout(backends) 
         await srv.close()
 
 
-def _inflight(metrics_text: str, pod: str) -> float:
+def _sample(metrics_text: str, name: str, pod: str | None = None) -> float:
+    """The sum of ``name``'s samples (for ``pod`` only, if given) in a ``/metrics`` text; 0 if none."""
+    total = 0.0
     for line in metrics_text.splitlines():
-        if line.startswith("llmd_router_inflight_requests") and f'pod="{pod}"' in line:
-            return float(line.split()[-1])
-    return 0.0
+        if line.startswith(name + "{") and (pod is None or f'pod="{pod}"' in line):
+            total += float(line.split()[-1])
+    return total
 
 
-async def test_an_abandoned_request_is_dropped_at_once_and_never_sent_again(backends) -> None:
+async def test_an_abandoned_request_is_dropped_at_once_and_never_sent_again(backends, tmp_path: Path) -> None:
     """The old router kept an abandoned request (and its in-flight count) alive; when the hung pod
     later died, it re-sent the request to another pod. Runs the router as ``vllm-llmd router``."""
     backends[0].die = "hang"
-    cli = CliRouter(["--model", "test-model", "--worker", backends[0].url, "--worker", backends[1].url])
+    cfg = tmp_path / "router.yaml"  # the router marks a dead pod down at its first failed health check
+    cfg.write_text("pool:\n  health_interval_s: 0.1\n  failure_threshold: 1\n")
+    args = ["--config", str(cfg), "--model", "test-model", "--worker", backends[0].url, "--worker", backends[1].url]
+    cli = CliRouter(args)
     try:
         await cli.ready()
         for i in range(6):  # some go to the hung pod; those clients give up after 0.3 s
@@ -336,14 +341,23 @@ async def test_an_abandoned_request_is_dropped_at_once_and_never_sent_again(back
         served = len(backends[1].received)
         async with aiohttp.ClientSession() as s:
 
-            async def released() -> bool:
+            async def metrics() -> str:
                 async with s.get(cli.base + "/metrics") as r:
-                    return _inflight(await r.text(), backends[0].pod_id) == 0
+                    return await r.text()
+
+            async def released() -> bool:
+                return _sample(await metrics(), "llmd_router_inflight_requests", backends[0].pod_id) == 0
 
             await wait_until_async(released, 3, "the abandoned requests' in-flight count released")
-        await wait_until_async(lambda: backends[0].abandoned == hung, 3, "the pod saw them dropped")
-        await backends[0].close()  # the hung pod dies now
-        await asyncio.sleep(1.0)  # a window for a re-send to show up (the old router's came at once)
+            await wait_until_async(lambda: backends[0].abandoned == hung, 3, "the pod saw them dropped")
+            await backends[0].close()  # the hung pod dies now
+
+            async def seen_dead() -> str | None:  # the old router re-sent at once, before this
+                text = await metrics()
+                return text if _sample(text, "llmd_router_pod_available", backends[0].pod_id) == 0 else None
+
+            text = await wait_until_async(seen_dead, 10, "the router marked the dead pod down")
+        assert _sample(text, "llmd_router_upstream_retries_total") == 0  # no re-send was even tried
         assert len(backends[1].received) == served  # nothing was re-sent to the other pod
     finally:
         cli.stop()

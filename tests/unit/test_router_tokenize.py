@@ -135,6 +135,7 @@ async def test_large_prompts_are_tokenized_off_the_event_loop(model_dir: Path) -
     import time
 
     from vllm_llmd.router.tokenize import TokenizerPool
+    from vllm_llmd.testing.wait import wait_until_async
 
     tok = PromptTokenizer(model_dir)
     pool = TokenizerPool(workers=1, max_pending=1, inline_chars=1000)
@@ -147,14 +148,14 @@ async def test_large_prompts_are_tokenized_off_the_event_loop(model_dir: Path) -
         nonlocal ticks, worst
         while not done:
             t = time.perf_counter()
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.002)  # pacing: a ticker measuring how late the event loop wakes it
             worst = max(worst, time.perf_counter() - t)
             ticks += 1
 
     ticker = asyncio.create_task(tick())
     try:
         job = asyncio.create_task(pool.run(len(text), tok.encode_ids, text, True))
-        await asyncio.sleep(0)
+        await wait_until_async(lambda: pool.pending == 1, 10, "the first big prompt holds the pool's one slot")
         # the pool is full: another big prompt is not queued, it is scored approximately
         assert await pool.run(len(text), tok.encode_ids, text, True) is None
         ids = await job

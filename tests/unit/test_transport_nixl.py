@@ -304,7 +304,7 @@ def test_the_progress_thread_parks_while_nothing_is_in_flight(local: Local) -> N
     parked_at = calls[0]
     window = time.monotonic() + 0.3  # a measurement window, not a wait for an event
     while time.monotonic() < window:
-        time.sleep(0.05)
+        time.sleep(0.05)  # pacing: the window is one in which no poll may happen
     assert calls[0] <= parked_at + 1, "polls continued while parked"  # at most the poll in progress
     t.set_active(True)
     _until(lambda: calls[0] >= parked_at + 5)
