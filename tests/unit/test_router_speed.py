@@ -160,3 +160,46 @@ def test_learned_speeds_steer_the_cost_model() -> None:
 def test_weighted_median() -> None:
     assert weighted_median([(1.0, 1.0), (10.0, 1.0), (2.0, 5.0)]) == 2.0
     assert weighted_median([(3.0, 1.0)]) == 3.0
+
+
+def test_new_prefixes_follow_the_learned_speeds_on_an_idle_pool() -> None:
+    """Issue 13's cold-prefix placement: three pods configured alike, learned 2 / 1 / 0.5. With no queue
+    anywhere, new prefixes go by the footprint's fair share, which follows the learned speeds: the fast
+    pod gets the most, the slow one the fewest; the same pods with nothing learned split them evenly."""
+    inflight = InflightTracker()
+    est = SpeedEstimator(SpeedConfig(refresh_s=0))
+    ctx = SchedulingContext(
+        index=None, memory=PrefixMemory(), inflight=inflight, block_size=64, speculative_ttl_s=10, speeds=est
+    )
+    sched = build_scheduler(ProfileConfig(), ctx)
+    rates = {"fast": 4000.0, "mid": 2000.0, "slow": 1000.0}
+    est.set_pods(dict.fromkeys(rates, 1.0))
+    for i in range(8):
+        for pod, r in rates.items():
+            est.observe(AttemptTiming(pod, 2112, 2112 / r, 31, 31 / (r / 100), 2112), now=i)
+    est.refresh(now=8)
+    assert est.prefill == pytest.approx({"fast": 2.0, "mid": 1.0, "slow": 0.5}, rel=0.1)
+    pods = [Candidate(p, est.prefill_speed(p, 1.0), False, "both", inflight.load(p), PodMetrics()) for p in rates]
+    sent = dict.fromkeys(rates, 0)
+    for i in range(35):
+        toks = [(i * 7919 + j) % 4000 + 1 for j in range(2048)]
+        req = SchedRequest("m", toks, "", len(toks), 16, token_block_keys("m", toks, 64, 1 << 20))
+        d = sched.schedule(req, pods)
+        inflight.done(inflight.start(d.chosen.id, 2048, 16))  # answered at once: no queue anywhere
+        sent[d.chosen.id] += 1
+    blind = build_scheduler(
+        ProfileConfig(),
+        SchedulingContext(index=None, memory=PrefixMemory(), inflight=inflight, block_size=64, speculative_ttl_s=10),
+    )
+    even = dict.fromkeys(rates, 0)
+    same = [Candidate(p, 1.0, False, "both", inflight.load(p), PodMetrics()) for p in rates]
+    for i in range(35):
+        toks = [(i * 7919 + j) % 4000 + 1 for j in range(2048)]
+        req = SchedRequest("m", toks, "", len(toks), 16, token_block_keys("m", toks, 64, 1 << 20))
+        d = blind.schedule(req, same)
+        inflight.done(inflight.start(d.chosen.id, 2048, 16))
+        even[d.chosen.id] += 1
+    assert max(even.values()) - min(even.values()) <= 2, even
+    # speed divides the cost and weighs the fair share: an idle slow pod's cold prefill takes 4x the fast
+    # one's, so it gets a new prefix only once the others are well past their share (24 / 11 / 0 here)
+    assert sent["fast"] > 1.5 * sent["mid"] and sent["mid"] > sent["slow"], sent
