@@ -1,6 +1,6 @@
 """Learned pod speeds (vllm_llmd.router.speed): convergence on synthetic pods under queueing and
-noise, outliers, priors, forgetting unhealthy and departed pods, bounded memory; and what the cost model makes
-of them."""
+noise, outliers, priors, forgetting unhealthy and departed pods, bounded memory; and what the cost
+model makes of them (queued and idle pools)."""
 
 from __future__ import annotations
 
