@@ -1,6 +1,6 @@
 """Learned pod speeds (vllm_llmd.router.speed): convergence on synthetic pods under queueing and
-noise, outliers, priors, forgetting a restarted pod, bounded memory; and what the cost model makes
-of them."""
+noise, outliers, priors, forgetting unhealthy and departed pods, bounded memory; and what the cost
+model makes of them (queued and idle pools)."""
 
 from __future__ import annotations
 
@@ -21,28 +21,6 @@ RATES = {"fast": 4000.0, "mid": 2000.0, "mid2": 2000.0, "slow": 500.0}
 OVERHEAD_S = 0.02
 
 
-class FakeIndex:
-    """The epoch part of vllm_llmd.index.KVBlockIndex (``epochs_total``, ``epoch``, ``pods``)."""
-
-    def __init__(self) -> None:
-        self.epochs: dict[str, int] = {}
-
-    def restart(self, pod: str) -> None:
-        self.epochs[pod] = self.epochs.get(pod, 0) + 1
-
-    def epochs_total(self) -> int:
-        return sum(self.epochs.values())
-
-    def epoch(self, pod: str) -> int:
-        return self.epochs.get(pod, 0)
-
-    def pods(self) -> list[str]:
-        return list(self.epochs)
-
-    def match_keys(self, keys):  # pragma: no cover - not used here
-        return {}
-
-
 def sample(rng: random.Random, pod: str, noise: float = 0.15) -> AttemptTiming:
     """One streamed answer: a request of 256-2048 uncached tokens behind 0-20,000 tokens queued."""
     own = rng.randint(256, 2048)
@@ -50,11 +28,11 @@ def sample(rng: random.Random, pod: str, noise: float = 0.15) -> AttemptTiming:
     work = own + ahead
     ttft = OVERHEAD_S + work / RATES[pod] * rng.lognormvariate(0, noise)
     itl = 1 / (RATES[pod] / 100) * rng.lognormvariate(0, noise)  # decode: rate/100 tokens/s
-    return AttemptTiming(pod, work, ttft, 31, 31 * itl)
+    return AttemptTiming(pod, work, ttft, 31, 31 * itl, own)
 
 
-def _est(index: FakeIndex | None = None, **kw) -> SpeedEstimator:
-    est = SpeedEstimator(SpeedConfig(refresh_s=0, **kw), index)
+def _est(**kw) -> SpeedEstimator:
+    est = SpeedEstimator(SpeedConfig(refresh_s=0, **kw))
     est.set_pods(dict.fromkeys(RATES, 1.0))
     return est
 
@@ -74,9 +52,9 @@ def test_converges_on_synthetic_pods_despite_queueing_and_noise() -> None:
     t = _feed(est, 60, rng)
     est.refresh(now=t)
     ps, ds = est.prefill, est.decode
-    # relative to the median pod (2000 tokens/s): 2, 1, 1, 0.25; 60 samples against the prior's 8:
-    # speed = learned ** (60 / 68) (the prior is 1)
-    shrink = 60 / 68
+    # relative to the median pod (2000 tokens/s): 2, 1, 1, 0.25; 60 samples against the prior's 1:
+    # speed = learned ** (60 / 61) (the prior is 1)
+    shrink = 60 / 61
     assert ps["fast"] == pytest.approx(2.0**shrink, rel=0.1)
     assert ps["mid"] == pytest.approx(1.0, rel=0.1)
     assert ps["slow"] == pytest.approx(0.25**shrink, rel=0.1)
@@ -93,11 +71,11 @@ def test_ignores_outliers() -> None:
             t += 0.01
             s = sample(rng, pod)
             if i % 5 == 0:
-                s = AttemptTiming(pod, s.work_tokens, s.ttft_s * 50, s.decode_events, s.decode_s * 50)
+                s = AttemptTiming(pod, s.work_tokens, s.ttft_s * 50, s.decode_events, s.decode_s * 50, s.own_tokens)
             est.observe(s, now=t)
     est.refresh(now=t)
-    assert est.prefill["slow"] == pytest.approx(0.25 ** (60 / 68), rel=0.15)
-    assert est.prefill["fast"] == pytest.approx(2.0 ** (60 / 68), rel=0.15)
+    assert est.prefill["slow"] == pytest.approx(0.25 ** (60 / 61), rel=0.15)
+    assert est.prefill["fast"] == pytest.approx(2.0 ** (60 / 61), rel=0.15)
 
 
 def test_prior_weighs_until_samples_come_and_cheap_requests_teach_nothing() -> None:
@@ -117,17 +95,18 @@ def test_prior_weighs_until_samples_come_and_cheap_requests_teach_nothing() -> N
     cheap = SpeedEstimator(SpeedConfig(refresh_s=0))
     cheap.observe(AttemptTiming("a", 64, 0.02, 0, 0.0))  # a warm request: overhead, not speed
     cheap.observe(AttemptTiming("a", 64, None, 2, 0.01))  # not streamed; too few tokens
+    # a warm request behind a queue: its wait is the queue's, partly overlapped by chunked prefill
+    cheap.observe(AttemptTiming("a", 5000, 0.3, 0, 0.0, own_tokens=64))
     assert cheap.refresh() == 0 and not cheap._pods["a"].prefill and not cheap._pods["a"].decode
 
 
-def test_forgets_a_restarted_pod_and_pods_that_leave() -> None:
-    index = FakeIndex()
-    est = _est(index)
+def test_forgets_unhealthy_pods_and_pods_that_leave() -> None:
+    est = _est()
     rng = random.Random(4)
     t = _feed(est, 30, rng)
     est.refresh(now=t)
     assert est.prefill["slow"] < 0.4
-    index.restart("slow")  # the event index saw it drop everything: a new engine
+    est.forget("slow")  # turned unhealthy (an engine restart fails its health checks)
     t += 10
     est.refresh(now=t)
     assert "slow" not in est.prefill and est.prefill_speed("slow", 1.0) == 1.0
@@ -181,3 +160,46 @@ def test_learned_speeds_steer_the_cost_model() -> None:
 def test_weighted_median() -> None:
     assert weighted_median([(1.0, 1.0), (10.0, 1.0), (2.0, 5.0)]) == 2.0
     assert weighted_median([(3.0, 1.0)]) == 3.0
+
+
+def test_new_prefixes_follow_the_learned_speeds_on_an_idle_pool() -> None:
+    """Issue 13's cold-prefix placement: three pods configured alike, learned 2 / 1 / 0.5. With no queue
+    anywhere, new prefixes go by the footprint's fair share, which follows the learned speeds: the fast
+    pod gets the most, the slow one the fewest; the same pods with nothing learned split them evenly."""
+    inflight = InflightTracker()
+    est = SpeedEstimator(SpeedConfig(refresh_s=0))
+    ctx = SchedulingContext(
+        index=None, memory=PrefixMemory(), inflight=inflight, block_size=64, speculative_ttl_s=10, speeds=est
+    )
+    sched = build_scheduler(ProfileConfig(), ctx)
+    rates = {"fast": 4000.0, "mid": 2000.0, "slow": 1000.0}
+    est.set_pods(dict.fromkeys(rates, 1.0))
+    for i in range(8):
+        for pod, r in rates.items():
+            est.observe(AttemptTiming(pod, 2112, 2112 / r, 31, 31 / (r / 100), 2112), now=i)
+    est.refresh(now=8)
+    assert est.prefill == pytest.approx({"fast": 2.0, "mid": 1.0, "slow": 0.5}, rel=0.1)
+    pods = [Candidate(p, est.prefill_speed(p, 1.0), False, "both", inflight.load(p), PodMetrics()) for p in rates]
+    sent = dict.fromkeys(rates, 0)
+    for i in range(35):
+        toks = [(i * 7919 + j) % 4000 + 1 for j in range(2048)]
+        req = SchedRequest("m", toks, "", len(toks), 16, token_block_keys("m", toks, 64, 1 << 20))
+        d = sched.schedule(req, pods)
+        inflight.done(inflight.start(d.chosen.id, 2048, 16))  # answered at once: no queue anywhere
+        sent[d.chosen.id] += 1
+    blind = build_scheduler(
+        ProfileConfig(),
+        SchedulingContext(index=None, memory=PrefixMemory(), inflight=inflight, block_size=64, speculative_ttl_s=10),
+    )
+    even = dict.fromkeys(rates, 0)
+    same = [Candidate(p, 1.0, False, "both", inflight.load(p), PodMetrics()) for p in rates]
+    for i in range(35):
+        toks = [(i * 7919 + j) % 4000 + 1 for j in range(2048)]
+        req = SchedRequest("m", toks, "", len(toks), 16, token_block_keys("m", toks, 64, 1 << 20))
+        d = blind.schedule(req, same)
+        inflight.done(inflight.start(d.chosen.id, 2048, 16))
+        even[d.chosen.id] += 1
+    assert max(even.values()) - min(even.values()) <= 2, even
+    # speed divides the cost and weighs the fair share: an idle slow pod's cold prefill takes 4x the fast
+    # one's, so it gets a new prefix only once the others are well past their share (24 / 11 / 0 here)
+    assert sent["fast"] > 1.5 * sent["mid"] and sent["mid"] > sent["slow"], sent

@@ -107,6 +107,7 @@ class Attempt:
                     self._t_first - self._t_sent,
                     self._events,
                     self._t_last - self._t_first,
+                    self._prefill,
                 )
             )
         self._scheduler.post_response(self.req, self.pod.id)

@@ -231,10 +231,11 @@ class SpeedConfig(_Strict):
     learn: bool = True
     #: samples kept per pod and kind (prefill, decode)
     window: int = Field(default=64, ge=4, le=4096)
-    #: weight of the configured ``prefill_speed`` as a number of samples
-    prior_samples: float = Field(default=8.0, ge=0)
-    #: a TTFT sample counts only when the pod had at least this much work to do (tokens): a cheap
-    #: request's TTFT is its fixed overhead, not its speed
+    #: weight of the configured ``prefill_speed`` as a number of samples (1: a pod's first sample
+    #: moves it halfway; 8 compressed the simulated fleet's speeds, few cold prompts reach each pod)
+    prior_samples: float = Field(default=1.0, ge=0)
+    #: a TTFT sample counts only when the request's own uncached prompt is at least this many
+    #: tokens: a cheap request's TTFT is its fixed overhead, not its speed
     min_work_tokens: float = Field(default=256.0, ge=0)
     #: samples older than this are dropped (a pod that got no work for that long is learned again)
     max_age_s: float = Field(default=300.0, gt=0)

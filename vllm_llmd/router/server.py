@@ -88,7 +88,7 @@ def build_router(cfg: RouterConfig, tracer_provider: Any | None = None) -> Route
         block_size=cfg.index.block_size,
         speculative_ttl_s=cfg.index.speculative_ttl_s,
         metrics_stale_s=cfg.pool.metrics_stale_s,
-        speeds=SpeedEstimator(cfg.speed, index) if cfg.speed.learn else None,
+        speeds=SpeedEstimator(cfg.speed) if cfg.speed.learn else None,
     )
     scheduler = build_scheduler(cfg.profile, ctx)
     ctx.decode_token_weight = scheduler.decode_token_weight  # the P/D decider uses the profile's weight

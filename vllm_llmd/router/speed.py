@@ -3,20 +3,27 @@
 ``prefill_speed`` is only the prior).
 
 What the router observes of one try (:class:`~vllm_llmd.router.attempt.Attempt`; a streamed answer
-with status 200 that ran to its end): the work already queued on the pod when it was sent (the
-router's in-flight record, :mod:`vllm_llmd.pd.load`), the request's own uncached prompt tokens, when
+with status 200 that ran to its end): the request's own uncached prompt tokens, the work already
+queued on the pod when it was sent (the router's in-flight record, :mod:`vllm_llmd.pd.load`), when
 the first chunk arrived, and how many SSE events arrived after it and over how long. Per try:
 
-    work        = uncached + queued_prefill_ahead + decode_token_weight * queued_decode_ahead   (tokens)
-    prefill     r = work / ttft                         (tokens/s; only if work >= min_work_tokens)
+    own         = the request's uncached prompt tokens
+    work        = own + queued_prefill_ahead + decode_token_weight * queued_decode_ahead   (tokens)
+    prefill     r = work / ttft                         (tokens/s; only if own >= min_work_tokens)
     decode      d = events_after_first / (t_last - t_first)    (tokens/s; only with >= 4 such events)
 
 Counting the work queued ahead in ``work`` separates queue wait from service time as far as the
 router can see it: a request that waited behind 10,000 queued tokens and took 2 s says the pod
-does ~5,000 tokens/s, not that it is slow. (Work the router cannot see - another router's - is not
-separated; neither is the engine's fixed per-request overhead, which is why cheap requests, under
-``min_work_tokens``, teach nothing.) The decode rate includes the batch the pod runs, i.e. what a new
-request would get there. ``[DONE]`` and a usage chunk count as events: a small bias shared by all pods.
+does ~5,000 tokens/s, not that it is slow. Only a request with a long prompt of its own is a sample:
+a short one queued behind long prefills does not wait for all of them (vLLM's chunked prefill runs
+it in the same step as the tail of the one before, and the router counts a half-done prefill in
+full until its first token), so ``work / ttft`` would overstate a busy pod's rate. On the simulated
+3-class fleet in virtual time (tests/unit/test_router_speed_fleet.py; truth 2 / 1 / 0.5, prior
+weight 0) counting such samples learned the slow class at 0.52-0.56, this rule at 0.49-0.51.
+(Work the router cannot see - another router's - is not separated; neither is the engine's fixed
+per-request overhead, which is why cheap requests, under ``min_work_tokens``, teach nothing.) The
+decode rate includes the batch the pod runs, i.e. what a new request would get there. ``[DONE]``
+and a usage chunk count as events: a small bias shared by all pods.
 
 Per pod the last ``window`` samples of each kind younger than ``max_age_s`` are kept (bounded
 memory: 2 x ``window`` samples per pod in the pool). Its rate is the work-weighted median of its
@@ -29,9 +36,16 @@ pods' configured ``prefill_speed``, 1.0 by default):
     speed(p)   = exp((n0 ln π(p) + n ln learned(p)) / (n0 + n)),  clamped to [π(p) / max_ratio, π(p) * max_ratio]
 
 with ``n`` the pod's sample count and ``n0 = prior_samples``; a pod without samples keeps ``π(p)``.
+Few long prompts reach each pod (on the benchmark's fleet, 48 cold prefixes per 30 s over 20 pods),
+so the prior's weight decides how far the speeds get: with ``n0 = 8`` the same virtual-time fleet
+learned 1.32 / 1.01 / 0.72, with the default ``n0 = 1`` 1.79-1.87 / 1.02-1.03 / 0.55-0.58.
 The decode speed is the same formula over decode samples. A pod is forgotten (back to its prior)
-when the event index sees it drop everything (engine restart, cache reset), when it turns
-unhealthy or when it leaves the pool; a pod that got no work for ``max_age_s`` is learned again.
+when it turns unhealthy (an engine restart fails the health checks for the tens of seconds vLLM
+takes to start) or when it leaves the pool; a pod that got no work for ``max_age_s`` is learned
+again. A cleared prefix cache (``/reset_prefix_cache``, the KV events' ``AllBlocksCleared``) is not
+a new engine and keeps what was learned: forgetting it there threw the speeds away at the start
+of every step of ``bench/sim_fleet.py`` (which resets the caches), just when each step's cold
+prefixes were being placed.
 
 The speeds are recomputed at most every ``refresh_s`` (the candidates read the published values:
 :class:`~vllm_llmd.router.candidates.CandidateViews`); ``bench/sim_fleet.py`` measured the effect
@@ -48,11 +62,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from vllm_llmd.router.config import SpeedConfig
-from vllm_llmd.router.scheduling.epochs import EpochWatch
-from vllm_llmd.router.scheduling.framework import PrefixIndex, SchedRequest
+from vllm_llmd.router.scheduling.framework import SchedRequest
 
 #: samples a pod needs before it takes part in the reference rate ``R``
-MIN_SAMPLES = 4
+MIN_SAMPLES = 2
+#: SSE events after the first a decode sample needs
+MIN_DECODE_EVENTS = 4
 #: the published speeds are recomputed at least this often (samples age out)
 AGE_REFRESH_S = 5.0
 
@@ -70,6 +85,8 @@ class AttemptTiming:
     #: SSE events after the first chunk, and the seconds from the first chunk to the last
     decode_events: int = 0
     decode_s: float = 0.0
+    #: the request's own uncached prompt tokens (part of ``work_tokens``); ``None``: all of it
+    own_tokens: float | None = None
 
 
 def weighted_median(pairs: Iterable[tuple[float, float]]) -> float:
@@ -118,12 +135,10 @@ class SpeedEstimator:
 
     name = "speed-estimator"
 
-    def __init__(self, cfg: SpeedConfig, index: PrefixIndex | None = None) -> None:
+    def __init__(self, cfg: SpeedConfig) -> None:
         self.cfg = cfg
-        self.index = index
         self._pods: dict[str, _Samples] = {}
         self._priors: dict[str, float] = {}
-        self._epochs = EpochWatch()
         #: published speeds (pods with samples only); ``version`` changes when they do
         self.prefill: dict[str, float] = {}
         self.decode: dict[str, float] = {}
@@ -140,17 +155,17 @@ class SpeedEstimator:
     def observe(self, t: AttemptTiming, now: float | None = None) -> None:
         if not self.cfg.learn:
             return
-        self._sync_epochs()
         if self._priors and t.pod not in self._priors:
             return  # not (or no longer) in the pool: nothing to keep
         now = time.monotonic() if now is None else now
         s = self._pods.get(t.pod)
         if s is None:
             s = self._pods[t.pod] = _Samples(self.cfg.window)
-        if t.ttft_s is not None and t.ttft_s > 0 and t.work_tokens >= max(1.0, self.cfg.min_work_tokens):
+        own = t.work_tokens if t.own_tokens is None else t.own_tokens
+        if t.ttft_s is not None and t.ttft_s > 0 and own >= max(1.0, self.cfg.min_work_tokens):
             s.prefill.append((now, t.work_tokens / t.ttft_s, t.work_tokens))
             s.stale = self._dirty = True
-        if t.decode_events >= MIN_SAMPLES and t.decode_s > 0:
+        if t.decode_events >= MIN_DECODE_EVENTS and t.decode_s > 0:
             s.decode.append((now, t.decode_events / t.decode_s))
             s.stale = self._dirty = True
 
@@ -167,10 +182,6 @@ class SpeedEstimator:
         if self._pods.pop(pod, None) is not None:
             self._dirty = True
 
-    def _sync_epochs(self) -> None:
-        for pod in self._epochs.dropped(self.index, self._pods):
-            self.forget(pod)
-
     # ---- output ------------------------------------------------------------------------------
     def refresh(self, now: float | None = None) -> int:
         """Recompute the published speeds if due; returns :attr:`version`."""
@@ -178,7 +189,6 @@ class SpeedEstimator:
         since = now - self._refreshed
         if not (self._dirty and since >= self.cfg.refresh_s) and since < AGE_REFRESH_S:
             return self.version
-        self._sync_epochs()
         self._dirty = False
         self._refreshed = now
         cut = now - self.cfg.max_age_s

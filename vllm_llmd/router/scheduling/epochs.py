@@ -1,5 +1,6 @@
 """Which pods the KV event index saw drop everything (cache cleared, engine restarted) since the
-last look: what a plugin keeping per-pod history (the KV footprint, the learned speeds) forgets."""
+last look: what a plugin keeping per-pod history (the KV footprint) forgets. (The learned speeds
+do not: a cleared cache is not a slower pod, vllm_llmd.router.speed.)"""
 
 from __future__ import annotations
 
