@@ -73,6 +73,11 @@ def engine_counters(url: str) -> dict[str, float]:
         "llmd:kv_transfer_bytes_total": "kv_bytes",
         "vllm:nixl_bytes_transferred_sum": "kv_bytes",
         "vllm:nixl_bytes_transferred_count": "kv_pulls",
+        # where the time goes: a peer load's seconds against a prefill's, per token
+        "llmd:kv_peer_load_seconds_total": "peer_seconds",
+        "llmd:kv_peer_load_blocks_total": "peer_blocks",
+        "vllm:request_prefill_time_seconds_sum": "prefill_seconds",
+        "vllm:request_prefill_kv_computed_tokens_sum": "prefill_tokens",
     }
     out = dict.fromkeys(want.values(), 0.0)
     out["kv_pulls_failed"] = 0.0
@@ -323,7 +328,8 @@ def measured(engines: list[EngineProcess], fn: Any, router_pid: int | None = Non
     res["hit_rate"] = hits / queries if queries else None
     res["requests_per_engine"] = [int(a["requests"] - b["requests"]) for a, b in zip(after, before, strict=True)]
     moved = ("external_hits", "kv_bytes", "kv_pulls", "kv_pulls_failed")
-    moved += ("peer_loads", "peer_loads_failed", "peer_bytes")
+    moved += ("peer_loads", "peer_loads_failed", "peer_bytes", "peer_seconds", "peer_blocks")
+    moved += ("prefill_seconds", "prefill_tokens")
     for key in moved:
         res[key] = sum(a[key] - b[key] for a, b in zip(after, before, strict=True))
     return res
