@@ -145,13 +145,13 @@ def run_model(model: str, names: list[str], args: argparse.Namespace) -> list[di
                         return run_workload(url, served, model_dir, [e.url for e in engines], args, 0, log_dir, tag)
 
                     r = measured(engines, work, pid)
-                    if kind.name == "ours":
+                    if kind.name.startswith("ours"):
                         text = router.get("/metrics")
                         if text:
                             (log_dir / f"router-{i}-metrics.txt").write_text(text)
                 finally:
                     router.stop()
-                if kind.name == "ours":  # spills and per-pod decisions, when the decision log is on
+                if kind.name.startswith("ours"):  # spills and per-pod decisions, when the decision log is on
                     r["placement"] = decision_log.placement(router.log_path)
                 r.update(
                     router=kind.name,
@@ -162,9 +162,10 @@ def run_model(model: str, names: list[str], args: argparse.Namespace) -> list[di
                     date_utc=time.strftime("%H:%M:%S", time.gmtime()),
                 )
                 runs.append(r)
+                peers = f"peer loads {r['peer_loads']:.0f}, {r['peer_bytes'] / 1e6:.1f} MB" if r["peer_loads"] else ""
                 print(
                     f"  [{r['date_utc']}] {kind.name:12s} {serving.fmt_brief(r)} | load {la} | "
-                    f"engines {r['engine_load']}",
+                    f"engines {r['engine_load']} {peers}",
                     flush=True,
                 )
     finally:
@@ -199,18 +200,30 @@ def summarize(model: str, runs: list[dict[str, Any]]) -> str:
 
     lines = [
         f"{model}: mean (sd) over runs",
-        "| router | runs | req/s | TTFT p50 ms | TTFT p90 ms | E2E p50 ms | hit rate | idle-while-queued | load avg |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| router | runs | req/s | TTFT p50 ms | TTFT p90 ms | E2E p50 ms | hit rate | idle-while-queued "
+        "| peer-loaded | peer MB | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rs in by.items():
         iwq = [x["engine_load"].get("idle_while_queued") for x in rs if x.get("engine_load")]
         iwq_s = f"{statistics.fmean(v for v in iwq if v is not None):.2f}" if any(v is not None for v in iwq) else "-"
         loads = "/".join(f"{x['load_avg_before'][0]:.1f}" for x in rs)
+        # share of requests an engine served after loading their prefix from a peer, and bytes read
+        peer = statistics.fmean(x.get("peer_loads", 0) / max(1, sum(x["requests_per_engine"])) for x in rs)
+        peer_mb = statistics.fmean(x.get("peer_bytes", 0) / 1e6 for x in rs)
         lines.append(
             f"| {name} | {len(rs)} | {mean(name, 'req_s'):.2f} ({sd(name, 'req_s'):.2f}) "
             f"| {mean(name, 'ttft_p50_ms'):.0f} "
             f"| {mean(name, 'ttft_p90_ms'):.0f} ({sd(name, 'ttft_p90_ms'):.0f}) | {mean(name, 'e2e_p50_ms'):.0f} "
-            f"| {statistics.fmean((x['hit_rate'] or 0) for x in rs):.2f} | {iwq_s} | {loads} |"
+            f"| {statistics.fmean((x['hit_rate'] or 0) for x in rs):.2f} | {iwq_s} | {peer:.3f} | {peer_mb:.0f} "
+            f"| {loads} |"
+        )
+    if "ours_peers" in by and "ours_tiers" in by:
+        ratio = mean("ours_peers", "req_s") / mean("ours_tiers", "req_s")
+        p90 = mean("ours_peers", "ttft_p90_ms") / mean("ours_tiers", "ttft_p90_ms")
+        lines.append(
+            f"- peer loads on/off: throughput {ratio:.2f}x (target >= 1.3): {'PASS' if ratio >= 1.3 else 'MISS'}; "
+            f"TTFT p90 {p90:.2f}x"
         )
     if "ours" in by:
         ours_t, ours_p90 = mean("ours", "req_s"), mean("ours", "ttft_p90_ms")

@@ -135,8 +135,10 @@ def _oracle(workers: list[Worker], port: int) -> Launch:
     return Launch(cmd=cmd, port=port)
 
 
-def _ours(workers: list[Worker], port: int) -> Launch:
+def _ours(workers: list[Worker], port: int, config: Path | None = None) -> Launch:
     cmd = [str(VENV_BIN / "vllm-llmd"), "router", "--host", "127.0.0.1", "--port", str(port)]
+    if config is not None:
+        cmd += ["--config", str(config)]
     for w in workers:
         spec = w.url
         if w.events:
@@ -148,10 +150,25 @@ def _ours(workers: list[Worker], port: int) -> Launch:
         cmd += ["--model", workers[0].served_name]
     # experiments: a scheduling profile to try instead of the default, and decision logs
     # (``route ... -> pod`` lines at debug level, in the row's logs/router.log)
-    if os.environ.get("LLMD_BENCH_OURS_CONFIG"):
+    if config is None and os.environ.get("LLMD_BENCH_OURS_CONFIG"):
         cmd += ["--config", os.environ["LLMD_BENCH_OURS_CONFIG"]]
     cmd += ["--log-level", os.environ.get("LLMD_BENCH_ROUTER_LOG_LEVEL", "warning")]
     return Launch(cmd=cmd, port=port)
+
+
+def _ours_scored(name: str, ttft_params: dict[str, object]) -> Callable[[list[Worker], int], Launch]:
+    """Our router with the default profile's one scorer, ``estimated-ttft``, given ``ttft_params``
+    (e.g. ``peer_loads``): a config file holding just that profile, the pods from ``--worker``."""
+
+    def build(workers: list[Worker], port: int) -> Launch:
+        cfg = {"profile": {"scorers": [{"type": "estimated-ttft", "params": ttft_params}]}}
+        cfg_dir = BENCH_DIR / "out" / "ours_configs"
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        path = cfg_dir / f"{name}.json"  # JSON is YAML
+        path.write_text(json.dumps(cfg, indent=1))
+        return _ours(workers, port, path)
+
+    return build
 
 
 def _vllm_router_pd(workers: list[Worker], port: int) -> Launch:
@@ -225,6 +242,9 @@ def _ours_pd(peers: bool, prefill_weight: float | None = None) -> Callable[[list
 #: engine settings of the P/D rows (both engines ``kv_both``: either may produce or consume)
 NIXL_KV = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
 LLMD_KV = {"kv_connector": "LLMDConnector", "kv_role": "kv_both"}
+#: the peer-load rows: every engine with a DRAM tier (what a peer reads from; docs/peer-loading.md),
+#: 512 MiB = 2,730 blocks of the small model (1,024 of the wide), more than a workload's prompts
+LLMD_DRAM_KV = {**LLMD_KV, "kv_connector_extra_config": {"tiers": {"dram": {"capacity": "512MiB"}}}}
 
 
 def _nixl_side_channel(_i: int) -> dict[str, str]:
@@ -268,6 +288,21 @@ ROUTERS: dict[str, RouterKind] = {
         ),
         RouterKind("oracle", "static oracle (prefix k -> engine k mod N)", _oracle),
         RouterKind("ours", "vllm-llmd router (ours)", _ours, available=_ours_missing),
+        # issue 12's peer loads, on and off, on the same engines (LLMDConnector with a DRAM tier)
+        RouterKind(
+            "ours_tiers",
+            "vllm-llmd router (ours), engines with DRAM tiers, no peer loads",
+            _ours_scored("ours_tiers", {}),
+            engine_args=["--kv-transfer-config", json.dumps(LLMD_DRAM_KV)],
+            available=_ours_missing,
+        ),
+        RouterKind(
+            "ours_peers",
+            "vllm-llmd router (ours), engines with DRAM tiers, peer loads (estimated-ttft peer_loads)",
+            _ours_scored("ours_peers", {"peer_loads": True}),
+            engine_args=["--kv-transfer-config", json.dumps(LLMD_DRAM_KV)],
+            available=_ours_missing,
+        ),
         RouterKind(
             "pd_vllm_router",
             "P/D: vllm-router --vllm-pd-disaggregation + NixlConnector (1 prefill, 1 decode)",

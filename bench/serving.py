@@ -73,13 +73,24 @@ def engine_counters(url: str) -> dict[str, float]:
         "llmd:kv_transfer_bytes_total": "kv_bytes",
         "vllm:nixl_bytes_transferred_sum": "kv_bytes",
         "vllm:nixl_bytes_transferred_count": "kv_pulls",
+        # where the time goes: a peer load's seconds against a prefill's, per token
+        "llmd:kv_peer_load_seconds_total": "peer_seconds",
+        "llmd:kv_peer_load_blocks_total": "peer_blocks",
+        "vllm:request_prefill_time_seconds_sum": "prefill_seconds",
+        "vllm:request_prefill_kv_computed_tokens_sum": "prefill_tokens",
     }
     out = dict.fromkeys(want.values(), 0.0)
     out["kv_pulls_failed"] = 0.0
+    # peer loads (docs/peer-loading.md), on the reader: loads by result, bytes read
+    out.update(peer_loads=0.0, peer_loads_failed=0.0, peer_bytes=0.0)
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name in want:
                 out[want[s.name]] += float(s.value)
+            elif s.name == "llmd:kv_peer_loads_total":
+                out["peer_loads" if s.labels.get("result") == "ok" else "peer_loads_failed"] += float(s.value)
+            elif s.name == "llmd:kv_peer_load_bytes_total":
+                out["peer_bytes"] += float(s.value)
             elif s.name == "llmd:kv_transfers_total":
                 out["kv_pulls" if s.labels.get("result") == "ok" else "kv_pulls_failed"] += float(s.value)
             elif s.name == "vllm:nixl_num_failed_transfers_total":
@@ -316,7 +327,10 @@ def measured(engines: list[EngineProcess], fn: Any, router_pid: int | None = Non
     queries = sum(a["queries"] - b["queries"] for a, b in zip(after, before, strict=True))
     res["hit_rate"] = hits / queries if queries else None
     res["requests_per_engine"] = [int(a["requests"] - b["requests"]) for a, b in zip(after, before, strict=True)]
-    for key in ("external_hits", "kv_bytes", "kv_pulls", "kv_pulls_failed"):
+    moved = ("external_hits", "kv_bytes", "kv_pulls", "kv_pulls_failed")
+    moved += ("peer_loads", "peer_loads_failed", "peer_bytes", "peer_seconds", "peer_blocks")
+    moved += ("prefill_seconds", "prefill_tokens")
+    for key in moved:
         res[key] = sum(a[key] - b[key] for a, b in zip(after, before, strict=True))
     return res
 

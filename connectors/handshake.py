@@ -55,7 +55,8 @@ T = TypeVar("T")
 
 #: 2: backends, canonical KV layout, KV group count and platform in EngineInfo (cross-layout plans)
 #: 3: the DRAM tier's region and page offsets in EngineInfo; pin / release requests (peer loads)
-PROTOCOL_VERSION = 3
+#: 4: the reader's engine id in pin requests (the holder's metrics per reader)
+PROTOCOL_VERSION = 4
 #: what a REQ peer's request is on a ROUTER: [identity, b"", payload]
 REQUEST_FRAMES = 3
 #: largest request frame the server accepts (a request is ~30 bytes)
@@ -304,16 +305,18 @@ def pin_blocks(
     lease_seconds: float,
     timeout_s: float,
     curve: CurveClient | None = None,
+    reader: str = "",
 ) -> list[tuple[int, list[int]]]:
     """Pin ``hashes`` in the DRAM tier of the engine behind ``host:port`` (``MAX_PIN_HASHES`` per
     message): ``[(lease id, chunk ids), ...]`` covering the leading run it holds (stops at the first
     message answered short). :class:`HandshakeError` if the first message is refused; leases already
-    taken when a later message fails are released before raising."""
+    taken when a later message fails are released before raising. ``reader``: this engine's id (the
+    holder counts what it serves per reader)."""
     leases: list[tuple[int, list[int]]] = []
     try:
         for i in range(0, len(hashes), MAX_PIN_HASHES):
             part = hashes[i : i + MAX_PIN_HASHES]
-            payload = _encoder.encode(PinRequest(PROTOCOL_VERSION, tp_rank, engine_id, part, lease_seconds))
+            payload = _encoder.encode(PinRequest(PROTOCOL_VERSION, tp_rank, engine_id, part, lease_seconds, reader))
             reply = _exchange(host, port, payload, timeout_s, curve, "pin", _pin_decoder)
             if isinstance(reply, HandshakeRefused):
                 if leases:

@@ -266,6 +266,8 @@ class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
 
     # ---- stats (both sides) ------------------------------------------------------------------
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self.tiers is not None and self.scheduler is not None:  # tiers: what this holder served peers
+            self.scheduler.count_served(self.tiers.peer_served())
         side = self.scheduler or self.worker
         pd = None if side is None else side.get_stats()
         if self.tiers is None:

@@ -111,8 +111,10 @@ class PeerLoader:
         control_timeout_s: float,
         curve: Any = None,
         tp_rank: int = 0,
+        reader: str = "",
     ) -> None:
         self.transport = transport
+        self.reader = reader  # this engine's id: named in pin requests (the holder's metrics)
         self._link = link
         self._stats = stats
         self.timeout_s = timeout_s
@@ -157,6 +159,7 @@ class PeerLoader:
             self.timeout_s,
             self.control_timeout_s,
             self._curve,
+            self.reader,
         )
         peer = dataclasses.replace(link.peer, extra=(info.tier_region,))
         self._pinning[job.request_id] = _Pinning(

@@ -26,6 +26,15 @@ request (type, bounds, the engine id it names) and forwards the same bytes there
 Bounds: at most :data:`MAX_LEASES` leases at once, each at most :data:`MAX_PIN_HASHES` blocks (one
 message; the side channel's 4 KiB frame bound); a lease not released by the reader expires after
 its seconds (the pin server checks every poll, ~100 ms) and the blocks are evictable again.
+
+**What the holder served** (:meth:`PeerHoldings.take_counts`, drained by the connector's scheduler
+stats into ``llmd:kv_peer_pins{reader,event}`` and ``llmd:kv_peer_served_blocks/bytes{reader}``,
+connectors/stats.py): pins granted or refused, leases released or expired, blocks pinned and their
+bytes, per reader as the reader names itself in its pin request (its engine id; at most
+:data:`MAX_READER_LABELS` distinct names, then ``other``). The holder never sees the one-sided NIXL
+read itself: a block counts as served when it is pinned for the reader. The counts leave with the
+connector's stats at the engine's next step (vLLM collects them in ``Scheduler.update_from_output``), so an
+idle holder reports them when it next serves a request.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import secrets
 import tempfile
 import threading
@@ -53,6 +63,12 @@ MAX_PIN_HASHES = 64
 MAX_HASH_BYTES = 64
 #: the side channel's wait for the scheduler's answer
 FORWARD_TIMEOUT_S = 2.0
+#: distinct reader names on the holder's metrics (a reader names itself: bounded, the rest ``other``)
+MAX_READER_LABELS = 32
+_READER_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+#: what the holder counts per reader: pins answered and leases ended (events), blocks and bytes pinned
+SERVE_EVENTS = ("granted", "refused", "released", "expired")
+SERVE_AMOUNTS = ("blocks", "bytes")
 
 Hash = Annotated[bytes, msgspec.Meta(max_length=MAX_HASH_BYTES)]
 
@@ -65,6 +81,8 @@ class PinRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="p
     engine_id: Annotated[str, msgspec.Meta(max_length=256)]
     hashes: Annotated[list[Hash], msgspec.Meta(min_length=1, max_length=MAX_PIN_HASHES)]
     lease_seconds: Annotated[float, msgspec.Meta(gt=0, le=600)]
+    #: the reader's engine id, as it names itself (a metrics label on the holder, nothing more)
+    reader: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
 
 class ReleaseRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag="release"):
@@ -104,31 +122,51 @@ class _Lease:
     keys: list[Any]
     ctx: Any
     expires: float
+    reader: str
 
 
 class PeerHoldings:
-    """Pins of one engine's DRAM tier for peers (scheduler process, called from the side channel)."""
+    """Pins of one engine's DRAM tier for peers (scheduler process, called from the side channel).
+    ``block_bytes``: one block's bytes in the tier (what a pinned block offers a reader)."""
 
-    def __init__(self, manager: Any, group_idx: int = 0) -> None:
+    def __init__(self, manager: Any, group_idx: int = 0, block_bytes: int = 0) -> None:
         self.manager = manager  # an LLMDTieringManager (has .lock and .primary_tier)
         self.group_idx = group_idx
+        self.block_bytes = block_bytes
         self._leases: dict[int, _Lease] = {}
         self._mu = threading.Lock()
-        #: counters drained by the connector's stats (pinned / released / expired blocks, refusals)
-        self.counts: dict[str, int] = {"pinned": 0, "released": 0, "expired": 0, "refused": 0}
+        #: ``"<reader>|<what>"`` -> count since the last :meth:`take_counts` (SERVE_EVENTS, SERVE_AMOUNTS)
+        self._counts: dict[str, float] = {}
+        self._readers: set[str] = set()
 
-    def pin(self, hashes: Sequence[bytes], seconds: float) -> tuple[int, list[int]]:
+    def reader_label(self, reader: str) -> str:
+        """The metrics label of a reader's self-declared name: itself (well-formed, among the first
+        :data:`MAX_READER_LABELS` seen), ``unknown`` (none given) or ``other``."""
+        if not reader:
+            return "unknown"
+        if not _READER_NAME.fullmatch(reader):
+            return "other"
+        with self._mu:
+            if reader in self._readers:
+                return reader
+            if len(self._readers) < MAX_READER_LABELS:
+                self._readers.add(reader)
+                return reader
+        return "other"
+
+    def pin(self, hashes: Sequence[bytes], seconds: float, reader: str = "") -> tuple[int, list[int]]:
         """Pin the leading run of ``hashes`` that is ready in the DRAM tier: ``(lease id, chunk ids)``
         (chunk ``i`` holds block ``hashes[i]``). :class:`PinRefused` when none is, or over bounds."""
         from vllm.v1.kv_offload.base import LookupResult, ReqContext, make_offload_key
 
+        who = self.reader_label(reader)
         if not hashes or len(hashes) > MAX_PIN_HASHES:
-            self._refused()
+            self._count(who, "refused")
             raise PinRefused(f"a pin asks for 1..{MAX_PIN_HASHES} blocks, not {len(hashes)}")
         seconds = min(max(seconds, 0.1), MAX_LEASE_SECONDS)
         with self._mu:
             if len(self._leases) >= MAX_LEASES:
-                self._refused()
+                self._count_locked(who, "refused")
                 raise PinRefused(f"{MAX_LEASES} peer leases already held")
             # not guessable: only the reader that was answered can release early
             lease_id = secrets.randbits(62)
@@ -142,13 +180,15 @@ class PeerHoldings:
                     break
                 keys.append(key)
             if not keys:
-                self._refused()
+                self._count(who, "refused")
                 raise PinRefused("none of the blocks is in the DRAM tier")
             spec = primary.prepare_read(keys, ctx)
         chunks = [int(c) for c in spec.block_ids]
         with self._mu:
-            self._leases[lease_id] = _Lease(keys, ctx, time.monotonic() + seconds)
-            self.counts["pinned"] += len(keys)
+            self._leases[lease_id] = _Lease(keys, ctx, time.monotonic() + seconds, who)
+            self._count_locked(who, "granted")
+            self._count_locked(who, "blocks", len(keys))
+            self._count_locked(who, "bytes", len(keys) * self.block_bytes)
         return lease_id, chunks
 
     def release(self, lease_id: int) -> bool:
@@ -157,7 +197,7 @@ class PeerHoldings:
         if lease is None:
             return False
         self._unpin(lease)
-        self.counts["released"] += len(lease.keys)
+        self._count(lease.reader, "released")
         return True
 
     def expire(self, now: float | None = None) -> int:
@@ -169,9 +209,9 @@ class PeerHoldings:
         n = 0
         for lease in leases:
             self._unpin(lease)
+            self._count(lease.reader, "expired")
             n += len(lease.keys)
         if n:
-            self.counts["expired"] += n
             logger.info("LLMDConnector: %d peer lease(s) expired; %d DRAM-tier blocks unpinned", len(leases), n)
         return n
 
@@ -185,11 +225,20 @@ class PeerHoldings:
     def held(self) -> int:
         return len(self._leases)
 
-    def take_counts(self) -> dict[str, int]:
-        out = {k: v for k, v in self.counts.items() if v}
-        for k in self.counts:
-            self.counts[k] = 0
+    def take_counts(self) -> dict[str, float]:
+        """What was served since the last call: ``"<reader label>|<what>"`` -> count (``what`` one of
+        :data:`SERVE_EVENTS` or :data:`SERVE_AMOUNTS`)."""
+        with self._mu:
+            out, self._counts = {k: v for k, v in self._counts.items() if v}, {}
         return out
+
+    def _count(self, who: str, what: str, n: float = 1) -> None:
+        with self._mu:
+            self._count_locked(who, what, n)
+
+    def _count_locked(self, who: str, what: str, n: float = 1) -> None:
+        key = f"{who}|{what}"
+        self._counts[key] = self._counts.get(key, 0) + n
 
     def _unpin(self, lease: _Lease) -> None:
         try:
@@ -197,9 +246,6 @@ class PeerHoldings:
                 self.manager.primary_tier.complete_read(lease.keys, lease.ctx)
         except Exception as exc:  # the tier was reset or shut down under the lease
             logger.warning("LLMDConnector: unpinning peer-leased blocks failed: %s", exc)
-
-    def _refused(self) -> None:
-        self.counts["refused"] += 1
 
 
 def pin_endpoint(engine_id: str) -> str:
@@ -237,7 +283,7 @@ class PinServer:
         if isinstance(req, ReleaseRequest):
             return _encoder.encode(ReleaseReply(self.holdings.release(req.lease_id)))
         try:
-            lease_id, chunks = self.holdings.pin(req.hashes, req.lease_seconds)
+            lease_id, chunks = self.holdings.pin(req.hashes, req.lease_seconds, req.reader)
         except PinRefused as exc:
             return _encoder.encode(Refusal(str(exc)))
         return _encoder.encode(PinReply(lease_id, chunks))

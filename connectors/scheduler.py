@@ -39,7 +39,7 @@ from vllm_llmd.connectors.metadata import (
     RecvJob,
     RemotePrefill,
 )
-from vllm_llmd.connectors.stats import LLMDConnectorStats
+from vllm_llmd.connectors.stats import SERVE_PREFIX, LLMDConnectorStats
 
 from vllm_llmd.wire.kv_transfer import KVParamsError, PeerLoad, RemoteDecode, parse_kv_transfer_params
 from vllm_llmd.wire.logs import LogLimiter
@@ -379,6 +379,12 @@ class LLMDConnectorScheduler:
     def take_events(self) -> list[KVCacheEvent]:
         events, self._events = self._events, []
         return events
+
+    def count_served(self, counts: dict[str, float]) -> None:
+        """What this engine's DRAM tier served peers (connectors/peer_serve.py): ``"<reader>|<what>"``
+        counts, on ``/metrics`` as ``llmd:kv_peer_pins`` and ``llmd:kv_peer_served_*`` (stats.py)."""
+        for key, n in counts.items():
+            self._stats.add(SERVE_PREFIX + key, n)
 
     def get_stats(self) -> LLMDConnectorStats | None:
         if self._gauges_dirty:

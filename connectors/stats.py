@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+from vllm_llmd.connectors.peer_serve import SERVE_AMOUNTS, SERVE_EVENTS
 
 from vllm_llmd.wire.tier_metrics import ENDPOINT_INFO, PEER_LOAD_BLOCKS, PEER_LOAD_SECONDS
 
@@ -41,12 +42,16 @@ GAUGES = ("held_blocks", "held_requests")
 PEER_PREFIX = "peer|"
 PEER_RESULTS = ("ok", "refused", "evicted", "unreachable", "timeout", "failed")
 PEER_AMOUNTS = ("bytes", "blocks", "seconds")
+#: what this engine's DRAM tier served peers (connectors/peer_serve.py, the holder's scheduler):
+#: keys ``serve|<reader label>|<what>``, ``what`` one of SERVE_EVENTS or SERVE_AMOUNTS
+SERVE_PREFIX = "serve|"
 #: where this engine serves KV (``<engine id>|<host>:<port>``), reported once by the scheduler
 ENDPOINT = "endpoint"
 
 
 def _peer_keys(data: dict[str, Any]) -> list[str]:
-    return [k for k in data if k.startswith(PEER_PREFIX)]
+    """The per-peer counters: a reader's loads by holder and a holder's service by reader."""
+    return [k for k in data if k.startswith((PEER_PREFIX, SERVE_PREFIX))]
 
 
 @dataclass
@@ -176,6 +181,22 @@ class LLMDPromMetrics(KVConnectorPromMetrics):
             documentation="Wall time of completed peer loads (NIXL read), by holder.",
             labelnames=[*lbl, "peer"],
         )
+        self._served_pins = self._counter_cls(
+            name="llmd:kv_peer_pins",
+            documentation="Holder side of peer loads, by reader: pins of this engine's DRAM tier granted or "
+            "refused, leases released by the reader or expired.",
+            labelnames=[*lbl, "reader", "event"],
+        )
+        self._served_blocks = self._counter_cls(
+            name="llmd:kv_peer_served_blocks",
+            documentation="DRAM-tier blocks pinned for peers to read, by reader.",
+            labelnames=[*lbl, "reader"],
+        )
+        self._served_bytes = self._counter_cls(
+            name="llmd:kv_peer_served_bytes",
+            documentation="Bytes of the DRAM-tier blocks pinned for peers to read, by reader.",
+            labelnames=[*lbl, "reader"],
+        )
         self._endpoint = self._gauge_cls(
             name=ENDPOINT_INFO,
             documentation="Where this engine's connector serves KV to peers (1; engine_id, side_channel labels).",
@@ -227,10 +248,12 @@ class LLMDPromMetrics(KVConnectorPromMetrics):
             if d.get(key):
                 self._staged.labels(*labels, direction).inc(d[key])
         for key in _peer_keys(d):
-            _, engine, what = key.split("|", 2)
+            side, engine, what = key.split("|", 2)
             if not d[key]:
                 continue
-            if what in PEER_RESULTS:
+            if side + "|" == SERVE_PREFIX:  # engine: the reader this holder served
+                self._observe_served(labels, engine, what, d[key])
+            elif what in PEER_RESULTS:
                 self._peer_loads.labels(*labels, engine, what).inc(d[key])
             elif what == "bytes":
                 self._peer_bytes.labels(*labels, engine).inc(d[key])
@@ -245,3 +268,11 @@ class LLMDPromMetrics(KVConnectorPromMetrics):
             self._held.labels(*labels).set(d["held_blocks"])
         if "held_requests" in d:
             self._held_reqs.labels(*labels).set(d["held_requests"])
+
+    def _observe_served(self, labels: list[Any], reader: str, what: str, n: float) -> None:
+        if what in SERVE_EVENTS:
+            self._served_pins.labels(*labels, reader, what).inc(n)
+        elif what == SERVE_AMOUNTS[0]:
+            self._served_blocks.labels(*labels, reader).inc(n)
+        elif what == SERVE_AMOUNTS[1]:
+            self._served_bytes.labels(*labels, reader).inc(n)

@@ -226,6 +226,7 @@ class LLMDConnectorWorker(DecodePulls):
                 cfg.handshake_timeout_seconds,
                 self._curve_client,
                 self.tp_rank,
+                reader=self.engine_id,
             )
         self._peer_loader.start(job)
 

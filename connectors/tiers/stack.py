@@ -12,7 +12,8 @@ forwards every connector call to it; this class adds what sits between the two h
   (so the P/D half still releases a lease it does not need, and the tiers still store the request's
   blocks afterwards, including blocks pulled from a prefill engine).
 - **peer loads** (connectors/peer_serve.py): the scheduler half serves pins of the DRAM tier for
-  peers (:class:`~vllm_llmd.connectors.peer_serve.PinServer`, fed by the worker's side channel);
+  peers (:class:`~vllm_llmd.connectors.peer_serve.PinServer`, fed by the worker's side channel) and
+  counts what it served (:meth:`TierStack.peer_served`, into the P/D half's stats);
 - **tier and tenant metrics** (stats.py): what each tier stored, evicted, promoted and loaded,
   residency gauges, load-back times, and per-tenant prompt and hit tokens.
 """
@@ -194,10 +195,16 @@ class TierStack:
         from vllm_llmd.connectors.peer_serve import PeerHoldings, PinServer
 
         try:
-            return PinServer(engine_id, PeerHoldings(self._manager))
+            return PinServer(engine_id, PeerHoldings(self._manager, block_bytes=self._chunk_bytes))
         except Exception as exc:  # the engine runs; peers cannot load from it (they prefill)
             logger.warning("LLMDConnector: the DRAM tier is not served to peers: %s", exc)
             return None
+
+    def peer_served(self) -> dict[str, float]:
+        """What this holder served peers since the last call (``"<reader>|<what>"`` -> count,
+        :meth:`~vllm_llmd.connectors.peer_serve.PeerHoldings.take_counts`); scheduler half only."""
+        server = getattr(self, "pin_server", None)
+        return {} if server is None else server.holdings.take_counts()
 
     def shutdown(self) -> None:
         if getattr(self, "pin_server", None) is not None:

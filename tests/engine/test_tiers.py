@@ -9,12 +9,14 @@ from the engine's /metrics. Bad disk files (corrupt, missing) are recomputed. A 
 hand-off whose prefill engine loads its prefix back from DRAM. A peer load: engine A of the shared
 pair loads a prefix from the tier engine's DRAM tier without the tier engine computing anything, and
 falls back to a local prefill (same tokens) when the holder lacks the blocks or is gone
-(docs/peer-loading.md). An unwritable disk path stops the engine at start-up with an error naming
+(docs/peer-loading.md); the same load asked by the real router (``peer_loads``), with the holder's
+own count of what it served. An unwritable disk path stops the engine at start-up with an error naming
 the key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import urllib.request
@@ -22,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,7 +33,7 @@ from vllm_llmd.pd import build_decode_request, build_prefill_request
 from vllm_llmd.router.pod_metrics import parse_metrics
 from vllm_llmd.router.tier_prices import TierPriceLearner
 from vllm_llmd.testing.engine import EngineProcess, EngineSpec, EngineStartError
-from vllm_llmd.testing.wait import wait_until
+from vllm_llmd.testing.wait import wait_until, wait_until_async
 from vllm_llmd.wire import PeerLoad
 
 pytestmark = pytest.mark.engine
@@ -358,6 +361,109 @@ def test_a_peer_load_of_blocks_the_holder_lacks_falls_back_to_a_local_prefill(ti
     out = _complete(reader.url, q, kv_transfer_params=_peer_params(holder))
     wait_until(lambda: _peer_loads(reader.url, holder[0])["refused"] == before["refused"] + 1, 30, "the refusal")
     assert out == _complete(tiered.url, q)  # the same tokens as a fresh computation elsewhere
+
+
+def _served(url: str, **reader: str) -> dict[str, float]:
+    """What the holder reports it served (its ``llmd:kv_peer_pins`` / ``_served_*`` series; one
+    ``reader=`` or all readers)."""
+    return {
+        "granted": _metric(url, "llmd:kv_peer_pins_total", event="granted", **reader),
+        "blocks": _metric(url, "llmd:kv_peer_served_blocks_total", **reader),
+        "bytes": _metric(url, "llmd:kv_peer_served_bytes_total", **reader),
+    }
+
+
+async def test_the_router_has_an_idle_pod_load_a_prefix_from_the_holders_dram_tier(
+    tiered: TierEngine, engines, test_model_dir: Path
+):
+    """Router -> reader -> holder: the real router (``estimated-ttft`` with ``peer_loads``) in front of
+    the tier engine (A, the holder) and engine A of the shared pair (B, no tiers). A is idle, and on
+    its own the router would send the request to A (a DRAM load-back there is cheaper than a peer
+    load plus B's prefill of the rest), so the test world declares A a slow pod: ``prefill_speed``
+    0.01 in the router's pod config (speed learning off, so it stays that), which makes any work on
+    A cost 100 times more. The router then prices B with a peer load from A cheapest, and B must get
+    the router-built PeerLoad params, not a plain request. Engine calls run off the event loop the
+    in-process router serves on."""
+    from router_harness import pod_id, routed
+
+    def off_loop(fn, *args):  # type: ignore[no-untyped-def]
+        return asyncio.to_thread(fn, *args)
+
+    reader = engines.a
+    a_pod, b_pod = pod_id(tiered.engine), pod_id(reader)
+    pods = [
+        {"url": e.url, "events": e.spec.events_endpoint, "replay": e.spec.replay_endpoint, **extra}
+        for e, extra in ((tiered.engine, {"prefill_speed": 0.01}), (reader, {}))
+    ]
+    config = {
+        "pods": pods,
+        "profile": {"scorers": [{"type": "estimated-ttft", "params": {"peer_loads": True}}]},
+        "index": {"block_size": BLOCK, "speculative_ttl_s": 0},
+        "pool": {"tier_prices_interval_s": 0.2},
+        "speed": {"learn": False},
+    }
+    async with routed([], test_model_dir, **config) as (router, base), aiohttp.ClientSession() as s:
+
+        async def router_loads() -> float:
+            async with s.get(base + "/metrics") as r:
+                text = await r.text()
+            return sum(
+                x.value
+                for fam in text_string_to_metric_families(text)
+                for x in fam.samples
+                if x.name == "llmd_router_peer_loads_total" and x.labels.get("pod") == b_pod
+            )
+
+        p = _prompt()
+        fresh = await off_loop(_complete, tiered.url, p)  # warmed on A only, behind the router's back
+        await off_loop(_fill, tiered.url, 4)  # and pushed out of A's engine into its DRAM tier
+        await off_loop(_wait_for_tiers, tiered, p, "CPU")
+
+        def ready() -> bool:
+            held = router.index.match(MODEL, p)
+            m, holder = held.get(a_pod), router.pool.get(a_pod)
+            return (
+                m is not None
+                and m.tiers == ["CPU"] * PREFIX_BLOCKS
+                and b_pod not in held
+                and holder is not None
+                and holder.metrics.kv_endpoint is not None
+            )
+
+        await wait_until_async(ready, 30, "the router to see the prefix in A's DRAM tier and A's endpoint", 0.05)
+        holder = await off_loop(_holder, tiered.url)
+        computed = await off_loop(_prompt_tokens, tiered.url)
+        loads = await off_loop(_peer_loads, reader.url, holder[0])
+        served_before = await off_loop(_served, tiered.url)
+        routed_before = await router_loads()
+        body = {"model": MODEL, "prompt": p, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+        async with s.post(base + "/v1/completions", json=body) as r:
+            out = await r.json()
+            assert r.status == 200, out
+            assert r.headers["X-LLMD-Pod"] == b_pod
+        assert out["choices"][0]["token_ids"] == fresh  # token-identical to A's fresh computation
+        assert await off_loop(_prompt_tokens, tiered.url) == computed  # A computed nothing for it
+        assert await router_loads() == routed_before + 1
+
+        def loaded() -> float:
+            now = _peer_loads(reader.url, holder[0])
+            return now["bytes"] - loads["bytes"] if now["ok"] == loads["ok"] + 1 else 0
+
+        moved = await off_loop(wait_until, loaded, 30, "B's peer load counted")
+        assert moved == PREFIX_BLOCKS * BLOCK_BYTES
+        # the holder's side of it: one pin granted, the prefix's blocks served, to B by its engine id;
+        # reported with A's next engine step (its stats go out with a step; an idle core does not step)
+        await off_loop(_complete, tiered.url, [11, 12, 13], 1)
+
+        def served() -> dict[str, float] | None:
+            now = _served(tiered.url)
+            d = {k: now[k] - served_before[k] for k in now}
+            return d if d["blocks"] >= PREFIX_BLOCKS else None
+
+        d = await off_loop(wait_until, served, 30, "A counting what it served B")
+        assert d["granted"] == 1 and d["blocks"] == PREFIX_BLOCKS and d["bytes"] >= moved, d
+        b_engine = (await off_loop(_holder, reader.url))[0]
+        assert (await off_loop(lambda: _served(tiered.url, reader=b_engine)))["blocks"] >= PREFIX_BLOCKS
 
 
 @pytest.mark.destructive(scope="module")

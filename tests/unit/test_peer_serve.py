@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import msgspec
 import pytest
 import zmq
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from vllm.v1.kv_offload.base import LookupResult, ReqContext, make_offload_key
 from vllm.v1.kv_offload.cpu.shared_offload_region import SharedOffloadRegion
 from vllm.v1.kv_offload.tiering.manager import CPUPrimaryTierOffloadingManager
@@ -29,6 +31,7 @@ from vllm_llmd.connectors.transports.base import Region
 
 CHUNKS = 8
 ROW = 4096
+READER = "reader-0b1c"
 
 
 def _hash(i: int) -> bytes:
@@ -73,7 +76,7 @@ def test_pinned_blocks_survive_eviction_until_released(manager: LLMDTieringManag
     assert h.release(lease) and not h.release(lease)
     _store(manager, range(30, 34))
     assert not all(_in_tier(manager, i) for i in range(0, 4))  # evictable again
-    assert h.take_counts() == {"pinned": 4, "released": 4}
+    assert h.take_counts() == {"unknown|granted": 1, "unknown|blocks": 4, "unknown|released": 1}
 
 
 def test_a_lease_not_released_expires(manager: LLMDTieringManager) -> None:
@@ -84,6 +87,7 @@ def test_a_lease_not_released_expires(manager: LLMDTieringManager) -> None:
     import time
 
     assert h.expire(now=time.monotonic() + 2.0) == 2 and h.held == 0
+    assert h.take_counts()["unknown|expired"] == 1
 
 
 def test_nothing_held_or_too_much_asked_is_refused(manager: LLMDTieringManager) -> None:
@@ -92,7 +96,7 @@ def test_nothing_held_or_too_much_asked_is_refused(manager: LLMDTieringManager) 
         h.pin([_hash(99)], 1.0)
     with pytest.raises(PinRefused):
         h.pin([], 1.0)
-    assert h.take_counts() == {"refused": 2}
+    assert h.take_counts() == {"unknown|refused": 2}
 
 
 def _info(engine_id: str, tier: bool = True) -> EngineInfo:
@@ -151,6 +155,76 @@ def test_the_side_channel_refuses_another_engine_id_and_unheld_blocks(
     with pytest.raises(HandshakeError, match="none of the blocks"):
         pin_blocks("127.0.0.1", _port(server), 0, server.info.engine_id, [_hash(7)], 5.0, 2.0)
     assert h.held == 0
+
+
+def test_the_holder_counts_what_it_served_per_reader_on_its_metrics(
+    holder: tuple[HandshakeServer, PeerHoldings], manager: LLMDTieringManager
+) -> None:
+    """Pins through the real side channel, counted per reader, then the connector's stats path to
+    /metrics: the scheduler's stats (LLMDConnectorScheduler.count_served), aggregated with a worker's
+    as vLLM does, observed by the Prometheus half the API server runs."""
+    from connector_parts import scheduler
+    from test_tiers_units import _registry_classes
+    from vllm_llmd.connectors.stats import LLMDConnectorStats
+    from vllm_llmd.connectors.tiers.stats import CombinedPromMetrics, CombinedStats
+
+    server, h = holder
+    h.block_bytes = ROW
+    _store(manager, range(0, 3))
+    port, engine = _port(server), server.info.engine_id
+    leases = pin_blocks("127.0.0.1", port, 0, engine, [_hash(i) for i in range(3)], 5.0, 2.0, reader=READER)
+    release_blocks("127.0.0.1", port, 0, [leases[0][0]], 2.0)
+    with pytest.raises(HandshakeError):
+        pin_blocks("127.0.0.1", port, 0, engine, [_hash(7)], 5.0, 2.0, reader=READER)
+    pin_blocks("127.0.0.1", port, 0, engine, [_hash(0)], 5.0, 2.0, reader="x|y")  # a bad name: "other"
+    import time
+
+    assert h.expire(now=time.monotonic() + 10.0) == 1  # never released: it expires
+    counts = h.take_counts()
+    assert counts == {
+        f"{READER}|granted": 1,
+        f"{READER}|blocks": 3,
+        f"{READER}|bytes": 3 * ROW,
+        f"{READER}|released": 1,
+        f"{READER}|refused": 1,
+        "other|granted": 1,
+        "other|blocks": 1,
+        "other|bytes": ROW,
+        "other|expired": 1,
+    }
+    assert h.take_counts() == {}
+    sched = scheduler()
+    sched.count_served(counts)
+    st = CombinedStats()
+    st.pd = sched.get_stats()  # type: ignore[assignment]
+    worker = LLMDConnectorStats()
+    worker.add("peer|holder-x|ok")  # a reader's own count in the same engine's stats
+    st.aggregate(CombinedStats({"pd": worker.data}))
+    rebuilt = CombinedStats(st.to_dict())  # what the API-server process rebuilds
+    reg = CollectorRegistry()
+    c, g, hist = _registry_classes(reg)
+    types = {Counter: c, Gauge: g, Histogram: hist}
+    cfg = SimpleNamespace(kv_transfer_config=None)
+    prom = CombinedPromMetrics(cfg, types, ["model_name", "engine"], {0: ["m", "0"]})
+    prom.observe(rebuilt.to_dict(), 0)
+    v, lbl = reg.get_sample_value, {"model_name": "m", "engine": "0"}
+    assert v("llmd:kv_peer_pins_total", {**lbl, "reader": READER, "event": "granted"}) == 1
+    assert v("llmd:kv_peer_pins_total", {**lbl, "reader": READER, "event": "refused"}) == 1
+    assert v("llmd:kv_peer_pins_total", {**lbl, "reader": READER, "event": "released"}) == 1
+    assert v("llmd:kv_peer_pins_total", {**lbl, "reader": "other", "event": "expired"}) == 1
+    assert v("llmd:kv_peer_served_blocks_total", {**lbl, "reader": READER}) == 3
+    assert v("llmd:kv_peer_served_bytes_total", {**lbl, "reader": READER}) == 3 * ROW
+    assert v("llmd:kv_peer_loads_total", {**lbl, "peer": "holder-x", "result": "ok"}) == 1
+
+
+def test_reader_labels_are_bounded(manager: LLMDTieringManager) -> None:
+    from vllm_llmd.connectors.peer_serve import MAX_READER_LABELS
+
+    h = PeerHoldings(manager)
+    names = [h.reader_label(f"r{i}") for i in range(MAX_READER_LABELS + 5)]
+    assert names[:MAX_READER_LABELS] == [f"r{i}" for i in range(MAX_READER_LABELS)]
+    assert set(names[MAX_READER_LABELS:]) == {"other"}
+    assert h.reader_label("r0") == "r0" and h.reader_label("") == "unknown" and h.reader_label("a b") == "other"
 
 
 def test_a_long_prefix_is_pinned_in_several_messages_and_stops_at_the_first_short_one(
