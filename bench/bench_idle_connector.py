@@ -18,9 +18,13 @@ Variants (``--variant``):
 
 Workload: ``--prefixes`` shared prefixes of ``--prefix-len`` tokens, each request a prefix plus
 ``--suffix-len`` unique tokens, ``--output-len`` tokens out (ignore_eos), ``--requests`` requests at
-``--concurrency`` in flight, streamed. Example (the numbers in bench/RESULTS.md):
+``--concurrency`` in flight, streamed; ``--prefix-len 0`` makes every prompt unique (no reuse:
+``--variant llmd-tiers --baseline llmd`` is then what storing every block in the tiers costs).
+Example (the numbers in bench/RESULTS.md):
 
     flock /tmp/llmd-engine.lock .venv/bin/python bench/bench_idle_connector.py --variant llmd --rounds 3
+
+One placement per engine-lock hold: ``--placements 1 --first-placement 0``, then ``1``, with tags.
 """
 
 from __future__ import annotations
@@ -117,6 +121,13 @@ def main() -> int:
     ap.add_argument("--disk", default=None)
     ap.add_argument("--disk-capacity", default="4GiB")
     ap.add_argument("--placements", type=int, default=2, choices=[1, 2])
+    ap.add_argument(
+        "--first-placement",
+        type=int,
+        default=0,
+        choices=[0, 1],
+        help="1: start with the variant on core 1 (one placement per engine-lock hold: --placements 1)",
+    )
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
@@ -127,7 +138,7 @@ def main() -> int:
     idle: dict[str, list[float]] = {n: [] for n in names}
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     loads = [load_avg()]
-    for placement in range(args.placements):
+    for placement in range(args.first_placement, args.first_placement + args.placements):
         cores = {names[0]: placement % 2, names[1]: (placement + 1) % 2}
         engines: dict[str, EngineProcess] = {}
         try:

@@ -41,7 +41,9 @@ from vllm_llmd.connectors.peer_serve import (
     ReleaseReply,
     ReleaseRequest,
     forward_to_scheduler,
+    lease_span,
 )
+from vllm_llmd.connectors.read_windows import ReadWindows
 from vllm_llmd.connectors.transports.base import Region
 
 from vllm_llmd.wire.curve import CurveClient, CurveServer, stop_authenticator
@@ -150,8 +152,15 @@ class HandshakeServer:
         port: int,
         max_message_bytes: int = MAX_REQUEST_BYTES,
         curve: CurveServer | None = None,
+        windows: ReadWindows | None = None,
+        link_seconds: float = 30.0,
     ) -> None:
+        """``windows``: opened before the answer leaves, for ``link_seconds`` when a peer handshakes
+        and for a pin's lease when one is granted (closed at its release), so the transport's UCX
+        progress is awake when the peer reads (connectors/read_windows.py)."""
         self.info = info
+        self.windows = windows
+        self.link_seconds = link_seconds
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         if curve is not None:  # only clients holding the key (and listed, with an allowlist) get in
@@ -192,9 +201,27 @@ class HandshakeServer:
             if why is not None:
                 self.refused += 1
                 return _encoder.encode(HandshakeRefused(why))
-            return forward_to_scheduler(self.info.engine_id, payload)
+            reply = forward_to_scheduler(self.info.engine_id, payload)
+            if self.windows is not None:
+                self._track(req, reply)
+            return reply
         self.served += 1
+        if self.windows is not None:
+            self.windows.open("link", self.link_seconds)
         return self._reply
+
+    def _track(self, req: PinRequest | ReleaseRequest, reply: bytes) -> None:
+        """A granted pin opens a read window for its lease; a release closes it."""
+        assert self.windows is not None
+        if isinstance(req, ReleaseRequest):
+            self.windows.close(f"pin:{req.lease_id}")
+            return
+        try:
+            granted = _pin_decoder.decode(reply)  # the scheduler process's answer, typed
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        if isinstance(granted, PinReply):
+            self.windows.open(f"pin:{granted.lease_id}", lease_span(req.lease_seconds))
 
     def _recv(self) -> list[bytes] | None:
         """One message, frame by frame: its frames if it has the shape of a request, else ``None``

@@ -30,6 +30,10 @@ class Leases:
         self._early_done: dict[str, float] = {}
         self._early_released: set[str] = set()
 
+    def __len__(self) -> int:
+        """Leases held, plus releases not yet reported to vLLM (0: the transport may park)."""
+        return len(self._expiry) + len(self._early_released)
+
     def start(self, send: Mapping[str, float]) -> None:
         """Leases the scheduler started this step: request id -> seconds."""
         now = time.monotonic()

@@ -194,7 +194,7 @@ class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
     def on_new_request(self, request: Any) -> None:
         # vLLM's scheduler reads request.kv_transfer_params right after this: check them first
         if self.scheduler is not None:
-            self.scheduler.admit(request)
+            self.scheduler.on_new_request(request)
         if self.tiers is not None:  # tiers: after the check, so the tiers see the admitted params
             self.tiers.child.on_new_request(request)
 

@@ -53,3 +53,7 @@ class LLMDConnectorMetadata(KVConnectorMetadata):
     #: prefill side, host-staging transports (RBLN): request id → blocks whose prompt KV this step
     #: completes; copied to host memory in ``wait_for_save``, before the request's params go out
     stage: dict[str, list[int]] = field(default_factory=dict)
+    #: prefill side: a request for a remote decode is being computed; a decode engine may read its
+    #: blocks as soon as its params leave, before the lease in ``send`` reaches the worker (the
+    #: transport's progress stays awake: connectors/transports/progress.py)
+    producing: bool = False

@@ -113,6 +113,11 @@ _encoder = msgspec.msgpack.Encoder()
 MAX_LEASE_SECONDS = 60.0
 
 
+def lease_span(seconds: float) -> float:
+    """How long a pin asked for ``seconds`` holds (the side channel keeps UCX progress awake as long)."""
+    return min(max(seconds, 0.1), MAX_LEASE_SECONDS)
+
+
 class PinRefused(RuntimeError):
     """The holder cannot pin what was asked (nothing held, too many leases, ...)."""
 
@@ -163,7 +168,7 @@ class PeerHoldings:
         if not hashes or len(hashes) > MAX_PIN_HASHES:
             self._count(who, "refused")
             raise PinRefused(f"a pin asks for 1..{MAX_PIN_HASHES} blocks, not {len(hashes)}")
-        seconds = min(max(seconds, 0.1), MAX_LEASE_SECONDS)
+        seconds = lease_span(seconds)
         with self._mu:
             if len(self._leases) >= MAX_LEASES:
                 self._count_locked(who, "refused")

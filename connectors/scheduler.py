@@ -110,6 +110,8 @@ class LLMDConnectorScheduler:
         self.stages = platform is not None and is_rbln_platform(platform)
         #: prefill requests whose prompt is being computed: request, block ids so far (per group)
         self._to_stage: dict[str, tuple[Request, list[list[int]]]] = {}
+        #: requests for a remote decode, admitted and not yet finished (``meta.producing``)
+        self._producing: set[str] = set()
 
     # ---- start-up ------------------------------------------------------------------------
     def set_side_channel(self, host: str, port: int) -> None:
@@ -156,6 +158,13 @@ class LLMDConnectorScheduler:
             self._refuse(request, why)
             return None
         return parsed
+
+    def on_new_request(self, request: Request) -> None:
+        """vLLM's ``on_new_request``: check the params (:meth:`admit`); a producer notes a request
+        for a remote decode, so the worker's UCX progress is awake before its blocks can be read."""
+        parsed = self.admit(request)
+        if self.is_producer and isinstance(parsed, RemoteDecode):
+            self._producing.add(request.request_id)
 
     def _remote_prefill(self, request: Request) -> RemotePrefill | None:
         parsed = self.admit(request) if self.is_consumer else None
@@ -271,6 +280,7 @@ class LLMDConnectorScheduler:
     ) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
 
+        self._producing.discard(request.request_id)
         parsed = self.admit(request)
         if parsed is None:
             return False, None
@@ -331,7 +341,9 @@ class LLMDConnectorScheduler:
 
     # ---- every step ----------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: Any = None) -> LLMDConnectorMetadata:
-        meta = LLMDConnectorMetadata(recv=self._recv, send=self._send, stage=self._staging(scheduler_output))
+        meta = LLMDConnectorMetadata(
+            recv=self._recv, send=self._send, stage=self._staging(scheduler_output), producing=bool(self._producing)
+        )
         self._recv, self._send = [], {}
         return meta
 

@@ -8,6 +8,12 @@ reported through ``finished_recving``; failures through ``failed_recving`` so th
 recomputes the prefill locally) and the prefill side's leases (connectors/leases.py: leased blocks
 are released when the consumer's completion notification arrives or the lease expires).
 Host-staging transports (RBLN) copy prefill blocks to host memory in ``wait_for_save``.
+
+Idle cost: the transport's UCX progress parks unless something can need it (:meth:`_busy`: leases,
+a prefill for a remote decode being computed, pulls, peer loads; connectors/transports/progress.py);
+reads this worker cannot see coming (a peer's first read after its handshake, reads of DRAM-tier
+blocks a peer pinned through the scheduler process) open windows from the side channel
+(connectors/read_windows.py).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from vllm_llmd.connectors.leases import Leases
 from vllm_llmd.connectors.metadata import LLMDConnectorMetadata, RecvJob
 from vllm_llmd.connectors.peer_load import PeerLoader, tier_offer
 from vllm_llmd.connectors.pulls import DecodePulls
+from vllm_llmd.connectors.read_windows import ReadWindows
 from vllm_llmd.connectors.stats import LLMDConnectorStats
 from vllm_llmd.connectors.transports import KVTransport, make_transport
 from vllm_llmd.connectors.transports.rbln import RblnTransport
@@ -72,6 +79,9 @@ class LLMDConnectorWorker(DecodePulls):
         self._init_pulls()
         self._stats = LLMDConnectorStats()
         self._leases = Leases(self._stats)
+        #: the scheduler computes a prefill for a remote decode (its read may beat the lease)
+        self._producing = False
+        self._windows: ReadWindows | None = None  # peers' reads announced on the side channel
         self._tier_worker: object | None = None  # the DRAM tier's copy worker: offered to peers
         self._peer_loader: PeerLoader | None = None
         # CURVE on the side channel, from LLMD_CURVE_* (vllm_llmd/wire/curve.py); a bad key stops start-up
@@ -164,8 +174,17 @@ class LLMDConnectorWorker(DecodePulls):
 
     def _serve(self, info: EngineInfo) -> HandshakeServer | None:
         port = self.cfg.side_channel_port + self.tp_rank if self.cfg.side_channel_port else 0
+        assert self.transport is not None
+        self._windows = ReadWindows(self.transport.hold_until)
         try:
-            return HandshakeServer(info, self.cfg.side_channel_host, port, curve=self._curve_server)
+            return HandshakeServer(
+                info,
+                self.cfg.side_channel_host,
+                port,
+                curve=self._curve_server,
+                windows=self._windows,
+                link_seconds=self.cfg.transfer_timeout_seconds,
+            )
         except Exception as exc:  # a colocated engine without P/D keeps working; no one can pull from it
             host = self.cfg.side_channel_host
             logger.warning("LLMDConnector: cannot open the side channel on %s:%s: %s", host, port, exc)
@@ -189,12 +208,13 @@ class LLMDConnectorWorker(DecodePulls):
         if self.transport is None:
             return
         self._leases.start(meta.send)
+        self._producing = meta.producing
         for job in meta.recv:
             if job.peer is not None:  # a peer load (connectors/peer_load.py)
                 self._start_peer(job)
             else:
                 self._start_pull(job)
-        if self._leases or self._pulls or self._peer_busy():
+        if self._busy():
             self.transport.set_active(True)
 
     def transfer_results(self) -> KVConnectorTransferResults:
@@ -209,9 +229,10 @@ class LLMDConnectorWorker(DecodePulls):
         failed = self._recv_failed
         recving = self._recv_done | failed
         self._recv_done, self._recv_failed = set(), set()
-        # idle cost: the transport's background progress runs only while a peer may read our leased
-        # blocks or we wait on a pull (bench/RESULTS.md, "idle connector")
-        self.transport.set_active(bool(self._leases or self._pulls or self._peer_busy()))
+        # idle cost: the transport's background progress parks unless a peer may read our blocks or
+        # we wait on a read (bench/RESULTS.md, "The idle connector"); the side channel's read windows
+        # keep it awake for reads we hold no lease for (connectors/read_windows.py)
+        self.transport.set_active(self._busy())
         return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving, failed_recving=failed)
 
     def _start_peer(self, job: RecvJob) -> None:
@@ -229,6 +250,10 @@ class LLMDConnectorWorker(DecodePulls):
                 reader=self.engine_id,
             )
         self._peer_loader.start(job)
+
+    def _busy(self) -> bool:
+        """Leases held, a remote decode's prefill computing, a pull or a peer load in flight."""
+        return bool(self._leases) or self._producing or bool(self._pulls) or self._peer_busy()
 
     def _peer_busy(self) -> bool:
         return self._peer_loader is not None and self._peer_loader.busy

@@ -168,6 +168,11 @@ class KVTransport(ABC):
         read blocks we hold under a lease, or we wait on a read). A transport with a background
         progress thread parks it while inactive; others ignore this. Transports start active."""
 
+    def hold_until(self, deadline: float) -> None:  # noqa: B027 - optional hook
+        """Keep background progress running until ``deadline`` (``time.monotonic()``) even while
+        inactive: a peer may read registered memory without a lease of ours (it handshook, or it
+        pinned DRAM-tier blocks; connectors/read_windows.py). A later call replaces the deadline."""
+
     # ---- optional staging hooks (host-bounce transports such as RBLN) ---------------------
     def stage_out(self, block_ids: Sequence[int]) -> int:
         """Copy device blocks to registered host memory before a peer reads them; bytes copied."""

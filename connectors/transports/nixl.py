@@ -27,6 +27,7 @@ from vllm_llmd.connectors.transports.base import (
     check_runs,
 )
 from vllm_llmd.connectors.transports.descriptors import block_descs, block_indices, block_offsets, locate_runs
+from vllm_llmd.connectors.transports.progress import ProgressThread
 
 _LOCAL = "NIXL_INIT_AGENT"  # NIXL's name for the local side of a prepped list
 
@@ -63,8 +64,9 @@ class NixlTransport(KVTransport):
         """``progress_thread``: NIXL's own progress thread, which NIXL's Python API starts with no
         delay, so it spins a core. Without it (the default) a daemon thread of ours drives UCX
         progress every ``progress_interval_s`` (it sleeps in between), because a READ from a peer
-        only completes when the *peer* side progresses too (seen in tests/unit/test_transport_nixl.py:
-        with neither thread, reads from an idle peer stay PENDING)."""
+        only completes when the *peer* side progresses too (tests/unit/test_transport_nixl.py: a
+        read from a parked peer stays PENDING until the peer wakes); it parks while nothing can need
+        it (:meth:`set_active`, :meth:`hold_until`; progress.py)."""
         try:
             from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
         except ImportError as exc:  # pragma: no cover - depends on the install
@@ -82,16 +84,10 @@ class NixlTransport(KVTransport):
         self._agent = nixl_agent(self.agent_name, config)
         self._notif_lock = threading.Lock()
         self._pending_notifs: list[tuple[str, bytes]] = []
-        self._stop = threading.Event()
-        #: set while something is in flight (``set_active``); the progress thread sleeps on it otherwise
-        self._active = threading.Event()
-        self._active.set()
-        self._progress: threading.Thread | None = None
+        #: our UCX progress, parked while nothing can need it (progress.py); None with NIXL's own thread
+        self._progress: ProgressThread | None = None
         if not progress_thread:
-            self._progress = threading.Thread(
-                target=self._progress_loop, args=(progress_interval_s,), name="llmd-nixl-progress", daemon=True
-            )
-            self._progress.start()
+            self._progress = ProgressThread(self._progress_poll, progress_interval_s)
         self._regions: tuple[Region, ...] = ()
         self._offsets: list[int] = []
         self._reg_descs = None
@@ -299,25 +295,16 @@ class NixlTransport(KVTransport):
             self._pending_notifs.extend((peer, bytes(m)) for m in messages)
 
     def set_active(self, active: bool) -> None:
-        """Park the progress thread while nothing is in flight: polling an idle endpoint every
-        ``progress_interval_s`` cost 5.6-5.9% of a core (measured; an engine pinned to one core pays
-        it on every step it computes), and reads can only target blocks held under a lease."""
-        if active:
-            self._active.set()
-        else:
-            self._active.clear()
+        if self._progress is not None:
+            self._progress.set_active(active)
 
-    def _progress_loop(self, interval_s: float) -> None:
-        while True:
-            self._active.wait()  # no wake-ups at all while idle
-            if self._stop.wait(interval_s):
-                return
-            try:
-                with self._notif_lock:
-                    self._collect_notifs()
-            except Exception:  # an agent being torn down; close() stops the loop
-                if self._stop.is_set():
-                    return
+    def hold_until(self, deadline: float) -> None:
+        if self._progress is not None:
+            self._progress.hold_until(deadline)
+
+    def _progress_poll(self) -> None:
+        with self._notif_lock:
+            self._collect_notifs()
 
     def get_notifs(self) -> list[tuple[str, bytes]]:
         with self._notif_lock:
@@ -326,10 +313,8 @@ class NixlTransport(KVTransport):
         return out
 
     def close(self) -> None:
-        self._stop.set()
-        self._active.set()  # wake a parked progress thread so it sees the stop
         if self._progress is not None:
-            self._progress.join(timeout=5)
+            self._progress.close()
             self._progress = None
         for peer, _, _ in list(self._peers.values()):
             self.remove_peer(peer)

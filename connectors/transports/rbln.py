@@ -259,5 +259,11 @@ class RblnTransport(KVTransport):
     def get_notifs(self) -> list[tuple[str, bytes]]:
         return self._nixl.get_notifs()
 
+    def set_active(self, active: bool) -> None:
+        self._nixl.set_active(active)
+
+    def hold_until(self, deadline: float) -> None:
+        self._nixl.hold_until(deadline)
+
     def close(self) -> None:
         self._nixl.close()

@@ -143,3 +143,26 @@ def test_the_producer_answers_with_the_shared_wire_type() -> None:
     assert remote.misfit(block_size=BLOCK, num_groups=1, max_tokens=8192) is None
     assert remote.misfit(block_size=BLOCK * 2, num_groups=1, max_tokens=8192)  # a block size must match
     assert remote.misfit(num_groups=1, max_tokens=8192) is None  # ... unless a re-layout can bridge it
+
+
+def test_a_prefill_for_a_remote_decode_keeps_the_workers_progress_awake_until_its_lease_starts() -> None:
+    """``meta.producing`` from vLLM's ``on_new_request`` until the request finishes: its params (and
+    a decode engine's read) may leave before the lease in ``meta.send`` reaches the worker."""
+    s = scheduler(role="kv_producer")
+    plain = request(None, rid="plain")
+    s.on_new_request(plain)
+    assert s.build_connector_meta().producing is False  # a plain request: the thread may park
+    req = request({"do_remote_decode": True, "do_remote_prefill": False, "remote_host": None})
+    s.on_new_request(req)
+    assert s.build_connector_meta().producing is True
+    assert s.build_connector_meta().producing is True  # every step until it finishes
+    delay, _ = s.request_finished(finish(req, 200), ([3, 4, 5, 6, 7, 8, 9],))
+    meta = s.build_connector_meta()
+    assert delay and meta.producing is False and "r1" in meta.send  # the lease takes over
+    aborted = request({"do_remote_decode": True, "do_remote_prefill": False}, rid="r2")
+    s.on_new_request(aborted)
+    s.request_finished(aborted, ([],))  # finished before any block was computed: no lease
+    assert s.build_connector_meta().producing is False
+    consumer = scheduler(role="kv_consumer")  # a decode-only engine is never read from
+    consumer.on_new_request(request({"do_remote_decode": True, "do_remote_prefill": False}, rid="r3"))
+    assert consumer.build_connector_meta().producing is False

@@ -391,3 +391,41 @@ def test_relayout_pulls_past_their_deadline_fail_and_never_outgrow_the_pool(fabr
     finally:
         p.shutdown()
         d.shutdown()
+
+
+def test_a_prefill_worker_parks_and_still_serves_reads_announced_by_its_side_channel_or_scheduler() -> None:
+    """The idle connector: the prefill worker's UCX progress parks while nothing can need it, yet
+    (1) a decode worker's first pull, which arrives with no lease and without the prefill worker
+    stepping, lands (the handshake opened a read window), and (2) once that window has ended, a
+    step computing a prefill for a remote decode wakes it before the lease is announced."""
+    p, pv = make_worker("cpu", 16, 32, transfer_timeout_seconds=1.5)  # the link window: 1.5 s
+    d, dv = make_worker("cpu", 16, 32)
+    assert p.transport is not None
+    progress = p.transport._progress  # type: ignore[attr-defined]
+    try:
+        p.transfer_results()  # a step with nothing held: parked
+        assert not progress.awake()
+        fill(pv, [9, 3], 64)
+        first = RecvJob("r1", remote_params(p, "r1", [9, 3], 64), [[6, 2]], [[9, 3]], first_token=0, end_token=64)
+        assert pull(d, first) == ({"r1"}, set())  # p never steps: the side channel's window serves it
+        check(dv, [6, 2], 0, 64)
+        wait_until(lambda: not progress.awake(), 10, "the link window to end", interval=0.02)
+        p.start_load_kv(LLMDConnectorMetadata(producing=True))  # a remote decode's prefill this step
+        p.transfer_results()
+        assert progress.awake()
+        fill(pv, [4], 32)
+        second = RecvJob("r2", remote_params(p, "r2", [4], 32), [[5]], [[4]], first_token=0, end_token=32)
+        assert pull(d, second) == ({"r2"}, set())
+        check(dv, [5], 0, 32)
+        p.start_load_kv(LLMDConnectorMetadata(send={"r1": 30.0, "r2": 30.0}))  # the leases, late
+        released: set[str] = set()
+
+        def both_released() -> bool:
+            released.update(p.transfer_results().finished_sending or ())
+            return {"r1", "r2"} <= released
+
+        wait_until(both_released, 10, "both leases released by the decode side's notices", interval=0.02)
+        assert not progress.awake()  # nothing held, nothing computed for a remote decode: parked again
+    finally:
+        p.shutdown()
+        d.shutdown()

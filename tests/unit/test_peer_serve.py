@@ -5,6 +5,7 @@ channel checks the engine id, bounds the request and refuses what it does not ho
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -22,10 +23,12 @@ from vllm_llmd.connectors.handshake import (
     EngineInfo,
     HandshakeError,
     HandshakeServer,
+    fetch_engine_info,
     pin_blocks,
     release_blocks,
 )
 from vllm_llmd.connectors.peer_serve import PeerHoldings, PinRefused, PinServer
+from vllm_llmd.connectors.read_windows import ReadWindows
 from vllm_llmd.connectors.tiers.spec import LLMDTieringManager
 from vllm_llmd.connectors.transports.base import Region
 
@@ -273,3 +276,50 @@ def test_an_oversized_pin_request_is_refused_by_its_type() -> None:
         assert reply["type"] == "error" and "malformed" in reply["reason"]
     finally:
         server.close()
+
+
+def test_the_side_channel_opens_a_read_window_per_granted_pin_and_closes_it_at_release(
+    manager: LLMDTieringManager,
+) -> None:
+    """The reads of a pinned block land on the holder's worker, which holds no lease of its own: the
+    side channel keeps its UCX progress awake (``hold_until``) from the pin until the release."""
+    pushed: list[float] = []
+    windows = ReadWindows(pushed.append)
+    engine_id = f"holder-{uuid.uuid4().hex[:8]}"
+    pins = PinServer(engine_id, PeerHoldings(manager))
+    server = HandshakeServer(_info(engine_id), "127.0.0.1", 0, windows=windows, link_seconds=5.0)
+    try:
+        _store(manager, range(0, 2))
+        asked = time.monotonic()
+        fetch_engine_info("127.0.0.1", _port(server), 0, 2.0)  # a peer links: its first read follows
+        assert len(windows) == 1 and pushed[-1] >= asked + 5
+        link_ends = pushed[-1]
+        [(lease, _)] = pin_blocks("127.0.0.1", _port(server), 0, engine_id, [_hash(0), _hash(1)], 30.0, 2.0)
+        assert len(windows) == 2 and pushed[-1] >= asked + 30  # open for the pin's lease
+        with pytest.raises(HandshakeError):
+            pin_blocks("127.0.0.1", _port(server), 0, engine_id, [_hash(9)], 30.0, 2.0)
+        assert len(windows) == 2  # a refused pin opens nothing
+        release_blocks("127.0.0.1", _port(server), 0, [lease], 2.0)
+        assert len(windows) <= 1 and pushed[-1] in (link_ends, 0.0)  # back to the link window only
+    finally:
+        server.close()
+        pins.close()
+
+
+def test_read_windows_keep_the_latest_deadline_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vllm_llmd.connectors.read_windows as rw
+
+    pushed: list[float] = []
+    w = rw.ReadWindows(pushed.append)
+    now = time.monotonic()
+    w.open("a", 10.0)
+    w.open("b", 1.0)
+    assert pushed[-1] >= now + 10
+    w.close("a")
+    assert now + 1 <= pushed[-1] < now + 10  # shortened to b's
+    w.close("b")
+    assert pushed[-1] == 0.0 and len(w) == 0
+    monkeypatch.setattr(rw, "MAX_WINDOWS", 4)
+    for i in range(10):
+        w.open(f"pin:{i}", 5.0 + i)
+    assert len(w) <= 4 and pushed[-1] >= now + 14  # merged, never shorter

@@ -35,7 +35,8 @@ SEED = 99
 TRANSFER_TIMEOUT = 30.0
 
 # The child: register NUM_REGIONS x NUM_BLOCKS x BLOCK_LEN random bytes, print its metadata, then
-# answer one JSON command per stdin line ("notifs", "digest", "quit").
+# answer one JSON command per stdin line ("notifs", "digest", "active", "hold", "quit"). Between
+# commands its main thread blocks on stdin: only its transport's progress thread drives its UCX.
 PEER_SCRIPT = r"""
 import hashlib, json, sys
 import msgspec, numpy as np
@@ -59,6 +60,13 @@ for line in sys.stdin:
         r, b = cmd["region"], cmd["block"]
         data = bufs[r][b * block_len:(b + 1) * block_len].tobytes()
         print(json.dumps({"sha": hashlib.sha256(data).hexdigest()}), flush=True)
+    elif cmd["op"] == "active":  # the worker's in-flight hint: False parks our progress thread
+        t.set_active(cmd["on"])
+        print(json.dumps({"parks": t._progress.parks}), flush=True)
+    elif cmd["op"] == "hold":  # a read window, as the side channel opens one (read_windows.py)
+        import time
+        t.hold_until(time.monotonic() + cmd["seconds"])
+        print(json.dumps({"parks": t._progress.parks}), flush=True)
     elif cmd["op"] == "quit":
         break
 t.close()
@@ -311,3 +319,39 @@ def test_the_progress_thread_parks_while_nothing_is_in_flight(local: Local) -> N
     t.set_active(False)
     t.close()  # a parked thread still stops at close
     assert t._progress is None
+
+
+def test_a_hold_wakes_a_parked_progress_thread_until_its_deadline(local: Local) -> None:
+    """A read window (``hold_until``) wakes a parked thread at once and lets it park again at its
+    deadline; a deadline in the past wakes nothing."""
+    t = local.transport
+    assert t._progress is not None
+    t.set_active(False)
+    _until(lambda: not t._progress.awake() and t._progress.parks >= 1)
+    parks = t._progress.parks
+    t.hold_until(time.monotonic() - 1.0)
+    assert not t._progress.awake()
+    t.hold_until(time.monotonic() + 0.3)
+    assert t._progress.awake()
+    _until(lambda: t._progress.parks == parks + 1)  # parked again once the window ended
+    assert not t._progress.awake()
+
+
+def test_a_read_from_a_parked_peer_waits_for_it_and_completes_in_a_read_window(local: Local) -> None:
+    """Why the thread may not simply park while the worker holds no lease (the bug of the first
+    parking attempt): a READ from a peer whose UCX nobody progresses does not complete (the
+    endpoint's wire-up, and the data over TCP, need the target). A fresh peer process parks its
+    progress thread; our read stays pending until the peer opens a read window, then lands."""
+    peer_proc = RemotePeer()
+    try:
+        assert peer_proc.ask(op="active", on=False)["parks"] >= 0
+        peer = local.transport.add_peer(peer_proc.metadata, peer_proc.regions)
+        handle = local.transport.read_blocks(peer, [(0, 1)], [(1, 3)])
+        assert _wait(local.transport, handle, timeout=1.0) == XferState.PENDING
+        peer_proc.ask(op="hold", seconds=30.0)
+        assert _wait(local.transport, handle) == XferState.DONE
+        local.transport.release(handle)
+        assert np.array_equal(local.block(0, 1), _expected()[1][3 * BLOCK_LEN : 4 * BLOCK_LEN])
+        local.transport.remove_peer(peer)
+    finally:
+        peer_proc.close()
