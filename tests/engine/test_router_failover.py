@@ -24,12 +24,17 @@ class Outcome:
     i: int
     started: bool = False  # the client received at least one byte of the answer
     ok: bool = False  # the stream ended with [DONE]
+    finished: bool = False  # the client is done with it (answered, broken or refused)
     pod: str = ""
     error: str = ""
 
 
-async def _one(s: aiohttp.ClientSession, base: str, i: int, prefix_seed: int | None = None) -> Outcome:
+async def _one(
+    s: aiohttp.ClientSession, base: str, i: int, prefix_seed: int | None = None, live: list[Outcome] | None = None
+) -> Outcome:
     o = Outcome(i)
+    if live is not None:
+        live.append(o)
     body = {
         "model": "test-model",
         "prompt": prose(i % 4 if prefix_seed is None else prefix_seed, 200) + f" request {i}",
@@ -50,6 +55,8 @@ async def _one(s: aiohttp.ClientSession, base: str, i: int, prefix_seed: int | N
             o.ok = data.rstrip().endswith(b"data: [DONE]")
     except (TimeoutError, aiohttp.ClientError) as e:
         o.error = f"{type(e).__name__}: {e}"
+    finally:
+        o.finished = True
     return o
 
 
@@ -60,18 +67,23 @@ async def test_engine_killed_mid_run_loses_no_unstarted_request(engines, test_mo
     async with routed(engines, test_model_dir, pool=pool) as (_router, base), aiohttp.ClientSession() as s:
         sem = asyncio.Semaphore(6)
         done: list[Outcome] = []
+        live: list[Outcome] = []
 
         async def run(i: int) -> Outcome:
             async with sem:
-                o = await _one(s, base, i)
+                o = await _one(s, base, i, live=live)
                 done.append(o)
                 return o
 
+        def victim_streaming() -> bool:
+            # it has served a request, and one of its streams is running now: the kill must be felt
+            # (without the second condition the kill could land between the victim's streams, and the
+            # health checks take it out before any request meets it: CI saw that once, 2026-12-03)
+            mine = [o for o in live if o.pod == pod_id(victim)]
+            return any(o.ok for o in mine) and any(o.started and not o.finished for o in mine)
+
         tasks = [asyncio.create_task(run(i)) for i in range(36)]
-        # kill the victim once it has served some traffic and more is in flight
-        await wait_until_async(
-            lambda: any(o.pod == pod_id(victim) and o.ok for o in done), 120, "the victim served a request"
-        )
+        await wait_until_async(victim_streaming, 120, "the victim served a request and streams another", interval=0.005)
         killed_after = len(done)
         await loop.run_in_executor(None, victim.kill)
         results = await asyncio.gather(*tasks)

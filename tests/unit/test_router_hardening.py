@@ -53,6 +53,7 @@ async def _probe_health(base: str, stop: asyncio.Event) -> list[float]:
 # ---- case 1: one long prompt -------------------------------------------------------------------
 
 
+@pytest.mark.timing
 async def test_one_long_prompt_neither_blows_up_memory_nor_stalls_health(backends, model_dir: Path) -> None:
     """A 250 KB prompt took the old router's tokenizer cache to hundreds of MB (quadratic) and
     stalled the event loop for about a second."""
@@ -500,6 +501,7 @@ async def test_request_bodies_held_at_once_are_bounded(backends) -> None:
         await srv.close()
 
 
+@pytest.mark.timing
 async def test_a_huge_list_of_token_ids_is_checked_off_the_event_loop(backends) -> None:
     """A 16 MiB body of token ids (millions of them) is checked and keyed on a worker thread; a bad
     id anywhere in it is still a 400."""

@@ -29,12 +29,13 @@ def test_destructive_tests_are_ordered_by_their_marker() -> None:
     assert ids[pd[-1]].endswith("test_prefill_engine_killed_after_prefill_leg_decode_prefills_locally")
 
 
-def test_timing_tests_live_where_test_sh_runs_them_alone() -> None:
-    """scripts/test.sh runs ``-m timing tests/robustness`` alone before everything else (collecting
-    tests/unit too would add ~15 s of imports); a ``timing`` test elsewhere would run beside the
-    engine tests instead."""
+def test_timing_tests_run_alone_before_the_rest() -> None:
+    """scripts/test.sh runs ``-m timing`` over tests/unit and tests/robustness alone, before the
+    engine run and the ``-m "not timing"`` run start side by side."""
     decorator = re.compile(r"^\s*(@pytest\.mark\.timing|pytestmark\b.*\btiming\b)", re.M)
     marked = [p for p in (ROOT / "tests").rglob("test_*.py") if decorator.search(p.read_text())]
     assert marked, "no test is marked timing"
-    assert all(p.parent == ROOT / "tests" / "robustness" for p in marked), marked
-    assert "-m timing tests/robustness" in (ROOT / "scripts" / "test.sh").read_text()
+    assert all(p.parent.name in ("unit", "robustness") for p in marked), marked
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    alone = script.index("-m timing tests/unit tests/robustness")
+    assert alone < script.index('-m "not timing" tests/unit tests/robustness') < script.index("pytest tests/engine")
