@@ -129,6 +129,7 @@ def test_a_prompt_without_cut_points_is_not_tokenized_beyond_the_segment_limit(m
     assert tok.encode(s) == tok._tok.encode(s).ids  # cut into segments of at most 16k characters
 
 
+@pytest.mark.timing
 async def test_large_prompts_are_tokenized_off_the_event_loop(model_dir: Path) -> None:
     """A big tokenization runs on a worker thread: the event loop keeps turning meanwhile."""
     import asyncio
