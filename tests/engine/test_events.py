@@ -114,15 +114,17 @@ def reset_prefix_cache(engine: EngineProcess) -> None:
     wait_until(reset, 60, "/reset_prefix_cache accepted", interval=0.2)
 
 
-def test_reset_prefix_cache_reaches_the_index_within_a_second_on_an_idle_engine(engines, tracked: Tracked) -> None:
+def test_reset_prefix_cache_reaches_the_index_without_a_further_request(engines, tracked: Tracked) -> None:
     tokens = unique_prompt(200)
     serve(engines.a, tokens)
     serve(engines.b, tokens)
     wait_for(lambda: tracked.held(engines.a, tokens) == 192 and tracked.held(engines.b, tokens) == 192, 10, "indexed")
     reset_prefix_cache(engines.a)
     # no further request: vLLM alone would publish AllBlocksCleared only at the next engine step;
-    # the plugin flushes it from reset_prefix_cache (docs/kv-events.md)
-    took = wait_for(lambda: tracked.held(engines.a, tokens) == 0, 1.0, "A's entries gone after the reset")
+    # the plugin flushes it from reset_prefix_cache (docs/kv-events.md). Without the flush the entries
+    # would stay until the next request, which never comes: any deadline tells the two apart, and a
+    # generous one keeps a busy CI machine (engines beside unit tests on 2 cores) from failing it.
+    took = wait_for(lambda: tracked.held(engines.a, tokens) == 0, 15.0, "A's entries gone after the reset")
     print(f"entries gone {took * 1000:.0f} ms after /reset_prefix_cache returned")
     assert tracked.held(engines.b, tokens) == 192
 

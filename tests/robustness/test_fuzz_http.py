@@ -166,7 +166,9 @@ def _check(r: ThreadedRouter, status: int, headers: dict[str, str], body: bytes,
         assert err["code"] == status and isinstance(err["message"], str)
     t = time.monotonic()
     hs, _, _ = raw_request(r.port, http_request(r.port, "GET", "/health", b"", {}))
-    assert hs in (200, 503) and time.monotonic() - t < 2.0, "health stalled"
+    # a stall of the kind found in issue 9 lasts many seconds; 5 s leaves room for a descheduled process
+    # on a 2-core CI machine running engines beside this test (seen: 1.2 s)
+    assert hs in (200, 503) and time.monotonic() - t < 5.0, "health stalled"
     for b in r.backends:
         for got in b.received[-3:]:
             nested = [got, got.get("vllm_xargs"), got.get("extra_body")]

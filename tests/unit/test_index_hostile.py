@@ -1,5 +1,10 @@
 """KVBlockIndex against a broken or hostile event stream (issue 9, cases 7 and 8): what used to wipe
-a pod, grow the index without bound, or hold its lock for seconds."""
+a pod, grow the index without bound, or hold its lock for seconds.
+
+The cost bounds here are in the working thread's CPU time (``time.thread_time``), not wall-clock time:
+CI runs these tests beside real engines on 2 cores, where a process can be descheduled for over a
+second (a wall-clock bound failed that way once: 0.66 s against 0.40 s). CPU time measures the work,
+which is what the bounds are about."""
 
 from __future__ import annotations
 
@@ -60,9 +65,9 @@ def test_distinct_media_do_not_grow_the_tier_set() -> None:
     s = idx.stats()
     assert s.unknown_media >= 3_000 - MAX_TIERS
     assert idx.match(MODEL, toks)["a:1"].tokens == len(toks)
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     e.send([AllBlocksCleared()])
-    assert time.perf_counter() - t0 < 0.5
+    assert time.thread_time() - t0 < 0.5
     assert idx.match(MODEL, toks) == {}
 
 
@@ -83,37 +88,65 @@ def test_a_clear_costs_the_pods_blocks_not_the_index() -> None:
         big.store(prompt(16 * 2500, seed=i))  # 40k blocks
     small = Engine(idx, "small:1", 16)
     small.store(prompt(64, seed=999))
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     small.send([AllBlocksCleared()])
-    assert time.perf_counter() - t0 < 0.05
+    assert time.thread_time() - t0 < 0.05
     assert idx.stats().blocks == 40_000
 
 
+class _HoldRecorder:
+    """Stands in for the index's ``threading.Lock`` (wrapping a real one): records, per hold, which
+    thread held it and the CPU time that thread spent inside."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.holds: list[tuple[int, float]] = []  # (thread id, CPU seconds held)
+        self._t0 = 0.0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._t0 = time.thread_time()
+
+    def __exit__(self, *exc: object) -> None:
+        self.holds.append((threading.get_ident(), time.thread_time() - self._t0))
+        self._lock.release()
+
+
 def test_a_huge_batch_does_not_hold_the_lock_for_its_whole_apply() -> None:
-    """A 100k-block BlockStored is applied in chunks: a concurrent match waits for one chunk, not
-    for the whole batch (before: up to 280 ms on the reporter's machine)."""
+    """A 100k-block BlockStored is applied in chunks: the lock is held for one chunk's work at a
+    time, and a concurrent match gets in between chunks (before: held for the whole batch, up to
+    280 ms on the reporter's machine)."""
     idx = KVBlockIndex(block_size=16, capacity_blocks=4_000_000)
     e = Engine(idx, "a:1", 16)
     probe = prompt(64, seed=1)
     e.store(probe)
     frames = e.frames([e.stored(prompt(16 * 100_000, seed=2))[0]])
-    waits: list[float] = []
+    rec = _HoldRecorder()
+    idx._lock = rec  # type: ignore[assignment]
     done = threading.Event()
+    matches_during_apply = 0
 
     def matcher() -> None:
+        nonlocal matches_during_apply
         while not done.is_set():
-            t0 = time.perf_counter()
             idx.match_keys(idx.block_keys(MODEL, probe))
-            waits.append(time.perf_counter() - t0)
+            matches_during_apply += 1
 
     t = threading.Thread(target=matcher)
     t.start()
-    t0 = time.perf_counter()
+    me = threading.get_ident()
+    cpu0 = time.thread_time()
     idx.ingest("a:1", frames)
-    apply_s = time.perf_counter() - t0
+    apply_cpu = time.thread_time() - cpu0
     done.set()
     t.join()
     assert idx.stats().block_events == 100_004
-    assert len(waits) > 3  # matches ran while the batch was applied
-    # the longest wait is one chunk's hold, a small part of the whole apply (GIL switches included)
-    assert max(waits) < max(0.05, apply_s / 4), (max(waits), apply_s)
+    mine = [cpu for tid, cpu in rec.holds if tid == me]
+    assert len(mine) >= 10, len(mine)  # the batch went through the lock in chunks
+    # each hold is one chunk's work, a small part of the whole apply's CPU time
+    assert max(mine) < apply_cpu / 4, (max(mine), apply_cpu, len(mine))
+    # and matches got the lock between the chunks (while the apply ran, not only after it)
+    first = next(i for i, (tid, _) in enumerate(rec.holds) if tid == me)
+    last = max(i for i, (tid, _) in enumerate(rec.holds) if tid == me)
+    assert any(tid != me for tid, _ in rec.holds[first:last]), "no match got in between the chunks"
+    assert matches_during_apply > 3
