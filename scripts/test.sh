@@ -7,11 +7,8 @@
 # tests' start-ups descheduled the router for over a second (CI, 2026-12-03: 1,166 ms and 1,084 ms
 # against 1 s bounds that the same tests meet by 20x on an idle machine). Then two pytest processes at once:
 # tests/engine (real engines, mostly waiting on them: an engine decodes on one thread) and
-# tests/unit + tests/robustness (CPU work that fills the waits). The engine modules that start engines
-# of their own (no shared session engines: the simulator's validation, tracing) run in
-# the second process after the unit tests, so neither process waits for the other at the end (CI
-# 2026-12-03: engines 637 s, unit + robustness 278 s). The engine run streams; the other's output
-# follows it. The exit code is the first failure's.
+# tests/unit + tests/robustness (CPU work that fills the waits). The engine run streams; the other's
+# output follows it. The exit code is the first failure's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-env.sh
@@ -19,23 +16,19 @@ cd "$(dirname "$0")/.."
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest "$@"
 fi
-# engine modules with engines of their own: they run after tests/unit and tests/robustness
-own=(tests/engine/test_sim_validation.py tests/engine/test_tracing_engine.py)
-ignore=()
-for f in "${own[@]}"; do ignore+=("--ignore=$f"); done
 rc_timing=0
 .venv/bin/python -m pytest -m timing tests/unit tests/robustness || rc_timing=$?
 out=$(mktemp -t llmd-unit-XXXXXX.log)
-.venv/bin/python -m pytest -m "not timing" tests/unit tests/robustness "${own[@]}" >"$out" 2>&1 &
+.venv/bin/python -m pytest -m "not timing" tests/unit tests/robustness >"$out" 2>&1 &
 other=$!
 trap 'kill $other 2>/dev/null || true' EXIT
 rc=0
-.venv/bin/python -m pytest tests/engine "${ignore[@]}" || rc=$?
+.venv/bin/python -m pytest tests/engine || rc=$?
 rc_other=0
 wait $other || rc_other=$?
 trap - EXIT
 echo
-echo "========= tests/unit + tests/robustness + engine modules with their own engines (ran alongside) ========="
+echo "=================== tests/unit + tests/robustness (ran alongside) ==================="
 cat "$out"
 rm -f "$out"
 if [ $rc_timing -ne 0 ]; then exit $rc_timing; fi

@@ -39,19 +39,3 @@ def test_timing_tests_run_alone_before_the_rest() -> None:
     script = (ROOT / "scripts" / "test.sh").read_text()
     alone = script.index("-m timing tests/unit tests/robustness")
     assert alone < script.index('-m "not timing" tests/unit tests/robustness') < script.index("pytest tests/engine")
-
-
-def test_engine_modules_run_beside_the_unit_tests_start_no_shared_engine() -> None:
-    """scripts/test.sh runs a few engine modules in the unit-test process; one using the session's
-    shared engines there would start a second pair of them (and double their cost)."""
-    script = (ROOT / "scripts" / "test.sh").read_text()
-    listed = re.search(r"^own=\(([^)]*)\)", script, re.M)
-    assert listed, "test.sh lists no engine modules for the second process"
-    files = listed.group(1).split()
-    assert files and all((ROOT / f).is_file() for f in files), files
-    shared = re.compile(r"\b(engines|env_events_engine)\b\s*[,:)]")
-    for f in files:
-        text = (ROOT / f).read_text()
-        tests = re.findall(r"^(?:async )?def test_\w+\(([^)]*)\)", text, re.M)
-        assert tests, f
-        assert not any(shared.search(args + ")") for args in tests), f"{f} uses the shared session engines"
