@@ -261,6 +261,12 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2, help="rounds; odd rounds run the routers in reverse order")
     ap.add_argument("--engines", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument(
+        "--rate",
+        type=float,
+        help="open loop: Poisson arrivals at this rate (req/s), seeded by --workload-seed, at most "
+        "--concurrency in flight (raise it); default closed loop",
+    )
     ap.add_argument("--workload-seed", type=int, default=0)
     ap.add_argument("--client-timeout", type=float, default=1800)
     ap.add_argument(

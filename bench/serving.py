@@ -296,7 +296,10 @@ def run_workload(
     import workloads
 
     wl, tm = workloads.build(args.workload, model_dir, seed=args.workload_seed + seed)
-    res = asyncio.run(workload_client.run(wl, router_url, served, engines, args.concurrency))
+    rate = getattr(args, "rate", None)
+    wseed = args.workload_seed + seed
+    res = asyncio.run(workload_client.run(wl, router_url, served, engines, args.concurrency, rate=rate, seed=wseed))
+    res["rate"] = rate
     detail = {"per_request": res.pop("per_request"), "load_samples": res.pop("load_samples")}
     row_dir.mkdir(parents=True, exist_ok=True)
     (row_dir / f"detail_{tag}.json").write_text(json.dumps(detail))

@@ -4,6 +4,10 @@ router and measures it, while sampling every engine's queue.
 * Turns are offered in the workload's order with at most ``concurrency`` in flight; a turn whose
   session still has a turn in flight waits for it (closed loop per conversation / agent) while the
   next turns of other sessions go ahead (independent users do not wait for each other).
+* With ``rate`` (req/s) the turns *arrive* open-loop instead: turn ``i`` is offered at the ``i``-th
+  arrival of a seeded Poisson process (``random.Random(seed).expovariate(rate)`` gaps), the same
+  times for every router; ``concurrency`` still caps what is in flight (pass a large one to measure
+  queueing at the pods rather than at the client). Rate ladders (issue 12) use this.
 * Each request is ``POST /v1/completions`` with ``stream: true``, ``max_tokens`` and ``ignore_eos``;
   TTFT is the time to the first SSE chunk carrying text, E2E the time to ``[DONE]``. The pod a request
   went to is read from ``X-LLMD-Pod`` where the router sets it (ours), else left empty.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -135,6 +140,8 @@ async def run(
     concurrency: int,
     sample_s: float = 0.25,
     timeout_s: float = 1800,
+    rate: float | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     conn = aiohttp.TCPConnector(limit=concurrency + 2 * len(engines) + 4)
     tmo = aiohttp.ClientTimeout(total=timeout_s)
@@ -158,21 +165,43 @@ async def run(
                 busy.discard(turn.session)
                 changed.set()
 
-        pending = list(workload.turns)
+        # open loop: turn i may start at arrivals[i] (seconds after t0); closed loop: at once
+        arrivals: list[float] = []
+        if rate:
+            rng, t = random.Random(seed), 0.0
+            for _ in workload.turns:
+                t += rng.expovariate(rate)
+                arrivals.append(t)
+        pending = list(enumerate(workload.turns))
         tasks = []
         while pending:
-            # the earliest offered turn whose session has nothing in flight (a user or agent sends
-            # its next turn after the previous answer; other sessions' turns go ahead meanwhile)
+            # the earliest offered (arrived) turn whose session has nothing in flight (a user or
+            # agent sends its next turn after the previous answer; other sessions' turns go ahead)
+            now = time.perf_counter() - t0
             nxt = (
-                next((i for i, t in enumerate(pending) if t.session not in busy), None)
+                next(
+                    (
+                        i
+                        for i, (k, t) in enumerate(pending)
+                        if t.session not in busy and (not arrivals or arrivals[k] <= now)
+                    ),
+                    None,
+                )
                 if inflight < concurrency
                 else None
             )
             if nxt is None:
                 changed.clear()
-                await changed.wait()
+                wait_s = None
+                if arrivals and inflight < concurrency:
+                    due = [arrivals[k] - now for k, _ in pending if arrivals[k] > now]
+                    wait_s = min(due) if due else None
+                try:
+                    await asyncio.wait_for(changed.wait(), wait_s)
+                except TimeoutError:
+                    pass
                 continue
-            turn = pending.pop(nxt)
+            _, turn = pending.pop(nxt)
             busy.add(turn.session)
             inflight += 1
             tasks.append(asyncio.create_task(go(turn)))

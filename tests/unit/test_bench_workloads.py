@@ -138,3 +138,50 @@ def test_client_keeps_sessions_closed_loop_and_concurrency_bounded(tm: workloads
     assert res["requests_per_pod_router"] == {"p1": 15}
     assert res["out_tok_s"] > 0 and res["ttft_p90_ms"] is not None
     assert res["engine_load"]["samples"] > 0
+
+
+def test_client_open_loop_starts_no_turn_before_its_seeded_arrival(tm: workloads.TextMaker) -> None:
+    """``rate``: turn i is sent no earlier than the i-th arrival of the seeded Poisson process (the
+    same times for every router); every turn is sent."""
+    import random
+
+    wl = workloads.hotprefix(tm, seed=0, prefixes=2, prefix_tokens=16, suffix_tokens=4, requests=12, output_tokens=2)
+    rate, seed = 60.0, 3
+    rng, t, due = random.Random(seed), 0.0, {}
+    for turn in wl.turns:
+        t += rng.expovariate(rate)
+        due[turn.session] = t
+
+    async def main() -> dict:
+        async def completions(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-LLMD-Pod": "p1"})
+            await resp.prepare(request)
+            for _ in range(body["max_tokens"]):
+                await resp.write(b'data: {"choices": [{"text": "x"}]}\n\n')
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+
+        async def metrics(_r: web.Request) -> web.Response:
+            return web.Response(text="vllm:num_requests_running 0.0\nvllm:num_requests_waiting 0.0\n")
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        url = f"http://127.0.0.1:{port}"
+        try:
+            return await workload_client.run(wl, url, "m", [url], concurrency=64, sample_s=0.01, rate=rate, seed=seed)
+        finally:
+            await runner.cleanup()
+
+    res = asyncio.run(main())
+    assert res["completed"] == 12 and res["failed"] == 0
+    starts = {r["s"]: r["t"] for r in res["per_request"]}
+    assert set(starts) == set(due)
+    # recorded starts are rounded to ms
+    assert all(starts[s] >= due[s] - 0.001 for s in due), {s: (starts[s], due[s]) for s in due}
