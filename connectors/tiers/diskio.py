@@ -70,12 +70,15 @@ def write_block(path: str, key: bytes, payload: memoryview) -> int:
     fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
     try:
         try:
-            for chunk in (memoryview(head), data):
-                while chunk:
-                    n = os.write(fd, chunk)
-                    if n <= 0:
-                        raise OSError(errno.ENOSPC, "short write", tmp)
-                    chunk = chunk[n:]
+            # one writev for header and payload (each system call is a round trip for the GIL, which the
+            # engine's scheduler thread shares with the writer); a short write continues where it stopped
+            n = os.writev(fd, [head, data])
+            rest = memoryview(head + data)[n:] if n < len(head) else data[n - len(head) :]
+            while rest:
+                n = os.write(fd, rest)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, "short write", tmp)
+                rest = rest[n:]
         finally:
             os.close(fd)
         os.replace(tmp, path)
