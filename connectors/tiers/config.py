@@ -52,6 +52,9 @@ class DiskTier(_Strict):
     capacity: ByteSize
     #: threads reading files back (promotions to DRAM)
     read_threads: int = Field(default=1, ge=1, le=16)
+    #: blocks queued for the writer at most; a store beyond it is dropped (each queued block pins its
+    #: DRAM chunk until written, so a disk slower than the stores must not fill DRAM with pins)
+    write_queue_blocks: int = Field(default=512, ge=1, le=1 << 20)
     #: threads writing files (one keeps deletes and writes of the same file in order; see disk.py)
     write_threads: Literal[1] = 1
 
@@ -164,6 +167,7 @@ class TiersConfig(_Strict):
                     "root_dir": os.path.abspath(self.disk.path),
                     "capacity_bytes": int(self.disk.capacity),
                     "read_threads": self.disk.read_threads,
+                    "write_queue_blocks": self.disk.write_queue_blocks,
                 }
             )
         return extra

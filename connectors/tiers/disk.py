@@ -46,6 +46,8 @@ from vllm.v1.kv_offload.base import (
     OffloadKey,
     ReqContext,
     RequestOffloadingContext,
+    get_offload_block_hash,
+    get_offload_group_idx,
 )
 from vllm.v1.kv_offload.file_mapper import FileMapper
 from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob
@@ -68,7 +70,7 @@ class DiskTierCounters:
     stored: int = 0  # blocks written
     evicted: int = 0  # blocks deleted for room
     promoted: int = 0  # blocks read back into DRAM
-    dropped: int = 0  # blocks not stored: no room (everything pinned) or the write failed
+    dropped: int = 0  # blocks not stored: no room (everything pinned), the writer behind, or the write failed
     errors: Counter[str] = field(default_factory=Counter)  # by kind: missing, corrupt, io, write
     read_seconds: list[float] = field(default_factory=list)  # one sample per promotion job
 
@@ -91,6 +93,7 @@ class ChecksummedDiskTier(SecondaryTierManager):
         root_dir: str,
         capacity_bytes: int,
         read_threads: int = 1,
+        write_queue_blocks: int = 512,
         backpressure_detector: BackpressureDetector | None = None,
     ) -> None:
         super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
@@ -114,7 +117,8 @@ class ChecksummedDiskTier(SecondaryTierManager):
             )
         self._index: OrderedDict[OffloadKey, None] = OrderedDict()  # ready files, least recently used first
         self._pinned: Counter[OffloadKey] = Counter()  # files being read
-        self._writing: set[OffloadKey] = set()
+        self._writing: set[OffloadKey] = set()  # queued or being written: at most write_queue_blocks
+        self.write_queue_blocks = int(write_queue_blocks)
         self._jobs: dict[int, _Job] = {}
         self._done: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
         self._events: list[OffloadingEvent] = []
@@ -149,6 +153,13 @@ class ChecksummedDiskTier(SecondaryTierManager):
 
         return make_offload_key(b"\0" * 32, 0)
 
+    def _path(self, key: OffloadKey) -> str:
+        """``<base>_r<rank>/<hh>_g<group>/<hash>.bin``: vLLM's ``FileMapper`` base path and file name,
+        with one directory level of at most 256 entries per KV group instead of its two (``<hhh>/<hh>_g<n>``,
+        about a million directories, so nearly every new block made a directory or two)."""
+        hash_hex = get_offload_block_hash(key).hex()
+        return f"{self._dir}/{hash_hex[:2]}_g{get_offload_group_idx(key)}/{hash_hex}.bin"
+
     def _chunk(self, chunk: int) -> memoryview:
         row = self.block_size_bytes
         return self._flat[chunk * row : (chunk + 1) * row]
@@ -172,16 +183,22 @@ class ChecksummedDiskTier(SecondaryTierManager):
             if key in self._index or key in self._writing:
                 continue
             todo.append((key, int(chunk)))
-        room = self.capacity_blocks - len(self._index) - len(self._writing)
-        if len(todo) > room:
-            room += self._evict(len(todo) - room)
-        if len(todo) > room:
-            self._counters.dropped += len(todo) - room
-            todo = todo[: max(room, 0)]
+        # the writer's backlog is bounded: a queued block pins its DRAM chunk until it is written, so a
+        # disk slower than the stores would otherwise fill DRAM with pinned chunks (dropped instead)
+        room = min(len(todo), max(0, self.write_queue_blocks - len(self._writing)))
+        free = self.capacity_blocks - len(self._index) - len(self._writing)
+        if room > free:
+            free += self._evict(room - free)
+        room = min(room, max(free, 0))
+        self._counters.dropped += len(todo) - room
+        todo = todo[:room]
         self._writing.update(k for k, _ in todo)
         job = _Job([k for k, _ in todo], is_load=False)
         self._jobs[job_metadata.job_id] = job
-        paths = [self._mapper.get_file_name(k) for k, _ in todo]
+        if not todo:  # nothing to write: done at once, without a trip through the writer thread
+            self._done.put((job_metadata.job_id, ([], 0.0)))
+            return
+        paths = [self._path(k) for k, _ in todo]
         job.future = self._writer.submit(self._write_files, job_metadata.job_id, todo, paths)
 
     def _evict(self, n: int) -> int:
@@ -200,7 +217,7 @@ class ChecksummedDiskTier(SecondaryTierManager):
     def _remove(self, key: OffloadKey) -> None:
         del self._index[key]
         self._events.append(OffloadingEvent(keys=[key], medium=self.medium, removed=True))
-        self._writer.submit(_unlink, self._mapper.get_file_name(key))
+        self._writer.submit(_unlink, self._path(key))
 
     def _write_files(self, job_id: int, todo: list[tuple[OffloadKey, int]], paths: list[str]) -> None:
         t0 = time.perf_counter()
@@ -229,7 +246,7 @@ class ChecksummedDiskTier(SecondaryTierManager):
         job = _Job(keys, is_load=True)
         self._jobs[job_metadata.job_id] = job
         # a key evicted since its lookup has no file to read: it fails like a missing file
-        paths = [self._mapper.get_file_name(k) if k in self._index else None for k in keys]
+        paths = [self._path(k) if k in self._index else None for k in keys]
         job.future = self._readers.submit(self._read_files, job_metadata.job_id, keys, chunks, paths)
 
     def _read_files(self, job_id: int, keys: list[OffloadKey], chunks: list[int], paths: list[str | None]) -> None:
