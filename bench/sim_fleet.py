@@ -7,6 +7,10 @@ for each router: round-robin (vllm-router ``round_robin``), vllm-router ``cache_
 ``kv_aware``, and ours (``vllm-llmd router`` with main's default profile). Per rate: achieved
 throughput, TTFT p50/p90, the fleet's prefix-cache hit rate, requests per class, and the router's
 CPU seconds per request. The prefix caches are reset before every step (new prefixes each step).
+``--warmup-prompts N``: N unmeasured requests (other prefixes) before the ladder, so the first step
+meets a router that has served the pods before (ours learns each pod's speed from its answers);
+``--save-detailed``: per-request results in the client's JSON (``bench/sim_requests.py`` reads them
+with ours' decision and access logs).
 
 ``scale``: N pods (``--scale 100,200``, same class proportions), one moderate rate; the router's
 CPU per request (also with its idle CPU - health checks, metrics scrapes - subtracted) and, for
