@@ -235,6 +235,8 @@ def run_client(
     ]
     if max_concurrency:
         cmd += ["--max-concurrency", str(max_concurrency)]
+    if getattr(args, "save_detailed", False):  # per-request TTFTs, start times, latencies
+        cmd.append("--save-detailed")
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.unlink(missing_ok=True)
     env = dict(os.environ)

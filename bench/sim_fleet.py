@@ -7,6 +7,10 @@ for each router: round-robin (vllm-router ``round_robin``), vllm-router ``cache_
 ``kv_aware``, and ours (``vllm-llmd router`` with main's default profile). Per rate: achieved
 throughput, TTFT p50/p90, the fleet's prefix-cache hit rate, requests per class, and the router's
 CPU seconds per request. The prefix caches are reset before every step (new prefixes each step).
+``--warmup-prompts N``: N unmeasured requests (other prefixes) before the ladder, so the first step
+meets a router that has served the pods before (ours learns each pod's speed from its answers);
+``--save-detailed``: per-request results in the client's JSON (``bench/sim_requests.py`` reads them
+with ours' decision and access logs).
 
 ``scale``: N pods (``--scale 100,200``, same class proportions), one moderate rate; the router's
 CPU per request (also with its idle CPU - health checks, metrics scrapes - subtracted) and, for
@@ -231,6 +235,14 @@ def run_row(name: str, pods_n: int, rates: list[float], args: argparse.Namespace
             cpu1 = cpu_seconds(pid)
             if cpu0 is not None and cpu1 is not None:
                 row["router_idle_cpu_frac"] = round((cpu1 - cpu0) / args.idle_s, 3)
+        if args.warmup_prompts > 0:
+            # a router that has served traffic before (its learned speeds): the same for every router,
+            # other prefixes (another seed), caches reset afterwards with every step's
+            row["warmup"] = {"prompts": args.warmup_prompts, "rate": args.warmup_rate}
+            reset_all(sim.pods)
+            log(f"{tag}/{name}: warm-up, {args.warmup_prompts} requests at {args.warmup_rate} req/s")
+            w = measure_step(router, sim.pods, served, model_dir, args.warmup_rate, args.warmup_prompts, 99, d, args)
+            row["warmup"].update(req_s=w["req_s"], ttft_p90_ms=w["ttft_p90_ms"])
         steps = []
         for i, rate in enumerate(rates):
             row.setdefault("reset_ok", []).append(reset_all(sim.pods))
@@ -337,6 +349,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--num-prefixes", type=int, default=48)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--client-timeout", type=float, default=1800)
+    ap.add_argument(
+        "--warmup-prompts", type=int, default=0,
+        help="requests sent before the ladder (not measured; caches reset after): the router has seen the pods",
+    )  # fmt: skip
+    ap.add_argument("--warmup-rate", type=float, default=4.0)
+    ap.add_argument("--save-detailed", action="store_true", help="per-request TTFTs, start times in the client JSON")
     ap.add_argument("--tag", default="", help="suffix of the run's directory (repeated runs side by side)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()

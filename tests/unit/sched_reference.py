@@ -54,11 +54,12 @@ def prefix_view(req: SchedRequest, pods: list[Candidate], ctx: SchedulingContext
     return v
 
 
-def excess(fp_pods: dict, fair: dict[str, float]) -> dict[str, float]:
+def excess(fp_pods: dict, fair: dict[str, float], min_total: float = 0.0) -> dict[str, float]:
     fp = {p: len(fp_pods.get(p, ())) for p in fair}
     total = sum(fp.values())
     if total <= 0:
         return dict.fromkeys(fair, 0.0)
+    total = max(total, min_total)
     return {p: (max(0.0, fp[p] / (total * f) - 1.0) if f > 0 else 0.0) for p, f in fair.items()}
 
 
@@ -73,7 +74,8 @@ def ttft_costs(self: EstimatedTTFTScorer, req: SchedRequest, pods: list[Candidat
     ex: dict[str, float] = {}
     if bw > 0 and len(pods) > 1:
         speed = sum(p.prefill_speed for p in pods)
-        ex = excess(self._footprint._pods, {p.id: p.prefill_speed / speed for p in pods})
+        floor = prm.balance_min_prompts * len(req.block_keys) * len(pods)
+        ex = excess(self._footprint._pods, {p.id: p.prefill_speed / speed for p in pods}, floor)
     out = {}
     tiered = prm.price_tiers
     for p in pods:

@@ -40,6 +40,9 @@ def test_footprint_excess_is_relative_to_the_fair_share() -> None:
     assert ex["a"] == pytest.approx(30 / 40 / 0.5 - 1) and ex["b"] == 0.0
     # a pod three times as fast should carry three quarters of the footprint: 30 of 40 is fair
     assert fp.excess({"a": 0.75, "b": 0.25})["a"] == pytest.approx(0.0)
+    # the pool counted as at least 80 blocks: a's fair half is 40, its 30 are under it
+    assert fp.excess({"a": 0.5, "b": 0.5}, min_total=80) == {"a": 0.0, "b": 0.0}
+    assert fp.excess({"a": 0.5, "b": 0.5}, min_total=50)["a"] == pytest.approx(30 / 25 - 1)
 
 
 def _sched(params: dict | None = None, index: KVBlockIndex | None = None):
@@ -69,6 +72,27 @@ def test_cold_prefix_goes_to_the_pod_with_the_smaller_footprint_despite_a_slight
 
     assert run(0.0) == "p0"
     assert run(8.0) == "p1"
+
+
+def test_a_nearly_empty_pool_places_new_prefixes_by_queue_and_speed() -> None:
+    """Four pods, one holding one prompt: with the pool's footprint counted as it is, that pod's
+    share is all of it (excess 3: its new KV costs 9x) and the next cold prefix goes to a busier
+    pod; with the default floor (two prompts per pod) there are no shares yet, and the idle pod
+    wins (the simulated 20-pod fleet sent cold prefixes to idle slow pods this way)."""
+
+    def run(params: dict) -> str:
+        ctx, sched = _sched(params)
+        pods = _pods(ctx, n=4)
+        busy = [ctx.inflight.start(f"p{i}", 100_000, 0) for i in (1, 2, 3)]
+        _place(ctx, sched, pods, "p0", 0)
+        for t in busy:
+            ctx.inflight.done(t)
+        for i in (1, 2, 3):  # the others are a little busy now (a third of a prompt each)
+            ctx.inflight.start(f"p{i}", 700, 0)
+        return sched.schedule(_req(ctx, _tokens(50, 0)), pods).chosen.id
+
+    assert run({"balance_min_prompts": 0.0}) != "p0"
+    assert run({}) == "p0"
 
 
 def test_balance_leaves_hot_requests_on_their_pod() -> None:
@@ -107,7 +131,8 @@ def test_capacity_overflow_sends_new_prefixes_elsewhere() -> None:
 
 def test_a_cleared_cache_clears_the_pods_footprint() -> None:
     index = KVBlockIndex(block_size=64, capacity_blocks=100_000)
-    ctx, sched = _sched(index=index)
+    # the footprint as it is (no floor): p1's one prompt is then its whole pool's share
+    ctx, sched = _sched({"balance_min_prompts": 0.0}, index=index)
     pods = _pods(ctx, events=True)
     for k in range(3):
         t = ctx.inflight.start("p1", 100_000, 0)

@@ -77,19 +77,25 @@ class KVFootprint:
         d = self._pods.get(pod)
         return len(d) if d is not None else 0
 
-    def excess(self, fair: dict[str, float]) -> dict[str, float]:
-        """Per pod in ``fair`` (pod -> fair share, summing to 1): ``max(0, share / fair - 1)``
-        where ``share`` is the pod's part of these pods' summed footprints; 0 everywhere while
-        nothing was routed."""
-        return dict(zip(fair, self.excess_of(list(fair), list(fair.values())), strict=True))
+    def excess(self, fair: dict[str, float], min_total: float = 0.0) -> dict[str, float]:
+        """Per pod in ``fair`` (pod -> fair share, summing to 1): ``max(0, fp / (fair * T) - 1)``
+        with ``fp`` the pod's footprint and ``T`` the larger of these pods' summed footprints and
+        ``min_total`` (blocks); 0 everywhere while nothing was routed.
 
-    def excess_of(self, pods: list[str], fair: list[float]) -> list[float]:
+        ``min_total`` keeps a nearly empty pool (a fresh start, caches just cleared) from having
+        shares at all: with 20 pods and 4 prompts placed, a pod's fair share is a fifth of a prompt,
+        so every pod holding one prompt is "over" and each new prefix went to an idle pod, however
+        slow (bench/RESULTS.md, "Simulated fleet at offered 10 and 14: where ours lost time")."""
+        return dict(zip(fair, self.excess_of(list(fair), list(fair.values()), min_total), strict=True))
+
+    def excess_of(self, pods: list[str], fair: list[float], min_total: float = 0.0) -> list[float]:
         """:meth:`excess` over parallel lists (distinct pods), without building a dict per call."""
         d = self._pods
         fp = [len(d[p]) if p in d else 0 for p in pods]
         total = sum(fp)
         if total <= 0:
             return [0.0] * len(pods)
+        total = max(total, min_total)
         # max(0.0, y) as a conditional (same value, NaN -> 0.0), no call per pod
         return [
             ((y if (y := x / (total * f) - 1.0) > 0.0 else 0.0) if f > 0 else 0.0)

@@ -84,6 +84,10 @@ class EstimatedTTFTParams(Params):
     #: of its recent KV footprint over its fair share (``prefill_speed`` share), the excess capped at
     #: 1 (0 = place by instantaneous queue only)
     balance_weight: float = Field(default=8.0, ge=0)
+    #: the pool's footprint counts as at least this many of the request's own prompts per pod when
+    #: the shares are computed (0 = the footprint as it is): before the pool holds that much there
+    #: are no shares to balance, and the cost (queue / speed) places new prefixes
+    balance_min_prompts: float = Field(default=2.0, ge=0)
     #: tokens charged per block token by which placing this request's uncached blocks would push
     #: the pod's hot footprint over ``capacity_fraction`` of its KV capacity (0 = ignore capacity;
     #: needs the capacity: pod config or ``vllm:cache_config_info``)
@@ -110,7 +114,8 @@ class EstimatedTTFTScorer(_Base):
     :func:`vllm_llmd.pd.load.prefill_equivalent` of the prompt on ``p`` (engine-cache hits free,
     lower-tier hits at the pod's load-back price, misses 1);
     ``score(p) = (min_q cost(q) + c) / (cost(p) + c)``. ``excess(p)``: how far the pod's share of
-    the recent KV footprint exceeds its fair share, relative; ``overflow(p)``: blocks by which this
+    the recent KV footprint exceeds its fair share, relative (the pool's footprint counted as at
+    least ``balance_min_prompts`` of this prompt per pod); ``overflow(p)``: blocks by which this
     request would push the pod's hot footprint over its capacity. See docs/plugins/estimated-ttft.md.
     """
 
@@ -137,7 +142,8 @@ class EstimatedTTFTScorer(_Base):
         shares: list[float] | None = None  # per pod: its footprint's excess over its fair share
         if bw > 0 and len(pods) > 1:
             speed = sum(p.prefill_speed for p in pods)
-            shares = fp.excess_of([p.id for p in pods], [p.prefill_speed / speed for p in pods])
+            floor = prm.balance_min_prompts * len(req.block_keys) * len(pods)
+            shares = fp.excess_of([p.id for p in pods], [p.prefill_speed / speed for p in pods], floor)
         out = {}
         tiered = prm.price_tiers
         held_of, cached_of = v.held, v.cached
