@@ -108,9 +108,10 @@ async def test_engine_killed_mid_run_loses_no_unstarted_request(engines, test_mo
         seen = False
         i = 1000
         while time.monotonic() < deadline and not seen:
-            # bursts of new prefixes (cold on both engines): one request at a time on an idle pool always
-            # goes to the pod the cost prefers when nothing else differs (CI, 2026-12-03: 60 s of single
-            # requests all went to the survivor); with a burst the survivor's queue counts, as with traffic
+            # bursts of new prefixes (cold on both engines), as with traffic. (CI, 2026-12-03: 60 s of
+            # single requests all went to the survivor: the restarted pod's cached candidate kept the slow
+            # speed learned before the kill; fixed in vllm_llmd.router.candidates, unit test in
+            # tests/unit/test_router_speed.py)
             burst = await asyncio.gather(*(_one(s, base, i + k, prefix_seed=i + k) for k in range(6)))
             assert all(o.ok for o in burst), burst
             seen = any(o.pod == pod_id(victim) for o in burst)

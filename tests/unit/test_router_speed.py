@@ -203,3 +203,31 @@ def test_new_prefixes_follow_the_learned_speeds_on_an_idle_pool() -> None:
     # speed divides the cost and weighs the fair share: an idle slow pod's cold prefill takes 4x the fast
     # one's, so it gets a new prefix only once the others are well past their share (24 / 11 / 0 here)
     assert sent["fast"] > 1.5 * sent["mid"] and sent["mid"] > sent["slow"], sent
+
+
+def test_a_pod_back_from_unhealthy_gets_the_speeds_published_while_it_was_down() -> None:
+    """A pod left out of the candidates while it is down (unhealthy, ejected) is resynced when it is
+    back: a restarted pod competes at its prior, not at the slow speed learned before its crash (CI,
+    2026-12-03: the speeds were recomputed while it was down, and its cached candidate kept 0.33, so
+    every single request on the idle pool went to the survivor)."""
+    import time
+
+    from vllm_llmd.router.candidates import CandidateViews
+    from vllm_llmd.router.config import PodConfig
+    from vllm_llmd.router.pool import Pod
+
+    a, b = Pod(PodConfig(url="http://10.0.0.1:8000")), Pod(PodConfig(url="http://10.0.0.2:8000"))
+    est = SpeedEstimator(SpeedConfig(refresh_s=0))
+    est.set_pods({a.id: 1.0, b.id: 1.0})
+    now = time.monotonic()
+    for k in range(8):  # a prefills at 500 tokens/s, b at 4000
+        est.observe(AttemptTiming(a.id, 1000, 2.0, 31, 1.0, 1000), now=now + k * 0.01)
+        est.observe(AttemptTiming(b.id, 1000, 0.25, 31, 1.0, 1000), now=now + k * 0.01)
+    views = CandidateViews(64, est)
+    ca = views.of([a, b])[0]
+    assert ca.prefill_speed < 0.5
+    est.forget(a.id)  # a's health checks failed (PodPool.on_pod_lost); it is not a candidate meanwhile
+    assert views.of([b])[0].prefill_speed == 1.0  # only b has samples: every pod at its prior
+    ca, cb = views.of([a, b])  # a is healthy again
+    assert ca.prefill_speed == cb.prefill_speed == 1.0
+    assert ca.decode_speed == cb.decode_speed == 1.0

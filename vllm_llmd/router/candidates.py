@@ -7,6 +7,12 @@ A pod's KV capacity is handed to the scheduler in the router's blocks (``index.b
 ``capacity_blocks * pod_block_size // index.block_size``, the pod's block size from its
 ``vllm:cache_config_info`` (the router's when unknown), so pods with 16- and 128-token blocks
 compare by tokens.
+
+Each cached candidate remembers the version of the learned speeds it was last given: a pod left
+out of some calls (unhealthy, ejected, full) gets the speeds published meanwhile when it is back.
+(A view-wide version stranded a restarted pod with the slow speed learned before its crash: the
+speeds were recomputed while it was down, so on its return it was never resynced; at low load
+every request then went to the survivor; CI, 2026-12-03.)
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ from vllm_llmd.router.speed import SpeedEstimator
 
 class CandidateViews:
     def __init__(self, block_size: int = 64, speeds: SpeedEstimator | None = None) -> None:
-        self._cache: dict[str, tuple[Candidate, Pod]] = {}
+        #: pod id -> (its candidate, the pod it was built for, the speeds' version it was given)
+        self._cache: dict[str, tuple[Candidate, Pod, int]] = {}
         self.block_size = block_size
         self.speeds = speeds
-        self._speed_version = -1
 
     def capacity(self, p: Pod) -> int | None:
         """The pod's KV capacity in the router's blocks."""
@@ -31,11 +37,7 @@ class CandidateViews:
     def of(self, pods: list[Pod]) -> list[Candidate]:
         cache = self._cache
         speeds = self.speeds
-        resync = False
-        if speeds is not None:
-            v = speeds.refresh()
-            resync = v != self._speed_version
-            self._speed_version = v
+        v = speeds.refresh() if speeds is not None else 0
         out = []
         for p in pods:
             hit = cache.get(p.id)
@@ -54,7 +56,7 @@ class CandidateViews:
                 if speeds is not None:
                     cand.prefill_speed = speeds.prefill_speed(p.id, p.prefill_speed)
                     cand.decode_speed = speeds.decode_speed(p.id, p.prefill_speed)
-                cache[p.id] = (cand, p)
+                cache[p.id] = (cand, p, v)
                 if len(cache) > 2 * len(pods) + 16:  # pods come and go (discovery): drop the departed
                     live = {q.id for q in pods}
                     for k in [k for k in cache if k not in live]:
@@ -65,8 +67,9 @@ class CandidateViews:
                     cand.metrics = p.metrics
                     cand.capacity_blocks = self.capacity(p)
                     cand.prices = p.tier_prices.prices
-                if resync and speeds is not None:
+                if hit[2] != v and speeds is not None:
                     cand.prefill_speed = speeds.prefill_speed(p.id, p.prefill_speed)
                     cand.decode_speed = speeds.decode_speed(p.id, p.prefill_speed)
+                    cache[p.id] = (cand, p, v)
             out.append(cand)
         return out
