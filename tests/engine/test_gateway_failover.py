@@ -48,7 +48,7 @@ async def _one(
     body = {
         "model": "test-model",
         "prompt": prose(i % 4 if prefix_seed is None else prefix_seed, 200) + f" request {i}",
-        "max_tokens": 24,
+        "max_tokens": 96,  # long enough that a running stream can be caught well before its end
         "stream": True,
         "ignore_eos": True,
     }
@@ -90,9 +90,9 @@ async def test_gateway_engine_killed_mid_run_loses_no_unstarted_request(engines,
         def victim_streaming() -> bool:
             # it has served a request and streams another now, so the kill is felt (killed between its
             # streams, the health checks could take it out before any request met it), with at most half
-            # of its 24 tokens received: near its end a stream finished before the kill landed (2026-12-03)
+            # of its 96 tokens received: near its end a stream finished before the kill landed (2026-12-03)
             mine = [o for o in live if o.pod == pod_id(victim)]
-            return any(o.ok for o in mine) and any(0 < o.events <= 12 and not o.finished for o in mine)
+            return any(o.ok for o in mine) and any(0 < o.events <= 48 and not o.finished for o in mine)
 
         tasks = [asyncio.create_task(run(i)) for i in range(36)]
         await wait_until_async(victim_streaming, 120, "the victim served a request and streams another", interval=0.005)

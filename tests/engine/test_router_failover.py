@@ -39,7 +39,7 @@ async def _one(
     body = {
         "model": "test-model",
         "prompt": prose(i % 4 if prefix_seed is None else prefix_seed, 200) + f" request {i}",
-        "max_tokens": 24,
+        "max_tokens": 96,  # long enough that a running stream can be caught well before its end
         "stream": True,
         "ignore_eos": True,
     }
@@ -81,9 +81,9 @@ async def test_engine_killed_mid_run_loses_no_unstarted_request(engines, test_mo
             # it has served a request, and one of its streams is running now: the kill must be felt
             # (without the second condition the kill could land between the victim's streams, and the
             # health checks take it out before any request meets it: CI saw that once, 2026-12-03), with
-            # at most half of its 24 tokens received (near its end a stream can finish before the kill lands)
+            # at most half of its 96 tokens received (near its end a stream can finish before the kill lands)
             mine = [o for o in live if o.pod == pod_id(victim)]
-            return any(o.ok for o in mine) and any(0 < o.events <= 12 and not o.finished for o in mine)
+            return any(o.ok for o in mine) and any(0 < o.events <= 48 and not o.finished for o in mine)
 
         tasks = [asyncio.create_task(run(i)) for i in range(36)]
         await wait_until_async(victim_streaming, 120, "the victim served a request and streams another", interval=0.005)
