@@ -8,62 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 
 import aiohttp
 import pytest
-from router_harness import pod_id, prose, routed
+from failover_harness import Outcome, spread, stream_one, streaming_engine
+from router_harness import pod_id, routed
 
 from vllm_llmd.testing.wait import wait_until_async
 
 pytestmark = [pytest.mark.engine, pytest.mark.destructive]
 
 
-@dataclass
-class Outcome:
-    i: int
-    started: bool = False  # the client received at least one byte of the answer
-    ok: bool = False  # the stream ended with [DONE]
-    finished: bool = False  # the client is done with it (answered, broken or refused)
-    events: int = 0  # SSE events received (of max_tokens + 1)
-    pod: str = ""
-    error: str = ""
-
-
-async def _one(
-    s: aiohttp.ClientSession, base: str, i: int, prefix_seed: int | None = None, live: list[Outcome] | None = None
-) -> Outcome:
-    o = Outcome(i)
-    if live is not None:
-        live.append(o)
-    body = {
-        "model": "test-model",
-        "prompt": prose(i % 4 if prefix_seed is None else prefix_seed, 200) + f" request {i}",
-        "max_tokens": 96,  # long enough that a running stream can be caught well before its end
-        "stream": True,
-        "ignore_eos": True,
-    }
-    try:
-        async with s.post(base + "/v1/completions", json=body) as r:
-            o.pod = r.headers.get("X-LLMD-Pod", "")
-            if r.status != 200:
-                o.error = f"HTTP {r.status}: {await r.text()}"
-                return o
-            data = b""
-            async for chunk in r.content.iter_any():
-                o.started = True
-                data += chunk
-                o.events += chunk.count(b"data: ")
-            o.ok = data.rstrip().endswith(b"data: [DONE]")
-    except (TimeoutError, aiohttp.ClientError) as e:
-        o.error = f"{type(e).__name__}: {e}"
-    finally:
-        o.finished = True
-    return o
-
-
 async def test_engine_killed_mid_run_loses_no_unstarted_request(engines, test_model_dir) -> None:
-    victim, survivor = engines.a, engines.b
     pool = {"health_interval_s": 0.2, "failure_threshold": 2}
     loop = asyncio.get_running_loop()
     async with routed(engines, test_model_dir, pool=pool) as (_router, base), aiohttp.ClientSession() as s:
@@ -73,20 +29,20 @@ async def test_engine_killed_mid_run_loses_no_unstarted_request(engines, test_mo
 
         async def run(i: int) -> Outcome:
             async with sem:
-                o = await _one(s, base, i, live=live)
+                o = await stream_one(s, base, i, live=live)
                 done.append(o)
                 return o
 
-        def victim_streaming() -> bool:
-            # it has served a request, and one of its streams is running now: the kill must be felt
-            # (without the second condition the kill could land between the victim's streams, and the
-            # health checks take it out before any request meets it: CI saw that once, 2026-12-03), with
-            # at most half of its 96 tokens received (near its end a stream can finish before the kill lands)
-            mine = [o for o in live if o.pod == pod_id(victim)]
-            return any(o.ok for o in mine) and any(0 < o.events <= 48 and not o.finished for o in mine)
-
         tasks = [asyncio.create_task(run(i)) for i in range(36)]
-        await wait_until_async(victim_streaming, 120, "the victim served a request and streams another", interval=0.005)
+        victim = await wait_until_async(
+            lambda: streaming_engine(live, tuple(engines)) or all(t.done() for t in tasks),
+            120,
+            "an engine served a request and streams another",
+            interval=0.005,
+        )
+        assert not isinstance(victim, bool), f"no engine was caught mid-stream; requests went to {spread(live)}"
+        survivor = engines.b if victim is engines.a else engines.a
+        print(f"failover: killing {pod_id(victim)} after requests went to {spread(live)}")
         killed_after = len(done)
         await loop.run_in_executor(None, victim.kill)
         results = await asyncio.gather(*tasks)
@@ -112,7 +68,7 @@ async def test_engine_killed_mid_run_loses_no_unstarted_request(engines, test_mo
             # single requests all went to the survivor: the restarted pod's cached candidate kept the slow
             # speed learned before the kill; fixed in vllm_llmd.router.candidates, unit test in
             # tests/unit/test_router_speed.py)
-            burst = await asyncio.gather(*(_one(s, base, i + k, prefix_seed=i + k) for k in range(6)))
+            burst = await asyncio.gather(*(stream_one(s, base, i + k, prefix_seed=i + k) for k in range(6)))
             assert all(o.ok for o in burst), burst
             seen = any(o.pod == pod_id(victim) for o in burst)
             i += 6

@@ -1,0 +1,87 @@
+"""Streams and the kill moment for the failover tests (router and gateway), shared so both tests pick
+their victim the same way.
+
+The victim is whichever engine is streaming when the moment comes, not a fixed one: after the
+gateway's failover test restarted engine ``a`` (cold cache) the router's test sent all 36 requests,
+whose 4 prefixes engine ``b`` had cached, to ``b``, and a fixed victim ``a`` never streamed (CI,
+2026-12-03: 120 s waited). Which pod the router prefers is its business; the test is about the kill."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import aiohttp
+from router_harness import pod_id, prose
+
+from vllm_llmd.testing.engine import EngineProcess
+
+MAX_TOKENS = 96  # long enough that a running stream can be caught well before its end
+
+
+@dataclass
+class Outcome:
+    i: int
+    started: bool = False  # see stream_one's started_on_headers
+    ok: bool = False  # the stream ended with [DONE]
+    finished: bool = False  # the client is done with it (answered, broken or refused)
+    events: int = 0  # SSE events received (of MAX_TOKENS + 1)
+    pod: str = ""
+    error: str = ""
+
+
+async def stream_one(
+    s: aiohttp.ClientSession,
+    base: str,
+    i: int,
+    *,
+    prefix_seed: int | None = None,
+    live: list[Outcome] | None = None,
+    started_on_headers: bool = False,
+) -> Outcome:
+    """One streamed completion. ``started`` means the first body byte reached the client, or with
+    ``started_on_headers`` (Envoy forwards a pod's headers at admission) a 200 status line."""
+    o = Outcome(i)
+    if live is not None:
+        live.append(o)
+    body = {
+        "model": "test-model",
+        "prompt": prose(i % 4 if prefix_seed is None else prefix_seed, 200) + f" request {i}",
+        "max_tokens": MAX_TOKENS,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    try:
+        async with s.post(base + "/v1/completions", json=body) as r:
+            o.pod = r.headers.get("x-llmd-pod", "")
+            if r.status != 200:
+                o.error = f"HTTP {r.status}: {await r.text()}"
+                return o
+            o.started = started_on_headers
+            data = b""
+            async for chunk in r.content.iter_any():
+                o.started = True
+                data += chunk
+                o.events += chunk.count(b"data: ")
+            o.ok = data.rstrip().endswith(b"data: [DONE]")
+    except (TimeoutError, aiohttp.ClientError) as e:
+        o.error = f"{type(e).__name__}: {e}"
+    finally:
+        o.finished = True
+    return o
+
+
+def streaming_engine(live: list[Outcome], engines: tuple[EngineProcess, ...]) -> EngineProcess | None:
+    """The engine to kill now, if any: it has served a request and streams another with at most half
+    its tokens received. Killed between its streams, the health checks could take it out before any
+    request met it (CI, 2026-12-03); near its end a stream can finish before the kill lands."""
+    for engine in engines:
+        mine = [o for o in live if o.pod == pod_id(engine)]
+        if any(o.ok for o in mine) and any(0 < o.events <= MAX_TOKENS // 2 and not o.finished for o in mine):
+            return engine
+    return None
+
+
+def spread(live: list[Outcome]) -> str:
+    """Where the requests went so far, for a failure message."""
+    return ", ".join(f"{pod or '-'}: {n}" for pod, n in Counter(o.pod for o in live).items()) or "nothing sent"
