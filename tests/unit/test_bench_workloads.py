@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
@@ -119,16 +120,9 @@ def test_client_keeps_sessions_closed_loop_and_concurrency_bounded(tm: workloads
         app = web.Application()
         app.router.add_post("/v1/completions", completions)
         app.router.add_get("/metrics", metrics)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        url = f"http://127.0.0.1:{port}"
-        try:
+        async with TestServer(app, host="127.0.0.1") as server:
+            url = str(server.make_url("")).rstrip("/")
             res = await workload_client.run(wl, url, "m", [url, url], concurrency=3, sample_s=0.01)
-        finally:
-            await runner.cleanup()
         return res, violations, peak
 
     res, violations, peak = asyncio.run(main())
@@ -168,16 +162,9 @@ def test_client_open_loop_starts_no_turn_before_its_seeded_arrival(tm: workloads
         app = web.Application()
         app.router.add_post("/v1/completions", completions)
         app.router.add_get("/metrics", metrics)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        url = f"http://127.0.0.1:{port}"
-        try:
+        async with TestServer(app, host="127.0.0.1") as server:
+            url = str(server.make_url("")).rstrip("/")
             return await workload_client.run(wl, url, "m", [url], concurrency=64, sample_s=0.01, rate=rate, seed=seed)
-        finally:
-            await runner.cleanup()
 
     res = asyncio.run(main())
     assert res["completed"] == 12 and res["failed"] == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from router_fakes import store_blocks
 
 from vllm_llmd.index import KVBlockIndex
@@ -136,12 +137,8 @@ async def test_the_pool_learns_prices_from_the_health_checks_scrapes() -> None:
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with TestServer(app, host="127.0.0.1") as server:
+        port = server.port
         pool = PodPool(PoolConfig(tier_prices_interval_s=60.0))
         pool.learn_tier_prices = True
         pool.set_pods([PodConfig(url=f"http://127.0.0.1:{port}", capacity_blocks=100)])
@@ -159,8 +156,6 @@ async def test_the_pool_learns_prices_from_the_health_checks_scrapes() -> None:
         from vllm_llmd.router.candidates import CandidateViews
 
         assert CandidateViews().of([pod])[0].prices is pod.tier_prices.prices
-    finally:
-        await runner.cleanup()
 
 
 # ---- the scorers ------------------------------------------------------------------------------------
