@@ -8,13 +8,17 @@ whose 4 prefixes engine ``b`` had cached, to ``b``, and a fixed victim ``a`` nev
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
 from router_harness import pod_id, prose
 
 from vllm_llmd.testing.engine import EngineProcess
+from vllm_llmd.testing.wait import wait_until_async
 
 MAX_TOKENS = 96  # long enough that a running stream can be caught well before its end
 
@@ -85,3 +89,66 @@ def streaming_engine(live: list[Outcome], engines: tuple[EngineProcess, ...]) ->
 def spread(live: list[Outcome]) -> str:
     """Where the requests went so far, for a failure message."""
     return ", ".join(f"{pod or '-'}: {n}" for pod, n in Counter(o.pod for o in live).items()) or "nothing sent"
+
+
+# one streamed request: (request number, prefix seed or None, the list it registers itself in)
+Send = Callable[[int, int | None, list[Outcome] | None], Awaitable[Outcome]]
+
+
+@dataclass
+class KilledRun:
+    victim: EngineProcess
+    survivor: EngineProcess
+    killed_after: int  # requests finished when the kill came
+    results: list[Outcome]
+
+
+async def kill_one_mid_stream(send: Send, engines: tuple[EngineProcess, EngineProcess]) -> KilledRun:
+    """36 streams, 6 at a time, over 4 prefixes; kill the engine caught mid-stream; wait for all 36.
+    On an error after the kill the victim is restarted before the error propagates."""
+    loop = asyncio.get_running_loop()
+    sem = asyncio.Semaphore(6)
+    done: list[Outcome] = []
+    live: list[Outcome] = []
+
+    async def run(i: int) -> Outcome:
+        async with sem:
+            o = await send(i, None, live)
+            done.append(o)
+            return o
+
+    tasks = [asyncio.create_task(run(i)) for i in range(36)]
+    victim = await wait_until_async(
+        lambda: streaming_engine(live, engines) or all(t.done() for t in tasks),
+        120,
+        "an engine served a request and streams another",
+        interval=0.005,
+    )
+    assert not isinstance(victim, bool), f"no engine was caught mid-stream; requests went to {spread(live)}"
+    survivor = engines[1] if victim is engines[0] else engines[0]
+    print(f"failover: killing {pod_id(victim)} after requests went to {spread(live)}")
+    killed_after = len(done)
+    try:
+        await loop.run_in_executor(None, victim.kill)
+        results = await asyncio.gather(*tasks)
+    except BaseException:
+        await loop.run_in_executor(None, victim.start_ready)
+        raise
+    return KilledRun(victim, survivor, killed_after, results)
+
+
+async def restarted_engine_gets_traffic(send: Send, victim: EngineProcess, timeout: float = 60) -> bool:
+    """Bursts of 6 new prefixes (cold on both engines) until one lands on the restarted ``victim``.
+    One request at a time on an idle pool always goes to the pod the cost prefers when nothing else
+    differs (CI, 2026-12-03: 60 s of single requests all went to the survivor, whose cached candidate
+    kept a stale slow speed for the restarted pod: fixed in vllm_llmd.router.candidates, unit test in
+    tests/unit/test_router_speed.py); with a burst the survivor's queue counts, as with traffic."""
+    deadline = time.monotonic() + timeout
+    i = 1000
+    while time.monotonic() < deadline:
+        burst = await asyncio.gather(*(send(i + k, i + k, None) for k in range(6)))
+        assert all(o.ok for o in burst), burst
+        if any(o.pod == pod_id(victim) for o in burst):
+            return True
+        i += 6
+    return False

@@ -13,11 +13,10 @@ engine; it leaves it running and healthy."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 import pytest
-from failover_harness import Outcome, spread, stream_one, streaming_engine
+from failover_harness import Outcome, kill_one_mid_stream, restarted_engine_gets_traffic, stream_one
 from gateway_engine_harness import gateway_config
 from router_harness import pod_id
 
@@ -31,36 +30,19 @@ async def test_gateway_engine_killed_mid_run_loses_no_unstarted_request(engines,
     cfg = gateway_config(engines, test_model_dir, pool={"health_interval_s": 0.2, "failure_threshold": 2})
     loop = asyncio.get_running_loop()
     async with gateway_stack(cfg, tmp_path) as gw, aiohttp.ClientSession() as s:
-        sem = asyncio.Semaphore(6)
-        done: list[Outcome] = []
-        live: list[Outcome] = []
 
-        async def run(i: int) -> Outcome:
-            async with sem:
-                o = await stream_one(s, gw.url, i, live=live, started_on_headers=True)
-                done.append(o)
-                return o
+        async def send(i: int, prefix_seed: int | None, live: list[Outcome] | None) -> Outcome:
+            return await stream_one(s, gw.url, i, prefix_seed=prefix_seed, live=live, started_on_headers=True)
 
-        tasks = [asyncio.create_task(run(i)) for i in range(36)]
-        victim = await wait_until_async(
-            lambda: streaming_engine(live, tuple(engines)) or all(t.done() for t in tasks),
-            120,
-            "an engine served a request and streams another",
-            interval=0.005,
-        )
-        assert not isinstance(victim, bool), f"no engine was caught mid-stream; requests went to {spread(live)}"
-        survivor = engines.b if victim is engines.a else engines.a
-        print(f"failover: killing {pod_id(victim)} after requests went to {spread(live)}")
-        killed_after = len(done)
-        await loop.run_in_executor(None, victim.kill)
-        results = await asyncio.gather(*tasks)
+        run = await kill_one_mid_stream(send, (engines.a, engines.b))
         try:
+            results = run.results
             lost = [o for o in results if not o.ok and not o.started]
             assert not lost, f"requests lost before their response started: {lost}"
-            assert killed_after < len(results)
+            assert run.killed_after < len(results)
             broken = [o for o in results if o.started and not o.ok]
             assert all(o.error for o in broken), broken  # a broken stream is an error, not a clean end
-            assert any(o.ok and o.pod == pod_id(survivor) for o in results)
+            assert any(o.ok and o.pod == pod_id(run.survivor) for o in results)
             # the kill was felt: a stream broke, or Envoy retried a request on the picker's fallback
             retries = gw.envoy.stats("cluster.llmd_pods.upstream_rq_retry")["cluster.llmd_pods.upstream_rq_retry"]
             assert broken or retries, "the kill went unnoticed"
@@ -68,18 +50,7 @@ async def test_gateway_engine_killed_mid_run_loses_no_unstarted_request(engines,
             await wait_until_async(gw.idle, 30, "the picker's accounting released for every request")
         finally:
             # leave the shared engine running and healthy for the rest of the session
-            await loop.run_in_executor(None, victim.start_ready)
-        deadline = time.monotonic() + 60
-        seen = False
-        i = 1000
-        while time.monotonic() < deadline and not seen:
-            # bursts of new prefixes (cold on both engines): one request at a time on an idle pool always
-            # goes to the pod the cost prefers when nothing else differs (CI, 2026-12-03: 60 s of single
-            # requests all went to the survivor); with a burst the survivor's queue counts, as with traffic
-            burst = await asyncio.gather(
-                *(stream_one(s, gw.url, i + k, prefix_seed=i + k, started_on_headers=True) for k in range(6))
-            )
-            assert all(o.ok for o in burst), burst
-            seen = any(o.pod == pod_id(victim) for o in burst)
-            i += 6
-        assert seen, "the restarted engine never got traffic again through the gateway"
+            await loop.run_in_executor(None, run.victim.start_ready)
+        assert await restarted_engine_gets_traffic(send, run.victim), (
+            "the restarted engine never got traffic again through the gateway"
+        )
