@@ -63,7 +63,10 @@ def row_tiers(row: str, args: argparse.Namespace, disk_dir: Path) -> dict[str, A
     if row == "a":
         return None
     dram = args.small_dram if row.endswith("-disk") else args.dram
-    return {"dram": {"capacity": dram}, "disk": {"path": str(disk_dir), "capacity": args.disk_capacity}}
+    disk: dict[str, Any] = {"path": str(disk_dir), "capacity": args.disk_capacity}
+    if args.store_threshold is not None:
+        disk["store_threshold"] = args.store_threshold
+    return {"dram": {"capacity": dram}, "disk": disk}
 
 
 def start_row(model: Path, row: str, args: argparse.Namespace, logs: Path) -> tuple[list[EngineProcess], RouterProcess]:
@@ -238,6 +241,7 @@ def main() -> int:
     ap.add_argument("--dram", default="1GiB")
     ap.add_argument("--small-dram", default="32MiB")
     ap.add_argument("--disk-capacity", default="8GiB")
+    ap.add_argument("--store-threshold", type=int, default=None, help="disk.store_threshold (default: the tier's own)")
     ap.add_argument("--a-prefixes", type=int, default=4)
     ap.add_argument("--a-len", type=int, default=2048)
     ap.add_argument("--a-warm", type=int, default=2)

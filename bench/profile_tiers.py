@@ -103,6 +103,7 @@ def main() -> int:
     ap.add_argument("--dram", default="1GiB")
     ap.add_argument("--disk-dir", default=str(OUT / "disk"))
     ap.add_argument("--disk-capacity", default="8GiB")
+    ap.add_argument("--store-threshold", type=int, default=None, help="disk.store_threshold (default: the tier's own)")
     ap.add_argument("--core", type=int, default=0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--requests", type=int, default=64)
@@ -128,6 +129,8 @@ def main() -> int:
         tiers: dict[str, Any] = {"dram": {"capacity": args.dram}}
         if args.variant == "disk":
             tiers["disk"] = {"path": str(disk_dir), "capacity": args.disk_capacity}
+            if args.store_threshold is not None:
+                tiers["disk"]["store_threshold"] = args.store_threshold
         cfg["kv_connector_extra_config"] = {"tiers": tiers}
     spec = EngineSpec(
         model=model,
@@ -194,6 +197,7 @@ def main() -> int:
     ticks = dict(zip(STAT_FIELDS, (b - a for a, b in zip(stat0, stat1, strict=True)), strict=True))
     result = {
         "variant": args.variant,
+        "store_threshold": args.store_threshold,
         "req_s": rates,
         "load": loads,
         "wall_s": round(wall, 2),
