@@ -168,6 +168,11 @@ def cascade(url: str, engines: list[EngineProcess], args: argparse.Namespace) ->
             for t in ("dram", "disk")
         },
         "return_deltas": d,
+        # the whole row's disk writes and the store threshold's skips, both engines
+        "disk_totals": {
+            what: sum(metric(metrics(e.url), f"llmd:kv_tier_{what}_blocks_total", tier="disk") for e in engines)
+            for what in ("stored", "skipped")
+        },
         # what the router had learned (row c; in row b it does not price tiers, so nothing)
         "router_tier_prices": {
             ",".join(f"{k}={v}" for k, v in labels): round(value, 4)

@@ -188,6 +188,7 @@ def main() -> int:
             spy.send_signal(2)
             spy.wait(60)
         engine.stop()
+        disk_files = sum(1 for _ in disk_dir.rglob("*.bin")) if args.variant == "disk" else None
         shutil.rmtree(disk_dir, ignore_errors=True)
     deltas = []
     for k, (u1, s1) in cpu1.items():
@@ -204,6 +205,7 @@ def main() -> int:
         "threads_user_sys_s": threads[:12],
         "machine_ticks": ticks,
         "requests": args.runs * args.requests,
+        "disk_block_files": disk_files,  # block files the disk tier held at the end (store_threshold: few)
     }
     (OUT / f"{args.tag}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "threads_user_sys_s"}))
