@@ -63,7 +63,10 @@ def row_tiers(row: str, args: argparse.Namespace, disk_dir: Path) -> dict[str, A
     if row == "a":
         return None
     dram = args.small_dram if row.endswith("-disk") else args.dram
-    return {"dram": {"capacity": dram}, "disk": {"path": str(disk_dir), "capacity": args.disk_capacity}}
+    disk: dict[str, Any] = {"path": str(disk_dir), "capacity": args.disk_capacity}
+    if args.store_threshold is not None:
+        disk["store_threshold"] = args.store_threshold
+    return {"dram": {"capacity": dram}, "disk": disk}
 
 
 def start_row(model: Path, row: str, args: argparse.Namespace, logs: Path) -> tuple[list[EngineProcess], RouterProcess]:
@@ -165,6 +168,11 @@ def cascade(url: str, engines: list[EngineProcess], args: argparse.Namespace) ->
             for t in ("dram", "disk")
         },
         "return_deltas": d,
+        # the whole row's disk writes and the store threshold's skips, both engines
+        "disk_totals": {
+            what: sum(metric(metrics(e.url), f"llmd:kv_tier_{what}_blocks_total", tier="disk") for e in engines)
+            for what in ("stored", "skipped")
+        },
         # what the router had learned (row c; in row b it does not price tiers, so nothing)
         "router_tier_prices": {
             ",".join(f"{k}={v}" for k, v in labels): round(value, 4)
@@ -238,6 +246,7 @@ def main() -> int:
     ap.add_argument("--dram", default="1GiB")
     ap.add_argument("--small-dram", default="32MiB")
     ap.add_argument("--disk-capacity", default="8GiB")
+    ap.add_argument("--store-threshold", type=int, default=None, help="disk.store_threshold (default: the tier's own)")
     ap.add_argument("--a-prefixes", type=int, default=4)
     ap.add_argument("--a-len", type=int, default=2048)
     ap.add_argument("--a-warm", type=int, default=2)

@@ -103,6 +103,7 @@ def main() -> int:
     ap.add_argument("--dram", default="1GiB")
     ap.add_argument("--disk-dir", default=str(OUT / "disk"))
     ap.add_argument("--disk-capacity", default="8GiB")
+    ap.add_argument("--store-threshold", type=int, default=None, help="disk.store_threshold (default: the tier's own)")
     ap.add_argument("--core", type=int, default=0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--requests", type=int, default=64)
@@ -128,6 +129,8 @@ def main() -> int:
         tiers: dict[str, Any] = {"dram": {"capacity": args.dram}}
         if args.variant == "disk":
             tiers["disk"] = {"path": str(disk_dir), "capacity": args.disk_capacity}
+            if args.store_threshold is not None:
+                tiers["disk"]["store_threshold"] = args.store_threshold
         cfg["kv_connector_extra_config"] = {"tiers": tiers}
     spec = EngineSpec(
         model=model,
@@ -185,6 +188,7 @@ def main() -> int:
             spy.send_signal(2)
             spy.wait(60)
         engine.stop()
+        disk_files = sum(1 for _ in disk_dir.rglob("*.bin")) if args.variant == "disk" else None
         shutil.rmtree(disk_dir, ignore_errors=True)
     deltas = []
     for k, (u1, s1) in cpu1.items():
@@ -194,12 +198,14 @@ def main() -> int:
     ticks = dict(zip(STAT_FIELDS, (b - a for a, b in zip(stat0, stat1, strict=True)), strict=True))
     result = {
         "variant": args.variant,
+        "store_threshold": args.store_threshold,
         "req_s": rates,
         "load": loads,
         "wall_s": round(wall, 2),
         "threads_user_sys_s": threads[:12],
         "machine_ticks": ticks,
         "requests": args.runs * args.requests,
+        "disk_block_files": disk_files,  # block files the disk tier held at the end (store_threshold: few)
     }
     (OUT / f"{args.tag}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "threads_user_sys_s"}))

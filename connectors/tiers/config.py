@@ -13,6 +13,7 @@ while the connector is built, so a bad block stops the engine at start-up instea
 silently not caching) at run time:
 
 - a capacity of 0, or one that is not a size (``"4GiB"``, ``"512MiB"``, an integer of bytes);
+- a disk ``store_threshold`` or ``max_tracker_size`` that is not a whole number in range;
 - a DRAM capacity larger than the machine's RAM or than ``/dev/shm`` (the DRAM tier is a shared
   memory region there, created by vLLM's ``SharedOffloadRegion``);
 - a disk path that cannot be created or written (probed by writing, reading back and removing a
@@ -57,6 +58,15 @@ class DiskTier(_Strict):
     write_queue_blocks: int = Field(default=512, ge=1, le=1 << 20)
     #: threads writing files (one keeps deletes and writes of the same file in order; see disk.py)
     write_threads: Literal[1] = 1
+    #: vLLM's ``store_threshold`` (vllm/v1/kv_offload/cpu/spec.py), for the disk: a block is written
+    #: only once it has been offered this many times (each request that computes, hits or loads it
+    #: offers it once; store_threshold.py); 1 writes every block. Default 2: a block never reused is
+    #: pure I/O on the slow tier (~12% throughput with no reuse on this project's VM, bench/RESULTS.md),
+    #: while a prefix used twice (a system prompt) is on disk before it can be evicted from DRAM
+    store_threshold: int = Field(default=2, ge=1, le=1024, strict=True)
+    #: vLLM's ``max_tracker_size``: blocks whose offers are counted at most (least recently offered
+    #: forgotten first; ~100 bytes each)
+    max_tracker_size: int = Field(default=64_000, ge=1, le=10_000_000, strict=True)
 
 
 class TenantConfig(_Strict):
@@ -168,6 +178,8 @@ class TiersConfig(_Strict):
                     "capacity_bytes": int(self.disk.capacity),
                     "read_threads": self.disk.read_threads,
                     "write_queue_blocks": self.disk.write_queue_blocks,
+                    "store_threshold": self.disk.store_threshold,
+                    "max_tracker_size": self.disk.max_tracker_size,
                 }
             )
         return extra

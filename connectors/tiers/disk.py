@@ -19,7 +19,9 @@ directory per model / dtype / layout, so a file of another model is never looked
 - one engine per directory: an exclusive ``flock`` on ``<path>/.llmd-disk-tier.lock`` held while the
   engine runs; block files of an earlier run are removed at start-up (the events that described
   them are gone, so the router could never index them);
-- an in-memory index, so lookups answer at once (no asynchronous ``RETRY`` round).
+- an in-memory index, so lookups answer at once (no asynchronous ``RETRY`` round);
+- vLLM's ``store_threshold`` rule (:mod:`.store_threshold`): a block is written only once it has
+  been offered ``store_threshold`` times (default 2), so a block never reused costs no disk write.
 
 All methods run in the scheduler process and never block on I/O: reads and writes run on small
 thread pools (one writer, so a deletion queued before a rewrite of the same file runs first).
@@ -44,6 +46,7 @@ from vllm.v1.kv_offload.base import (
     Medium,
     OffloadingEvent,
     OffloadKey,
+    OffloadPolicy,
     ReqContext,
     RequestOffloadingContext,
     get_offload_block_hash,
@@ -52,7 +55,9 @@ from vllm.v1.kv_offload.base import (
 from vllm.v1.kv_offload.file_mapper import FileMapper
 from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob
 from vllm_llmd.connectors.config import ConnectorConfigError
+from vllm_llmd.connectors.tiers.config import DiskTier
 from vllm_llmd.connectors.tiers.diskio import BlockFileError, header_size, read_block, write_block
+from vllm_llmd.connectors.tiers.store_threshold import StoreThreshold
 
 if TYPE_CHECKING:
     from vllm.v1.kv_offload.base import OffloadingSpec
@@ -61,6 +66,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.vllm_llmd.tiers")
 
 LOCK_NAME = ".llmd-disk-tier.lock"
+#: the defaults of the ``tiers.disk`` keys (config.py owns them)
+_DEFAULT = {name: f.default for name, f in DiskTier.model_fields.items()}
 
 
 @dataclass
@@ -71,6 +78,7 @@ class DiskTierCounters:
     evicted: int = 0  # blocks deleted for room
     promoted: int = 0  # blocks read back into DRAM
     dropped: int = 0  # blocks not stored: no room (everything pinned), the writer behind, or the write failed
+    skipped: int = 0  # offers not written: the block was offered fewer than store_threshold times
     errors: Counter[str] = field(default_factory=Counter)  # by kind: missing, corrupt, io, write
     read_seconds: list[float] = field(default_factory=list)  # one sample per promotion job
 
@@ -92,8 +100,10 @@ class ChecksummedDiskTier(SecondaryTierManager):
         tier_type: str,
         root_dir: str,
         capacity_bytes: int,
-        read_threads: int = 1,
-        write_queue_blocks: int = 512,
+        read_threads: int = _DEFAULT["read_threads"],
+        write_queue_blocks: int = _DEFAULT["write_queue_blocks"],
+        store_threshold: int = _DEFAULT["store_threshold"],
+        max_tracker_size: int = _DEFAULT["max_tracker_size"],
         backpressure_detector: BackpressureDetector | None = None,
     ) -> None:
         super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
@@ -119,6 +129,10 @@ class ChecksummedDiskTier(SecondaryTierManager):
         self._pinned: Counter[OffloadKey] = Counter()  # files being read
         self._writing: set[OffloadKey] = set()  # queued or being written: at most write_queue_blocks
         self.write_queue_blocks = int(write_queue_blocks)
+        self.threshold = StoreThreshold(int(store_threshold), int(max_tracker_size))
+        # with a threshold, every request offers the disk each block it uses, also those DRAM holds
+        # (store_threshold.py); without, only blocks newly stored in DRAM (vLLM's default policy)
+        self._policy = OffloadPolicy.REQUEST_LEVEL if self.threshold.active else OffloadPolicy.CHUNK_LEVEL
         self._jobs: dict[int, _Job] = {}
         self._done: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
         self._events: list[OffloadingEvent] = []
@@ -126,11 +140,12 @@ class ChecksummedDiskTier(SecondaryTierManager):
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="llmd-disk-w")
         self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="llmd-disk-r")
         logger.info(
-            "LLMD disk tier at %s: %d blocks of %d bytes (%.1f MiB)",
+            "LLMD disk tier at %s: %d blocks of %d bytes (%.1f MiB), store_threshold %d",
             self._dir,
             self.capacity_blocks,
             self.file_bytes,
             self.capacity_blocks * self.file_bytes / 2**20,
+            self.threshold.store_threshold,
         )
 
     # ---- start-up -------------------------------------------------------------------------
@@ -174,13 +189,17 @@ class ChecksummedDiskTier(SecondaryTierManager):
                 self._index.move_to_end(key)
 
     def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
-        return RequestOffloadingContext()
+        return RequestOffloadingContext(policy=self._policy)
 
     # ---- stores (DRAM -> disk) ----------------------------------------------------------------
     def submit_store(self, job_metadata: TransferJob) -> None:
+        self.threshold.offer(job_metadata.keys)
         todo: list[tuple[OffloadKey, int]] = []
         for key, chunk in zip(job_metadata.keys, job_metadata.chunk_ids, strict=True):
             if key in self._index or key in self._writing:
+                continue
+            if not self.threshold.admits(key):
+                self._counters.skipped += 1
                 continue
             todo.append((key, int(chunk)))
         # the writer's backlog is bounded: a queued block pins its DRAM chunk until it is written, so a

@@ -167,6 +167,7 @@ class TierStack:
             gauges["disk|capacity_blocks"] = self._disk.capacity_blocks
             c = self._disk.take_counters()
             st.add("disk", "dropped", c.dropped)
+            st.add("disk", "skipped", c.skipped)
             for kind, n in c.errors.items():
                 st.add("disk", f"err:{kind}", n)
             for s in c.read_seconds:

@@ -34,6 +34,11 @@ COUNTERS = {
     "evicted": ("evicted_blocks", "Blocks the tier dropped to make room."),
     "promoted": ("promoted_blocks", "Blocks read back from this tier into the DRAM tier."),
     "dropped": ("dropped_blocks", "Blocks the tier did not store (no room, or the write failed)."),
+    "skipped": (
+        "skipped_blocks",
+        "Offers of a block the tier did not write because the block had been offered fewer than its "
+        "store_threshold times (vLLM's store_threshold rule; disk tier).",
+    ),
     "loaded_tokens": (  # the router learns load-back speeds from it (vllm_llmd.wire.tier_metrics)
         TIER_LOADED_TOKENS.removeprefix("llmd:kv_tier_"),
         "Prompt tokens loaded into the engine's KV cache, by the tier they were found in.",

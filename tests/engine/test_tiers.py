@@ -1,9 +1,11 @@
 """DRAM and disk KV tiers behind LLMDConnector on a real vLLM CPU engine (docs/tiers.md).
 
-One engine with a small KV cache (24 blocks of 32 tokens), a DRAM tier of 64 blocks and a disk tier:
-a prefix pushed out of the engine by other traffic comes back from DRAM, and (after more traffic)
-from disk; the output is token-identical to the prefix's first, fresh computation; vLLM counts the
-loaded tokens as external hits by source; the tier gauges move; the KV events put the prefix's
+One engine with a small KV cache (24 blocks of 32 tokens), a DRAM tier of 64 blocks and a disk tier
+(its default ``store_threshold`` 2: a block is written to disk from its second use on): a prefix
+pushed out of the engine by other traffic comes back from DRAM, and (used twice, after more traffic)
+from disk, while a prefix used once never reached the disk; the output is token-identical to the
+prefix's first, fresh computation; vLLM counts the loaded tokens as external hits by source; the
+tier gauges move; the KV events put the prefix's
 blocks in the right tier of a KVBlockIndex; and the router's price learner prices the DRAM tier
 from the engine's /metrics. Bad disk files (corrupt, missing) are recomputed. A P/D
 hand-off whose prefill engine loads its prefix back from DRAM. A peer load: engine A of the shared
@@ -196,12 +198,22 @@ def test_a_prefix_evicted_from_the_engine_comes_back_from_dram(tiered: TierEngin
 
 
 def test_a_prefix_evicted_from_dram_comes_back_from_disk(tiered: TierEngine):
-    q = _prompt()
+    q, once = _prompt(), _prompt()
     stored = _metric(tiered.url, "llmd:kv_tier_stored_blocks_total", tier="disk")
+    skipped = _metric(tiered.url, "llmd:kv_tier_skipped_blocks_total", tier="disk")
     fresh = _complete(tiered.url, q)
+    _complete(tiered.url, once)
+    # q's second use hits the engine's cache and offers its blocks to the tiers again: now written to disk
+    assert _complete(tiered.url, q) == fresh
     _wait_stored_on_disk(tiered, stored, PREFIX_BLOCKS)
     _fill(tiered.url, 9)  # 72 prompt blocks through a 64-block DRAM tier
     _wait_for_tiers(tiered, q, "STORAGE")
+    # the prefix used once left DRAM too, and was never written to disk (store_threshold 2)
+    wait_until(lambda: tiered.tiers_of(once) == [], 30, "the once-used prefix out of every tier", interval=0.1)
+    on_disk = {p.name for p in tiered.disk.rglob("*.bin")}
+    assert not on_disk & set(_block_names(once)) and set(_block_names(q)) <= on_disk
+    # skipped: q's first offer, the once-used prefix and the fill traffic, 8 blocks each at least
+    assert _metric(tiered.url, "llmd:kv_tier_skipped_blocks_total", tier="disk") >= skipped + 11 * PREFIX_BLOCKS
     assert _metric(tiered.url, "llmd:kv_tier_evicted_blocks_total", tier="dram") > 0
     assert _metric(tiered.url, "llmd:kv_tier_blocks", tier="disk") >= PREFIX_BLOCKS
     before = _counters(tiered.url)
@@ -214,9 +226,9 @@ def test_a_prefix_evicted_from_dram_comes_back_from_disk(tiered: TierEngine):
     assert _metric(tiered.url, "llmd:kv_tier_load_seconds_count", tier="disk") >= 1
 
 
-def _block_files(t: TierEngine, tokens: list[int]) -> list[Path]:
-    """The prefix's block files, in prefix order, named by the blocks' hashes as the engine computes
-    them (vLLM's own hash_block_tokens, sha256: the engine's default --prefix-caching-hash-algo)."""
+def _block_names(tokens: list[int]) -> list[str]:
+    """The prefix's block file names, in prefix order: the blocks' hashes as the engine computes them
+    (vLLM's own hash_block_tokens, sha256: the engine's default --prefix-caching-hash-algo)."""
     from vllm.utils.hashing import sha256
     from vllm.v1.core import kv_cache_utils
 
@@ -225,6 +237,12 @@ def _block_files(t: TierEngine, tokens: list[int]) -> list[Path]:
     for b in range(PREFIX_BLOCKS):
         parent = kv_cache_utils.hash_block_tokens(sha256, parent, tokens[b * BLOCK : (b + 1) * BLOCK])
         names.append(bytes(parent).hex() + ".bin")
+    return names
+
+
+def _block_files(t: TierEngine, tokens: list[int]) -> list[Path]:
+    """The prefix's block files, in prefix order."""
+    names = _block_names(tokens)
     by_name = {p.name: p for p in t.disk.rglob("*.bin")}
     assert all(n in by_name for n in names), "every block of the prefix has its file"
     return [by_name[n] for n in names]
@@ -233,6 +251,7 @@ def _block_files(t: TierEngine, tokens: list[int]) -> list[Path]:
 def _fresh_then_only_on_disk(t: TierEngine, tokens: list[int]) -> list[int]:
     stored = _metric(t.url, "llmd:kv_tier_stored_blocks_total", tier="disk")
     fresh = _complete(t.url, tokens)
+    assert _complete(t.url, tokens) == fresh  # a second use: written to disk (store_threshold 2)
     _wait_stored_on_disk(t, stored, PREFIX_BLOCKS)
     _fill(t.url, 9)
     _wait_for_tiers(t, tokens, "STORAGE")

@@ -28,11 +28,19 @@ FILE = header_size(36) + ROW
 class Harness:
     """A DRAM tier (numpy rows) and one disk tier over it, with job bookkeeping as the manager does."""
 
-    def __init__(self, root: Path, capacity_blocks: int) -> None:
+    def __init__(self, root: Path, capacity_blocks: int, store_threshold: int = 1, **tier: int) -> None:
+        """``store_threshold`` 1 (every block written on its first offer) unless a test asks for more
+        (tests/unit/test_tiers_threshold.py)."""
         self.dram = np.zeros((CHUNKS, ROW), dtype=np.int8)
         spec = PlainSpec(offloading_config(ROW))
         self.tier = ChecksummedDiskTier(
-            spec, memoryview(self.dram), "ChecksummedDiskTier", str(root), capacity_blocks * FILE
+            spec,
+            memoryview(self.dram),
+            "ChecksummedDiskTier",
+            str(root),
+            capacity_blocks * FILE,
+            store_threshold=store_threshold,
+            **tier,
         )
         self.ctx = ReqContext(req_id="r")
         self.next_job = 0

@@ -35,6 +35,7 @@ def test_a_valid_block_parses_and_turns_into_vllm_offloading_config(tmp_path: Pa
     assert extra["cpu_bytes_to_use"] == 2**20
     (disk,) = extra["secondary_tiers"]
     assert disk["type"] == "ChecksummedDiskTier" and disk["capacity_bytes"] == 2 * 2**20
+    assert (disk["store_threshold"], disk["max_tracker_size"]) == (2, 64_000)  # vLLM's names, our defaults
     assert (tmp_path / "d").is_dir()
 
 
@@ -47,6 +48,21 @@ def test_a_valid_block_parses_and_turns_into_vllm_offloading_config(tmp_path: Pa
         ({"dram": {"capacity": physical_memory_bytes() + 1}}, r"tiers\.dram\.capacity = \d+ bytes is larger than"),
         ({"dram": {"capacity": "1MiB", "evict": "lru"}}, r"tiers\.dram\.evict: Extra inputs"),
         ({"dram": {"capacity": "1MiB"}, "disk": {"path": "/x"}}, r"tiers\.disk\.capacity: Field required"),
+        *(
+            (
+                {"dram": {"capacity": "1MiB"}, "disk": {"path": "/x", "capacity": "1MiB", key: bad}},
+                rf"tiers\.disk\.{key}: {msg}",
+            )
+            for key, bad, msg in (
+                ("store_threshold", 0, "Input should be greater than or equal to 1"),
+                ("store_threshold", "2", "Input should be a valid integer"),
+                ("store_threshold", 1.5, "Input should be a valid integer"),
+                ("store_threshold", True, "Input should be a valid integer"),
+                ("store_threshold", 5000, "Input should be less than or equal to 1024"),
+                ("max_tracker_size", 0, "Input should be greater than or equal to 1"),
+                ("max_tracker_size", 10**9, "Input should be less than or equal to"),
+            )
+        ),
         ({}, r"tiers\.dram: Field required"),
         ("1GiB", r"tiers must be a mapping"),
     ],
@@ -198,6 +214,7 @@ def test_prometheus_series_and_tenant_labels_are_bounded():
     st = TierStats()
     st.add("dram", "stored", 4)
     st.add("disk", "err:corrupt", 1)
+    st.add("disk", "skipped", 3)
     st.gauge("disk", "blocks", 7)
     st.sample("disk", 0.004)
     st.tenant("a", "prompt", 100)
@@ -208,6 +225,7 @@ def test_prometheus_series_and_tenant_labels_are_bounded():
     labels = {"model_name": "m", "engine": "0"}
     assert v("llmd:kv_tier_stored_blocks_total", {**labels, "tier": "dram"}) == 4
     assert v("llmd:kv_tier_errors_total", {**labels, "tier": "disk", "kind": "corrupt"}) == 1
+    assert v("llmd:kv_tier_skipped_blocks_total", {**labels, "tier": "disk"}) == 3
     assert v("llmd:kv_tier_blocks", {**labels, "tier": "disk"}) == 7
     assert v("llmd:kv_tier_load_seconds_count", {**labels, "tier": "disk"}) == 1
     assert v("llmd:kv_tenant_hit_tokens_total", {**labels, "tenant": "a", "tier": "dram"}) == 64
