@@ -123,12 +123,15 @@ def reset_prefix_cache(url: str, deadline_s: float = 30) -> bool:
         time.sleep(0.5)
 
 
-def start_engines(model_dir: Path, kind: RouterKind, log_dir: Path, n: int, attempts: int = 3) -> list[EngineProcess]:
-    """Start ``n`` engines; retried with fresh ports when one fails (free ports can be taken by
-    another process between picking and binding, e.g. "ZMQError: Address already in use")."""
+def start_engines(
+    model_dir: Path, kind: RouterKind, log_dir: Path, n: int, attempts: int = 3, num_gpu_blocks: int = 320
+) -> list[EngineProcess]:
+    """Start ``n`` engines of ``num_gpu_blocks`` KV blocks each; retried with fresh ports when one
+    fails (free ports can be taken by another process between picking and binding, e.g. "ZMQError:
+    Address already in use")."""
     for attempt in range(1, attempts + 1):
         try:
-            return _start_engines(model_dir, kind, log_dir, n)
+            return _start_engines(model_dir, kind, log_dir, n, num_gpu_blocks)
         except Exception as exc:  # EngineStartError and the warm-up request
             if attempt == attempts:
                 raise
@@ -136,7 +139,9 @@ def start_engines(model_dir: Path, kind: RouterKind, log_dir: Path, n: int, atte
     raise AssertionError("unreachable")
 
 
-def _start_engines(model_dir: Path, kind: RouterKind, log_dir: Path, n: int) -> list[EngineProcess]:
+def _start_engines(
+    model_dir: Path, kind: RouterKind, log_dir: Path, n: int, num_gpu_blocks: int = 320
+) -> list[EngineProcess]:
     cores = os.cpu_count() or 1
     served = str(model_dir) if kind.served_name_is_path else "test-model"
     engines = []
@@ -145,7 +150,7 @@ def _start_engines(model_dir: Path, kind: RouterKind, log_dir: Path, n: int) -> 
             model=model_dir,
             served_model_name=served,
             block_size=64,
-            num_gpu_blocks=320,
+            num_gpu_blocks=num_gpu_blocks,
             max_model_len=4096,
             cpu_core=i if cores >= n else None,
             extra_args=list(kind.engine_args),
