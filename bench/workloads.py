@@ -31,7 +31,7 @@ Shapes (defaults; every number is a keyword argument of the generator):
   pays"): 24 documents of 2,560 tokens (61k tokens, ~480 MiB of the wide model's KV: more than one
   pod's engine cache and DRAM tier hold when run with ``alternating.py --num-gpu-blocks 320 --dram
   320MiB``, less than two), drawn with Zipf popularity (s = 1.0), each request the document first
-  (so the static oracle's text prefix names it), then a 32-token question; 16 output tokens; 320
+  (so the static oracle's text prefix names it), then a 32-token question; 16 output tokens; 480
   requests. Prefill dominates (2.5k uncached tokens against 16 decode steps), so a second pod must
   serve a popular document and either prefill it again or load it.
 
@@ -237,7 +237,7 @@ def longrag(
     document_tokens: int = 2560,
     s: float = 1.0,
     question_tokens: int = 32,
-    requests: int = 320,
+    requests: int = 480,
     output_tokens: int = 16,
 ) -> Workload:
     rng = random.Random(seed)
