@@ -31,6 +31,7 @@ p90 no worse than the best of them).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -44,7 +45,7 @@ from typing import Any
 
 import decision_log
 import serving
-from routers import ROUTERS, VENV_BIN, RouterProcess, Worker, free_port
+from routers import LLMD_DRAM_KV, ROUTERS, VENV_BIN, RouterKind, RouterProcess, Worker, free_port
 from serving import OUT, Interrupted, load_avg, measured, reset_prefix_cache, rows_dir, run_workload, start_engines
 
 from vllm_llmd.testing.engine import stop_process_group
@@ -97,8 +98,27 @@ class SimFleet:
         stop_process_group(self.proc, 15)
 
 
+def engine_knobs(kind: RouterKind, args: argparse.Namespace) -> RouterKind:
+    """``kind`` with the engine knobs of this invocation: ``--max-num-seqs`` (vLLM's per-engine batch
+    bound) and ``--dram`` (the DRAM tier's capacity; a row whose engines have no KV connector, e.g.
+    the static oracle or vllm-router's, gets the tiered rows' ``LLMDConnector`` with that tier, so
+    every row runs on the same engines)."""
+    extra = ["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []
+    eargs = list(kind.engine_args)
+    if args.dram:
+        if "--kv-transfer-config" not in eargs:
+            eargs += ["--kv-transfer-config", json.dumps(LLMD_DRAM_KV)]
+        i = eargs.index("--kv-transfer-config") + 1
+        cfg = json.loads(eargs[i])
+        if not cfg.get("kv_connector_extra_config", {}).get("tiers"):
+            raise SystemExit(f"--dram: {kind.name}'s engines have a KV connector without a DRAM tier")
+        cfg["kv_connector_extra_config"]["tiers"]["dram"]["capacity"] = args.dram
+        eargs[i] = json.dumps(cfg)
+    return dataclasses.replace(kind, engine_args=eargs + extra)
+
+
 def run_model(model: str, names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
-    kinds = [ROUTERS[n] for n in names]
+    kinds = [engine_knobs(ROUTERS[n], args) for n in names]
     ref = kinds[0]
     for k in kinds[1:]:
         if (k.engine_args, k.engine_env, k.served_name_is_path, k.per_engine_env) != (
@@ -119,7 +139,11 @@ def run_model(model: str, names: list[str], args: argparse.Namespace) -> list[di
     if sim is not None:
         engines: list[Any] = sim.pods()
     else:
-        engines = external(args.endpoints) if args.endpoints else start_engines(model_dir, ref, log_dir, args.engines)
+        engines = (
+            external(args.endpoints)
+            if args.endpoints
+            else start_engines(model_dir, ref, log_dir, args.engines, num_gpu_blocks=args.num_gpu_blocks)
+        )
     runs: list[dict[str, Any]] = []
     try:
         workers = [
@@ -255,12 +279,15 @@ def summarize(model: str, runs: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", required=True, help="multiturn, zipf, rag, agentic or hotprefix")
+    ap.add_argument("--workload", required=True, help="multiturn, zipf, rag, agentic, hotprefix or longrag")
     ap.add_argument("--routers", default="rr,cache_aware,oracle,ours")
     ap.add_argument("--models", default="wide")
     ap.add_argument("--repeat", type=int, default=2, help="rounds; odd rounds run the routers in reverse order")
     ap.add_argument("--engines", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--num-gpu-blocks", type=int, default=320, help="each engine's KV blocks (64 tokens each)")
+    ap.add_argument("--max-num-seqs", type=int, help="each engine's batch bound (vLLM --max-num-seqs)")
+    ap.add_argument("--dram", help="DRAM tier capacity of the tiered rows' engines (e.g. 320MiB; default 512MiB)")
     ap.add_argument(
         "--rate",
         type=float,

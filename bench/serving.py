@@ -59,6 +59,10 @@ def _on_signal(signum: int, _frame: object) -> None:
 # ---------------------------------------------------------------------------------------------- engines
 
 
+#: ``llmd:kv_peer_loads_total``'s results (docs/peer-loading.md "Metrics"), counted per row as ``peer_<result>``
+PEER_RESULTS = ("ok", "refused", "evicted", "unreachable", "timeout", "failed")
+
+
 def engine_counters(url: str) -> dict[str, float]:
     """Prefix-cache hits/queries and finished requests from one engine's /metrics."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
@@ -83,12 +87,15 @@ def engine_counters(url: str) -> dict[str, float]:
     out["kv_pulls_failed"] = 0.0
     # peer loads (docs/peer-loading.md), on the reader: loads by result, bytes read
     out.update(peer_loads=0.0, peer_loads_failed=0.0, peer_bytes=0.0)
+    out.update({f"peer_{r}": 0.0 for r in PEER_RESULTS})
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name in want:
                 out[want[s.name]] += float(s.value)
             elif s.name == "llmd:kv_peer_loads_total":
                 out["peer_loads" if s.labels.get("result") == "ok" else "peer_loads_failed"] += float(s.value)
+                if s.labels.get("result") in PEER_RESULTS:
+                    out[f"peer_{s.labels['result']}"] += float(s.value)
             elif s.name == "llmd:kv_peer_load_bytes_total":
                 out["peer_bytes"] += float(s.value)
             elif s.name == "llmd:kv_transfers_total":
@@ -123,12 +130,15 @@ def reset_prefix_cache(url: str, deadline_s: float = 30) -> bool:
         time.sleep(0.5)
 
 
-def start_engines(model_dir: Path, kind: RouterKind, log_dir: Path, n: int, attempts: int = 3) -> list[EngineProcess]:
-    """Start ``n`` engines; retried with fresh ports when one fails (free ports can be taken by
-    another process between picking and binding, e.g. "ZMQError: Address already in use")."""
+def start_engines(
+    model_dir: Path, kind: RouterKind, log_dir: Path, n: int, attempts: int = 3, num_gpu_blocks: int = 320
+) -> list[EngineProcess]:
+    """Start ``n`` engines of ``num_gpu_blocks`` KV blocks each; retried with fresh ports when one
+    fails (free ports can be taken by another process between picking and binding, e.g. "ZMQError:
+    Address already in use")."""
     for attempt in range(1, attempts + 1):
         try:
-            return _start_engines(model_dir, kind, log_dir, n)
+            return _start_engines(model_dir, kind, log_dir, n, num_gpu_blocks)
         except Exception as exc:  # EngineStartError and the warm-up request
             if attempt == attempts:
                 raise
@@ -136,7 +146,9 @@ def start_engines(model_dir: Path, kind: RouterKind, log_dir: Path, n: int, atte
     raise AssertionError("unreachable")
 
 
-def _start_engines(model_dir: Path, kind: RouterKind, log_dir: Path, n: int) -> list[EngineProcess]:
+def _start_engines(
+    model_dir: Path, kind: RouterKind, log_dir: Path, n: int, num_gpu_blocks: int = 320
+) -> list[EngineProcess]:
     cores = os.cpu_count() or 1
     served = str(model_dir) if kind.served_name_is_path else "test-model"
     engines = []
@@ -145,7 +157,7 @@ def _start_engines(model_dir: Path, kind: RouterKind, log_dir: Path, n: int) -> 
             model=model_dir,
             served_model_name=served,
             block_size=64,
-            num_gpu_blocks=320,
+            num_gpu_blocks=num_gpu_blocks,
             max_model_len=4096,
             cpu_core=i if cores >= n else None,
             extra_args=list(kind.engine_args),
@@ -334,7 +346,7 @@ def measured(engines: list[EngineProcess], fn: Any, router_pid: int | None = Non
     res["requests_per_engine"] = [int(a["requests"] - b["requests"]) for a, b in zip(after, before, strict=True)]
     moved = ("external_hits", "kv_bytes", "kv_pulls", "kv_pulls_failed")
     moved += ("peer_loads", "peer_loads_failed", "peer_bytes", "peer_seconds", "peer_blocks")
-    moved += ("prefill_seconds", "prefill_tokens")
+    moved += ("prefill_seconds", "prefill_tokens", *(f"peer_{r}" for r in PEER_RESULTS))
     for key in moved:
         res[key] = sum(a[key] - b[key] for a, b in zip(after, before, strict=True))
     return res

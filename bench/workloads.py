@@ -27,6 +27,13 @@ Shapes (defaults; every number is a keyword argument of the generator):
   then per step a 48-token tool call and a 128-384-token tool result appended; 24 output tokens.
 * ``hotprefix`` -- 16 prefixes of 2,048 tokens; one takes half the traffic, the other 15 share the
   rest uniformly; a 64-token suffix; 192 requests.
+* ``longrag`` -- long-context RAG where peer KV loads should pay (docs/peer-loading.md "When a load
+  pays"): 24 documents of 2,560 tokens (61k tokens, ~480 MiB of the wide model's KV: more than one
+  pod's engine cache and DRAM tier hold when run with ``alternating.py --num-gpu-blocks 320 --dram
+  320MiB``, less than two), drawn with Zipf popularity (s = 1.0), each request the document first
+  (so the static oracle's text prefix names it), then a 32-token question; 16 output tokens; 480
+  requests. Prefill dominates (2.5k uncached tokens against 16 decode steps), so a second pod must
+  serve a popular document and either prefill it again or load it.
 
 Output tokens per request are ``max_tokens`` with ``ignore_eos`` (32 unless the shape says otherwise).
 """
@@ -223,6 +230,29 @@ def hotprefix(
     return Workload("hotprefix", seed, out, _params(locals()))
 
 
+def longrag(
+    tm: TextMaker,
+    seed: int = 0,
+    documents: int = 24,
+    document_tokens: int = 2560,
+    s: float = 1.0,
+    question_tokens: int = 32,
+    requests: int = 480,
+    output_tokens: int = 16,
+) -> Workload:
+    rng = random.Random(seed)
+    docs = [tm.text(rng, document_tokens) for _ in range(documents)]
+    order = list(range(documents))
+    rng.shuffle(order)  # popularity rank is not creation order
+    w = _zipf_weights(documents, s)
+    out = []
+    for i in range(requests):
+        d = order[rng.choices(range(documents), weights=w, k=1)[0]]
+        q = tm.text(rng, question_tokens)
+        out.append(Turn(f"r{i}", f"Document: {docs[d]}\nQuestion: {q}\nAnswer:", output_tokens))
+    return Workload("longrag", seed, out, _params(locals()))
+
+
 def _params(local: dict[str, Any]) -> dict[str, Any]:
     return {
         k: v
@@ -237,6 +267,7 @@ GENERATORS: dict[str, Callable[..., Workload]] = {
     "rag": rag,
     "agentic": agentic,
     "hotprefix": hotprefix,
+    "longrag": longrag,
 }
 
 

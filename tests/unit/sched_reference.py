@@ -86,7 +86,7 @@ def ttft_costs(self: EstimatedTTFTScorer, req: SchedRequest, pods: list[Candidat
         cost = pw * (1.0 + bw * min(1.0, ex.get(p.id, 0.0))) * priced
         if cw > 0 and p.capacity_blocks and uncached > 0:
             room = prm.capacity_fraction * p.capacity_blocks - self._footprint.hot_blocks(p.id)
-            over = -(-uncached // bs) - room
+            over = min(-(-uncached // bs), -(-uncached // bs) - room)
             if over > 0:
                 cost += cw * over * bs
         ps = p.prefill_speed

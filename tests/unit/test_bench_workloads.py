@@ -70,6 +70,20 @@ def test_zipf_and_rag_are_skewed(tm: workloads.TextMaker) -> None:
     assert all(t.prompt.startswith(rag.turns[0].prompt.split("\n")[0]) for t in rag.turns)
 
 
+def test_longrag_puts_zipf_popular_documents_first(tm: workloads.TextMaker) -> None:
+    kw = dict(documents=8, document_tokens=48, question_tokens=8, requests=400, output_tokens=16)
+    wl = workloads.longrag(tm, seed=2, **kw)
+    assert len(wl.turns) == 400 and all(t.max_tokens == 16 for t in wl.turns)
+    docs: dict[str, int] = {}
+    for t in wl.turns:
+        assert t.prompt.startswith("Document: ") and t.prompt.endswith("\nAnswer:")
+        doc = t.prompt.split("\nQuestion:")[0]
+        docs[doc] = docs.get(doc, 0) + 1
+    counts = sorted(docs.values(), reverse=True)
+    assert len(counts) == 8 and counts[0] > 3 * counts[-1]  # Zipf s=1 over 8: ~37% vs ~5%
+    assert [t.prompt for t in workloads.longrag(tm, seed=2, **kw).turns] == [t.prompt for t in wl.turns]
+
+
 def test_agentic_loops_share_a_manifest(tm: workloads.TextMaker) -> None:
     wl = workloads.agentic(tm, seed=0, agents=4, steps=3, manifest_tokens=32, task_tokens=16, call_tokens=8)
     assert len(wl.turns) == 12

@@ -129,6 +129,29 @@ def test_capacity_overflow_sends_new_prefixes_elsewhere() -> None:
     assert sched2.schedule(_req(ctx2, _tokens(9, 0)), pods2).chosen.id == "p0"
 
 
+def test_a_hit_on_a_pod_over_its_capacity_pays_only_its_own_new_blocks() -> None:
+    """overflow is at most the request's own uncached blocks: a pod whose hot footprint is already
+    over its capacity charges a new prefix for every block it adds, but a request whose prefix it
+    holds adds (almost) none, so it stays there. (Charging every request the pod's whole excess sent
+    hits both pods held, and idle-pod peer loads, to whichever pod had the smaller footprint:
+    bench/RESULTS.md "Issue 12 peer loads on long-context RAG".)"""
+    ctx, sched = _sched({"balance_weight": 0.0})
+    pods = _pods(ctx)
+    pods[0].capacity_blocks = 40  # 36 blocks of room; three hot 33-block prompts put it ~63 over
+    pods[1].capacity_blocks = 10_000
+    for k in range(3):
+        for s in range(2):
+            t = ctx.inflight.start("p1", 100_000, 0)
+            assert sched.schedule(_req(ctx, _tokens(k, s)), pods).chosen.id == "p0"
+            ctx.inflight.done(t)
+    ctx.inflight.start("p1", 1000, 0)  # p1 a little busy: half a prompt
+    # a hit on p0 adds one block (the suffix): 2 * 64 * 1 tokens, not 2 * 64 * 64
+    assert sched.schedule(_req(ctx, _tokens(1, 5)), pods).chosen.id == "p0"
+    assert sched.schedule(_req(ctx, _tokens(2, 6)), pods).chosen.id == "p0"
+    # a new prefix on p0 is charged all of its 34 blocks (p1, with room, wins it)
+    assert sched.schedule(_req(ctx, _tokens(9, 0)), pods).chosen.id == "p1"
+
+
 def test_a_cleared_cache_clears_the_pods_footprint() -> None:
     index = KVBlockIndex(block_size=64, capacity_blocks=100_000)
     # the footprint as it is (no floor): p1's one prompt is then its whole pool's share

@@ -95,3 +95,23 @@ def test_without_peer_loads_the_idle_pod_pays_the_prefill() -> None:
 def test_bad_holder_params_are_never_built() -> None:
     with pytest.raises(PDError):
         build_peer_load_request({"prompt": "x"}, HOLDER, "a;b", 5600, BS, 2048)
+
+
+def test_a_pods_capacity_counts_its_dram_tier_when_larger() -> None:
+    """A block the engine evicts stays in the DRAM tier (loaded back at the tier's price, or read by
+    a peer), so the cost model's capacity is the larger of the two; a configured one wins."""
+    from vllm_llmd.router.config import PodConfig
+    from vllm_llmd.router.pool import Pod
+
+    text = _exposition(0, 0)  # num_gpu_blocks 100
+    text += 'llmd:kv_tier_capacity_blocks{engine="0",model_name="m",tier="dram"} 640.0\n'
+    text += 'llmd:kv_tier_capacity_blocks{engine="0",model_name="m",tier="disk"} 9000.0\n'
+    m = parse_metrics(text)
+    assert m.num_gpu_blocks == 100 and m.dram_capacity_blocks == 640
+    pod = Pod(PodConfig(url="http://h:1"), metrics=m)
+    assert pod.capacity_blocks == 640 and pod.capacity_tokens(BS) == 640 * BS
+    assert Pod(PodConfig(url="http://h:1"), metrics=parse_metrics(_exposition(0, 0))).capacity_blocks == 100
+    small = parse_metrics(text.replace("} 640.0", "} 40.0"))
+    assert Pod(PodConfig(url="http://h:1"), metrics=small).capacity_blocks == 100
+    assert Pod(PodConfig(url="http://h:1", capacity_blocks=7), metrics=m).capacity_blocks == 7
+    assert parse_metrics('llmd:kv_tier_capacity_blocks{tier="dram"} -3\n').dram_capacity_blocks is None

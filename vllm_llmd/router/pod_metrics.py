@@ -56,6 +56,8 @@ _NAMES = (
     LORA_INFO,
 )
 _TIER_NAMES = (TIER_TOKENS, TIER_SECONDS)
+#: the DRAM tier's capacity (``LLMDConnector`` tiers, ``connectors/tiers/stats.py``), in the engine's blocks
+TIER_CAPACITY = "llmd:kv_tier_capacity_blocks"
 PEER_SECONDS = PEER_LOAD_SECONDS + "_total"
 PEER_BLOCKS = PEER_LOAD_BLOCKS + "_total"
 _PEER_LABEL = re.compile(r'[{,]peer="([A-Za-z0-9._:-]{1,256})"')
@@ -64,6 +66,7 @@ _HOST = re.compile(HOST_PATTERN)
 #: holders a pod's peer-load series are kept for
 MAX_PEERS = 64
 _TIER_LABEL = re.compile(r'[{,]tier="([a-z]{1,16})"')
+_TIER_DRAM = re.compile(r'[{,]tier="dram"')
 _LORA_LABEL = re.compile(r'(running_lora_adapters|waiting_lora_adapters|max_lora)="([^"]*)"')
 #: adapters taken from one label (a pod listing more is cut there)
 MAX_LORA_NAMES = 1024
@@ -107,6 +110,9 @@ class PodMetrics:
     #: per ``tier`` label: tokens loaded back, and the load jobs' seconds
     tier_tokens: dict[str, float] = field(default_factory=dict)
     tier_seconds: dict[str, float] = field(default_factory=dict)
+    #: blocks the pod's DRAM tier holds at most (``None``: no tier reported); every block the engine
+    #: computes is stored there, so it keeps this many blocks without recomputing them
+    dram_capacity_blocks: int | None = None
     #: peer loads this pod made, per holder engine id: seconds and blocks (``vllm_llmd.router.tier_prices``)
     peer_seconds: dict[str, float] = field(default_factory=dict)
     peer_blocks: dict[str, float] = field(default_factory=dict)
@@ -143,6 +149,11 @@ def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
                 _tier_value(tiers[name], name, line, sp, name_end)
             elif name in peers:
                 _peer_value(peers[name], name, line, sp, name_end)
+            elif name == TIER_CAPACITY:
+                if _TIER_DRAM.search(line, name_end, sp) if name_end > 0 else None:
+                    v = _sample(name, line[sp + 1 :])
+                    if v is not None and v <= MAX_BLOCKS:
+                        m.dram_capacity_blocks = int(v) or None
             elif name == ENDPOINT_INFO:
                 m.kv_endpoint = _endpoint(line[:sp]) or m.kv_endpoint
             continue

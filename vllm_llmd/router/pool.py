@@ -74,8 +74,14 @@ class Pod:
 
     @property
     def capacity_blocks(self) -> int | None:
-        """KV capacity in the pod's own blocks (configured, else ``vllm:cache_config_info``)."""
-        return self.config.capacity_blocks or self.metrics.num_gpu_blocks
+        """KV capacity in the pod's own blocks: configured, else the blocks it keeps without
+        recomputing them: its engine cache's (``vllm:cache_config_info``) or, when larger, its DRAM
+        tier's (``llmd:kv_tier_capacity_blocks``: a block the engine evicts stays in the tier and is
+        loaded back at the tier's price, docs/tiers.md)."""
+        if self.config.capacity_blocks:
+            return self.config.capacity_blocks
+        gpu, dram = self.metrics.num_gpu_blocks, self.metrics.dram_capacity_blocks
+        return max(gpu, dram) if gpu and dram else gpu or dram
 
     def capacity_tokens(self, default_block_size: int) -> int | None:
         """KV capacity in tokens: blocks x the pod's block size (``vllm:cache_config_info``; else

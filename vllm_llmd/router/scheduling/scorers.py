@@ -116,7 +116,8 @@ class EstimatedTTFTScorer(_Base):
     ``score(p) = (min_q cost(q) + c) / (cost(p) + c)``. ``excess(p)``: how far the pod's share of
     the recent KV footprint exceeds its fair share, relative (the pool's footprint counted as at
     least ``balance_min_prompts`` of this prompt per pod); ``overflow(p)``: blocks by which this
-    request would push the pod's hot footprint over its capacity. See docs/plugins/estimated-ttft.md.
+    request would push the pod's hot footprint over its capacity (at most its own uncached blocks).
+    See docs/plugins/estimated-ttft.md.
     """
 
     params: EstimatedTTFTParams
@@ -173,9 +174,10 @@ class EstimatedTTFTScorer(_Base):
             cost = pw * (1.0 + bw * (ex if ex < 1.0 else 1.0)) * priced
             if capacity_on and p.capacity_blocks and uncached > 0:
                 room = cap_frac * p.capacity_blocks - fp.hot_blocks(pid)
-                over = -(-uncached // bs) - room
-                if over > 0:
-                    cost += cw * over * bs
+                new_blocks = -(-uncached // bs)
+                over = new_blocks - room
+                if over > 0:  # at most the request's own new blocks: a hit adds none
+                    cost += cw * (over if over < new_blocks else new_blocks) * bs
             ps = p.prefill_speed
             ld = p.load
             out[pid] = cost / ps + (ld.prefill_tokens / ps + dw * ld.decode_tokens / p.decode_speed)
