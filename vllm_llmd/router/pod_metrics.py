@@ -150,7 +150,7 @@ def parse_metrics(text: str, now: float | None = None) -> PodMetrics:
             elif name in peers:
                 _peer_value(peers[name], name, line, sp, name_end)
             elif name == TIER_CAPACITY:
-                if _TIER_DRAM.search(line, name_end, sp) if name_end > 0 else None:
+                if name_end > 0 and _TIER_DRAM.search(line, name_end, sp):
                     v = _sample(name, line[sp + 1 :])
                     if v is not None and v <= MAX_BLOCKS:
                         m.dram_capacity_blocks = int(v) or None
