@@ -102,3 +102,32 @@ def test_without_peer_loads_the_costs_are_the_formula_as_before() -> None:
     # whole prompt doubled, no capacity charge (A and B routed once each: not hot)
     assert req.outputs.get(TTFTCosts).costs == pytest.approx({"p0": 2 * 0.1 * 2112 + 2000, "p1": 2 * 2112})
     assert req.outputs.get(PeerPlans) is None and d.chosen.id == "p0"
+
+
+def test_only_a_full_readers_load_plan_walks_and_only_as_far_as_its_victims() -> None:
+    """The hot loop stays cheap: a pod with room computes no victims, and a full one reads its
+    least recently used blocks only until it has named the ones the load pushes out."""
+    index = KVBlockIndex(block_size=BS, capacity_blocks=100_000)
+    asked: list[int] = []
+    sharing = index.sharing
+
+    def counting(pod: str, keys: list[int]) -> list[int]:
+        asked.append(len(keys))
+        return sharing(pod, keys)
+
+    index.sharing = counting  # type: ignore[method-assign]
+    ctx = _ctx(index)
+    prof = {"scorers": [{"type": "estimated-ttft", "params": {"peer_loads": True}}]}
+    sched = build_scheduler(ProfileConfig.model_validate(prof), ctx)
+    pods = _pods(ctx, [TokenPrices()] * 2)
+    pods[0].metrics = parse_metrics(_exposition(0, 0))
+    pods[0].capacity_blocks, pods[1].capacity_blocks = 10_000, 1_000  # p1 has room
+    for seq, doc in ((1, DOC_A), (2, DOC_B)):
+        _store(index, "p1", doc, seq)
+        sched.pre_request(_req(index, doc), "p1")
+    _store(index, "p0", DOC_C, 1, "CPU")
+    sched.schedule(_req(index, DOC_C), pods)
+    assert asked == []
+    pods[1].capacity_blocks = 66  # full: 33 victims, read in chunks of 64 keys from the oldest
+    sched.schedule(_req(index, DOC_C), pods)
+    assert asked == [64]
