@@ -1,8 +1,10 @@
 """Read our router's decision log (``LLMD_BENCH_ROUTER_LOG_LEVEL=debug``: one ``route prompt=N tokens
 first_key=K -> POD predicted_cached=C cached={pod: tokens} ...`` line per request) into placement
 statistics: decisions per pod, *spills* (the chosen pod held fewer cached tokens than another pod,
-so the request paid a prefill the other pod would have skipped) and the prompt tokens those spills
-recomputed.
+so the request paid a prefill the other pod would have skipped), the prompt tokens those spills
+recomputed, and *re-prefills*: decisions for a prefix (its first block key) the run had already
+sent somewhere when neither the KV-event index nor the router's speculative entries showed any pod
+holding any of it (the fleet had lost its last copy; on ``longrag`` a document prefilled again).
 
     .venv/bin/python bench/decision_log.py bench/out/serving/multiturn/small/alternating-*/router-0-ours.log
 """
@@ -23,6 +25,8 @@ def placement(log: Path) -> dict[str, Any]:
     spills = 0
     spilled_tokens = 0
     decisions = 0
+    seen: set[str] = set()
+    reprefills = 0
     for line in log.read_text(errors="replace").splitlines():
         m = _LINE.search(line)
         if not m:
@@ -32,6 +36,11 @@ def placement(log: Path) -> dict[str, Any]:
         per_pod[pod] = per_pod.get(pod, 0) + 1
         cached: dict[str, int] = ast.literal_eval(m.group(5))
         best = max(cached.values(), default=0)
+        first = m.group(2)
+        if first != "0":
+            if first in seen and best == 0:
+                reprefills += 1
+            seen.add(first)
         mine = cached.get(pod, 0)
         if best > mine:
             spills += 1
@@ -41,6 +50,7 @@ def placement(log: Path) -> dict[str, Any]:
         "per_pod": dict(sorted(per_pod.items())),
         "spills": spills,
         "spilled_tokens": spilled_tokens,
+        "reprefills": reprefills,
     }
 
 

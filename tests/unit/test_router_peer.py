@@ -115,3 +115,30 @@ def test_a_pods_capacity_counts_its_dram_tier_when_larger() -> None:
     assert Pod(PodConfig(url="http://h:1"), metrics=small).capacity_blocks == 100
     assert Pod(PodConfig(url="http://h:1", capacity_blocks=7), metrics=m).capacity_blocks == 7
     assert parse_metrics('llmd:kv_tier_capacity_blocks{tier="dram"} -3\n').dram_capacity_blocks is None
+
+
+def test_a_loaded_request_is_queued_as_what_it_computes_plus_the_load() -> None:
+    """The in-flight count (the pod's queue in every cost) holds a peer-loaded request as its tail
+    plus the load at its price, not as its whole uncached prompt; the router hands the plan to the
+    forwarder with the body that asks for the load."""
+    import json
+    import math
+    from types import SimpleNamespace
+
+    from vllm_llmd.pd.peer import peer_queued_tokens
+    from vllm_llmd.router.pd_legs import peer_load_body
+
+    d, req = _schedule(peer_loads=True)
+    plans = req.outputs.get(PeerPlans)
+    plan = plans.plans["p1"]
+    # 2,048 of the 2,112 tokens loaded at the default pair price 0.15, plus 32 tokens for the load
+    assert plan.saved == pytest.approx((1 - DEFAULT_PEER_PRICE) * 2048 - 32)
+    # queued: the 64 tokens it computes, 0.15 x 2,048 for the load and its 32: 403.2, rounded up
+    assert peer_queued_tokens(2112, plan) == math.ceil(64 + DEFAULT_PEER_PRICE * 2048 + 32) == 404
+    assert peer_queued_tokens(2112, plans.plans["p0"]) == 2112 and peer_queued_tokens(2112, None) == 2112
+    counter = SimpleNamespace(n=0)
+    counter.labels = lambda pod: SimpleNamespace(inc=lambda: setattr(counter, "n", counter.n + 1))
+    creq = SimpleNamespace(payload={"prompt": "x"}, encode=lambda p: json.dumps(p).encode())
+    sent = peer_load_body(creq, req, d, counter)
+    assert sent is not None and sent[1] is plan and counter.n == 1
+    assert json.loads(sent[0])["kv_transfer_params"]["peer_num_tokens"] == 2112

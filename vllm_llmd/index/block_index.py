@@ -176,6 +176,27 @@ class KVBlockIndex:
                     out[pod.name] = PrefixMatch(length * bs, tiers)
             return out
 
+    def blocks_held(self, pod: str) -> int:
+        """Engine blocks ``pod`` holds in any tier (its records; in the pod's own block size), O(1);
+        0 for a pod the index has not seen."""
+        p = self._pods.get(pod)
+        return 0 if p is None else len(p.records)
+
+    def sharing(self, pod: str, keys: Sequence[int]) -> list[int]:
+        """Per canonical key: 0 ``pod`` does not hold it, 1 only ``pod`` holds it (the fleet's last
+        copy), 2 ``pod`` and at least one other pod hold it (any tier each)."""
+        with self._lock:
+            p = self._pods.get(pod)
+            if p is None:
+                return [0] * len(keys)
+            bit = p.bit
+            get = self._store.any.get
+            out = []
+            for k in keys:
+                m = get(k, 0)
+                out.append(0 if not m & bit else 2 if m & ~bit else 1)
+            return out
+
     # ---------------------------------------------------------------- ingest
 
     def ingest(self, pod: str, frames: Sequence[bytes], *, hold: bool = False) -> Verdict:

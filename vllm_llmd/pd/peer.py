@@ -18,10 +18,17 @@ never covers the prompt's last token (the engine computes at least one), and cos
 ``overhead_tokens`` more (the pin round trip and the lease: :data:`PEER_OVERHEAD_TOKENS`), so a peer
 holding only a little more than ``p`` is not used.
 The ``estimated-ttft`` scorer and the P/D deciders price candidates with this one function.
+
+A request sent with a load is queued on ``p`` (the router's in-flight count, until its first token)
+as what ``p`` will compute plus the load at its price, not as its whole uncached prompt:
+``queued = max(0, uncached - saved)`` with ``saved = here(p) - via(p, X)``, the prefill tokens the
+load saves (:func:`peer_queued_tokens`). Counting the whole prompt made the reader look busy
+for the ~2,600 tokens it did not compute (bench/RESULTS.md "Issue 12 peer loads on long-context RAG").
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -35,6 +42,7 @@ __all__ = [
     "peer_key",
     "peer_plan",
     "peer_price",
+    "peer_queued_tokens",
 ]
 #: fixed cost of one peer load, in prefill tokens (pin round trip on the side channel, lease, release)
 PEER_OVERHEAD_TOKENS = 32.0
@@ -47,11 +55,13 @@ def peer_key(pod: str) -> str:
 @dataclass(frozen=True, slots=True)
 class PeerPlan:
     """The cheapest way to serve on a pod: ``peer`` ``None`` (what it holds, misses prefilled) or
-    the peer to load ``tokens`` more leading tokens from; ``cost`` in prefill tokens."""
+    the peer to load ``tokens`` more leading tokens from; ``cost`` in prefill tokens, ``saved`` the
+    prefill tokens the load saves against serving with what the pod holds (``here - cost``)."""
 
     cost: float
     peer: str | None = None
     tokens: int = 0
+    saved: float = 0.0
 
 
 def peer_plan(
@@ -76,8 +86,16 @@ def peer_plan(
             continue
         cost = here - (prices.miss - prices.of(peer_key(pod))) * gain + overhead_tokens
         if cost < best.cost:
-            best = PeerPlan(cost, pod, gain)
+            best = PeerPlan(cost, pod, gain, here - cost)
     return best
+
+
+def peer_queued_tokens(uncached: int, plan: PeerPlan | None) -> int:
+    """The prefill tokens a request served by ``plan`` queues on its pod until its first token:
+    ``max(0, uncached - plan.saved)`` rounded up (``uncached`` without a load)."""
+    if plan is None or plan.peer is None:
+        return uncached
+    return max(0, math.ceil(uncached - plan.saved))
 
 
 def peer_price(

@@ -24,6 +24,7 @@ import msgspec
 from aiohttp import web
 
 from vllm_llmd.pd import PDError, build_decode_request, build_prefill_request
+from vllm_llmd.pd.peer import PeerPlan
 from vllm_llmd.pd.requests import build_peer_load_request
 from vllm_llmd.router.attempt import Attempt
 from vllm_llmd.router.config import PoolConfig
@@ -118,10 +119,13 @@ class PrefillLeg:
         return None
 
 
-def peer_load_body(creq: ClientRequest, req: SchedRequest, decision: Decision, counter: Any) -> bytes | None:
+def peer_load_body(
+    creq: ClientRequest, req: SchedRequest, decision: Decision, counter: Any
+) -> tuple[bytes, PeerPlan] | None:
     """Stage 4b: the chosen pod's body with router-built peer-load params when ``estimated-ttft``
     (``peer_loads``) priced loading from a peer cheapest for it (docs/peer-loading.md), counted in
-    ``counter`` (per pod); ``None``: send the body as it is."""
+    ``counter`` (per pod), and the plan (what the load saves is not queued on the pod:
+    :func:`vllm_llmd.pd.peer.peer_queued_tokens`); ``None``: send the body as it is."""
     plans = req.outputs.get(PeerPlans)
     plan = plans.plans.get(decision.chosen.id) if plans is not None else None
     if plans is None or plan is None or plan.peer is None or plan.peer not in plans.holders:
@@ -133,4 +137,4 @@ def peer_load_body(creq: ClientRequest, req: SchedRequest, decision: Decision, c
         log.warning("peer load not asked: %s", exc)
         return None
     counter.labels(decision.chosen.id).inc()
-    return creq.encode(payload)
+    return creq.encode(payload), plan

@@ -225,8 +225,11 @@ class RouterApp:
         elif span is not None:
             span.set_attribute("llmd.pd", "colocated")
             span.end()
+        peer = None
         if prefill_pod is None and endpoint.prompt != "raw":  # 4b. a peer load priced cheapest
-            body = peer_load_body(creq, req, decision, self.metrics.peer_loads) or body
+            loaded = peer_load_body(creq, req, decision, self.metrics.peer_loads)
+            if loaded is not None:
+                body, peer = loaded
         with tr.leg("decode") if prefill_pod is not None and tr is not None else contextlib.nullcontext():
             return await self.upstream.forward(  # 5. forward and relay
                 request,
@@ -239,6 +242,7 @@ class RouterApp:
                 prefill_pod=prefill_pod,
                 content_type=request.headers.get("Content-Type", "") if endpoint.prompt == "raw" else None,
                 rec=rec,
+                peer=peer,
             )
 
     async def decide(self, creq: ClientRequest, body_size: int) -> Routed:

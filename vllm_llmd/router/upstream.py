@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import BytesPayload
 
+from vllm_llmd.pd.peer import PeerPlan, peer_queued_tokens
 from vllm_llmd.router.attempt import Attempt
 from vllm_llmd.router.config import PoolConfig
 from vllm_llmd.router.errors import error_response
@@ -189,10 +190,12 @@ class Upstream:
         prefill_pod: str | None = None,
         content_type: str | None = None,
         rec: RequestRecord | None = None,
+        peer: PeerPlan | None = None,
     ) -> web.StreamResponse:
         """Send to the best pod; until the client has received a byte, a failed pod is replaced by
         the next one in the ranking. ``rec``: the request's record (its id goes to the pod; the pod,
-        status and chunk times are filled in, :mod:`.observe`)."""
+        status and chunk times are filled in, :mod:`.observe`). ``peer``: the chosen pod's peer-load
+        plan when the body asks it to load (what the load saves is not queued on it)."""
         assert self.session is not None
         m = self.metrics
         headers = pod_headers(request, rec.request_id if rec is not None else None, content_type)
@@ -210,6 +213,8 @@ class Upstream:
             cached = view.cached.get(pod.id, 0) if view is not None else 0
             # with remote KV the decode pod loads the prompt instead of computing it
             uncached = 0 if remote_kv else max(0, req.prompt_tokens - cached)
+            if i == 0:
+                uncached = peer_queued_tokens(uncached, peer)
             attempt = Attempt(
                 pod,
                 req,

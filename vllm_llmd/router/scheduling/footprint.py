@@ -6,11 +6,22 @@ which pod's cache must hold it, so that choice should also follow how much disti
 already has to keep. This module counts, per pod, the distinct block keys routed there in the last
 ``window`` decisions (a sliding window by count, so it needs no clock and adapts at any request
 rate).
+
+With peer loads, :class:`LastUse` keeps a second, unwindowed record per pod: its block keys in the
+order they were last routed there, the router's estimate of the order in which the pod's LRU drops
+them (``vllm_llmd.pd.evict``).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
+from itertools import islice
+
+from vllm_llmd.router.scheduling.framework import PrefixIndex
+
+#: keys kept per pod by :class:`LastUse` when its capacity is not known
+LAST_USE_DEFAULT_LIMIT = 1 << 16
 
 
 class KVFootprint:
@@ -110,3 +121,70 @@ class KVFootprint:
         self._pods.pop(pod, None)
         self._uses.pop(pod, None)
         self._hot.pop(pod, None)
+
+
+class LastUse:
+    """Per pod, the block keys of the requests routed there, least recently routed first.
+
+    vLLM's prefix cache and the DRAM tier's LRU policy both touch a request's blocks when it uses
+    them (the tier's at the request's end: ``on_request_finished`` in vLLM 0.32's
+    ``vllm/v1/kv_offload/cpu/policies/base.py``), so the order in which the router last sent each
+    block to a pod is its estimate of the order in which the pod evicts them
+    (``vllm_llmd.pd.evict``); blocks put on the pod by others (another router, a client going
+    around it) are not seen. Unlike :class:`KVFootprint` it has no window: the blocks a full pod
+    drops next are exactly the ones no recent request used. A pod keeps at most ``limit`` keys (the
+    caller passes twice the pod's capacity; the oldest go first), and keys the pod no longer holds
+    are dropped when a walk passes them (:meth:`walk`)."""
+
+    def __init__(self) -> None:
+        self._pods: dict[str, OrderedDict[int, None]] = {}
+
+    def touch(self, pod: str, keys: Iterable[int], limit: int = LAST_USE_DEFAULT_LIMIT) -> None:
+        d = self._pods.get(pod)
+        if d is None:
+            d = self._pods[pod] = OrderedDict()
+        move = d.move_to_end
+        for k in keys:
+            if k in d:
+                move(k)
+            else:
+                d[k] = None
+        over = len(d) - max(1, limit)
+        for _ in range(over):
+            d.popitem(last=False)
+
+    def oldest(self, pod: str) -> list[int]:
+        """The pod's keys, least recently routed first."""
+        d = self._pods.get(pod)
+        return list(d) if d is not None else []
+
+    def walk(self, pod: str, index: PrefixIndex, skip: set[int], chunk: int = 64) -> Iterator[bool]:
+        """``pod``'s blocks that the index shows it holding, least recently routed first (``skip``
+        left out), each ``True`` when another pod holds it too (``False``: the fleet's last copy).
+        Keys the pod no longer holds are dropped from the order when the walk is closed; close it
+        (``.close()``) before the next :meth:`touch`."""
+        d = self._pods.get(pod)
+        if d is None:
+            return
+        stale: list[int] = []
+        it = iter(d)
+        try:
+            while batch := list(islice(it, chunk)):
+                keys = [k for k in batch if k not in skip]
+                for k, s in zip(keys, index.sharing(pod, keys) if keys else (), strict=True):
+                    if s == 0:
+                        stale.append(k)
+                    else:
+                        yield s == 2
+        finally:
+            for k in stale:
+                d.pop(k, None)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self._pods.values())
+
+    def pods(self) -> list[str]:
+        return list(self._pods)
+
+    def forget(self, pod: str) -> None:
+        self._pods.pop(pod, None)

@@ -41,6 +41,11 @@ class PrefixIndex(Protocol):
 
     def epoch(self, pod: str) -> int: ...
 
+    # read only with estimated-ttft's peer_loads (what a load's copy evicts: vllm_llmd.pd.evict)
+    def blocks_held(self, pod: str) -> int: ...
+
+    def sharing(self, pod: str, keys: Sequence[int]) -> list[int]: ...
+
 
 @dataclass(slots=True)
 class PrefixView:

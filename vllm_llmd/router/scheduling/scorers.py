@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
+from vllm_llmd.pd.evict import NOTHING, Eviction, eviction_price
 from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT, HBM, MEDIUM_CPU, prefill_equivalent, queued_tokens
 from vllm_llmd.pd.peer import PeerPlan, peer_plan
 from vllm_llmd.router.scheduling.epochs import EpochWatch
-from vllm_llmd.router.scheduling.footprint import KVFootprint
+from vllm_llmd.router.scheduling.footprint import LAST_USE_DEFAULT_LIMIT, KVFootprint, LastUse
 from vllm_llmd.router.scheduling.framework import Candidate, PrefixView, SchedRequest, SchedulingContext
 from vllm_llmd.router.scheduling.registry import Params, register
 
@@ -102,6 +103,10 @@ class EstimatedTTFTParams(Params):
     #: (vllm_llmd.pd.peer.peer_plan, docs/peer-loading.md); the router then sends the chosen pod the
     #: peer-load params. Needs engines with tiers reporting llmd:kv_endpoint_info and KV events.
     peer_loads: bool = False
+    #: with ``peer_loads``: tokens charged per token of the fleet's last copy a load's new blocks
+    #: would evict on the reader (vllm_llmd.pd.evict; replaces the capacity term for plans that
+    #: load; 1 = the evicted block is prefilled once more; 0 = loads pay the capacity term instead)
+    evict_weight: float = Field(default=1.0, ge=0)
 
 
 @register("scorer", "estimated-ttft", EstimatedTTFTParams)
@@ -127,6 +132,10 @@ class EstimatedTTFTScorer(_Base):
         self.prices_tiers = self.params.price_tiers
         self._footprint = KVFootprint(self.params.footprint_window)
         self._epochs = EpochWatch()
+        #: with peer loads priced by what they evict: each pod's blocks, least recently routed first,
+        #: and how many keys to keep per pod (twice its capacity, once known)
+        self._last_use = LastUse() if self.params.peer_loads and self.params.evict_weight > 0 else None
+        self._limits: dict[str, int] = {}
 
     def costs(self, req: SchedRequest, pods: list[Candidate]) -> dict[str, float]:
         # One pass over the pods with everything per request hoisted out of it; a pod holding
@@ -153,6 +162,7 @@ class EstimatedTTFTScorer(_Base):
         n_miss = max(0, n)  # every token a miss: prefill_equivalent(n, {}) = 0.0 + miss * n_miss
         offers = peer_offers(v, pods, bs) if prm.peer_loads and tiered else {}
         plans: dict[str, PeerPlan] = {}
+        lu = self._last_use
         for i, p in enumerate(pods):
             pid = p.id
             if tiered:
@@ -166,13 +176,17 @@ class EstimatedTTFTScorer(_Base):
             else:
                 c = cached_of.get(pid, 0)
                 priced = uncached = n - c
+            loads = False
             if offers:
                 others = {e: t for x, (e, t) in offers.items() if x != pid}
                 plan = plans[pid] = peer_plan(n, held_of.get(pid) or {}, others, p.prices, block_size=bs)
                 priced = plan.cost
+                loads = plan.peer is not None and lu is not None
             ex = shares[i] if shares is not None else 0.0
             cost = pw * (1.0 + bw * (ex if ex < 1.0 else 1.0)) * priced
-            if capacity_on and p.capacity_blocks and uncached > 0:
+            if loads:  # what the load's copy evicts on p, instead of the capacity term
+                cost += self.eviction(req, p).tokens
+            elif capacity_on and p.capacity_blocks and uncached > 0:
                 room = cap_frac * p.capacity_blocks - fp.hot_blocks(pid)
                 new_blocks = -(-uncached // bs)
                 over = new_blocks - room
@@ -191,15 +205,41 @@ class EstimatedTTFTScorer(_Base):
             req.outputs.put(PeerPlans(plans, holders))
         return out
 
+    def eviction(self, req: SchedRequest, p: Candidate) -> Eviction:
+        """:func:`vllm_llmd.pd.evict.eviction_price` of loading this prompt onto ``p``: ``held(p)``
+        from the index (engine blocks in any tier, in the router's blocks), the prompt's whole blocks
+        ``p`` does not hold as new, ``p``'s blocks in least-recently-routed order as the victims."""
+        index, lu, cap = self.ctx.index, self._last_use, p.capacity_blocks
+        if index is None or lu is None or not cap:
+            return NOTHING
+        self._limits[p.id] = 2 * cap
+        bs = self.ctx.block_size
+        held = _view(req).held.get(p.id)
+        new = len(req.block_keys) - (sum(held.values()) // bs if held else 0)
+        free = cap - index.blocks_held(p.id) * (p.metrics.block_size or bs) // bs
+        if new <= free:
+            return NOTHING
+        walk = lu.walk(p.id, index, set(req.block_keys))  # the prompt's own blocks: touched, kept
+        try:
+            return eviction_price(new, free, walk, bs, self.params.evict_weight)
+        finally:
+            walk.close()
+
     def _sync_epochs(self) -> None:
         """A pod the event index saw drop everything (cache cleared, restart) starts its footprint
-        again from nothing."""
-        for pod in self._epochs.dropped(self.ctx.index, self._footprint.pods()):
+        (and its last-use order) again from nothing."""
+        lu = self._last_use
+        known = self._footprint.pods() if lu is None else [*self._footprint.pods(), *lu.pods()]
+        for pod in self._epochs.dropped(self.ctx.index, known):
             self._footprint.forget(pod)
+            if lu is not None:
+                lu.forget(pod)
 
     def pre_request(self, req: SchedRequest, pod: str) -> None:
         if req.block_keys:
             self._footprint.record(pod, req.block_keys)
+            if self._last_use is not None:
+                self._last_use.touch(pod, req.block_keys, self._limits.get(pod, LAST_USE_DEFAULT_LIMIT))
 
     def score(self, req: SchedRequest, pods: list[Candidate]) -> dict[str, float]:
         costs = self.costs(req, pods)
