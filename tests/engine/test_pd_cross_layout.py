@@ -26,14 +26,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from vllm_llmd.connectors.handshake import HandshakeServer, fetch_engine_info
 
 from vllm_llmd.pd import build_decode_request, build_prefill_request
-from vllm_llmd.testing.engine import EngineProcess, EngineSpec
+from vllm_llmd.testing.engine import EngineProcess, EngineSpec, dtype_bytes, engine_dtype
 from vllm_llmd.testing.wait import wait_until
 
 pytestmark = pytest.mark.engine
 
 MODEL = "test-model"
-#: the tiny test model (vllm_llmd.testing.model "tiny"): 2 layers, 2 KV heads, head size 64, bf16
-LAYERS, KV_HEADS, HEAD_SIZE, ELEM = 2, 2, 64, 2
+#: the tiny test model (vllm_llmd.testing.model "tiny"): 2 layers, 2 KV heads, head size 64, in the
+#: engines' dtype (vllm_llmd.testing.engine.engine_dtype)
+LAYERS, KV_HEADS, HEAD_SIZE, ELEM = 2, 2, 64, dtype_bytes(engine_dtype())
 
 
 def page_bytes(block_size: int) -> int:

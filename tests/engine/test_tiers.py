@@ -34,7 +34,7 @@ from vllm_llmd.index import KVBlockIndex, KVEventSubscriber
 from vllm_llmd.pd import build_decode_request, build_prefill_request
 from vllm_llmd.router.pod_metrics import parse_metrics
 from vllm_llmd.router.tier_prices import TierPriceLearner
-from vllm_llmd.testing.engine import EngineProcess, EngineSpec, EngineStartError
+from vllm_llmd.testing.engine import EngineProcess, EngineSpec, EngineStartError, dtype_bytes, engine_dtype
 from vllm_llmd.testing.wait import wait_until, wait_until_async
 from vllm_llmd.wire import PeerLoad
 
@@ -44,8 +44,9 @@ MODEL = "test-model"
 BLOCK = 32
 PREFIX_BLOCKS = 8
 DRAM_BLOCKS = 64
-#: one engine block of the tiny test model: 2 layers x 2 KV heads x 32 tokens x 128 (K|V) x 2 bytes
-BLOCK_BYTES = 2 * 2 * BLOCK * 128 * 2
+#: one engine block of the tiny test model: 2 layers x 2 KV heads x 32 tokens x 128 (K|V) x the
+#: engines' element size (2 bytes in bf16, 4 in float32: vllm_llmd.testing.engine.engine_dtype)
+BLOCK_BYTES = 2 * 2 * BLOCK * 128 * dtype_bytes(engine_dtype())
 
 
 @dataclass
