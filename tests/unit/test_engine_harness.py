@@ -54,18 +54,17 @@ def test_an_engine_can_run_under_another_venvs_python(tmp_path: Path) -> None:
 def test_the_engine_dtype_is_the_hosts_choice_unless_overridden(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import torch
+    import vllm_llmd.testing.engine as harness
 
-    from vllm_llmd.testing.engine import DTYPE_ENV, dtype_bytes, engine_dtype
-
-    monkeypatch.delenv(DTYPE_ENV, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False)
+    monkeypatch.delenv(harness.DTYPE_ENV, raising=False)
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
-    assert engine_dtype() == "float32"  # no oneDNN bf16 GEMM on an AVX2-only x86 host
-    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True)
-    assert engine_dtype() == "bfloat16"
-    monkeypatch.setenv(DTYPE_ENV, "float16")
-    assert engine_dtype() == "float16"
+    monkeypatch.setattr(harness, "cpu_flags", lambda: {"avx2", "fma"})
+    assert harness.engine_dtype() == "float32"  # no oneDNN bf16 GEMM on an AVX2-only x86 host
+    monkeypatch.setattr(harness, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert harness.engine_dtype() == "bfloat16"
+    monkeypatch.setenv(harness.DTYPE_ENV, "float16")
+    assert harness.engine_dtype() == "float16"
     cmd = EngineSpec(model=tmp_path, events_port=None, replay_port=None).command()
     assert cmd[cmd.index("--dtype") + 1] == "float16"
-    assert [dtype_bytes(d) for d in ("bfloat16", "float32")] == [2, 4]
+    assert [harness.dtype_bytes(d) for d in ("bfloat16", "float32")] == [2, 4]
+

@@ -46,12 +46,22 @@ def engine_dtype() -> str:
         return env
     import platform
 
-    if platform.machine().lower() in ("x86_64", "amd64", "i686"):
-        import torch
-
-        if not torch.cpu._is_avx512_supported():
-            return "float32"
+    if platform.machine().lower() in ("x86_64", "amd64", "i686") and "avx512f" not in cpu_flags():
+        return "float32"
     return "bfloat16"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read). vLLM's own
+    check is ``torch.cpu._is_avx512_supported()``; this reads the same fact without torch."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
 
 
 def dtype_bytes(dtype: str) -> int:
