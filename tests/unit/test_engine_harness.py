@@ -67,4 +67,3 @@ def test_the_engine_dtype_is_the_hosts_choice_unless_overridden(
     cmd = EngineSpec(model=tmp_path, events_port=None, replay_port=None).command()
     assert cmd[cmd.index("--dtype") + 1] == "float16"
     assert [harness.dtype_bytes(d) for d in ("bfloat16", "float32")] == [2, 4]
-
