@@ -90,7 +90,14 @@ async def test_gateway_streams_chat_and_completions(engines, test_model_dir, tmp
             ("/v1/chat/completions", chat),
             (
                 "/v1/completions",
-                {"model": "test-model", "prompt": prose(10, 80), "max_tokens": 6, "ignore_eos": True, "stream": True},
+                {
+                    "model": "test-model",
+                    "prompt": prose(10, 80),
+                    "max_tokens": 6,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
             ),
         ):
             events = []
@@ -102,8 +109,13 @@ async def test_gateway_streams_chat_and_completions(engines, test_model_dir, tmp
                         events.append(line[6:].strip())
             assert events[-1] == b"[DONE]"
             parsed = [json.loads(e) for e in events[:-1]]
-            assert sum(1 for p in parsed if p.get("choices")) >= 2
+            # Every token reached the client. Not "at least two content chunks": vLLM merges the
+            # deltas of a request whose API-server consumer falls behind the engine
+            # (vllm/v1/engine/output_processor.py, RequestOutputCollector.put), so on a loaded
+            # 2-core CI host all six tokens can arrive as one chunk (CI, 2026-12-04).
+            assert any(p.get("choices") for p in parsed)
+            usage = next(p["usage"] for p in reversed(parsed) if p.get("usage"))
+            assert usage["completion_tokens"] == 6
             if path == "/v1/chat/completions":  # the picker rendered the chat exactly as vLLM did
-                usage = next(p["usage"] for p in reversed(parsed) if p.get("usage"))
                 assert usage["prompt_tokens"] == len(gw.router.tokenizer.encode_chat(body))
         await wait_until_async(gw.idle, 10, "the picker's accounting released after the streams")
