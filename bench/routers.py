@@ -304,6 +304,13 @@ ROUTERS: dict[str, RouterKind] = {
             available=_ours_missing,
         ),
         RouterKind(
+            "ours_peers_ev0",
+            "as ours_peers with evict_weight 0 (loads pay the capacity term, not the last copies they evict)",
+            _ours_scored("ours_peers_ev0", {"peer_loads": True, "evict_weight": 0}),
+            engine_args=["--kv-transfer-config", json.dumps(LLMD_DRAM_KV)],
+            available=_ours_missing,
+        ),
+        RouterKind(
             "pd_vllm_router",
             "P/D: vllm-router --vllm-pd-disaggregation + NixlConnector (1 prefill, 1 decode)",
             _vllm_router_pd,

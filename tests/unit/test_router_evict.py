@@ -10,7 +10,7 @@ from test_router_peer import HOLDER, _exposition
 from test_tier_prices import BS, _ctx, _pods, _req, _tokens
 
 from vllm_llmd.index import KVBlockIndex
-from vllm_llmd.pd.evict import Eviction, eviction_price
+from vllm_llmd.pd.evict import Eviction, duplicate_price, eviction_price
 from vllm_llmd.pd.load import TokenPrices
 from vllm_llmd.router.config import ProfileConfig
 from vllm_llmd.router.pod_metrics import parse_metrics
@@ -131,3 +131,63 @@ def test_only_a_full_readers_load_plan_walks_and_only_as_far_as_its_victims() ->
     pods[1].capacity_blocks = 66  # full: 33 victims, read in chunks of 64 keys from the oldest
     sched.schedule(_req(index, DOC_C), pods)
     assert asked == [64]
+
+
+# ---- the fleet's duplicate budget -----------------------------------------------------------------
+def test_the_duplicate_price_counts_copies_beyond_the_room_the_hot_set_leaves() -> None:
+    # fleet of 200 blocks, hot set 120: room for 80 duplicates; 50 already, a load of 20 fits
+    assert duplicate_price(20, 50, 200, 120, 64) == 0.0
+    # 40 more: 10 over the budget, each a hot block's last copy pushed out somewhere
+    assert duplicate_price(40, 50, 200, 120, 64) == 10 * 64.0
+    # far over: never more than the load's own blocks; weight scales, 0 switches it off
+    assert duplicate_price(30, 500, 200, 190, 64, weight=0.5) == 0.5 * 30 * 64
+    assert duplicate_price(30, 500, 200, 190, 64, weight=0.0) == 0.0
+    assert duplicate_price(0, 500, 200, 190, 64) == 0.0
+
+
+DOCS_ELSEWHERE = [_tokens(k, n=2048, tail=64) for k in range(4, 10)]
+
+
+def _dup_world(elsewhere: int, evict_weight: float | None = None):
+    """p1 (idle, room for C) may load document C from p0 (2,000 prefill tokens queued, C in its DRAM
+    tier). The fleet has 300 blocks (p0 100, p1 200). Both pods hold A and B (66 duplicate blocks);
+    A, B and ``elsewhere`` documents the index no longer holds anywhere were each routed once to
+    each pod: the fleet's hot set is 33 blocks per document (no pod's own footprint is hot)."""
+    index = KVBlockIndex(block_size=BS, capacity_blocks=100_000)
+    ctx = _ctx(index)
+    params: dict = {"peer_loads": True}
+    if evict_weight is not None:
+        params["evict_weight"] = evict_weight
+    sched = build_scheduler(
+        ProfileConfig.model_validate({"scorers": [{"type": "estimated-ttft", "params": params}]}), ctx
+    )
+    pods = _pods(ctx, [TokenPrices()] * 2)
+    pods[0].metrics = parse_metrics(_exposition(0, 0))
+    pods[0].capacity_blocks, pods[1].capacity_blocks = 100, 200
+    seq = 0
+    for doc in (DOC_A, DOC_B):
+        for pod in ("p0", "p1"):
+            seq += 1
+            _store(index, pod, doc, seq)
+            sched.pre_request(_req(index, doc), pod)
+    for doc in DOCS_ELSEWHERE[:elsewhere]:
+        for pod in ("p0", "p1"):
+            sched.pre_request(_req(index, doc), pod)
+    _store(index, "p0", DOC_C, seq + 1, "CPU")
+    ctx.inflight.start("p0", 2000, 0)
+    req = _req(index, DOC_C)
+    return sched.schedule(req, pods), req
+
+
+def test_a_load_beyond_the_fleets_duplicate_budget_loses_though_the_reader_has_room() -> None:
+    # hot set 5 documents (165 blocks): room for 135 duplicates; 66 held + C's 32 loaded fit
+    roomy, req = _dup_world(3)
+    assert roomy.chosen.id == "p1" and req.outputs.get(PeerPlans).plans["p1"].peer == HOLDER
+    free_cost = req.outputs.get(TTFTCosts).costs["p1"]
+    # hot set 8 documents (264 blocks): room for 36; 66 + 32 is 62 over: the load pays its 32 blocks
+    tight, req = _dup_world(6)
+    assert tight.chosen.id == "p0"
+    assert req.outputs.get(PeerPlans).plans["p1"].peer == HOLDER  # still p1's cheapest plan
+    assert req.outputs.get(TTFTCosts).costs["p1"] == pytest.approx(free_cost + 32 * BS)
+    # evict_weight 0: neither price, the load is taken as before
+    assert _dup_world(6, evict_weight=0.0)[0].chosen.id == "p1"

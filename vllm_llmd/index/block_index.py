@@ -182,6 +182,11 @@ class KVBlockIndex:
         p = self._pods.get(pod)
         return 0 if p is None else len(p.records)
 
+    def distinct_blocks(self) -> int:
+        """Canonical blocks (the index's block size) at least one pod holds in any tier, O(1): the
+        fleet's distinct KV, each block counted once however many pods hold it."""
+        return len(self._store.any)
+
     def sharing(self, pod: str, keys: Sequence[int]) -> list[int]:
         """Per canonical key: 0 ``pod`` does not hold it, 1 only ``pod`` holds it (the fleet's last
         copy), 2 ``pod`` and at least one other pod hold it (any tier each)."""

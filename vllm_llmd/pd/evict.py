@@ -19,7 +19,25 @@ RAG"). The price of a plan that loads onto pod ``p``::
     k(p)     = max(0, new(p) - free(p))                       # blocks p's LRU drops for them
     evict(p) = weight * block_size * #{ b in the k(p) least recently used blocks of p : no other pod holds b }
 
-A victim held elsewhere costs nothing here (its reload is priced when a request asks for it). The
+A victim held elsewhere costs nothing here (its reload is priced when a request asks for it).
+
+That price is myopic: it sees only the reader's room *now*. Measured on ``longrag`` (bench/RESULTS.md
+"Issue 12 last copies, measured"), loads landed while readers still had room, every document ended
+up on both pods, and the fleet's last copies were then pushed out by later *prefills* (a cold
+document placed on a pod full of duplicates), which no load price sees: 15-21 documents prefilled
+again a run with loads and this price alone. So a load also pays for the duplicate it makes, once
+the fleet's duplicates outgrow the room its hot set leaves::
+
+    dup      = sum_q held(q) - distinct                       # blocks held on more than one pod
+    budget   = sum_q capacity(q) - hot                        # hot: the fleet's hot set (blocks)
+    over     = max(0, dup + loaded - budget)                  # loaded: the blocks the load copies
+    dupe(p)  = weight * block_size * min(loaded, over)
+
+``distinct`` from the KV-event index (each block once, whichever pods hold it), ``hot`` the distinct
+blocks the router sent anywhere at least twice in its footprint window
+(:meth:`vllm_llmd.router.scheduling.footprint.KVFootprint.fleet_hot_blocks`): a duplicate inside the
+budget takes room the hot set does not need, one beyond it will push some hot block's last copy out
+somewhere. A load pays ``max(evict(p), dupe(p))`` (both estimate the same loss). The
 ``estimated-ttft`` scorer (``peer_loads: true``) supplies the inputs: ``held(p)`` from the KV-event
 index (the blocks it records on ``p`` in any tier), ``p``'s blocks in least-recently-routed order
 (:class:`vllm_llmd.router.scheduling.footprint.LastUse`) and, per block, whether the index shows it
@@ -31,7 +49,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Eviction", "eviction_price"]
+__all__ = ["Eviction", "duplicate_price", "eviction_price"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +84,15 @@ def eviction_price(
         if seen >= k:
             break
     return Eviction(weight * block_size * last, k, last, k - seen)
+
+
+def duplicate_price(
+    loaded_blocks: int, duplicates: int, capacity: int, hot: int, block_size: int, weight: float = 1.0
+) -> float:
+    """``dupe(p)`` of the module docstring, in prefill tokens: ``loaded_blocks`` the blocks the load
+    copies, ``duplicates`` the fleet's blocks held beyond one copy, ``capacity`` the fleet's summed
+    capacity and ``hot`` its hot set, all in blocks of ``block_size`` tokens."""
+    over = duplicates + loaded_blocks - (capacity - hot)
+    if over <= 0 or loaded_blocks <= 0 or weight <= 0:
+        return 0.0
+    return weight * block_size * min(loaded_blocks, over)

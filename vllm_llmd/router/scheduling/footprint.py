@@ -29,7 +29,9 @@ class KVFootprint:
     decisions (all pods counted): its *footprint*; and how many of them were routed there at least
     twice: its *hot* footprint, the blocks its KV cache must keep to go on hitting (blocks used
     once, such as unique suffixes, do not count). A hot footprint above the pod's capacity means
-    LRU eviction of hot prefixes, which are then prefilled again.
+    LRU eviction of hot prefixes, which are then prefilled again. Fleet-wide, the distinct keys
+    routed at least twice in the window, to any pods: the *fleet's hot set* (:meth:`fleet_hot_blocks`),
+    the blocks the fleet must keep at least one copy of to go on hitting.
 
     Decisions expire from a log as new ones are recorded, so reading a pod's footprint is O(1) and
     recording costs O(keys) amortised, however many pods there are."""
@@ -44,6 +46,10 @@ class KVFootprint:
         self._pods: dict[str, dict[int, int]] = {}
         self._uses: dict[str, dict[int, int]] = {}
         self._hot: dict[str, int] = {}
+        #: key -> its uses summed over the pods (each pod's count as in ``_uses``), and how many
+        #: keys have two or more
+        self._fleet: dict[int, int] = {}
+        self._fleet_hot = 0
         #: the decisions still in the window: (seq, pod, keys)
         self._log: deque[tuple[int, str, tuple[int, ...]]] = deque()
 
@@ -53,12 +59,17 @@ class KVFootprint:
         last = self._pods.setdefault(pod, {})
         uses = self._uses.setdefault(pod, {})
         hot = self._hot.get(pod, 0)
+        fleet = self._fleet
         for k in keys:
             n = uses.get(k, 0) + 1
             uses[k] = n
             last[k] = seq
             if n == 2:
                 hot += 1
+            f = fleet.get(k, 0) + 1
+            fleet[k] = f
+            if f == 2:
+                self._fleet_hot += 1
         self._hot[pod] = hot
         self._log.append((seq, pod, tuple(keys)))
         self._expire()
@@ -77,12 +88,29 @@ class KVFootprint:
             for k in keys:
                 if last.get(k) == s:  # not used again since
                     del last[k]
-                    if uses.pop(k, 0) >= 2:
+                    u = uses.pop(k, 0)
+                    if u >= 2:
                         hot -= 1
+                    self._fleet_drop(k, u)
             self._hot[pod] = hot
+
+    def _fleet_drop(self, k: int, u: int) -> None:
+        f = self._fleet.get(k, 0)
+        left = f - u
+        if left > 0:
+            self._fleet[k] = left
+        else:
+            self._fleet.pop(k, None)
+        if f >= 2 > left:
+            self._fleet_hot -= 1
 
     def hot_blocks(self, pod: str) -> int:
         return self._hot.get(pod, 0)
+
+    def fleet_hot_blocks(self) -> int:
+        """Distinct keys routed at least twice in the window, summed over all pods (a key used once
+        on each of two pods counts): the fleet's hot set, O(1)."""
+        return self._fleet_hot
 
     def blocks(self, pod: str) -> int:
         d = self._pods.get(pod)
@@ -119,7 +147,8 @@ class KVFootprint:
     def forget(self, pod: str) -> None:
         """Drop the pod's footprint (its cache was cleared: nothing of it is held any more)."""
         self._pods.pop(pod, None)
-        self._uses.pop(pod, None)
+        for k, u in (self._uses.pop(pod, None) or {}).items():
+            self._fleet_drop(k, u)
         self._hot.pop(pod, None)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from vllm_llmd.pd.evict import NOTHING, Eviction, eviction_price
+from vllm_llmd.pd.evict import NOTHING, Eviction, duplicate_price, eviction_price
 from vllm_llmd.pd.load import DECODE_TOKEN_WEIGHT, HBM, MEDIUM_CPU, prefill_equivalent, queued_tokens
 from vllm_llmd.pd.peer import PeerPlan, peer_plan
 from vllm_llmd.router.scheduling.epochs import EpochWatch
@@ -104,8 +104,9 @@ class EstimatedTTFTParams(Params):
     #: peer-load params. Needs engines with tiers reporting llmd:kv_endpoint_info and KV events.
     peer_loads: bool = False
     #: with ``peer_loads``: tokens charged per token of the fleet's last copy a load's new blocks
-    #: would evict on the reader (vllm_llmd.pd.evict; replaces the capacity term for plans that
-    #: load; 1 = the evicted block is prefilled once more; 0 = loads pay the capacity term instead)
+    #: would evict on the reader, or per token of its copy beyond the fleet's duplicate budget,
+    #: whichever is more (vllm_llmd.pd.evict; replaces the capacity term for plans that load; 1 =
+    #: the evicted block is prefilled once more; 0 = loads pay the capacity term instead)
     evict_weight: float = Field(default=1.0, ge=0)
 
 
@@ -163,6 +164,7 @@ class EstimatedTTFTScorer(_Base):
         offers = peer_offers(v, pods, bs) if prm.peer_loads and tiered else {}
         plans: dict[str, PeerPlan] = {}
         lu = self._last_use
+        fleet: tuple[int, int, int] | None = None  # (duplicates, capacity, hot) once a plan loads
         for i, p in enumerate(pods):
             pid = p.id
             if tiered:
@@ -185,7 +187,9 @@ class EstimatedTTFTScorer(_Base):
             ex = shares[i] if shares is not None else 0.0
             cost = pw * (1.0 + bw * (ex if ex < 1.0 else 1.0)) * priced
             if loads:  # what the load's copy evicts on p, instead of the capacity term
-                cost += self.eviction(req, p).tokens
+                if fleet is None:
+                    fleet = self._fleet(pods)
+                cost += max(self.eviction(req, p).tokens, self._duplicate(plan.tokens // bs, fleet))
             elif capacity_on and p.capacity_blocks and uncached > 0:
                 room = cap_frac * p.capacity_blocks - fp.hot_blocks(pid)
                 new_blocks = -(-uncached // bs)
@@ -224,6 +228,22 @@ class EstimatedTTFTScorer(_Base):
             return eviction_price(new, free, walk, bs, self.params.evict_weight)
         finally:
             walk.close()
+
+    def _fleet(self, pods: list[Candidate]) -> tuple[int, int, int]:
+        """``(dup, capacity, hot)`` of :func:`vllm_llmd.pd.evict.duplicate_price`, in the router's
+        blocks: what the index shows held beyond one copy, the candidates' summed capacity, the
+        fleet's hot set. A pod whose capacity is not known yet leaves the capacity unbounded (no
+        duplicate price)."""
+        index, bs = self.ctx.index, self.ctx.block_size
+        if index is None or any(not p.capacity_blocks for p in pods):
+            return 0, 1 << 62, 0
+        held = sum(index.blocks_held(p.id) * (p.metrics.block_size or bs) // bs for p in pods)
+        dup = max(0, held - index.distinct_blocks())
+        return dup, sum(p.capacity_blocks for p in pods), self._footprint.fleet_hot_blocks()
+
+    def _duplicate(self, loaded_blocks: int, fleet: tuple[int, int, int]) -> float:
+        dup, cap, hot = fleet
+        return duplicate_price(loaded_blocks, dup, cap, hot, self.ctx.block_size, self.params.evict_weight)
 
     def _sync_epochs(self) -> None:
         """A pod the event index saw drop everything (cache cleared, restart) starts its footprint
