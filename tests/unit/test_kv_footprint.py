@@ -170,21 +170,3 @@ def test_a_cleared_cache_clears_the_pods_footprint() -> None:
     index.ingest("p0", [b"kv@p0@m", seq_to_bytes(1), encode_batch([AllBlocksCleared()])])
     assert index.epoch("p0") == 1 and index.epoch("p1") == 0
     assert sched.schedule(_req(ctx, _tokens(41, 0)), pods).chosen.id == "p0"
-
-
-def test_the_fleets_hot_set_counts_keys_routed_twice_anywhere_and_expires_with_the_window() -> None:
-    fp = KVFootprint(window=3)
-    fp.record("a", [1, 2, 3])
-    fp.record("b", [1, 2, 9])  # 1 and 2 twice in the fleet (once per pod: neither pod's own hot set)
-    assert fp.fleet_hot_blocks() == 2 and fp.hot_blocks("a") == fp.hot_blocks("b") == 0
-    fp.record("a", [1])  # three uses of 1: still one key
-    assert fp.fleet_hot_blocks() == 2 and fp.hot_blocks("a") == 1
-    fp.record("c", [7])  # the first decision leaves the window: 2 and 3 lose a's use (1, used again, stays)
-    assert fp.fleet_hot_blocks() == 1  # 1: a's two uses (a key's uses on a pod go when its last one does)
-    fp.forget("b")  # b's cache cleared: its uses go with it (1 keeps a's two)
-    assert fp.fleet_hot_blocks() == 1
-    fp.record("a", [7])  # 7: c once, a once
-    assert fp.fleet_hot_blocks() == 2
-    for _ in range(3):
-        fp.record("d", [])
-    assert fp.fleet_hot_blocks() == 0  # everything left the window

@@ -145,6 +145,24 @@ def test_the_duplicate_price_counts_copies_beyond_the_room_the_hot_set_leaves() 
     assert duplicate_price(0, 500, 200, 190, 64) == 0.0
 
 
+def test_the_fleets_hot_set_is_what_was_routed_twice_among_its_capacity_of_recent_keys() -> None:
+    lu = LastUse()
+    lu.fleet_limit = 5
+    lu.touch("p0", [1, 2, 3])
+    lu.touch("p1", [1, 2])  # 1 and 2 routed twice, to different pods: hot
+    assert lu.fleet_hot() == 2
+    lu.touch("p0", [1])  # a third time: still one key
+    assert lu.fleet_hot() == 2
+    lu.touch("p1", [7, 8])  # five distinct keys: nothing leaves yet
+    assert lu.fleet_hot() == 2
+    lu.touch("p1", [9])  # the least recently routed (3) goes: it was routed once
+    assert lu.fleet_hot() == 2
+    lu.touch("p0", [10])  # 2 goes (1 was routed after it): 2 was hot
+    assert lu.fleet_hot() == 1
+    lu.forget("p0")  # a pod's cleared cache does not change what the fleet was asked for
+    assert lu.fleet_hot() == 1
+
+
 DOCS_ELSEWHERE = [_tokens(k, n=2048, tail=64) for k in range(4, 10)]
 
 

@@ -34,8 +34,8 @@ the fleet's duplicates outgrow the room its hot set leaves::
     dupe(p)  = weight * block_size * min(loaded, over)
 
 ``distinct`` from the KV-event index (each block once, whichever pods hold it), ``hot`` the distinct
-blocks the router sent anywhere at least twice in its footprint window
-(:meth:`vllm_llmd.router.scheduling.footprint.KVFootprint.fleet_hot_blocks`): a duplicate inside the
+blocks the router sent anywhere at least twice among the fleet's ``sum_q capacity(q)`` most recently
+routed (:meth:`vllm_llmd.router.scheduling.footprint.LastUse.fleet_hot`): a duplicate inside the
 budget takes room the hot set does not need, one beyond it will push some hot block's last copy out
 somewhere. A load pays ``max(evict(p), dupe(p))`` (both estimate the same loss). The
 ``estimated-ttft`` scorer (``peer_loads: true``) supplies the inputs: ``held(p)`` from the KV-event

@@ -29,9 +29,7 @@ class KVFootprint:
     decisions (all pods counted): its *footprint*; and how many of them were routed there at least
     twice: its *hot* footprint, the blocks its KV cache must keep to go on hitting (blocks used
     once, such as unique suffixes, do not count). A hot footprint above the pod's capacity means
-    LRU eviction of hot prefixes, which are then prefilled again. Fleet-wide, the distinct keys
-    routed at least twice in the window, to any pods: the *fleet's hot set* (:meth:`fleet_hot_blocks`),
-    the blocks the fleet must keep at least one copy of to go on hitting.
+    LRU eviction of hot prefixes, which are then prefilled again.
 
     Decisions expire from a log as new ones are recorded, so reading a pod's footprint is O(1) and
     recording costs O(keys) amortised, however many pods there are."""
@@ -46,10 +44,6 @@ class KVFootprint:
         self._pods: dict[str, dict[int, int]] = {}
         self._uses: dict[str, dict[int, int]] = {}
         self._hot: dict[str, int] = {}
-        #: key -> its uses summed over the pods (each pod's count as in ``_uses``), and how many
-        #: keys have two or more
-        self._fleet: dict[int, int] = {}
-        self._fleet_hot = 0
         #: the decisions still in the window: (seq, pod, keys)
         self._log: deque[tuple[int, str, tuple[int, ...]]] = deque()
 
@@ -59,17 +53,12 @@ class KVFootprint:
         last = self._pods.setdefault(pod, {})
         uses = self._uses.setdefault(pod, {})
         hot = self._hot.get(pod, 0)
-        fleet = self._fleet
         for k in keys:
             n = uses.get(k, 0) + 1
             uses[k] = n
             last[k] = seq
             if n == 2:
                 hot += 1
-            f = fleet.get(k, 0) + 1
-            fleet[k] = f
-            if f == 2:
-                self._fleet_hot += 1
         self._hot[pod] = hot
         self._log.append((seq, pod, tuple(keys)))
         self._expire()
@@ -88,29 +77,12 @@ class KVFootprint:
             for k in keys:
                 if last.get(k) == s:  # not used again since
                     del last[k]
-                    u = uses.pop(k, 0)
-                    if u >= 2:
+                    if uses.pop(k, 0) >= 2:
                         hot -= 1
-                    self._fleet_drop(k, u)
             self._hot[pod] = hot
-
-    def _fleet_drop(self, k: int, u: int) -> None:
-        f = self._fleet.get(k, 0)
-        left = f - u
-        if left > 0:
-            self._fleet[k] = left
-        else:
-            self._fleet.pop(k, None)
-        if f >= 2 > left:
-            self._fleet_hot -= 1
 
     def hot_blocks(self, pod: str) -> int:
         return self._hot.get(pod, 0)
-
-    def fleet_hot_blocks(self) -> int:
-        """Distinct keys routed at least twice in the window, summed over all pods (a key used once
-        on each of two pods counts): the fleet's hot set, O(1)."""
-        return self._fleet_hot
 
     def blocks(self, pod: str) -> int:
         d = self._pods.get(pod)
@@ -147,8 +119,7 @@ class KVFootprint:
     def forget(self, pod: str) -> None:
         """Drop the pod's footprint (its cache was cleared: nothing of it is held any more)."""
         self._pods.pop(pod, None)
-        for k, u in (self._uses.pop(pod, None) or {}).items():
-            self._fleet_drop(k, u)
+        self._uses.pop(pod, None)
         self._hot.pop(pod, None)
 
 
@@ -163,10 +134,22 @@ class LastUse:
     around it) are not seen. Unlike :class:`KVFootprint` it has no window: the blocks a full pod
     drops next are exactly the ones no recent request used. A pod keeps at most ``limit`` keys (the
     caller passes twice the pod's capacity; the oldest go first), and keys the pod no longer holds
-    are dropped when a walk passes them (:meth:`walk`)."""
+    are dropped when a walk passes them (:meth:`walk`).
+
+    Fleet-wide it also keeps the most recently routed distinct keys, at most ``fleet_limit`` (the
+    caller sets the fleet's summed capacity: older keys than that are gone from every LRU anyway),
+    with how often each was routed since it entered: :meth:`fleet_hot` counts those routed twice or
+    more, the blocks the fleet must keep one copy of to go on hitting (``vllm_llmd.pd.evict``'s
+    duplicate budget). Unlike the capacity term's footprint window (128 decisions) this horizon
+    scales with the fleet: on ``longrag`` a document comes back every 100-500 requests, and the
+    windowed count saw half the documents as cold (bench/RESULTS.md "Issue 12 last copies,
+    measured")."""
 
     def __init__(self) -> None:
         self._pods: dict[str, OrderedDict[int, None]] = {}
+        self._fleet: OrderedDict[int, int] = OrderedDict()
+        self._fleet_hot = 0
+        self.fleet_limit = LAST_USE_DEFAULT_LIMIT
 
     def touch(self, pod: str, keys: Iterable[int], limit: int = LAST_USE_DEFAULT_LIMIT) -> None:
         d = self._pods.get(pod)
@@ -181,6 +164,26 @@ class LastUse:
         over = len(d) - max(1, limit)
         for _ in range(over):
             d.popitem(last=False)
+        f = self._fleet
+        hot = self._fleet_hot
+        for k in keys:
+            n = f.get(k)
+            if n is None:
+                f[k] = 1
+            else:
+                f[k] = n + 1
+                f.move_to_end(k)
+                if n == 1:
+                    hot += 1
+        for _ in range(len(f) - max(1, self.fleet_limit)):
+            if f.popitem(last=False)[1] >= 2:
+                hot -= 1
+        self._fleet_hot = hot
+
+    def fleet_hot(self) -> int:
+        """Distinct keys among the fleet's ``fleet_limit`` most recently routed that were routed at
+        least twice (to any pods), O(1)."""
+        return self._fleet_hot
 
     def oldest(self, pod: str) -> list[int]:
         """The pod's keys, least recently routed first."""

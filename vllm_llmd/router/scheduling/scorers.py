@@ -232,14 +232,16 @@ class EstimatedTTFTScorer(_Base):
     def _fleet(self, pods: list[Candidate]) -> tuple[int, int, int]:
         """``(dup, capacity, hot)`` of :func:`vllm_llmd.pd.evict.duplicate_price`, in the router's
         blocks: what the index shows held beyond one copy, the candidates' summed capacity, the
-        fleet's hot set. A pod whose capacity is not known yet leaves the capacity unbounded (no
-        duplicate price)."""
-        index, bs = self.ctx.index, self.ctx.block_size
-        if index is None or any(not p.capacity_blocks for p in pods):
+        fleet's hot set (:meth:`LastUse.fleet_hot`, over that capacity's worth of recent keys). A
+        pod whose capacity is not known yet leaves the capacity unbounded (no duplicate price)."""
+        index, bs, lu = self.ctx.index, self.ctx.block_size, self._last_use
+        if index is None or lu is None or any(not p.capacity_blocks for p in pods):
             return 0, 1 << 62, 0
         held = sum(index.blocks_held(p.id) * (p.metrics.block_size or bs) // bs for p in pods)
         dup = max(0, held - index.distinct_blocks())
-        return dup, sum(p.capacity_blocks for p in pods), self._footprint.fleet_hot_blocks()
+        cap = sum(p.capacity_blocks for p in pods)
+        lu.fleet_limit = cap
+        return dup, cap, lu.fleet_hot()
 
     def _duplicate(self, loaded_blocks: int, fleet: tuple[int, int, int]) -> float:
         dup, cap, hot = fleet
