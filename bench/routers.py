@@ -311,6 +311,13 @@ ROUTERS: dict[str, RouterKind] = {
             available=_ours_missing,
         ),
         RouterKind(
+            "ours_peers_ev4",
+            "as ours_peers with evict_weight 4 (an evicted last copy or an over-budget duplicate priced 4x its tokens)",
+            _ours_scored("ours_peers_ev4", {"peer_loads": True, "evict_weight": 4}),
+            engine_args=["--kv-transfer-config", json.dumps(LLMD_DRAM_KV)],
+            available=_ours_missing,
+        ),
+        RouterKind(
             "pd_vllm_router",
             "P/D: vllm-router --vllm-pd-disaggregation + NixlConnector (1 prefill, 1 decode)",
             _vllm_router_pd,

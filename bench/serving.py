@@ -115,11 +115,15 @@ def post_json(url: str, body: dict[str, Any], timeout: float = 120) -> Any:
 
 
 def reset_prefix_cache(url: str, deadline_s: float = 30) -> bool:
-    """``POST /reset_prefix_cache`` (needs VLLM_SERVER_DEV_MODE=1); retried while requests hold blocks."""
+    """``POST /reset_prefix_cache?reset_external=true`` (needs VLLM_SERVER_DEV_MODE=1): the engine's
+    prefix cache and its KV connector's caches (our DRAM and disk tiers; without ``reset_external``
+    a tier kept the previous run's blocks, which the next run's fresh router never heard of: on
+    ``longrag`` every run after an invocation's first began with a full DRAM tier, found
+    2026-12-04); retried while requests hold blocks."""
     deadline = time.monotonic() + deadline_s
     while True:
         try:
-            req = urllib.request.Request(url + "/reset_prefix_cache", data=b"", method="POST")
+            req = urllib.request.Request(url + "/reset_prefix_cache?reset_external=true", data=b"", method="POST")
             with urllib.request.urlopen(req, timeout=10) as r:
                 if json.loads(r.read() or b"{}").get("success") is True:
                     return True
