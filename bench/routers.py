@@ -260,6 +260,18 @@ def _ours_missing() -> str | None:
     return None if r.returncode == 0 else "`vllm-llmd router` CLI not available yet"
 
 
+def _tiered(name: str, description: str, ttft_params: dict[str, object]) -> RouterKind:
+    """Our router with ``estimated-ttft`` given ``ttft_params``, on engines with DRAM tiers (issue
+    12's peer-load rows: every arm on the same engines, ``LLMD_DRAM_KV``)."""
+    return RouterKind(
+        name,
+        description,
+        _ours_scored(name, ttft_params),
+        engine_args=["--kv-transfer-config", json.dumps(LLMD_DRAM_KV)],
+        available=_ours_missing,
+    )
+
+
 ROUTERS: dict[str, RouterKind] = {
     k.name: k
     for k in (
@@ -289,33 +301,21 @@ ROUTERS: dict[str, RouterKind] = {
         RouterKind("oracle", "static oracle (prefix k -> engine k mod N)", _oracle),
         RouterKind("ours", "vllm-llmd router (ours)", _ours, available=_ours_missing),
         # issue 12's peer loads, on and off, on the same engines (LLMDConnector with a DRAM tier)
-        RouterKind(
-            "ours_tiers",
-            "vllm-llmd router (ours), engines with DRAM tiers, no peer loads",
-            _ours_scored("ours_tiers", {}),
-            engine_args=["--kv-transfer-config", json.dumps(LLMD_DRAM_KV)],
-            available=_ours_missing,
-        ),
-        RouterKind(
+        _tiered("ours_tiers", "vllm-llmd router (ours), engines with DRAM tiers, no peer loads", {}),
+        _tiered(
             "ours_peers",
             "vllm-llmd router (ours), engines with DRAM tiers, peer loads (estimated-ttft peer_loads)",
-            _ours_scored("ours_peers", {"peer_loads": True}),
-            engine_args=["--kv-transfer-config", json.dumps(LLMD_DRAM_KV)],
-            available=_ours_missing,
+            {"peer_loads": True},
         ),
-        RouterKind(
+        _tiered(
             "ours_peers_ev0",
             "as ours_peers with evict_weight 0 (loads pay the capacity term, not the last copies they evict)",
-            _ours_scored("ours_peers_ev0", {"peer_loads": True, "evict_weight": 0}),
-            engine_args=["--kv-transfer-config", json.dumps(LLMD_DRAM_KV)],
-            available=_ours_missing,
+            {"peer_loads": True, "evict_weight": 0},
         ),
-        RouterKind(
+        _tiered(
             "ours_peers_ev4",
             "as ours_peers with evict_weight 4 (an evicted last copy or an over-budget duplicate priced 4x its tokens)",
-            _ours_scored("ours_peers_ev4", {"peer_loads": True, "evict_weight": 4}),
-            engine_args=["--kv-transfer-config", json.dumps(LLMD_DRAM_KV)],
-            available=_ours_missing,
+            {"peer_loads": True, "evict_weight": 4},
         ),
         RouterKind(
             "pd_vllm_router",

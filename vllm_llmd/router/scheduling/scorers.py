@@ -220,7 +220,7 @@ class EstimatedTTFTScorer(_Base):
         bs = self.ctx.block_size
         held = _view(req).held.get(p.id)
         new = len(req.block_keys) - (sum(held.values()) // bs if held else 0)
-        free = cap - index.blocks_held(p.id) * (p.metrics.block_size or bs) // bs
+        free = cap - self._held_blocks(p)
         if new <= free:
             return NOTHING
         walk = lu.walk(p.id, index, set(req.block_keys))  # the prompt's own blocks: touched, kept
@@ -234,14 +234,20 @@ class EstimatedTTFTScorer(_Base):
         blocks: what the index shows held beyond one copy, the candidates' summed capacity, the
         fleet's hot set (:meth:`LastUse.fleet_hot`, over that capacity's worth of recent keys). A
         pod whose capacity is not known yet leaves the capacity unbounded (no duplicate price)."""
-        index, bs, lu = self.ctx.index, self.ctx.block_size, self._last_use
+        index, lu = self.ctx.index, self._last_use
         if index is None or lu is None or any(not p.capacity_blocks for p in pods):
             return 0, 1 << 62, 0
-        held = sum(index.blocks_held(p.id) * (p.metrics.block_size or bs) // bs for p in pods)
+        held = sum(self._held_blocks(p) for p in pods)
         dup = max(0, held - index.distinct_blocks())
         cap = sum(p.capacity_blocks for p in pods)
         lu.fleet_limit = cap
         return dup, cap, lu.fleet_hot()
+
+    def _held_blocks(self, p: Candidate) -> int:
+        """What the index records on ``p`` in any tier, in the router's blocks (index set)."""
+        bs = self.ctx.block_size
+        assert self.ctx.index is not None
+        return self.ctx.index.blocks_held(p.id) * (p.metrics.block_size or bs) // bs
 
     def _duplicate(self, loaded_blocks: int, fleet: tuple[int, int, int]) -> float:
         dup, cap, hot = fleet
