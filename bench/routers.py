@@ -260,19 +260,14 @@ def _ours_missing() -> str | None:
     return None if r.returncode == 0 else "`vllm-llmd router` CLI not available yet"
 
 
-def _tiered(
-    name: str, description: str, ttft_params: dict[str, object], tiers: dict[str, object] | None = None
-) -> RouterKind:
+def _tiered(name: str, description: str, ttft_params: dict[str, object]) -> RouterKind:
     """Our router with ``estimated-ttft`` given ``ttft_params``, on engines with DRAM tiers (issue
-    12's peer-load rows: every arm on the same engines, ``LLMD_DRAM_KV``, its ``tiers`` block
-    updated with ``tiers``)."""
-    kv = json.loads(json.dumps(LLMD_DRAM_KV))
-    kv["kv_connector_extra_config"]["tiers"].update(tiers or {})
+    12's peer-load rows: every arm on the same engines, ``LLMD_DRAM_KV``)."""
     return RouterKind(
         name,
         description,
         _ours_scored(name, ttft_params),
-        engine_args=["--kv-transfer-config", json.dumps(kv)],
+        engine_args=["--kv-transfer-config", json.dumps(LLMD_DRAM_KV)],
         available=_ours_missing,
     )
 
@@ -311,18 +306,6 @@ ROUTERS: dict[str, RouterKind] = {
             "ours_peers",
             "vllm-llmd router (ours), engines with DRAM tiers, peer loads (estimated-ttft peer_loads)",
             {"peer_loads": True},
-        ),
-        _tiered(
-            "ours_tiers_nostore",
-            "as ours_tiers on ours_peers_nostore's engines (no loads: the same placement; one invocation runs both)",
-            {},
-            {"store_peer_loads": False},
-        ),
-        _tiered(
-            "ours_peers_nostore",
-            "as ours_peers, the engines not storing peer-loaded blocks in their own tiers (store_peer_loads false)",
-            {"peer_loads": True},
-            {"store_peer_loads": False},
         ),
         _tiered(
             "ours_peers_ev0",

@@ -210,10 +210,7 @@ class LLMDConnector(KVConnectorBase_V1, SupportsHMA):
         if self.tiers is not None and self.tiers.claim(request.request_id) == "tier":  # tiers
             self.scheduler.update_state_after_alloc(request, blocks, 0)
         else:
-            peer = self.tiers is not None and num_external_tokens > 0 and self.scheduler.is_peer_load(request)
             self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
-            if peer and self.tiers is not None:  # tiers: a peer load's blocks stored here only if store_peer_loads
-                self.tiers.peer_loaded(request, num_external_tokens)
         if self.tiers is not None:
             self.tiers.after_alloc(request, blocks, num_external_tokens)
 

@@ -179,11 +179,6 @@ class LLMDConnectorScheduler:
         parsed = self.admit(request) if self.is_consumer else None
         return parsed if isinstance(parsed, PeerLoad) and parsed.do_peer_load else None
 
-    def is_peer_load(self, request: Request) -> bool:
-        """Whether ``request`` is about to load its prefix from a peer (before
-        :meth:`update_state_after_alloc` makes its one attempt)."""
-        return self._remote_prefill(request) is None and self._peer_load(request) is not None
-
     def _peer_blocks(self, request: Request, peer: PeerLoad) -> int:
         """Leading blocks of the prompt to load from the holder: whole blocks it holds, never the
         prompt's last token (the engine computes at least one), at most the blocks hashed so far."""

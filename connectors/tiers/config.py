@@ -83,10 +83,6 @@ class TiersConfig(_Strict):
     dram: DramTier
     disk: DiskTier | None = None
     tenant: TenantConfig = TenantConfig()
-    #: store the blocks a peer load read (connectors/peer_load.py) in this engine's own tiers too.
-    #: Off: the copy lives in the engine cache only and the holder's tier keeps the fleet's copy, so
-    #: a load does not push this pod's own blocks out of its DRAM tier (stack.py ``skip_peer_loaded``)
-    store_peer_loads: bool = True
 
     @classmethod
     def parse(cls, raw: Any) -> TiersConfig:

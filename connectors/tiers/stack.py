@@ -108,28 +108,6 @@ class TierStack:
         self.child.update_state_after_alloc(request, blocks, num_external_tokens if claim == TIER else 0)
         self._record_request(request, num_external_tokens, claim)
 
-    def peer_loaded(self, request: Any, num_loaded_tokens: int) -> None:
-        """A peer load is about to read ``num_loaded_tokens`` after this engine's own prefix hit.
-        Unless ``store_peer_loads``, the blocks up to its end are not stored in this engine's tiers:
-        the store index of vLLM's offloading scheduler (``RequestOffloadState.group_states[g]
-        .next_stored_chunk_idx``, vllm/distributed/kv_transfer/kv_connector/v1/offloading/
-        scheduler.py; stores start there) is moved past them, as vLLM itself does for the chunks a
-        tier load brought back (``update_state_after_alloc``, chunk-level policy). The copy stays in
-        the engine cache; the holder's tier keeps the fleet's copy. A load that then fails is
-        prefilled here and not stored either (the holder still has it, or it was evicted there too)."""
-        if self.cfg.store_peer_loads:
-            return
-        rid = request.request_id
-        sched = getattr(self.child, "connector_scheduler", None)
-        status = None if sched is None else getattr(sched, "_req_status", {}).get(rid)
-        if status is None:
-            logger.warning("LLMDConnector: tiers: no offloading state for %s; its peer-loaded blocks are stored", rid)
-            return
-        end = self._local_hits.get(rid, 0) + num_loaded_tokens
-        for group_config, group_state in zip(status.config.kv_group_configs, status.group_states, strict=True):
-            first = end // group_config.tokens_per_chunk
-            group_state.next_stored_chunk_idx = max(group_state.next_stored_chunk_idx, first)
-
     def hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
         if self._claims.get(request.request_id) == TIER:
             return self.child.get_external_cache_hit_sources(request, num_external_tokens)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import pytest
@@ -279,38 +277,3 @@ def test_tiers_on_a_vllm_before_032_are_a_start_up_error(monkeypatch: pytest.Mon
     monkeypatch.setattr(compat, "installed_vllm_version", lambda: "0.30.0+cpu")
     with pytest.raises(ConnectorConfigError, match=r"tiers needs vLLM 0.32 or newer .* this is vLLM 0.30.0\+cpu"):
         LLMDConnectorConfig.from_extra({"tiers": {"dram": {"capacity": "1MiB"}}})
-
-
-# ---- peer-loaded blocks and the reader's own tiers ------------------------------------------------
-def _stack_with_request(store_peer_loads: bool, rid: str, local_hit: int) -> tuple[Any, SimpleNamespace]:
-    """A ``TierStack`` around the two fields of vLLM's offloading scheduler it moves: the scheduler's
-    ``_req_status[rid]`` (``RequestOffloadState``: ``config.kv_group_configs[g].tokens_per_chunk``,
-    ``group_states[g].next_stored_chunk_idx``; vllm/distributed/kv_transfer/kv_connector/v1/offloading/
-    scheduler.py), reached as ``OffloadingConnector.connector_scheduler``."""
-    from vllm_llmd.connectors.tiers.stack import TierStack
-
-    group = SimpleNamespace(next_stored_chunk_idx=0)
-    status = SimpleNamespace(
-        config=SimpleNamespace(kv_group_configs=[SimpleNamespace(tokens_per_chunk=64)]), group_states=[group]
-    )
-    stack = object.__new__(TierStack)
-    stack.cfg = TiersConfig(dram={"capacity": 2**20}, store_peer_loads=store_peer_loads)
-    stack.child = SimpleNamespace(connector_scheduler=SimpleNamespace(_req_status={rid: status}))
-    stack._local_hits = {rid: local_hit}
-    return stack, group
-
-
-def test_a_peer_loads_blocks_are_not_stored_in_the_readers_tiers_unless_asked():
-    stack, group = _stack_with_request(store_peer_loads=False, rid="r", local_hit=128)
-    stack.peer_loaded(SimpleNamespace(request_id="r"), 2048)
-    assert group.next_stored_chunk_idx == (128 + 2048) // 64  # stores start after the loaded blocks
-    stack, group = _stack_with_request(store_peer_loads=True, rid="r", local_hit=128)
-    stack.peer_loaded(SimpleNamespace(request_id="r"), 2048)
-    assert group.next_stored_chunk_idx == 0  # the default: stored like any computed block
-
-
-def test_a_peer_load_never_moves_the_store_index_back():
-    stack, group = _stack_with_request(store_peer_loads=False, rid="r", local_hit=0)
-    group.next_stored_chunk_idx = 40
-    stack.peer_loaded(SimpleNamespace(request_id="r"), 64 * 8)
-    assert group.next_stored_chunk_idx == 40
