@@ -86,7 +86,7 @@ def engine_counters(url: str) -> dict[str, float]:
     out = dict.fromkeys(want.values(), 0.0)
     out["kv_pulls_failed"] = 0.0
     # peer loads (docs/peer-loading.md), on the reader: loads by result, bytes read
-    out.update(peer_loads=0.0, peer_loads_failed=0.0, peer_bytes=0.0)
+    out.update(peer_loads=0.0, peer_loads_failed=0.0, peer_bytes=0.0, dram_stored=0.0)
     out.update({f"peer_{r}": 0.0 for r in PEER_RESULTS})
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -96,6 +96,8 @@ def engine_counters(url: str) -> dict[str, float]:
                 out["peer_loads" if s.labels.get("result") == "ok" else "peer_loads_failed"] += float(s.value)
                 if s.labels.get("result") in PEER_RESULTS:
                     out[f"peer_{s.labels['result']}"] += float(s.value)
+            elif s.name == "llmd:kv_tier_stored_blocks_total" and s.labels.get("tier") == "dram":
+                out["dram_stored"] += float(s.value)  # tiers: blocks the DRAM tier stored
             elif s.name == "llmd:kv_peer_load_bytes_total":
                 out["peer_bytes"] += float(s.value)
             elif s.name == "llmd:kv_transfers_total":
@@ -350,7 +352,7 @@ def measured(engines: list[EngineProcess], fn: Any, router_pid: int | None = Non
     res["requests_per_engine"] = [int(a["requests"] - b["requests"]) for a, b in zip(after, before, strict=True)]
     moved = ("external_hits", "kv_bytes", "kv_pulls", "kv_pulls_failed")
     moved += ("peer_loads", "peer_loads_failed", "peer_bytes", "peer_seconds", "peer_blocks")
-    moved += ("prefill_seconds", "prefill_tokens", *(f"peer_{r}" for r in PEER_RESULTS))
+    moved += ("prefill_seconds", "prefill_tokens", "dram_stored", *(f"peer_{r}" for r in PEER_RESULTS))
     for key in moved:
         res[key] = sum(a[key] - b[key] for a, b in zip(after, before, strict=True))
     return res
