@@ -37,7 +37,9 @@ def main() -> None:
     wl, _ = build(args.workload, args.model_dir, args.seed)
     prefix_of = {t.session: t.prompt[: args.key_chars] for t in wl.turns}
     for f in sorted(args.runs.glob("detail_*.json")):
-        recs = sorted(json.loads(f.read_text())["per_request"], key=lambda r: r["t"])
+        every = json.loads(f.read_text())["per_request"]
+        # a request with no TTFT streamed no text (or failed): the client's row counts it as failed
+        recs = sorted((r for r in every if r["ttft"] is not None), key=lambda r: r["t"])
         seen: set[str] = set()
         first: list[float] = []
         rest: list[float] = []
@@ -51,6 +53,7 @@ def main() -> None:
             f"{f.name}: {len(first)} first requests, median TTFT {quantile(first, 0.5):.2f} s; "
             f"the other {len(rest)}: p90 {quantile(rest, 0.9):.2f} s; all: p90 {p90:.2f} s, "
             f"{sum(x > p90 for x in first)} of the {above} above it are first requests"
+            + (f" ({len(every) - len(recs)} without a TTFT left out)" if len(every) > len(recs) else "")
         )
 
 
