@@ -18,12 +18,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload_client import _pct
 from workloads import build
 
 
 def quantile(xs: list[float], q: float) -> float:
-    ys = sorted(xs)
-    return ys[min(len(ys) - 1, int(q * len(ys)))] if ys else float("nan")
+    """As the benchmark client's own percentiles (``workload_client._pct``), ``q`` in 0..1."""
+    v = _pct(xs, q * 100)
+    return float("nan") if v is None else v
 
 
 def main() -> None:
