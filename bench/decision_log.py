@@ -7,6 +7,10 @@ sent somewhere when neither the KV-event index nor the router's speculative entr
 holding any of it (the fleet had lost its last copy; on ``longrag`` a document prefilled again).
 
     .venv/bin/python bench/decision_log.py bench/out/serving/multiturn/small/alternating-*/router-0-ours.log
+
+``--assign`` prints the log's placement instead, for ``bench/oracle_router.py --assign``: per
+distinct prefix in the order it first arrived, the index (in the router's ``--worker`` order) of
+the pod its first request went to.
 """
 
 from __future__ import annotations
@@ -54,6 +58,26 @@ def placement(log: Path) -> dict[str, Any]:
     }
 
 
+_WORKER = re.compile(r"--worker (?:https?://)?([^=\s]+)")
+
+
+def assignment(log: Path) -> list[int]:
+    """Worker index of each distinct prefix's first request, in arrival order (see the docstring)."""
+    text = log.read_text(errors="replace")
+    order = [w.rstrip("/") for w in _WORKER.findall(text)]
+    seen: set[str] = set()
+    out = []
+    for m in _LINE.finditer(text):
+        first = m.group(2)
+        if first not in seen:
+            seen.add(first)
+            out.append(order.index(m.group(3)))
+    return out
+
+
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        print(arg, placement(Path(arg)))
+    if sys.argv[1:2] == ["--assign"]:
+        print(",".join(str(i) for i in assignment(Path(sys.argv[2]))))
+    else:
+        for arg in sys.argv[1:]:
+            print(arg, placement(Path(arg)))

@@ -7,6 +7,11 @@ so the first 1000 characters identify them). It is a benchmark yardstick, not a 
 checks, no retries. Bodies and responses (including SSE streams) pass through unchanged.
 
     python bench/oracle_router.py --port 8000 --worker http://127.0.0.1:8001 --worker http://127.0.0.1:8002
+
+``--assign 1,0,0,1,...`` replaces ``k mod N`` by a given worker per distinct prefix, in the order the
+prefixes first arrive: a placement taken from another router's decision log (``bench/decision_log.py
+--assign``) replayed through this thin proxy, to tell that placement's cost from that router's own
+overhead (bench/RESULTS.md, "Issue 12: ours against the oracle on hotprefix, taken apart").
 """
 
 from __future__ import annotations
@@ -34,16 +39,18 @@ def prompt_text(body: dict[str, Any]) -> str:
 
 
 class Oracle:
-    def __init__(self, workers: list[str], prefix_chars: int) -> None:
+    def __init__(self, workers: list[str], prefix_chars: int, assign: list[int] | None = None) -> None:
         self.workers = workers
         self.prefix_chars = prefix_chars
+        self.assign = assign or []
         self.assignment: dict[bytes, int] = {}
         self.counts = [0] * len(workers)
         self.session: ClientSession | None = None
 
     def pick(self, text: str) -> int:
         key = hashlib.blake2b(text[: self.prefix_chars].encode(), digest_size=16).digest()
-        idx = self.assignment.setdefault(key, len(self.assignment) % len(self.workers))
+        k = len(self.assignment)
+        idx = self.assignment.setdefault(key, self.assign[k] if k < len(self.assign) else k % len(self.workers))
         self.counts[idx] += 1
         return idx
 
@@ -94,8 +101,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--worker", action="append", required=True, help="backend base URL (repeat)")
     ap.add_argument("--prefix-chars", type=int, default=1000)
+    ap.add_argument("--assign", default="", help="worker index per distinct prefix, in arrival order (comma list)")
     args = ap.parse_args()
-    oracle = Oracle([w.rstrip("/") for w in args.worker], args.prefix_chars)
+    assign = [int(x) for x in args.assign.split(",") if x.strip()]
+    if any(not 0 <= i < len(args.worker) for i in assign):
+        ap.error(f"--assign names a worker outside 0..{len(args.worker) - 1}")
+    oracle = Oracle([w.rstrip("/") for w in args.worker], args.prefix_chars, assign)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.on_startup.append(oracle.start)
     app.on_cleanup.append(oracle.close)

@@ -9,6 +9,7 @@ backend).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -135,6 +136,13 @@ def _oracle(workers: list[Worker], port: int) -> Launch:
     return Launch(cmd=cmd, port=port)
 
 
+def _oracle_assigned(workers: list[Worker], port: int) -> Launch:
+    """The oracle proxy with the placement in ``LLMD_BENCH_ORACLE_ASSIGN`` (oracle_router.py --assign)."""
+    launch = _oracle(workers, port)
+    assign = os.environ.get("LLMD_BENCH_ORACLE_ASSIGN", "")
+    return dataclasses.replace(launch, cmd=[*launch.cmd, "--assign", assign]) if assign else launch
+
+
 def _ours(workers: list[Worker], port: int, config: Path | None = None) -> Launch:
     cmd = [str(VENV_BIN / "vllm-llmd"), "router", "--host", "127.0.0.1", "--port", str(port)]
     if config is not None:
@@ -156,12 +164,15 @@ def _ours(workers: list[Worker], port: int, config: Path | None = None) -> Launc
     return Launch(cmd=cmd, port=port)
 
 
-def _ours_scored(name: str, ttft_params: dict[str, object]) -> Callable[[list[Worker], int], Launch]:
+def _ours_scored(
+    name: str, ttft_params: dict[str, object], extra: dict[str, object] | None = None
+) -> Callable[[list[Worker], int], Launch]:
     """Our router with the default profile's one scorer, ``estimated-ttft``, given ``ttft_params``
-    (e.g. ``peer_loads``): a config file holding just that profile, the pods from ``--worker``."""
+    (e.g. ``peer_loads``) and the other config sections in ``extra``: a config file holding just
+    that, the pods from ``--worker``."""
 
     def build(workers: list[Worker], port: int) -> Launch:
-        cfg = {"profile": {"scorers": [{"type": "estimated-ttft", "params": ttft_params}]}}
+        cfg = {"profile": {"scorers": [{"type": "estimated-ttft", "params": ttft_params}]}, **(extra or {})}
         cfg_dir = BENCH_DIR / "out" / "ours_configs"
         cfg_dir.mkdir(parents=True, exist_ok=True)
         path = cfg_dir / f"{name}.json"  # JSON is YAML
@@ -260,13 +271,15 @@ def _ours_missing() -> str | None:
     return None if r.returncode == 0 else "`vllm-llmd router` CLI not available yet"
 
 
-def _tiered(name: str, description: str, ttft_params: dict[str, object]) -> RouterKind:
+def _tiered(
+    name: str, description: str, ttft_params: dict[str, object], extra: dict[str, object] | None = None
+) -> RouterKind:
     """Our router with ``estimated-ttft`` given ``ttft_params``, on engines with DRAM tiers (issue
     12's peer-load rows: every arm on the same engines, ``LLMD_DRAM_KV``)."""
     return RouterKind(
         name,
         description,
-        _ours_scored(name, ttft_params),
+        _ours_scored(name, ttft_params, extra),
         engine_args=["--kv-transfer-config", json.dumps(LLMD_DRAM_KV)],
         available=_ours_missing,
     )
@@ -299,9 +312,36 @@ ROUTERS: dict[str, RouterKind] = {
             available=_vllm_router_missing,
         ),
         RouterKind("oracle", "static oracle (prefix k -> engine k mod N)", _oracle),
+        RouterKind(
+            "oracle_assigned",
+            "the static oracle's proxy, prefix k -> the engine LLMD_BENCH_ORACLE_ASSIGN names (a replayed placement)",
+            _oracle_assigned,
+        ),
         RouterKind("ours", "vllm-llmd router (ours)", _ours, available=_ours_missing),
+        RouterKind(
+            "ours_nodrain",
+            "vllm-llmd router (ours), speed.drain_queued_prefill false (a prompt counts in full until its first token)",
+            _ours_scored("ours_nodrain", {}, {"speed": {"drain_queued_prefill": False}}),
+            available=_ours_missing,
+        ),
         # issue 12's peer loads, on and off, on the same engines (LLMDConnector with a DRAM tier)
         _tiered("ours_tiers", "vllm-llmd router (ours), engines with DRAM tiers, no peer loads", {}),
+        _tiered(
+            "ours_tiers_nodrain",
+            "as ours_tiers with speed.drain_queued_prefill false (a prompt counts in full until its first token)",
+            {},
+            {"speed": {"drain_queued_prefill": False}},
+        ),
+        _tiered(
+            "ours_tiers_bw0",
+            "as ours_tiers with balance_weight 0 (new KV placed by queued work only, no footprint balance)",
+            {"balance_weight": 0},
+        ),
+        _tiered(
+            "ours_tiers_bw2",
+            "as ours_tiers with balance_weight 2 (a pod's footprint excess costs at most 3x its prefill)",
+            {"balance_weight": 2},
+        ),
         _tiered(
             "ours_peers",
             "vllm-llmd router (ours), engines with DRAM tiers, peer loads (estimated-ttft peer_loads)",

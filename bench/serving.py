@@ -82,6 +82,9 @@ def engine_counters(url: str) -> dict[str, float]:
         "llmd:kv_peer_load_blocks_total": "peer_blocks",
         "vllm:request_prefill_time_seconds_sum": "prefill_seconds",
         "vllm:request_prefill_kv_computed_tokens_sum": "prefill_tokens",
+        # the engines' own view of the requests' time (from arrival at vLLM's API server): what the
+        # client measured beyond it was spent in the client, the router and the HTTP between them
+        "vllm:e2e_request_latency_seconds_sum": "engine_e2e_s",
     }
     out = dict.fromkeys(want.values(), 0.0)
     out["kv_pulls_failed"] = 0.0
@@ -353,8 +356,13 @@ def measured(engines: list[EngineProcess], fn: Any, router_pid: int | None = Non
     moved = ("external_hits", "kv_bytes", "kv_pulls", "kv_pulls_failed")
     moved += ("peer_loads", "peer_loads_failed", "peer_bytes", "peer_seconds", "peer_blocks")
     moved += ("prefill_seconds", "prefill_tokens", "dram_stored", *(f"peer_{r}" for r in PEER_RESULTS))
+    moved += ("engine_e2e_s",)
     for key in moved:
         res[key] = sum(a[key] - b[key] for a, b in zip(after, before, strict=True))
+    # per request, what the client waited beyond the engines' own e2e (router + client + HTTP)
+    e2e = [r["e2e"] for r in res.get("per_request", []) if r.get("e2e") is not None]
+    if e2e and len(e2e) == sum(res["requests_per_engine"]):
+        res["path_overhead_ms"] = round(1000 * (sum(e2e) - res["engine_e2e_s"]) / len(e2e), 1)
     return res
 
 
@@ -486,7 +494,7 @@ def fmt_brief(r: dict[str, Any]) -> str:
     return (
         f"{r['req_s']:.2f} req/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms p90 {r['ttft_p90_ms']:.0f} ms, "
         f"hit rate {r['hit_rate']:.2f}, per engine {r['requests_per_engine']}, failed {r['failed']}, "
-        f"router CPU {r.get('router_cpu_s')} s"
+        f"router CPU {r.get('router_cpu_s')} s, path overhead {r.get('path_overhead_ms')} ms/request"
     )
 
 

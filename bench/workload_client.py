@@ -234,7 +234,13 @@ async def run(
         "requests_per_pod_router": pods,
         "engine_load": load_stats(samples, concurrency),
         "per_request": [
-            {"s": r.session, "t": round(r.start, 3), "ttft": r.ttft and round(r.ttft, 4), "pod": r.pod}
+            {
+                "s": r.session,
+                "t": round(r.start, 3),
+                "ttft": r.ttft and round(r.ttft, 4),
+                "e2e": r.e2e and round(r.e2e, 4),
+                "pod": r.pod,
+            }
             for r in sorted(results, key=lambda r: r.start)
         ],
         "load_samples": samples,
