@@ -318,20 +318,8 @@ ROUTERS: dict[str, RouterKind] = {
             _oracle_assigned,
         ),
         RouterKind("ours", "vllm-llmd router (ours)", _ours, available=_ours_missing),
-        RouterKind(
-            "ours_nodrain",
-            "vllm-llmd router (ours), speed.drain_queued_prefill false (a prompt counts in full until its first token)",
-            _ours_scored("ours_nodrain", {}, {"speed": {"drain_queued_prefill": False}}),
-            available=_ours_missing,
-        ),
         # issue 12's peer loads, on and off, on the same engines (LLMDConnector with a DRAM tier)
         _tiered("ours_tiers", "vllm-llmd router (ours), engines with DRAM tiers, no peer loads", {}),
-        _tiered(
-            "ours_tiers_nodrain",
-            "as ours_tiers with speed.drain_queued_prefill false (a prompt counts in full until its first token)",
-            {},
-            {"speed": {"drain_queued_prefill": False}},
-        ),
         _tiered(
             "ours_tiers_bw0",
             "as ours_tiers with balance_weight 0 (new KV placed by queued work only, no footprint balance)",

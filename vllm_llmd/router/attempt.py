@@ -8,16 +8,10 @@ memory's pending entry, the KV footprint, the session). :meth:`answering` marks 
 (the prefill is done). Leaving it, however it ends (answered, failed, or cancelled because the
 client left), releases the ticket and runs the ``PostResponse`` hooks, at once.
 
-The pod's speed is learned from the try's timing (:mod:`vllm_llmd.router.speed`), in two parts
-(:class:`~vllm_llmd.router.speed.AttemptTiming`): its prefill sample (the work queued on the pod when
-it was sent, the time to the first chunk) goes to the speed estimator as soon as the first chunk of a
-streamed answer arrives, and a streamed answer that ran to its end leaves its decode sample (the SSE
-events after the first chunk and their duration) in the request's outputs for the ``PostResponse``
-hooks. The prefill sample does not wait for the decode: after a burst of cold prompts the first
-samples then come a prefill's time after the burst rather than a whole answer's, and the in-flight
-record, which drains queued prefill at the learned rate (:mod:`vllm_llmd.router.inflight`), has a
-rate while the burst is still being prefilled (bench/RESULTS.md, "Issue 12: ours against the oracle
-on hotprefix, taken apart").
+A streamed answer that ran to its end leaves its timing for those hooks
+(:class:`~vllm_llmd.router.speed.AttemptTiming` in the request's outputs: the work queued on the pod
+when it was sent, the time to the first chunk, the SSE events after it and their duration), from
+which the pod's speed is learned (:mod:`vllm_llmd.router.speed`).
 """
 
 from __future__ import annotations
@@ -94,11 +88,6 @@ class Attempt:
             self._inflight.first_token(self.ticket)
         if streamed:
             self._t_first = self._t_last = time.perf_counter()
-            speeds = self._scheduler.ctx.speeds
-            if speeds is not None:
-                speeds.observe(
-                    AttemptTiming(self.pod.id, self._work, self._t_first - self._t_sent, 0, 0.0, self._prefill)
-                )
 
     def chunk(self, data: bytes) -> None:
         """A later chunk of a streamed answer arrived."""
@@ -112,10 +101,10 @@ class Attempt:
             self._inflight.done(self.ticket)
         if self.completed and self._t_first > 0 and exc_type is None:
             self.req.outputs.put(
-                AttemptTiming(  # the decode part (the prefill part was observed at the first chunk)
+                AttemptTiming(
                     self.pod.id,
                     self._work,
-                    None,
+                    self._t_first - self._t_sent,
                     self._events,
                     self._t_last - self._t_first,
                     self._prefill,

@@ -243,9 +243,6 @@ class SpeedConfig(_Strict):
     max_ratio: float = Field(default=32.0, ge=1)
     #: the published speeds are recomputed at most this often
     refresh_s: float = Field(default=0.25, ge=0)
-    #: count the prefill queued on a pod as done at the pod's learned prefill rate until the first
-    #: token arrives (vllm_llmd.router.inflight; off: a prompt counts in full until then)
-    drain_queued_prefill: bool = True
 
 
 class ServerConfig(_Strict):

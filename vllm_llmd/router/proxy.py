@@ -268,7 +268,6 @@ class RouterApp:
         return decode, [c for c in cands if c.role == "prefill"]
 
     def schedule(self, req: SchedRequest, pods: list[Candidate]) -> Decision:
-        self.inflight.drain()  # the queued prefill the pods have likely done since (router.inflight)
         try:
             return self.scheduler.schedule(req, pods)
         except NoCandidate as e:

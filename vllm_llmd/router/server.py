@@ -80,9 +80,7 @@ def build_router(cfg: RouterConfig, tracer_provider: Any | None = None) -> Route
         index, subscriber = _make_index(cfg)
     elif any(p.events for p in cfg.pods) or (cfg.discovery and cfg.discovery.events_port):
         log.warning("KV events are configured but there is no tokenizer: events are not used")
-    speeds = SpeedEstimator(cfg.speed) if cfg.speed.learn else None
-    # queued prefill drains at each pod's learned rate (vllm_llmd.router.inflight)
-    inflight = InflightTracker(speeds.prefill_rate if speeds is not None and cfg.speed.drain_queued_prefill else None)
+    inflight = InflightTracker()
     ctx = SchedulingContext(
         index=index,
         memory=PrefixMemory(cfg.index.memory_blocks_per_pod),
@@ -90,7 +88,7 @@ def build_router(cfg: RouterConfig, tracer_provider: Any | None = None) -> Route
         block_size=cfg.index.block_size,
         speculative_ttl_s=cfg.index.speculative_ttl_s,
         metrics_stale_s=cfg.pool.metrics_stale_s,
-        speeds=speeds,
+        speeds=SpeedEstimator(cfg.speed) if cfg.speed.learn else None,
     )
     scheduler = build_scheduler(cfg.profile, ctx)
     ctx.decode_token_weight = scheduler.decode_token_weight  # the P/D decider uses the profile's weight

@@ -3,11 +3,9 @@
 ``prefill_speed`` is only the prior).
 
 What the router observes of one try (:class:`~vllm_llmd.router.attempt.Attempt`; a streamed answer
-with status 200): the request's own uncached prompt tokens, the work already queued on the pod when
-it was sent (the router's in-flight record, :mod:`vllm_llmd.router.inflight`, drained at the rate
-learned here), when the first chunk arrived (the prefill sample, observed then), and, if it ran to
-its end, how many SSE events arrived after the first and over how long (the decode sample, at the
-end). Per try:
+with status 200 that ran to its end): the request's own uncached prompt tokens, the work already
+queued on the pod when it was sent (the router's in-flight record, :mod:`vllm_llmd.pd.load`), when
+the first chunk arrived, and how many SSE events arrived after it and over how long. Per try:
 
     own         = the request's uncached prompt tokens
     work        = own + queued_prefill_ahead + decode_token_weight * queued_decode_ahead   (tokens)
@@ -143,10 +141,6 @@ class SpeedEstimator:
         self._priors: dict[str, float] = {}
         #: published speeds (pods with samples only); ``version`` changes when they do
         self.prefill: dict[str, float] = {}
-        #: published absolute prefill rates, tokens/s (pods with a sample), and their median per
-        #: unit of prior (:meth:`prefill_rate`)
-        self.rate: dict[str, float] = {}
-        self._rate_ref: float | None = None
         self.decode: dict[str, float] = {}
         self.version = 0
         self._dirty = False
@@ -206,9 +200,6 @@ class SpeedEstimator:
                 rates[pod] = (pr, len(s.prefill))
             if dr is not None:
                 drates[pod] = (dr, len(s.decode))
-        self.rate = {p: r for p, (r, _n) in rates.items()}
-        per_prior = [r / self._priors.get(p, 1.0) for p, r in self.rate.items()]
-        self._rate_ref = statistics.median(per_prior) if per_prior else None
         prefill, decode = self._relative(rates), self._relative(drates)
         if prefill != self.prefill or decode != self.decode:
             self.prefill, self.decode = prefill, decode
@@ -228,18 +219,6 @@ class SpeedEstimator:
             speed = math.exp((n0 * math.log(pi) + n * math.log(r / big_r)) / (n0 + n))
             out[p] = min(pi * k, max(pi / k, speed))
         return out
-
-    def prefill_rate(self, pod: str) -> float | None:
-        """The pod's prefill rate in tokens/s, as last refreshed: the work-weighted median of its
-        samples, from the first one; a pod without samples gets its prior times the pool's median
-        rate per unit of prior (``None`` while no pod has a sample). How fast the router's in-flight
-        record counts queued prefill as done (:mod:`vllm_llmd.router.inflight`): from the first
-        sample, because the first samples come while the burst that produced them is still being
-        prefilled, and a rough rate drains it better than none (which counts it in full)."""
-        r = self.rate.get(pod)
-        if r is None and self._rate_ref is not None:
-            r = self._rate_ref * self._priors.get(pod, 1.0)
-        return r
 
     def prefill_speed(self, pod: str, prior: float) -> float:
         return self.prefill.get(pod, prior)
