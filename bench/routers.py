@@ -318,8 +318,19 @@ ROUTERS: dict[str, RouterKind] = {
             _oracle_assigned,
         ),
         RouterKind("ours", "vllm-llmd router (ours)", _ours, available=_ours_missing),
+        RouterKind(
+            "ours_pw4",
+            "vllm-llmd router (ours), estimated-ttft prefill_weight 4 (spills less)",
+            _ours_scored("ours_pw4", {"prefill_weight": 4}),
+            available=_ours_missing,
+        ),
         # issue 12's peer loads, on and off, on the same engines (LLMDConnector with a DRAM tier)
         _tiered("ours_tiers", "vllm-llmd router (ours), engines with DRAM tiers, no peer loads", {}),
+        _tiered(
+            "ours_tiers_pw4",
+            "as ours_tiers with prefill_weight 4 (a spill has to save four times the prefill it causes)",
+            {"prefill_weight": 4},
+        ),
         _tiered(
             "ours_tiers_bw0",
             "as ours_tiers with balance_weight 0 (new KV placed by queued work only, no footprint balance)",

@@ -360,9 +360,9 @@ def measured(engines: list[EngineProcess], fn: Any, router_pid: int | None = Non
     for key in moved:
         res[key] = sum(a[key] - b[key] for a, b in zip(after, before, strict=True))
     # per request, what the client waited beyond the engines' own e2e (router + client + HTTP)
-    e2e = [r["e2e"] for r in res.get("per_request", []) if r.get("e2e") is not None]
-    if e2e and len(e2e) == sum(res["requests_per_engine"]):
-        res["path_overhead_ms"] = round(1000 * (sum(e2e) - res["engine_e2e_s"]) / len(e2e), 1)
+    n, e2e = res.get("e2e_n", 0), res.get("e2e_sum_s", 0.0)
+    if n and n == sum(res["requests_per_engine"]):
+        res["path_overhead_ms"] = round(1000 * (e2e - res["engine_e2e_s"]) / n, 1)
     return res
 
 

@@ -232,6 +232,9 @@ async def run(
         "e2e_p50_ms": _pct(e2e, 50),
         "e2e_p90_ms": _pct(e2e, 90),
         "requests_per_pod_router": pods,
+        # every answered request's e2e (streamed text or not), against the engines' own e2e
+        "e2e_n": sum(r.e2e is not None for r in results),
+        "e2e_sum_s": sum(r.e2e for r in results if r.e2e is not None),
         "engine_load": load_stats(samples, concurrency),
         "per_request": [
             {
