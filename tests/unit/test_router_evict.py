@@ -16,7 +16,7 @@ from vllm_llmd.router.config import ProfileConfig
 from vllm_llmd.router.pod_metrics import parse_metrics
 from vllm_llmd.router.scheduling import build_scheduler
 from vllm_llmd.router.scheduling.footprint import LastUse
-from vllm_llmd.router.scheduling.scorers import PeerPlans, TTFTCosts
+from vllm_llmd.router.scheduling.scorers import EstimatedTTFTParams, PeerPlans, TTFTCosts
 
 DOC_A, DOC_B, DOC_C = (_tokens(k, n=2048, tail=64) for k in (1, 2, 3))  # 33 blocks each
 
@@ -98,9 +98,11 @@ def test_the_same_load_wins_when_what_it_evicts_is_held_elsewhere() -> None:
 
 def test_without_peer_loads_the_costs_are_the_formula_as_before() -> None:
     d, req = _world(peer_loads=False)
-    # p0: its DRAM hit (all 33 blocks) at the default price 0.1, doubled, plus its queue; p1: the
-    # whole prompt doubled, no capacity charge (A and B routed once each: not hot)
-    assert req.outputs.get(TTFTCosts).costs == pytest.approx({"p0": 2 * 0.1 * 2112 + 2000, "p1": 2 * 2112})
+    # p0: its DRAM hit (all 33 blocks) at the default price 0.1, times prefill_weight, plus its
+    # queue; p1: the whole prompt times prefill_weight, no capacity charge (A and B routed once
+    # each: not hot)
+    pw = EstimatedTTFTParams().prefill_weight
+    assert req.outputs.get(TTFTCosts).costs == pytest.approx({"p0": pw * 0.1 * 2112 + 2000, "p1": pw * 2112})
     assert req.outputs.get(PeerPlans) is None and d.chosen.id == "p0"
 
 

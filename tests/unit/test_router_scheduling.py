@@ -12,6 +12,7 @@ from vllm_llmd.router.pod_metrics import PodMetrics, parse_metrics
 from vllm_llmd.router.prefix_memory import PrefixMemory
 from vllm_llmd.router.prompt import token_block_keys
 from vllm_llmd.router.scheduling import Candidate, PluginError, SchedRequest, SchedulingContext, build_scheduler
+from vllm_llmd.router.scheduling.scorers import EstimatedTTFTParams
 
 BS = 64
 
@@ -80,8 +81,9 @@ def test_affinity_breaks_when_the_sticky_pod_is_overloaded() -> None:
     pods = _pods(ctx)
     first = sched.schedule(_req(ctx, _tokens(1, 0)), pods).chosen.id
     other = "p1" if first == "p0" else "p0"
-    # a deep queue of uncached prefill on the sticky pod: recomputing 2048 tokens elsewhere is cheaper
-    ctx.inflight.start(first, 8000, 0)
+    # a deep queue of uncached prefill on the sticky pod (twice the prefill_weight x 2048 a spill
+    # costs): recomputing 2048 tokens elsewhere is cheaper
+    ctx.inflight.start(first, int(2 * EstimatedTTFTParams().prefill_weight * 2048), 0)
     assert sched.schedule(_req(ctx, _tokens(1, 1)), pods).chosen.id == other
     # a small queue does not break affinity
     ctx2 = _ctx()

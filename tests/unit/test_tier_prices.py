@@ -19,9 +19,12 @@ from vllm_llmd.router.pool import PodPool
 from vllm_llmd.router.prefix_memory import PrefixMemory
 from vllm_llmd.router.scheduling import Candidate, SchedRequest, SchedulingContext, build_scheduler
 from vllm_llmd.router.scheduling.prefix_view import held_by_tier
+from vllm_llmd.router.scheduling.scorers import EstimatedTTFTParams
 from vllm_llmd.router.tier_prices import TierPriceLearner
 
 BS = 64
+#: the default profile's prefill_weight (its one owner: EstimatedTTFTParams)
+PW = EstimatedTTFTParams().prefill_weight
 
 
 # ---- the price function ----------------------------------------------------------------------------
@@ -209,8 +212,8 @@ def test_estimated_ttft_sees_three_prices() -> None:
     c = costs.costs
     assert c["p0"] < c["p1"] < c["p2"]
     # the DRAM hit costs prefill_weight x price x tokens, the miss prefill_weight x tokens
-    assert c["p1"] == pytest.approx(2.0 * 0.1 * 2048)
-    assert c["p2"] == pytest.approx(2.0 * 2048 + 0)  # nothing overflows without a capacity
+    assert c["p1"] == pytest.approx(PW * 0.1 * 2048)
+    assert c["p2"] == pytest.approx(PW * 2048 + 0)  # nothing overflows without a capacity
     assert d.chosen.id == "p0"
 
 
@@ -218,7 +221,7 @@ def test_a_slow_tier_is_priced_like_a_miss_and_a_disk_hit_above_a_dram_hit() -> 
     _, slow = _costs({}, "p0", "p1", TokenPrices(tiers={"CPU": 1.0}))
     assert slow is not None and slow.costs["p1"] == pytest.approx(slow.costs["p2"])
     _, disk = _costs({}, "p0", "p1", TokenPrices(tiers={"CPU": 0.1, "STORAGE": 0.4}), lower_medium="STORAGE")
-    assert disk is not None and disk.costs["p1"] == pytest.approx(2.0 * 0.4 * 2048)
+    assert disk is not None and disk.costs["p1"] == pytest.approx(PW * 0.4 * 2048)
 
 
 def test_price_tiers_false_is_the_tier_blind_cost() -> None:

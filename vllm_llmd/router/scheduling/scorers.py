@@ -77,8 +77,11 @@ def peer_offers(v: PrefixView, pods: list[Candidate], block_size: int) -> dict[s
 class EstimatedTTFTParams(Params):
     #: weight of one outstanding decode token relative to one prefill token (vllm_llmd.pd.load)
     decode_token_weight: float = Field(default=DECODE_TOKEN_WEIGHT, ge=0)
-    #: weight of the uncached part of *this* request (Dynamo's overlap weight)
-    prefill_weight: float = Field(default=2.0, ge=0)
+    #: weight of the uncached part of *this* request (Dynamo's overlap weight); 4: a request leaves
+    #: the pod holding its prefix when that pod's queue is ~4 of its prompts longer (2 until
+    #: 2026-12-04: spills re-prefilled prefixes, 0.84-0.91x the static oracle; bench/RESULTS.md,
+    #: "Issue 12: ours against the oracle on hotprefix, taken apart")
+    prefill_weight: float = Field(default=4.0, ge=0)
     #: smoothing constant (tokens) of the normalisation ``(min + c) / (cost + c)``
     smoothing_tokens: float = Field(default=64.0, gt=0)
     #: how much more placing *new* KV (uncached tokens) costs on a pod per unit of relative excess
