@@ -320,15 +320,21 @@ ROUTERS: dict[str, RouterKind] = {
         RouterKind("ours", "vllm-llmd router (ours)", _ours, available=_ours_missing),
         RouterKind(
             "ours_pw4",
-            "vllm-llmd router (ours), estimated-ttft prefill_weight 4 (spills less)",
+            "vllm-llmd router (ours), estimated-ttft prefill_weight 4 (the default since 2026-12-04)",
             _ours_scored("ours_pw4", {"prefill_weight": 4}),
+            available=_ours_missing,
+        ),
+        RouterKind(
+            "ours_pw2",
+            "vllm-llmd router (ours), estimated-ttft prefill_weight 2 (the default until 2026-12-04)",
+            _ours_scored("ours_pw2", {"prefill_weight": 2}),
             available=_ours_missing,
         ),
         # issue 12's peer loads, on and off, on the same engines (LLMDConnector with a DRAM tier)
         _tiered("ours_tiers", "vllm-llmd router (ours), engines with DRAM tiers, no peer loads", {}),
         _tiered(
             "ours_tiers_pw4",
-            "as ours_tiers with prefill_weight 4 (a spill has to save four times the prefill it causes)",
+            "as ours_tiers with prefill_weight 4 (the default since 2026-12-04)",
             {"prefill_weight": 4},
         ),
         _tiered(
