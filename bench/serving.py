@@ -494,7 +494,8 @@ def fmt_brief(r: dict[str, Any]) -> str:
     return (
         f"{r['req_s']:.2f} req/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms p90 {r['ttft_p90_ms']:.0f} ms, "
         f"hit rate {r['hit_rate']:.2f}, per engine {r['requests_per_engine']}, failed {r['failed']}, "
-        f"router CPU {r.get('router_cpu_s')} s, path overhead {r.get('path_overhead_ms')} ms/request"
+        f"router CPU {r.get('router_cpu_s')} s"
+        + (f", path overhead {r['path_overhead_ms']} ms/request" if r.get("path_overhead_ms") is not None else "")
     )
 
 
