@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from vllm_llmd.pd.load import HBM, prefill_equivalent, queued_time, queued_tokens
+from vllm_llmd.router.scheduling.estimated_ttft import EstimatedTTFTScorer, TTFTCosts
 from vllm_llmd.router.scheduling.framework import (
     Candidate,
     Decision,
@@ -19,7 +20,6 @@ from vllm_llmd.router.scheduling.framework import (
 from vllm_llmd.router.scheduling.pickers import MaxScorePicker
 from vllm_llmd.router.scheduling.prefix_view import held_by_tier
 from vllm_llmd.router.scheduling.profile import Scheduler
-from vllm_llmd.router.scheduling.scorers import EstimatedTTFTScorer, TTFTCosts
 
 
 def prefix_view(req: SchedRequest, pods: list[Candidate], ctx: SchedulingContext) -> PrefixView:

@@ -15,8 +15,8 @@ from vllm_llmd.pd.load import TokenPrices
 from vllm_llmd.router.config import ProfileConfig
 from vllm_llmd.router.pod_metrics import parse_metrics
 from vllm_llmd.router.scheduling import build_scheduler
+from vllm_llmd.router.scheduling.estimated_ttft import EstimatedTTFTParams, PeerPlans, TTFTCosts
 from vllm_llmd.router.scheduling.footprint import LastUse
-from vllm_llmd.router.scheduling.scorers import EstimatedTTFTParams, PeerPlans, TTFTCosts
 
 DOC_A, DOC_B, DOC_C = (_tokens(k, n=2048, tail=64) for k in (1, 2, 3))  # 33 blocks each
 

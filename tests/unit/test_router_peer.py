@@ -16,7 +16,7 @@ from vllm_llmd.pd.requests import build_peer_load_request
 from vllm_llmd.router.config import ProfileConfig
 from vllm_llmd.router.pod_metrics import parse_metrics
 from vllm_llmd.router.scheduling import build_scheduler
-from vllm_llmd.router.scheduling.scorers import PeerPlans, TTFTCosts
+from vllm_llmd.router.scheduling.estimated_ttft import PeerPlans, TTFTCosts
 from vllm_llmd.router.tier_prices import TierPriceLearner
 from vllm_llmd.wire import PeerLoad, parse_kv_transfer_params
 

@@ -12,7 +12,7 @@ from vllm_llmd.router.pod_metrics import PodMetrics, parse_metrics
 from vllm_llmd.router.prefix_memory import PrefixMemory
 from vllm_llmd.router.prompt import token_block_keys
 from vllm_llmd.router.scheduling import Candidate, PluginError, SchedRequest, SchedulingContext, build_scheduler
-from vllm_llmd.router.scheduling.scorers import EstimatedTTFTParams
+from vllm_llmd.router.scheduling.estimated_ttft import EstimatedTTFTParams
 
 BS = 64
 

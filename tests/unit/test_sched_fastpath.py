@@ -20,7 +20,7 @@ from vllm_llmd.router.inflight import InflightTracker
 from vllm_llmd.router.pod_metrics import PodMetrics
 from vllm_llmd.router.prefix_memory import PrefixMemory
 from vllm_llmd.router.scheduling import Candidate, SchedRequest, SchedulingContext, build_scheduler
-from vllm_llmd.router.scheduling.scorers import TTFTCosts
+from vllm_llmd.router.scheduling.estimated_ttft import TTFTCosts
 
 BS = 16
 TIERS = ["GPU", "CPU", "STORAGE"]

@@ -18,8 +18,8 @@ from vllm_llmd.router.pod_metrics import PodMetrics, parse_metrics
 from vllm_llmd.router.pool import PodPool
 from vllm_llmd.router.prefix_memory import PrefixMemory
 from vllm_llmd.router.scheduling import Candidate, SchedRequest, SchedulingContext, build_scheduler
+from vllm_llmd.router.scheduling.estimated_ttft import EstimatedTTFTParams
 from vllm_llmd.router.scheduling.prefix_view import held_by_tier
-from vllm_llmd.router.scheduling.scorers import EstimatedTTFTParams
 from vllm_llmd.router.tier_prices import TierPriceLearner
 
 BS = 64
@@ -199,7 +199,7 @@ def _costs(profile: dict, hbm: str | None, lower: str | None, prices: TokenPrice
     toks = _tokens(1, n=2048, tail=0)
     store_blocks(index, "p0", toks, 1, "GPU")
     store_blocks(index, "p1", toks, 1, lower_medium)  # p2 holds nothing
-    from vllm_llmd.router.scheduling.scorers import TTFTCosts
+    from vllm_llmd.router.scheduling.estimated_ttft import TTFTCosts
 
     req = _req(index, toks)
     d = sched.schedule(req, pods)

@@ -31,8 +31,8 @@ from vllm_llmd.router.config import PoolConfig
 from vllm_llmd.router.pool import PodPool
 from vllm_llmd.router.request import ClientRequest
 from vllm_llmd.router.scheduling import Candidate, Decision, NoCandidate, SchedRequest, Scheduler
+from vllm_llmd.router.scheduling.estimated_ttft import PeerPlans
 from vllm_llmd.router.scheduling.framework import PluginOutputs
-from vllm_llmd.router.scheduling.scorers import PeerPlans
 from vllm_llmd.router.upstream import Upstream, body_payload, client_gone, pod_headers, read_capped
 
 log = logging.getLogger(__name__)

@@ -53,7 +53,7 @@ from vllm_llmd.router.probes import ProbeResult, Probes
 from vllm_llmd.router.prompt import PromptStage
 from vllm_llmd.router.request import ClientRequest, Endpoint, RequestParser
 from vllm_llmd.router.scheduling import Candidate, Decider, Decision, NoCandidate, SchedRequest, Scheduler
-from vllm_llmd.router.scheduling.scorers import TTFTCosts
+from vllm_llmd.router.scheduling.estimated_ttft import TTFTCosts
 from vllm_llmd.router.tokenize import PromptTokenizer, TokenizerPool
 from vllm_llmd.router.upstream import Upstream, read_capped, request_headers
 

@@ -4,7 +4,7 @@ Plugins register by type name (:mod:`.registry`); a profile is assembled from YA
 Importing this package registers the built-in plugins. Nothing here touches HTTP.
 """
 
-from vllm_llmd.router.scheduling import deciders, filters, lora, pickers, scorers  # noqa: F401  (registration)
+from vllm_llmd.router.scheduling import deciders, estimated_ttft, filters, lora, pickers, scorers  # noqa: F401  (registration)
 from vllm_llmd.router.scheduling.framework import (
     Candidate,
     Decider,

@@ -19,9 +19,9 @@ from pydantic import Field
 
 from vllm_llmd.pd import PodCost, SelectiveParams, choose_kv_source, should_disaggregate
 from vllm_llmd.pd.load import prefill_equivalent
+from vllm_llmd.router.scheduling.estimated_ttft import PeerPlans
 from vllm_llmd.router.scheduling.framework import Candidate, Decision, SchedRequest, SchedulingContext
 from vllm_llmd.router.scheduling.registry import Params, register
-from vllm_llmd.router.scheduling.scorers import PeerPlans
 
 #: the P/D deciders' defaults have one owner: vllm_llmd.pd.SelectiveParams
 _PD_DEFAULTS = SelectiveParams()
