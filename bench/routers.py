@@ -330,6 +330,12 @@ ROUTERS: dict[str, RouterKind] = {
             _ours_scored("ours_pw2", {"prefill_weight": 2}),
             available=_ours_missing,
         ),
+        RouterKind(
+            "ours_nolearn",
+            "vllm-llmd router (ours), pod speeds not learned (speed.learn false: every pod at its prior)",
+            _ours_scored("ours_nolearn", {}, {"speed": {"learn": False}}),
+            available=_ours_missing,
+        ),
         # issue 12's peer loads, on and off, on the same engines (LLMDConnector with a DRAM tier)
         _tiered("ours_tiers", "vllm-llmd router (ours), engines with DRAM tiers, no peer loads", {}),
         _tiered(

@@ -318,7 +318,7 @@ class RouterApp:
         if log.isEnabledFor(logging.DEBUG):
             costs = req.outputs.get(TTFTCosts)
             log.debug(
-                "route prompt=%d tokens first_key=%x -> %s predicted_cached=%d cached=%s totals=%s costs=%s",
+                "route prompt=%d tokens first_key=%x -> %s predicted_cached=%d cached=%s totals=%s costs=%s speeds=%s",
                 req.prompt_tokens,
                 req.block_keys[0] if req.block_keys else 0,
                 pid,
@@ -326,6 +326,7 @@ class RouterApp:
                 dict(req.view.cached) if req.view is not None else None,
                 {k: round(v, 3) for k, v in decision.totals.items()},
                 costs.costs if costs is not None else None,
+                {c.id: (round(c.prefill_speed, 3), round(c.decode_speed, 3)) for c in decision.ranked},
             )
         m.decisions.labels(pid).inc()
         m.predicted_hit_tokens.labels(pid).inc(decision.predicted_cached_tokens)
