@@ -67,3 +67,30 @@ def test_the_engine_dtype_is_the_hosts_choice_unless_overridden(
     cmd = EngineSpec(model=tmp_path, events_port=None, replay_port=None).command()
     assert cmd[cmd.index("--dtype") + 1] == "float16"
     assert [harness.dtype_bytes(d) for d in ("bfloat16", "float32")] == [2, 4]
+
+
+def test_a_port_answering_garbage_is_not_healthy(tmp_path: Path) -> None:
+    """A non-HTTP answer on the engine's port (a real TCP server writing binary bytes) reads as "not
+    healthy", not as an exception out of the readiness poll."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+
+    def answer() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(1024)
+            conn.sendall(b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f@\x00\x00@\r\n\r\n")
+
+    th = threading.Thread(target=answer, daemon=True)
+    th.start()
+    spec = _SilentSpec(model=tmp_path, port=port, events_port=None, replay_port=None)
+    try:
+        assert EngineProcess(spec, tmp_path / "engine.log").is_healthy() is False
+    finally:
+        th.join(timeout=10)
+        srv.close()

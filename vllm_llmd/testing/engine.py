@@ -7,6 +7,7 @@ API server, its engine core and its workers by the group's own id and nothing el
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -247,10 +248,14 @@ class EngineProcess:
         return file_tail(self.log_path, lines)
 
     def is_healthy(self) -> bool:
+        """``/health`` answered 200. Anything else is not healthy, including a port that answers with
+        something other than HTTP (``http.client.BadStatusLine``: in one CI run another process held
+        the engine's port for a moment while the unit tests ran alongside); the engine's own exit, if it
+        could not bind, then fails the start through ``wait_ready``."""
         try:
             with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                 return bool(r.status == 200)
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
             return False
 
     def wait_ready(self, timeout: float = 600.0, quiet_timeout: float | None = None) -> EngineProcess:
