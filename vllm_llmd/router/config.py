@@ -231,8 +231,9 @@ class SpeedConfig(_Strict):
     learn: bool = True
     #: samples kept per pod and kind (prefill, decode)
     window: int = Field(default=64, ge=4, le=4096)
-    #: weight of the configured ``prefill_speed`` as a number of samples (1: a pod's first sample
-    #: moves it halfway; 8 compressed the simulated fleet's speeds, few cold prompts reach each pod)
+    #: least weight of the configured ``prefill_speed``, in samples (1: a pod's first sample moves it
+    #: at most halfway; 8 compressed the simulated fleet's speeds, few cold prompts reach each pod);
+    #: more when the pods' differences are within their samples' scatter (vllm_llmd.router.speed)
     prior_samples: float = Field(default=1.0, ge=0)
     #: a TTFT sample counts only when the request's own uncached prompt is at least this many
     #: tokens: a cheap request's TTFT is its fixed overhead, not its speed

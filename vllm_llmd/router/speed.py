@@ -29,16 +29,29 @@ Per pod the last ``window`` samples of each kind younger than ``max_age_s`` are 
 memory: 2 x ``window`` samples per pod in the pool). Its rate is the work-weighted median of its
 prefill samples (the median of its decode samples): samples spoiled by a pause, a network hiccup or
 invisible work move a median little. Speeds are relative, on the scale of the priors ``π`` (the
-pods' configured ``prefill_speed``, 1.0 by default):
+pods' configured ``prefill_speed``, 1.0 by default), and shrunk toward the prior by as much as the
+samples' own scatter says the pods' differences could be chance (empirical Bayes on log speeds):
 
     R          = median over pods with >= MIN_SAMPLES samples of  rate(q) / π(q)     (>= 2 such pods)
-    learned(p) = rate(p) / R
-    speed(p)   = exp((n0 ln π(p) + n ln learned(p)) / (n0 + n)),  clamped to [π(p) / max_ratio, π(p) * max_ratio]
+    x(p)       = ln(rate(p) / π(p) / R)                       the pod's log speed relative to its prior
+    sigma      = median over consecutive samples i-1, i of one pod of |ln r_i - ln r_(i-1)| / (0.6745 √2)
+                                                              one sample's log scatter, pooled over pods
+    s²(p)      = (π/2) sigma² / n(p)                              the variance of a median of n(p) samples
+    τ²         = max(0, mean over those pods of (x(q)² - s²(q)))     how far apart the pods really are
+    n0         = max(prior_samples, (π/2) sigma² / τ²)            (∞ when τ² = 0)
+    speed(p)   = π(p) · exp(x(p) · n(p) / (n0 + n(p))),   clamped to [π(p) / max_ratio, π(p) * max_ratio]
 
-with ``n`` the pod's sample count and ``n0 = prior_samples``; a pod without samples keeps ``π(p)``.
+with ``n(p)`` the pod's sample count; a pod without samples keeps ``π(p)``. ``n(p) / (n0 + n(p))`` is
+``τ² / (τ² + s²(p))`` (the posterior weight of a normal prior of variance τ² around ``π``) until
+``prior_samples`` caps it. Why: two identical CPU engines behind the README's workload learned
+prefill speeds 0.87 / 1.13 from their first handfuls of samples (bench/RESULTS.md, "The 7/9 split"),
+and the footprint's fair shares followed, splitting 16 prefixes 7/9 where the static partition splits
+them 8/8; when the pods' medians lie no further apart than their samples scatter, ``τ²`` is ~0 and
+they keep their priors. Pods that really differ (the simulated 3-class fleet, 4x apart) give a
+``τ²`` far above ``s²`` and ``n0`` falls to its floor ``prior_samples``.
 Few long prompts reach each pod (on the benchmark's fleet, 48 cold prefixes per 30 s over 20 pods),
 so the prior's weight decides how far the speeds get: with ``n0 = 8`` the same virtual-time fleet
-learned 1.32 / 1.01 / 0.72, with the default ``n0 = 1`` 1.79-1.87 / 1.02-1.03 / 0.55-0.58.
+learned 1.32 / 1.01 / 0.72, with the floor ``n0 = 1`` 1.79-1.87 / 1.02-1.03 / 0.55-0.58.
 The decode speed is the same formula over decode samples. A pod is forgotten (back to its prior)
 when it turns unhealthy (an engine restart fails the health checks for the tens of seconds vLLM
 takes to start) or when it leaves the pool; a pod that got no work for ``max_age_s`` is learned
@@ -54,6 +67,8 @@ The speeds are recomputed at most every ``refresh_s`` (the candidates read the p
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 import statistics
 import time
@@ -64,12 +79,18 @@ from dataclasses import dataclass
 from vllm_llmd.router.config import SpeedConfig
 from vllm_llmd.router.scheduling.framework import SchedRequest
 
+log = logging.getLogger(__name__)
+
 #: samples a pod needs before it takes part in the reference rate ``R``
 MIN_SAMPLES = 2
 #: SSE events after the first a decode sample needs
 MIN_DECODE_EVENTS = 4
 #: the published speeds are recomputed at least this often (samples age out)
 AGE_REFRESH_S = 5.0
+#: the variance of the median of n normal samples is about (π/2) σ² / n
+HALF_PI = math.pi / 2
+#: the median of |X_i - X_j| for two normal samples is 0.6745 * sqrt(2) sigma
+STEP_TO_SIGMA = 1 / (0.6745 * math.sqrt(2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +122,27 @@ def weighted_median(pairs: Iterable[tuple[float, float]]) -> float:
     return items[-1][0]
 
 
+@dataclass(frozen=True, slots=True)
+class Shrink:
+    """How far the last refresh shrank the speeds toward the priors (for logs and tests)."""
+
+    #: one sample's log scatter, pooled over the pods
+    sigma: float = 0.0
+    #: the spread of the pods' true log speeds the samples show
+    tau: float = 0.0
+    #: the prior's weight in samples (``inf``: every pod at its prior)
+    n0: float = math.inf
+
+
+def _steps(rates: Iterable[float]) -> list[float]:
+    """|ln r_i - ln r_(i-1)| of consecutive samples: their median estimates one sample's log scatter
+    without the bias a deviation from a median of two or three samples has (and ignores slow drift)."""
+    logs = [math.log(r) for r in rates]
+    return [abs(b - a) for a, b in itertools.pairwise(logs)]
+
+
 class _Samples:
-    __slots__ = ("decode", "decode_rate", "prefill", "prefill_rate", "stale")
+    __slots__ = ("decode", "decode_devs", "decode_rate", "prefill", "prefill_devs", "prefill_rate", "stale")
 
     def __init__(self, window: int) -> None:
         #: (monotonic time, tokens/s, work tokens)
@@ -111,6 +151,9 @@ class _Samples:
         self.decode: deque[tuple[float, float]] = deque(maxlen=window)
         #: the medians, recomputed only when the samples changed
         self.prefill_rate = self.decode_rate = 0.0
+        #: |ln r_i - ln r_(i-1)| of consecutive samples, for the pooled scatter
+        self.prefill_devs: list[float] = []
+        self.decode_devs: list[float] = []
         self.stale = True
 
     def rates(self, cut: float) -> tuple[float | None, float | None]:
@@ -125,8 +168,10 @@ class _Samples:
             self.stale = False
             if self.prefill:
                 self.prefill_rate = weighted_median((r, w) for _, r, w in self.prefill)
+                self.prefill_devs = _steps(r for _, r, _ in self.prefill)
             if self.decode:
                 self.decode_rate = statistics.median(d for _, d in self.decode)
+                self.decode_devs = _steps(d for _, d in self.decode)
         return (self.prefill_rate if self.prefill else None, self.decode_rate if self.decode else None)
 
 
@@ -143,6 +188,7 @@ class SpeedEstimator:
         self.prefill: dict[str, float] = {}
         self.decode: dict[str, float] = {}
         self.version = 0
+        self.prefill_shrink = self.decode_shrink = Shrink()
         self._dirty = False
         self._refreshed = -math.inf
 
@@ -194,31 +240,53 @@ class SpeedEstimator:
         cut = now - self.cfg.max_age_s
         rates: dict[str, tuple[float, int]] = {}
         drates: dict[str, tuple[float, int]] = {}
+        devs: list[float] = []
+        ddevs: list[float] = []
         for pod, s in self._pods.items():
             pr, dr = s.rates(cut)
             if pr is not None:
                 rates[pod] = (pr, len(s.prefill))
+                if len(s.prefill) >= MIN_SAMPLES:
+                    devs += s.prefill_devs
             if dr is not None:
                 drates[pod] = (dr, len(s.decode))
-        prefill, decode = self._relative(rates), self._relative(drates)
+                if len(s.decode) >= MIN_SAMPLES:
+                    ddevs += s.decode_devs
+        prefill, self.prefill_shrink = self._relative(rates, devs)
+        decode, self.decode_shrink = self._relative(drates, ddevs)
         if prefill != self.prefill or decode != self.decode:
             self.prefill, self.decode = prefill, decode
             self.version += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "speeds prefill n=%s %s decode n=%s %s",
+                    {p: n for p, (_, n) in rates.items()},
+                    self.prefill_shrink,
+                    {p: n for p, (_, n) in drates.items()},
+                    self.decode_shrink,
+                )
         return self.version
 
-    def _relative(self, rates: dict[str, tuple[float, int]]) -> dict[str, float]:
+    def _relative(self, rates: dict[str, tuple[float, int]], devs: list[float]) -> tuple[dict[str, float], Shrink]:
+        """``rates``: pod -> (rate, samples); ``devs``: the log steps between consecutive samples of
+        each pod with >= MIN_SAMPLES samples. The formula is the module docstring's."""
         prior = self._priors
-        ref = [r / prior.get(p, 1.0) for p, (r, n) in rates.items() if n >= MIN_SAMPLES]
-        if len(ref) < 2:
-            return {}  # nothing to compare with: every pod keeps its prior
-        big_r = statistics.median(ref)
-        n0, k = self.cfg.prior_samples, self.cfg.max_ratio
+        comp = [p for p, (_, n) in rates.items() if n >= MIN_SAMPLES]
+        if len(comp) < 2:
+            return {}, Shrink()  # nothing to compare with: every pod keeps its prior
+        big_r = statistics.median(rates[p][0] / prior.get(p, 1.0) for p in comp)
+        x = {p: math.log(r / prior.get(p, 1.0) / big_r) for p, (r, _) in rates.items()}
+        sigma = STEP_TO_SIGMA * statistics.median(devs)
+        var1 = HALF_PI * sigma * sigma  # n times the variance of a median of n samples
+        tau2 = max(0.0, sum(x[p] ** 2 - var1 / rates[p][1] for p in comp) / len(comp))
+        n0 = max(self.cfg.prior_samples, var1 / tau2 if tau2 > 0 else math.inf)
+        k = self.cfg.max_ratio
         out = {}
-        for p, (r, n) in rates.items():
+        for p, (_, n) in rates.items():
             pi = prior.get(p, 1.0)
-            speed = math.exp((n0 * math.log(pi) + n * math.log(r / big_r)) / (n0 + n))
+            speed = pi * math.exp(x[p] * n / (n0 + n)) if math.isfinite(n0) else pi
             out[p] = min(pi * k, max(pi / k, speed))
-        return out
+        return out, Shrink(sigma, math.sqrt(tau2), n0)
 
     def prefill_speed(self, pod: str, prior: float) -> float:
         return self.prefill.get(pod, prior)
