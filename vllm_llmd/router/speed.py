@@ -37,7 +37,7 @@ samples' own scatter says the pods' differences could be chance (empirical Bayes
     sigma      = median over consecutive samples i-1, i of one pod of |ln r_i - ln r_(i-1)| / (0.6745 √2)
                                                               one sample's log scatter, pooled over pods
     s²(p)      = (π/2) sigma² / n(p)                              the variance of a median of n(p) samples
-    τ²         = max(0, mean over those pods of (x(q)² - s²(q)))     how far apart the pods really are
+    τ²         = max(0, mean over those pods of (x(q)² - 2 s²(q)))   how far apart the pods really are
     n0         = max(prior_samples, (π/2) sigma² / τ²)            (∞ when τ² = 0)
     speed(p)   = π(p) · exp(x(p) · n(p) / (n0 + n(p))),   clamped to [π(p) / max_ratio, π(p) * max_ratio]
 
@@ -46,9 +46,18 @@ with ``n(p)`` the pod's sample count; a pod without samples keeps ``π(p)``. ``n
 ``prior_samples`` caps it. Why: two identical CPU engines behind the README's workload learned
 prefill speeds 0.87 / 1.13 from their first handfuls of samples (bench/RESULTS.md, "The 7/9 split"),
 and the footprint's fair shares followed, splitting 16 prefixes 7/9 where the static partition splits
-them 8/8; when the pods' medians lie no further apart than their samples scatter, ``τ²`` is ~0 and
+them 8/8; when the pods' medians lie no further apart than their samples scatter, ``τ²`` is 0 and
 they keep their priors. Pods that really differ (the simulated 3-class fleet, 4x apart) give a
 ``τ²`` far above ``s²`` and ``n0`` falls to its floor ``prior_samples``.
+
+The factor 2 on ``s²`` (``CHANCE_MARGIN``) asks the pods' spread to exceed twice what chance alone
+gives. With 1, one real-engine run of seven (bench/RESULTS.md, "Learned speeds that stay at the
+prior") learned 1.24 / 0.76 from 4 and 3 samples (τ 0.29, sigma 0.23) just before its last four
+prefixes were placed, and split them 7/9. On two identical pods with log-normal noise 0.3 and 4
+samples each (the first seconds of a run, when new prefixes are placed; 200 seeds) the factor 2 left
+them more than 10% apart in 10% of seeds against 16% with 1 (6% with 3), while pods 2x apart were
+learned at a median ratio of 1.53 against 1.63 (1.27 with 3); on the 3-class fleet it changes nothing
+(τ is 10x sigma there).
 Few long prompts reach each pod (on the benchmark's fleet, 48 cold prefixes per 30 s over 20 pods),
 so the prior's weight decides how far the speeds get: with ``n0 = 8`` the same virtual-time fleet
 learned 1.32 / 1.01 / 0.72, with the floor ``n0 = 1`` 1.79-1.87 / 1.02-1.03 / 0.55-0.58.
@@ -91,6 +100,9 @@ AGE_REFRESH_S = 5.0
 HALF_PI = math.pi / 2
 #: the median of |X_i - X_j| for two normal samples is 0.6745 * sqrt(2) sigma
 STEP_TO_SIGMA = 1 / (0.6745 * math.sqrt(2))
+#: how many times the spread chance alone gives the pods' log speeds must show before they differ
+#: (the module docstring: measured on synthetic pairs and the simulated fleet)
+CHANCE_MARGIN = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +290,7 @@ class SpeedEstimator:
         x = {p: math.log(r / prior.get(p, 1.0) / big_r) for p, (r, _) in rates.items()}
         sigma = STEP_TO_SIGMA * statistics.median(devs)
         var1 = HALF_PI * sigma * sigma  # n times the variance of a median of n samples
-        tau2 = max(0.0, sum(x[p] ** 2 - var1 / rates[p][1] for p in comp) / len(comp))
+        tau2 = max(0.0, sum(x[p] ** 2 - CHANCE_MARGIN * var1 / rates[p][1] for p in comp) / len(comp))
         n0 = max(self.cfg.prior_samples, var1 / tau2 if tau2 > 0 else math.inf)
         k = self.cfg.max_ratio
         out = {}
