@@ -51,7 +51,7 @@ they keep their priors. Pods that really differ (the simulated 3-class fleet, 4x
 ``τ²`` far above ``s²`` and ``n0`` falls to its floor ``prior_samples``.
 
 The factor 2 on ``s²`` (``CHANCE_MARGIN``) asks the pods' spread to exceed twice what chance alone
-gives. With 1, one real-engine run of seven (bench/RESULTS.md, "Learned speeds that stay at the
+gives. With 1, one real-engine run of eight (bench/RESULTS.md, "Learned speeds that stay at the
 prior") learned 1.24 / 0.76 from 4 and 3 samples (τ 0.29, sigma 0.23) just before its last four
 prefixes were placed, and split them 7/9. On two identical pods with log-normal noise 0.3 and 4
 samples each (the first seconds of a run, when new prefixes are placed; 200 seeds) the factor 2 left
@@ -154,7 +154,7 @@ def _steps(rates: Iterable[float]) -> list[float]:
 
 
 class _Samples:
-    __slots__ = ("decode", "decode_devs", "decode_rate", "prefill", "prefill_devs", "prefill_rate", "stale")
+    __slots__ = ("decode", "decode_rate", "decode_steps", "prefill", "prefill_rate", "prefill_steps", "stale")
 
     def __init__(self, window: int) -> None:
         #: (monotonic time, tokens/s, work tokens)
@@ -164,8 +164,8 @@ class _Samples:
         #: the medians, recomputed only when the samples changed
         self.prefill_rate = self.decode_rate = 0.0
         #: |ln r_i - ln r_(i-1)| of consecutive samples, for the pooled scatter
-        self.prefill_devs: list[float] = []
-        self.decode_devs: list[float] = []
+        self.prefill_steps: list[float] = []
+        self.decode_steps: list[float] = []
         self.stale = True
 
     def rates(self, cut: float) -> tuple[float | None, float | None]:
@@ -180,10 +180,10 @@ class _Samples:
             self.stale = False
             if self.prefill:
                 self.prefill_rate = weighted_median((r, w) for _, r, w in self.prefill)
-                self.prefill_devs = _steps(r for _, r, _ in self.prefill)
+                self.prefill_steps = _steps(r for _, r, _ in self.prefill)
             if self.decode:
                 self.decode_rate = statistics.median(d for _, d in self.decode)
-                self.decode_devs = _steps(d for _, d in self.decode)
+                self.decode_steps = _steps(d for _, d in self.decode)
         return (self.prefill_rate if self.prefill else None, self.decode_rate if self.decode else None)
 
 
@@ -252,20 +252,20 @@ class SpeedEstimator:
         cut = now - self.cfg.max_age_s
         rates: dict[str, tuple[float, int]] = {}
         drates: dict[str, tuple[float, int]] = {}
-        devs: list[float] = []
-        ddevs: list[float] = []
+        steps: list[float] = []
+        dsteps: list[float] = []
         for pod, s in self._pods.items():
             pr, dr = s.rates(cut)
             if pr is not None:
                 rates[pod] = (pr, len(s.prefill))
                 if len(s.prefill) >= MIN_SAMPLES:
-                    devs += s.prefill_devs
+                    steps += s.prefill_steps
             if dr is not None:
                 drates[pod] = (dr, len(s.decode))
                 if len(s.decode) >= MIN_SAMPLES:
-                    ddevs += s.decode_devs
-        prefill, self.prefill_shrink = self._relative(rates, devs)
-        decode, self.decode_shrink = self._relative(drates, ddevs)
+                    dsteps += s.decode_steps
+        prefill, self.prefill_shrink = self._relative(rates, steps)
+        decode, self.decode_shrink = self._relative(drates, dsteps)
         if prefill != self.prefill or decode != self.decode:
             self.prefill, self.decode = prefill, decode
             self.version += 1
@@ -279,8 +279,8 @@ class SpeedEstimator:
                 )
         return self.version
 
-    def _relative(self, rates: dict[str, tuple[float, int]], devs: list[float]) -> tuple[dict[str, float], Shrink]:
-        """``rates``: pod -> (rate, samples); ``devs``: the log steps between consecutive samples of
+    def _relative(self, rates: dict[str, tuple[float, int]], steps: list[float]) -> tuple[dict[str, float], Shrink]:
+        """``rates``: pod -> (rate, samples); ``steps``: the log steps between consecutive samples of
         each pod with >= MIN_SAMPLES samples. The formula is the module docstring's."""
         prior = self._priors
         comp = [p for p, (_, n) in rates.items() if n >= MIN_SAMPLES]
@@ -288,7 +288,7 @@ class SpeedEstimator:
             return {}, Shrink()  # nothing to compare with: every pod keeps its prior
         big_r = statistics.median(rates[p][0] / prior.get(p, 1.0) for p in comp)
         x = {p: math.log(r / prior.get(p, 1.0) / big_r) for p, (r, _) in rates.items()}
-        sigma = STEP_TO_SIGMA * statistics.median(devs)
+        sigma = STEP_TO_SIGMA * statistics.median(steps)
         var1 = HALF_PI * sigma * sigma  # n times the variance of a median of n samples
         tau2 = max(0.0, sum(x[p] ** 2 - CHANCE_MARGIN * var1 / rates[p][1] for p in comp) / len(comp))
         n0 = max(self.cfg.prior_samples, var1 / tau2 if tau2 > 0 else math.inf)
