@@ -72,9 +72,13 @@ async def _one(http: aiohttp.ClientSession, url: str, model: str, prompt: str, m
                     break
                 chunk = json.loads(data)
                 for c in chunk.get("choices") or []:
+                    # the first token's chunk, even when its text is empty: the detokenizer holds back
+                    # text that is not whole yet, and a few of the small test model's greedy answers
+                    # (hotprefix r75, r102, r174) stream only empty texts; counting text chunks alone
+                    # dropped them from every router's completed requests (189 of 192) until 2026-12-04
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
                     if c.get("text"):
-                        if ttft is None:
-                            ttft = time.perf_counter() - start
                         n += 1
         return Result("", start - t0, ttft, time.perf_counter() - start, n, pod)
     except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:

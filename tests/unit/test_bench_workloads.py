@@ -186,3 +186,35 @@ def test_client_open_loop_starts_no_turn_before_its_seeded_arrival(tm: workloads
     assert set(starts) == set(due)
     # recorded starts are rounded to ms
     assert all(starts[s] >= due[s] - 0.001 for s in due), {s: (starts[s], due[s]) for s in due}
+
+
+def test_client_counts_an_answer_whose_chunks_carry_no_text(tm: workloads.TextMaker) -> None:
+    """A streamed answer whose token chunks all have empty text (the detokenizer held it back, as for
+    three of the small test model's greedy hotprefix answers) is completed, with its TTFT at the first
+    chunk, and adds no output tokens."""
+    wl = workloads.hotprefix(tm, seed=0, prefixes=2, prefix_tokens=16, suffix_tokens=4, requests=4, output_tokens=3)
+
+    async def main() -> dict:
+        async def completions(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-LLMD-Pod": "p1"})
+            await resp.prepare(request)
+            for _ in range(body["max_tokens"]):
+                await resp.write(b'data: {"choices": [{"text": ""}]}\n\n')
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+
+        async def metrics(_r: web.Request) -> web.Response:
+            return web.Response(text="vllm:num_requests_running 0.0\nvllm:num_requests_waiting 0.0\n")
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        app.router.add_get("/metrics", metrics)
+        async with TestServer(app, host="127.0.0.1") as server:
+            url = str(server.make_url("")).rstrip("/")
+            return await workload_client.run(wl, url, "m", [url], concurrency=2, sample_s=0.01)
+
+    res = asyncio.run(main())
+    assert res["completed"] == 4 and res["failed"] == 0
+    assert all(r["ttft"] is not None for r in res["per_request"])
+    assert res["out_tok_s"] == 0
