@@ -16,6 +16,16 @@ Variants (``--variant``):
   ENV=VALUE,.. appended to a variant (``llmd:UCX_MEM_EVENTS=no``) sets engine environment
                variables, to bisect where a cost comes from
 
+``--ping SECONDS`` (``--variant llmd --baseline llmd``): during each of the variant's runs a thread sends a
+handshake to its side channel every SECONDS, which keeps the side channel's read window, and with it
+the worker's UCX progress thread, awake (connectors/read_windows.py): what an open window costs
+an engine under load.
+
+``--together``: after each round's runs one engine at a time, the same workloads are sent to both
+engines at once, and each engine's throughput is recorded as ``<variant>@together``: what a
+second loaded engine on the same host costs the first (the two cores are all the host has, so the
+engines' own scheduler processes, API servers and the client compete with the two workers).
+
 Workload: ``--prefixes`` shared prefixes of ``--prefix-len`` tokens, each request a prefix plus
 ``--suffix-len`` unique tokens, ``--output-len`` tokens out (ignore_eos), ``--requests`` requests at
 ``--concurrency`` in flight, streamed; ``--prefix-len 0`` makes every prompt unique (no reuse:
@@ -35,6 +45,7 @@ import random
 import re
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,8 +53,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tier_load import group_cpu_seconds, load_avg, random_tokens, run
+from vllm_llmd.connectors.handshake import fetch_engine_info
 
-from vllm_llmd.testing.engine import EngineProcess, EngineSpec
+from vllm_llmd.testing.engine import EngineProcess, EngineSpec, free_port
 from vllm_llmd.testing.model import make_test_model
 
 OUT = Path(__file__).resolve().parent / "out" / "idle_connector"
@@ -54,7 +66,9 @@ def slug(name: str) -> str:
 
 
 def variant_config(name: str, args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, str]]:
-    base, _, env_part = name.partition(":")
+    name = name.partition("#")[0]  # "none#2": a second engine of the same variant
+    pinged = name.endswith("+ping")
+    base, _, env_part = name.removesuffix("+ping").partition(":")
     env = dict(kv.split("=", 1) for kv in env_part.split(",") if kv)
     if base == "none":
         return None, env
@@ -66,6 +80,8 @@ def variant_config(name: str, args: argparse.Namespace) -> tuple[dict[str, Any] 
         extra["tiers"] = tiers
     elif base != "llmd":
         raise SystemExit(f"unknown variant {name!r}")
+    if pinged:
+        extra["side_channel_port"] = args.side_channel_port
     cfg: dict[str, Any] = {"kv_connector": "LLMDConnector", "kv_role": "kv_both"}
     if extra:
         cfg["kv_connector_extra_config"] = extra
@@ -94,6 +110,45 @@ def workload(args: argparse.Namespace, seed: int) -> list[tuple[list[int], str]]
     rng = random.Random(seed)
     prefixes = [random_tokens(args.prefix_len, rng) for _ in range(args.prefixes)]
     return [(prefixes[i % args.prefixes] + random_tokens(args.suffix_len, rng), "") for i in range(args.requests)]
+
+
+class Pinger:
+    """Handshakes with a side channel every ``every_s`` while running (opens its read window)."""
+
+    def __init__(self, port: int, every_s: float) -> None:
+        self.port, self.every_s, self.sent = port, every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            fetch_engine_info("127.0.0.1", self.port, 0, 5.0)
+            self.sent += 1
+            if self._stop.wait(self.every_s):  # the ping period, not synchronisation
+                return
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.sent
+
+
+def run_together(
+    engines: dict[str, EngineProcess], names: list[str], args: argparse.Namespace, seed: int
+) -> dict[str, dict[str, Any]]:
+    """The same workload sent to every engine at once (one thread each); each engine's summary."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def one(n: str) -> None:
+        out[n] = run(engines[n].url, "test-model", workload(args, seed), args.output_len, args.concurrency).summary()
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
 
 
 def idle_cpu(engine: EngineProcess, seconds: float) -> float:
@@ -128,13 +183,20 @@ def main() -> int:
         choices=[0, 1],
         help="1: start with the variant on core 1 (one placement per engine-lock hold: --placements 1)",
     )
+    ap.add_argument("--ping", type=float, default=0.0, help="seconds between handshakes to the variant (0: none)")
+    ap.add_argument("--together", action="store_true", help="also load both engines at once each round")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    args.side_channel_port = free_port() if args.ping else 0
 
     OUT.mkdir(parents=True, exist_ok=True)
     model = make_test_model(OUT.parent / "models" / args.model, shape=args.model, seed=0)
-    names = [args.variant, args.baseline]
+    names = [args.variant + ("+ping" if args.ping else ""), args.baseline]
+    if names[1] == names[0]:
+        names[1] += "#2"
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    if args.together:
+        runs.update({f"{n}@together": [] for n in names})
     idle: dict[str, list[float]] = {n: [] for n in names}
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     loads = [load_avg()]
@@ -151,6 +213,7 @@ def main() -> int:
                 idle[n].append(idle_cpu(engines[n], args.idle_seconds))
             for r in range(args.rounds):
                 for n in names if r % 2 == 0 else names[::-1]:
+                    pinger = Pinger(args.side_channel_port, args.ping) if args.ping and n == names[0] else None
                     s = run(
                         engines[n].url,
                         "test-model",
@@ -158,6 +221,8 @@ def main() -> int:
                         args.output_len,
                         args.concurrency,
                     )
+                    if pinger is not None:
+                        pinger.stop()
                     row = {**s.summary(), "core": cores[n], "round": r, "placement": placement, "load": load_avg()}
                     runs[n].append(row)
                     print(
@@ -165,12 +230,19 @@ def main() -> int:
                         f"ttft p50 {row['ttft_p50_ms']} ms  load {row['load']}",
                         flush=True,
                     )
+                if args.together:
+                    both = run_together(engines, names, args, 100 * placement + r)
+                    for n in names:
+                        row = {**both[n], "core": cores[n], "round": r, "placement": placement, "load": load_avg()}
+                        runs[f"{n}@together"].append(row)
+                        label = f"{n}@together"
+                        print(f"  {label:>28} core {cores[n]} round {r}: {row['req_s']:.2f} req/s", flush=True)
         finally:
             for e in engines.values():
                 e.stop()
         loads.append(load_avg())
 
-    med = {n: statistics.median(x["req_s"] for x in runs[n]) for n in names}
+    med = {n: statistics.median(x["req_s"] for x in v) for n, v in runs.items()}
     result = {
         "started": started,
         "args": vars(args),

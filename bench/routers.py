@@ -354,6 +354,16 @@ ROUTERS: dict[str, RouterKind] = {
             {"balance_weight": 2},
         ),
         _tiered(
+            "ours_tiers_dw1",
+            "as ours_tiers with decode_token_weight 1 (a queued decode token costs one prefill token; default 0.05)",
+            {"decode_token_weight": 1.0},
+        ),
+        _tiered(
+            "ours_tiers_dw4",
+            "as ours_tiers with decode_token_weight 4 (a queued decode token costs four prefill tokens)",
+            {"decode_token_weight": 4.0},
+        ),
+        _tiered(
             "ours_peers",
             "vllm-llmd router (ours), engines with DRAM tiers, peer loads (estimated-ttft peer_loads)",
             {"peer_loads": True},
