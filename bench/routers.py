@@ -364,6 +364,16 @@ ROUTERS: dict[str, RouterKind] = {
             {"decode_token_weight": 4.0},
         ),
         _tiered(
+            "ours_tiers_dt1",
+            "as ours_tiers with decode_time_weight 1 (a request's own decode time on the pod is priced)",
+            {"decode_time_weight": 1.0},
+        ),
+        _tiered(
+            "ours_peers_dt1",
+            "as ours_peers with decode_time_weight 1 (a request's own decode time on the pod is priced)",
+            {"peer_loads": True, "decode_time_weight": 1.0},
+        ),
+        _tiered(
             "ours_peers",
             "vllm-llmd router (ours), engines with DRAM tiers, peer loads (estimated-ttft peer_loads)",
             {"peer_loads": True},

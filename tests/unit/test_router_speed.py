@@ -157,6 +157,42 @@ def test_learned_speeds_steer_the_cost_model() -> None:
     assert sent["a"] >= 6 and sent["b"] >= 1, sent  # ~4:1 by speed, not 5:5
 
 
+def test_decode_time_weight_keeps_requests_off_a_pod_whose_answers_stream_slowly() -> None:
+    """Two pods equally fast at prefill, one decoding 4x slower (its decodes stalled): with
+    ``decode_time_weight`` a request both hold equally goes to the fast decoder until its queue
+    outweighs the slower decode; without it the cost does not tell them apart. The decode price is
+    the learned ``R_prefill / R_decode``: 2000 prefill tokens/s over 25 decode tokens/s (the median of
+    the pods' 40 and 10) = 80."""
+    from vllm_llmd.router.config import PluginRef
+
+    est = SpeedEstimator(SpeedConfig(refresh_s=0))
+    est.set_pods({"a": 1.0, "b": 1.0})
+    for i in range(20):
+        est.observe(AttemptTiming("a", 2000, 1.0, 31, 31 / 40), now=i)
+        est.observe(AttemptTiming("b", 2000, 1.0, 31, 31 / 10), now=i)
+    est.refresh(now=20)
+    assert est.decode_price() == pytest.approx(2000 / 25)
+    toks = list(range(1, 1025))
+    sent = {}
+    for weight in (0.0, 1.0):
+        inflight = InflightTracker()
+        ctx = SchedulingContext(
+            index=None, memory=PrefixMemory(), inflight=inflight, block_size=64, speculative_ttl_s=10, speeds=est
+        )
+        profile = ProfileConfig(
+            scorers=[PluginRef(type="estimated-ttft", params={"decode_time_weight": weight, "balance_weight": 0})]
+        )
+        sched = build_scheduler(profile, ctx)
+        pods = [Candidate(p, 1.0, False, "both", inflight.load(p), PodMetrics()) for p in ("a", "b")]
+        for c in pods:
+            c.decode_speed = est.decode_speed(c.id, 1.0)
+        req = SchedRequest("m", toks, "", len(toks), 16, token_block_keys("m", toks, 64, 1 << 20))
+        sent[weight] = sched.schedule(req, pods).totals
+    assert est.decode["b"] < 0.5 and est.decode["a"] > 1.5  # 0.4 and 1.6, shrunk a little
+    assert sent[0.0]["a"] == pytest.approx(sent[0.0]["b"])  # the TTFT cost alone: a tie
+    assert sent[1.0]["a"] > sent[1.0]["b"]  # totals of scores: higher is better
+
+
 def _pair(rates: dict[str, float], n: int, seed: int, noise: float = 0.3) -> SpeedEstimator:
     """Pods answering requests of 256-2048 uncached tokens at ``rates`` tokens/s, each TTFT times a
     log-normal factor of sigma ``noise``, ``n`` samples per pod."""

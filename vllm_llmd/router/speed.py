@@ -201,6 +201,10 @@ class SpeedEstimator:
         self.decode: dict[str, float] = {}
         self.version = 0
         self.prefill_shrink = self.decode_shrink = Shrink()
+        #: the fleet's reference rates ``R`` (prefill tokens/s; decode tokens/s of one request), on the
+        #: priors' scale; ``None`` until two pods have samples of that kind
+        self.prefill_ref: float | None = None
+        self.decode_ref: float | None = None
         self._dirty = False
         self._refreshed = -math.inf
 
@@ -264,8 +268,8 @@ class SpeedEstimator:
                 drates[pod] = (dr, len(s.decode))
                 if len(s.decode) >= MIN_SAMPLES:
                     dsteps += s.decode_steps
-        prefill, self.prefill_shrink = self._relative(rates, steps)
-        decode, self.decode_shrink = self._relative(drates, dsteps)
+        prefill, self.prefill_shrink, self.prefill_ref = self._relative(rates, steps)
+        decode, self.decode_shrink, self.decode_ref = self._relative(drates, dsteps)
         if prefill != self.prefill or decode != self.decode:
             self.prefill, self.decode = prefill, decode
             self.version += 1
@@ -279,13 +283,16 @@ class SpeedEstimator:
                 )
         return self.version
 
-    def _relative(self, rates: dict[str, tuple[float, int]], steps: list[float]) -> tuple[dict[str, float], Shrink]:
+    def _relative(
+        self, rates: dict[str, tuple[float, int]], steps: list[float]
+    ) -> tuple[dict[str, float], Shrink, float | None]:
         """``rates``: pod -> (rate, samples); ``steps``: the log steps between consecutive samples of
-        each pod with >= MIN_SAMPLES samples. The formula is the module docstring's."""
+        each pod with >= MIN_SAMPLES samples. The formula is the module docstring's; also returns
+        ``R``."""
         prior = self._priors
         comp = [p for p, (_, n) in rates.items() if n >= MIN_SAMPLES]
         if len(comp) < 2:
-            return {}, Shrink()  # nothing to compare with: every pod keeps its prior
+            return {}, Shrink(), None  # nothing to compare with: every pod keeps its prior
         big_r = statistics.median(rates[p][0] / prior.get(p, 1.0) for p in comp)
         x = {p: math.log(r / prior.get(p, 1.0) / big_r) for p, (r, _) in rates.items()}
         sigma = STEP_TO_SIGMA * statistics.median(steps)
@@ -298,10 +305,18 @@ class SpeedEstimator:
             pi = prior.get(p, 1.0)
             speed = pi * math.exp(x[p] * n / (n0 + n)) if math.isfinite(n0) else pi
             out[p] = min(pi * k, max(pi / k, speed))
-        return out, Shrink(sigma, math.sqrt(tau2), n0)
+        return out, Shrink(sigma, math.sqrt(tau2), n0), big_r
 
     def prefill_speed(self, pod: str, prior: float) -> float:
         return self.prefill.get(pod, prior)
 
     def decode_speed(self, pod: str, prior: float) -> float:
         return self.decode.get(pod, prior)
+
+    def decode_price(self) -> float | None:
+        """What one decode token of one request costs a speed-1 pod, in its prefill tokens:
+        ``R_prefill / R_decode`` (the seconds a request's token takes to decode, at the batch the pods
+        ran, over the seconds a prompt token takes to prefill); ``None`` until both are known."""
+        if not self.prefill_ref or not self.decode_ref:
+            return None
+        return self.prefill_ref / self.decode_ref

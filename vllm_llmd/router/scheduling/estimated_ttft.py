@@ -57,6 +57,11 @@ def peer_offers(v: PrefixView, pods: list[Candidate], block_size: int) -> dict[s
 class EstimatedTTFTParams(Params):
     #: weight of one outstanding decode token relative to one prefill token (vllm_llmd.pd.load)
     decode_token_weight: float = Field(default=DECODE_TOKEN_WEIGHT, ge=0)
+    #: with learned speeds: add this times the request's *own* decode time on the pod, in prefill
+    #: tokens of a speed-1 pod: ``max_tokens * decode_price / decode_speed(p)`` (decode_price:
+    #: vllm_llmd.router.speed.SpeedEstimator.decode_price). A TTFT cost does not see a pod whose
+    #: answers stream slowly (its decodes stalled behind the prefills it holds); 0 = off
+    decode_time_weight: float = Field(default=0.0, ge=0)
     #: weight of the uncached part of *this* request (Dynamo's overlap weight); 4: a request leaves
     #: the pod holding its prefix when that pod's queue is ~4 of its prompts longer (2 until
     #: 2026-12-04: spills re-prefilled prefixes, 0.84-0.91x the static oracle; bench/RESULTS.md,
@@ -99,7 +104,8 @@ class EstimatedTTFTScorer(ScorerBase):
 
     ``cost(p) = (prefill_weight * (1 + balance_weight * min(1, excess(p))) * priced(p)
     + capacity_weight * block_size * overflow(p) + queued_prefill(p)) / prefill_speed(p)
-    + decode_token_weight * queued_decode(p) / decode_speed(p)``; ``priced(p)`` is
+    + (decode_token_weight * queued_decode(p) + decode_time_weight * max_tokens * decode_price)
+    / decode_speed(p)``; ``priced(p)`` is
     :func:`vllm_llmd.pd.load.prefill_equivalent` of the prompt on ``p`` (engine-cache hits free,
     lower-tier hits at the pod's load-back price, misses 1);
     ``score(p) = (min_q cost(q) + c) / (cost(p) + c)``. ``excess(p)``: how far the pod's share of
@@ -145,6 +151,12 @@ class EstimatedTTFTScorer(ScorerBase):
         cap_frac = prm.capacity_fraction
         n_miss = max(0, n)  # every token a miss: prefill_equivalent(n, {}) = 0.0 + miss * n_miss
         offers = peer_offers(v, pods, bs) if prm.peer_loads and tiered else {}
+        # the request's own decode, per unit of 1 / decode_speed(p) (0: off or not learned yet)
+        own_decode = 0.0
+        if prm.decode_time_weight > 0 and self.ctx.speeds is not None:
+            price = self.ctx.speeds.decode_price()
+            if price is not None:
+                own_decode = prm.decode_time_weight * req.max_tokens * price
         plans: dict[str, PeerPlan] = {}
         lu = self._last_use
         fleet: tuple[int, int, int] | None = None  # (duplicates, capacity, hot) once a plan loads
@@ -181,7 +193,7 @@ class EstimatedTTFTScorer(ScorerBase):
                     cost += cw * (over if over < new_blocks else new_blocks) * bs
             ps = p.prefill_speed
             ld = p.load
-            out[pid] = cost / ps + (ld.prefill_tokens / ps + dw * ld.decode_tokens / p.decode_speed)
+            out[pid] = cost / ps + (ld.prefill_tokens / ps + (dw * ld.decode_tokens + own_decode) / p.decode_speed)
         if plans:
             by_id = {x.id: x for x in pods}
             holders = {}
