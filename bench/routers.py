@@ -374,6 +374,12 @@ ROUTERS: dict[str, RouterKind] = {
             {"peer_loads": True, "decode_time_weight": 1.0},
         ),
         _tiered(
+            "ours_peers_dt1_age10",
+            "as ours_peers_dt1 with speed.max_age_s 10 (a pod starved of work is back at its prior in 10 s)",
+            {"peer_loads": True, "decode_time_weight": 1.0},
+            {"speed": {"max_age_s": 10.0}},
+        ),
+        _tiered(
             "ours_peers",
             "vllm-llmd router (ours), engines with DRAM tiers, peer loads (estimated-ttft peer_loads)",
             {"peer_loads": True},

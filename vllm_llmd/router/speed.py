@@ -61,7 +61,10 @@ learned at a median ratio of 1.53 against 1.63 (1.27 with 3); on the 3-class fle
 Few long prompts reach each pod (on the benchmark's fleet, 48 cold prefixes per 30 s over 20 pods),
 so the prior's weight decides how far the speeds get: with ``n0 = 8`` the same virtual-time fleet
 learned 1.32 / 1.01 / 0.72, with the floor ``n0 = 1`` 1.79-1.87 / 1.02-1.03 / 0.55-0.58.
-The decode speed is the same formula over decode samples. A pod is forgotten (back to its prior)
+The decode speed is the same formula over decode samples. The two reference rates also give
+``decode_price = R_prefill / R_decode`` (:meth:`SpeedEstimator.decode_price`: prefill tokens per decode
+token of one request on a speed-1 pod), the exchange rate of the experimental ``estimated-ttft``
+``decode_time_weight`` (bench/RESULTS.md, "Pricing a request's own decode time"). A pod is forgotten (back to its prior)
 when it turns unhealthy (an engine restart fails the health checks for the tens of seconds vLLM
 takes to start) or when it leaves the pool; a pod that got no work for ``max_age_s`` is learned
 again. A cleared prefix cache (``/reset_prefix_cache``, the KV events' ``AllBlocksCleared``) is not
