@@ -717,6 +717,11 @@ def parse_args() -> argparse.Namespace:
         "multiturn, zipf, rag, agentic, hotprefix (saturate mode only)",
     )
     ap.add_argument("--workload-seed", type=int, default=0)
+    ap.add_argument(
+        "--save-detailed",
+        action="store_true",
+        help="keep vLLM's client per-request start times and TTFTs in each row's JSON",
+    )
     args = ap.parse_args()
     args.routers = [r for r in args.routers.split(",") if r]
     args.models = [m for m in args.models.split(",") if m]
