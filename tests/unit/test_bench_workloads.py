@@ -148,6 +148,34 @@ def test_client_keeps_sessions_closed_loop_and_concurrency_bounded(tm: workloads
     assert res["engine_load"]["samples"] > 0
 
 
+def _run_streaming(wl: workloads.Workload, text: str, **run_kw) -> dict:
+    """``workload_client.run`` against a real aiohttp server streaming ``max_tokens`` SSE chunks of
+    ``text`` per request (and idle engine metrics)."""
+    chunk = b'data: {"choices": [{"text": "%s"}]}\n\n' % text.encode()
+
+    async def main() -> dict:
+        async def completions(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-LLMD-Pod": "p1"})
+            await resp.prepare(request)
+            for _ in range(body["max_tokens"]):
+                await resp.write(chunk)
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+
+        async def metrics(_r: web.Request) -> web.Response:
+            return web.Response(text="vllm:num_requests_running 0.0\nvllm:num_requests_waiting 0.0\n")
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        app.router.add_get("/metrics", metrics)
+        async with TestServer(app, host="127.0.0.1") as server:
+            url = str(server.make_url("")).rstrip("/")
+            return await workload_client.run(wl, url, "m", [url], sample_s=0.01, **run_kw)
+
+    return asyncio.run(main())
+
+
 def test_client_open_loop_starts_no_turn_before_its_seeded_arrival(tm: workloads.TextMaker) -> None:
     """``rate``: turn i is sent no earlier than the i-th arrival of the seeded Poisson process (the
     same times for every router); every turn is sent."""
@@ -160,27 +188,7 @@ def test_client_open_loop_starts_no_turn_before_its_seeded_arrival(tm: workloads
         t += rng.expovariate(rate)
         due[turn.session] = t
 
-    async def main() -> dict:
-        async def completions(request: web.Request) -> web.StreamResponse:
-            body = await request.json()
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-LLMD-Pod": "p1"})
-            await resp.prepare(request)
-            for _ in range(body["max_tokens"]):
-                await resp.write(b'data: {"choices": [{"text": "x"}]}\n\n')
-            await resp.write(b"data: [DONE]\n\n")
-            return resp
-
-        async def metrics(_r: web.Request) -> web.Response:
-            return web.Response(text="vllm:num_requests_running 0.0\nvllm:num_requests_waiting 0.0\n")
-
-        app = web.Application()
-        app.router.add_post("/v1/completions", completions)
-        app.router.add_get("/metrics", metrics)
-        async with TestServer(app, host="127.0.0.1") as server:
-            url = str(server.make_url("")).rstrip("/")
-            return await workload_client.run(wl, url, "m", [url], concurrency=64, sample_s=0.01, rate=rate, seed=seed)
-
-    res = asyncio.run(main())
+    res = _run_streaming(wl, "x", concurrency=64, rate=rate, seed=seed)
     assert res["completed"] == 12 and res["failed"] == 0
     starts = {r["s"]: r["t"] for r in res["per_request"]}
     assert set(starts) == set(due)
@@ -194,27 +202,7 @@ def test_client_counts_an_answer_whose_chunks_carry_no_text(tm: workloads.TextMa
     chunk, and adds no output tokens."""
     wl = workloads.hotprefix(tm, seed=0, prefixes=2, prefix_tokens=16, suffix_tokens=4, requests=4, output_tokens=3)
 
-    async def main() -> dict:
-        async def completions(request: web.Request) -> web.StreamResponse:
-            body = await request.json()
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-LLMD-Pod": "p1"})
-            await resp.prepare(request)
-            for _ in range(body["max_tokens"]):
-                await resp.write(b'data: {"choices": [{"text": ""}]}\n\n')
-            await resp.write(b"data: [DONE]\n\n")
-            return resp
-
-        async def metrics(_r: web.Request) -> web.Response:
-            return web.Response(text="vllm:num_requests_running 0.0\nvllm:num_requests_waiting 0.0\n")
-
-        app = web.Application()
-        app.router.add_post("/v1/completions", completions)
-        app.router.add_get("/metrics", metrics)
-        async with TestServer(app, host="127.0.0.1") as server:
-            url = str(server.make_url("")).rstrip("/")
-            return await workload_client.run(wl, url, "m", [url], concurrency=2, sample_s=0.01)
-
-    res = asyncio.run(main())
+    res = _run_streaming(wl, "", concurrency=2)
     assert res["completed"] == 4 and res["failed"] == 0
     assert all(r["ttft"] is not None for r in res["per_request"])
     assert res["out_tok_s"] == 0
