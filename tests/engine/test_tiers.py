@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import urllib.request
 from collections.abc import Iterator
@@ -394,7 +395,7 @@ def _served(url: str, **reader: str) -> dict[str, float]:
 
 
 async def test_the_router_has_an_idle_pod_load_a_prefix_from_the_holders_dram_tier(
-    tiered: TierEngine, engines, test_model_dir: Path
+    tiered: TierEngine, engines, test_model_dir: Path, caplog: pytest.LogCaptureFixture
 ):
     """Router -> reader -> holder: the real router (``estimated-ttft`` with ``peer_loads``) in front of
     the tier engine (A, the holder) and engine A of the shared pair (B, no tiers). A is idle, and on
@@ -419,7 +420,9 @@ async def test_the_router_has_an_idle_pod_load_a_prefix_from_the_holders_dram_ti
         "pods": pods,
         "profile": {"scorers": [{"type": "estimated-ttft", "params": {"peer_loads": True}}]},
         "index": {"block_size": BLOCK, "speculative_ttl_s": 0},
-        "pool": {"tier_prices_interval_s": 0.2},
+        # a holder offers loads only while it is a routable pod: on a host this loaded (CI runs the unit
+        # tests alongside) a slow health probe must not drop A mid-test
+        "pool": {"tier_prices_interval_s": 0.2, "health_timeout_s": 30, "failure_threshold": 10},
         "speed": {"learn": False},
     }
     async with routed([], test_model_dir, **config) as (router, base), aiohttp.ClientSession() as s:
@@ -448,6 +451,8 @@ async def test_the_router_has_an_idle_pod_load_a_prefix_from_the_holders_dram_ti
                 and b_pod not in held
                 and holder is not None
                 and holder.metrics.kv_endpoint is not None
+                and holder.metrics.block_size == BLOCK
+                and {a_pod, b_pod} <= {x.id for x in router.pool.available()}  # both are candidates
             )
 
         await wait_until_async(ready, 30, "the router to see the prefix in A's DRAM tier and A's endpoint", 0.05)
@@ -457,13 +462,15 @@ async def test_the_router_has_an_idle_pod_load_a_prefix_from_the_holders_dram_ti
         served_before = await off_loop(_served, tiered.url)
         routed_before = await router_loads()
         body = {"model": MODEL, "prompt": p, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
-        async with s.post(base + "/v1/completions", json=body) as r:
-            out = await r.json()
-            assert r.status == 200, out
-            assert r.headers["X-LLMD-Pod"] == b_pod
+        with caplog.at_level(logging.DEBUG, logger="vllm_llmd.router.proxy"):  # its decision, if it fails
+            async with s.post(base + "/v1/completions", json=body) as r:
+                out = await r.json()
+                assert r.status == 200, out
+                assert r.headers["X-LLMD-Pod"] == b_pod
+        route = [x.getMessage() for x in caplog.records if x.getMessage().startswith("route ")]
         assert out["choices"][0]["token_ids"] == fresh  # token-identical to A's fresh computation
         assert await off_loop(_prompt_tokens, tiered.url) == computed  # A computed nothing for it
-        assert await router_loads() == routed_before + 1
+        assert await router_loads() == routed_before + 1, route
 
         def loaded() -> float:
             now = _peer_loads(reader.url, holder[0])

@@ -109,8 +109,15 @@ async def _replay_golden(p: SimPod) -> tuple[dict[str, dict[str, Any]], list[tup
     sub = ctx.socket(zmq.SUB)
     sub.connect(p.ep.events or "")
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    # no wait for the subscription to reach the PUB socket (ZMQ's slow joiner): batches published
-    # before it did are asked from the replay endpoint below, as a late subscriber does
+    # ZMQ's slow joiner: a subscription reaches the PUB socket some time after connect(), and a
+    # batch published before it did is never delivered. Probe through the pod's own PUB socket (a
+    # topic no pod uses, no seq consumed) until one arrives: from then on every batch is live.
+    # Batches the pod published before (none today) are asked from the replay endpoint below.
+    probe = (b"probe", b"", b"")
+    while True:
+        p.publisher._pub.send_multipart(probe)  # the test's handle on the pod's socket
+        if await sub.poll(50) and await sub.recv_multipart() == list(probe):
+            break
     got: dict[str, dict[str, Any]] = {}
     async with aiohttp.ClientSession() as s:
         for name, case in GOLDEN["cases"].items():
@@ -122,6 +129,8 @@ async def _replay_golden(p: SimPod) -> tuple[dict[str, dict[str, Any]], list[tup
     while sent and (not live or live[-1][0] < sent - 1):
         assert await sub.poll(5000), f"the live stream stopped at {[q for q, _ in live]} of {sent} batches"
         topic, seq, payload = await sub.recv_multipart()
+        if topic == probe[0]:
+            continue  # a probe still queued behind the one that arrived
         assert topic == f"kv@127.0.0.1:{p.ep.port}@test-model".encode()
         live.append((int.from_bytes(seq, "big"), payload))
     sub.close(0)
