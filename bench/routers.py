@@ -380,6 +380,12 @@ ROUTERS: dict[str, RouterKind] = {
             {"speed": {"max_age_s": 10.0}},
         ),
         _tiered(
+            "ours_peers_dt1_dage10",
+            "as ours_peers_dt1 with speed.decode_max_age_s 10 (decode speeds back at the prior in 10 s, prefill kept)",
+            {"peer_loads": True, "decode_time_weight": 1.0},
+            {"speed": {"decode_max_age_s": 10.0}},
+        ),
+        _tiered(
             "ours_peers",
             "vllm-llmd router (ours), engines with DRAM tiers, peer loads (estimated-ttft peer_loads)",
             {"peer_loads": True},

@@ -130,6 +130,22 @@ def test_samples_age_out_and_memory_is_bounded() -> None:
     assert est.prefill == {} and all(not s.prefill for s in est._pods.values())
 
 
+def test_decode_samples_can_age_out_sooner_than_prefill_samples() -> None:
+    """``decode_max_age_s``: a pod learned slow at decode is back at its prior once its decode samples
+    are that old, while its prefill speed (``max_age_s``) is kept."""
+    est = _est(max_age_s=300, decode_max_age_s=10)
+    t = _feed(est, 30, random.Random(6))
+    est.refresh(now=t)
+    assert est.decode["slow"] < 0.4 and est.prefill["slow"] < 0.4
+    est.refresh(now=t + 11)
+    assert est.decode == {} and est.decode_speed("slow", 1.0) == 1.0
+    assert est.prefill["slow"] < 0.4
+    default = _est(max_age_s=300)  # unset: the decode samples live as long as the prefill ones
+    t = _feed(default, 30, random.Random(6))
+    default.refresh(now=t + 11)
+    assert default.decode["slow"] < 0.4
+
+
 def test_learned_speeds_steer_the_cost_model() -> None:
     """Two pods, equal by configuration: once one is learned to be 4x slower, the estimated-ttft cost
     sends cold prompts to the fast one even while it has a queue (until the queue outweighs the speed)."""

@@ -240,6 +240,10 @@ class SpeedConfig(_Strict):
     min_work_tokens: float = Field(default=256.0, ge=0)
     #: samples older than this are dropped (a pod that got no work for that long is learned again)
     max_age_s: float = Field(default=300.0, gt=0)
+    #: decode samples older than this are dropped (``None``: ``max_age_s``). Experimental: with
+    #: ``estimated-ttft``'s ``decode_time_weight`` a pod learned slow at decode gets no work, so no
+    #: decode samples that would correct it; a short age ends that without forgetting prefill speeds
+    decode_max_age_s: float | None = Field(default=None, gt=0)
     #: a learned speed stays within this factor of the prior
     max_ratio: float = Field(default=32.0, ge=1)
     #: the published speeds are recomputed at most this often

@@ -64,13 +64,13 @@ learned 1.32 / 1.01 / 0.72, with the floor ``n0 = 1`` 1.79-1.87 / 1.02-1.03 / 0.
 The decode speed is the same formula over decode samples. The two reference rates also give
 ``decode_price = R_prefill / R_decode`` (:meth:`SpeedEstimator.decode_price`: prefill tokens per decode
 token of one request on a speed-1 pod), the exchange rate of the experimental ``estimated-ttft``
-``decode_time_weight`` (bench/RESULTS.md, "Pricing a request's own decode time"). A pod is forgotten (back to its prior)
-when it turns unhealthy (an engine restart fails the health checks for the tens of seconds vLLM
-takes to start) or when it leaves the pool; a pod that got no work for ``max_age_s`` is learned
-again. A cleared prefix cache (``/reset_prefix_cache``, the KV events' ``AllBlocksCleared``) is not
-a new engine and keeps what was learned: forgetting it there threw the speeds away at the start
-of every step of ``bench/sim_fleet.py`` (which resets the caches), just when each step's cold
-prefixes were being placed.
+``decode_time_weight`` (bench/RESULTS.md, "Pricing a request's own decode time"). A pod is forgotten
+(back to its prior) when it turns unhealthy (an engine restart fails the health checks for the tens of
+seconds vLLM takes to start) or when it leaves the pool; a pod that got no work for ``max_age_s`` is
+learned again (its decode samples after ``decode_max_age_s``, the same by default). A cleared prefix
+cache (``/reset_prefix_cache``, the KV events' ``AllBlocksCleared``) is not a new engine and keeps what
+was learned: forgetting it there threw the speeds away at the start of every step of
+``bench/sim_fleet.py`` (which resets the caches), just when each step's cold prefixes were being placed.
 
 The speeds are recomputed at most every ``refresh_s`` (the candidates read the published values:
 :class:`~vllm_llmd.router.candidates.CandidateViews`); ``bench/sim_fleet.py`` measured the effect
@@ -171,12 +171,13 @@ class _Samples:
         self.decode_steps: list[float] = []
         self.stale = True
 
-    def rates(self, cut: float) -> tuple[float | None, float | None]:
-        """(prefill, decode) rate over the samples younger than ``cut`` (``None``: no samples)."""
+    def rates(self, cut: float, decode_cut: float) -> tuple[float | None, float | None]:
+        """(prefill, decode) rate over the samples younger than ``cut`` (decode: ``decode_cut``;
+        ``None``: no samples)."""
         while self.prefill and self.prefill[0][0] < cut:
             self.prefill.popleft()
             self.stale = True
-        while self.decode and self.decode[0][0] < cut:
+        while self.decode and self.decode[0][0] < decode_cut:
             self.decode.popleft()
             self.stale = True
         if self.stale:
@@ -257,12 +258,14 @@ class SpeedEstimator:
         self._dirty = False
         self._refreshed = now
         cut = now - self.cfg.max_age_s
+        dage = self.cfg.decode_max_age_s
+        dcut = cut if dage is None else now - dage
         rates: dict[str, tuple[float, int]] = {}
         drates: dict[str, tuple[float, int]] = {}
         steps: list[float] = []
         dsteps: list[float] = []
         for pod, s in self._pods.items():
-            pr, dr = s.rates(cut)
+            pr, dr = s.rates(cut, dcut)
             if pr is not None:
                 rates[pod] = (pr, len(s.prefill))
                 if len(s.prefill) >= MIN_SAMPLES:
