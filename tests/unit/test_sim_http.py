@@ -114,10 +114,12 @@ async def _replay_golden(p: SimPod) -> tuple[dict[str, dict[str, Any]], list[tup
     # topic no pod uses, no seq consumed) until one arrives: from then on every batch is live.
     # Batches the pod published before (none today) are asked from the replay endpoint below.
     probe = (b"probe", b"", b"")
-    while True:
+    for _ in range(200):  # 10 s
         p.publisher._pub.send_multipart(probe)  # the test's handle on the pod's socket
         if await sub.poll(50) and await sub.recv_multipart() == list(probe):
             break
+    else:
+        raise AssertionError("the subscription never reached the pod's PUB socket")
     got: dict[str, dict[str, Any]] = {}
     async with aiohttp.ClientSession() as s:
         for name, case in GOLDEN["cases"].items():
