@@ -279,7 +279,7 @@ def summarize(model: str, runs: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", required=True, help="multiturn, zipf, rag, agentic, hotprefix or longrag")
+    ap.add_argument("--workload", required=True, help="multiturn, zipf, rag, agentic, hotprefix, hotlong or longrag")
     ap.add_argument("--routers", default="rr,cache_aware,oracle,ours")
     ap.add_argument("--models", default="wide")
     ap.add_argument("--repeat", type=int, default=2, help="rounds; odd rounds run the routers in reverse order")

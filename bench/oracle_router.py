@@ -12,6 +12,11 @@ checks, no retries. Bodies and responses (including SSE streams) pass through un
 prefixes first arrive: a placement taken from another router's decision log (``bench/decision_log.py
 --assign``) replayed through this thin proxy, to tell that placement's cost from that router's own
 overhead (bench/RESULTS.md, "Issue 12: ours against the oracle on hotprefix, taken apart").
+
+``--spread-hot F`` (a yardstick for issue 12's hotprefix target, not a policy): once at least 16
+requests were seen, a prefix with more than the share ``F`` of them is *hot* and each of its requests
+goes to the worker with the fewest requests in flight at this proxy (the hot prefix is prefilled once
+on each worker it reaches, then hits there); the other prefixes keep their static worker.
 """
 
 from __future__ import annotations
@@ -39,8 +44,13 @@ def prompt_text(body: dict[str, Any]) -> str:
 
 
 class Oracle:
-    def __init__(self, workers: list[str], prefix_chars: int, assign: list[int] | None = None) -> None:
+    def __init__(
+        self, workers: list[str], prefix_chars: int, assign: list[int] | None = None, spread_hot: float = 0.0
+    ) -> None:
         self.workers = workers
+        self.spread_hot = spread_hot
+        self.seen: dict[bytes, int] = {}
+        self.inflight = [0] * len(workers)
         self.prefix_chars = prefix_chars
         self.assign = assign or []
         self.assignment: dict[bytes, int] = {}
@@ -51,6 +61,10 @@ class Oracle:
         key = hashlib.blake2b(text[: self.prefix_chars].encode(), digest_size=16).digest()
         k = len(self.assignment)
         idx = self.assignment.setdefault(key, self.assign[k] if k < len(self.assign) else k % len(self.workers))
+        n = self.seen[key] = self.seen.get(key, 0) + 1
+        total = sum(self.seen.values())
+        if self.spread_hot > 0 and total >= 16 and n > self.spread_hot * total:
+            idx = min(range(len(self.workers)), key=lambda i: (self.inflight[i], i != idx))
         self.counts[idx] += 1
         return idx
 
@@ -86,7 +100,11 @@ class Oracle:
         except ValueError:
             return web.json_response({"error": "malformed JSON"}, status=400)
         idx = self.pick(prompt_text(parsed) if isinstance(parsed, dict) else "")
-        return await self.forward(request, self.workers[idx], body)
+        self.inflight[idx] += 1
+        try:
+            return await self.forward(request, self.workers[idx], body)
+        finally:
+            self.inflight[idx] -= 1
 
     async def passthrough(self, request: web.Request) -> web.StreamResponse:
         return await self.forward(request, self.workers[0], None)
@@ -101,12 +119,13 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--worker", action="append", required=True, help="backend base URL (repeat)")
     ap.add_argument("--prefix-chars", type=int, default=1000)
+    ap.add_argument("--spread-hot", type=float, default=0.0, help="share above which a prefix is spread (0 = off)")
     ap.add_argument("--assign", default="", help="worker index per distinct prefix, in arrival order (comma list)")
     args = ap.parse_args()
     assign = [int(x) for x in args.assign.split(",") if x.strip()]
     if any(not 0 <= i < len(args.worker) for i in assign):
         ap.error(f"--assign names a worker outside 0..{len(args.worker) - 1}")
-    oracle = Oracle([w.rstrip("/") for w in args.worker], args.prefix_chars, assign)
+    oracle = Oracle([w.rstrip("/") for w in args.worker], args.prefix_chars, assign, args.spread_hot)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.on_startup.append(oracle.start)
     app.on_cleanup.append(oracle.close)

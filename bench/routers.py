@@ -136,6 +136,12 @@ def _oracle(workers: list[Worker], port: int) -> Launch:
     return Launch(cmd=cmd, port=port)
 
 
+def _oracle_spread(workers: list[Worker], port: int) -> Launch:
+    """The oracle proxy with its hot prefix spread by in-flight count (oracle_router.py --spread-hot 0.25)."""
+    launch = _oracle(workers, port)
+    return dataclasses.replace(launch, cmd=[*launch.cmd, "--spread-hot", "0.25"])
+
+
 def _oracle_assigned(workers: list[Worker], port: int) -> Launch:
     """The oracle proxy with the placement in ``LLMD_BENCH_ORACLE_ASSIGN`` (oracle_router.py --assign)."""
     launch = _oracle(workers, port)
@@ -313,6 +319,11 @@ ROUTERS: dict[str, RouterKind] = {
         ),
         RouterKind("oracle", "static oracle (prefix k -> engine k mod N)", _oracle),
         RouterKind(
+            "oracle_spread",
+            "static oracle, but a prefix with over a quarter of the requests goes to the worker with fewest in flight",
+            _oracle_spread,
+        ),
+        RouterKind(
             "oracle_assigned",
             "the static oracle's proxy, prefix k -> the engine LLMD_BENCH_ORACLE_ASSIGN names (a replayed placement)",
             _oracle_assigned,
@@ -328,6 +339,18 @@ ROUTERS: dict[str, RouterKind] = {
             "ours_pw2",
             "vllm-llmd router (ours), estimated-ttft prefill_weight 2 (the default until 2026-12-04)",
             _ours_scored("ours_pw2", {"prefill_weight": 2}),
+            available=_ours_missing,
+        ),
+        RouterKind(
+            "ours_dt1",
+            "vllm-llmd router (ours), decode_time_weight 1 (a request's own decode time on the pod is priced)",
+            _ours_scored("ours_dt1", {"decode_time_weight": 1.0}),
+            available=_ours_missing,
+        ),
+        RouterKind(
+            "ours_dt1_dage10",
+            "as ours_dt1 with speed.decode_max_age_s 10 (decode speeds back at the prior in 10 s, prefill kept)",
+            _ours_scored("ours_dt1_dage10", {"decode_time_weight": 1.0}, {"speed": {"decode_max_age_s": 10.0}}),
             available=_ours_missing,
         ),
         RouterKind(

@@ -27,6 +27,11 @@ Shapes (defaults; every number is a keyword argument of the generator):
   then per step a 48-token tool call and a 128-384-token tool result appended; 24 output tokens.
 * ``hotprefix`` -- 16 prefixes of 2,048 tokens; one takes half the traffic, the other 15 share the
   rest uniformly; a 64-token suffix; 192 requests.
+* ``hotlong`` -- ``hotprefix`` with 1,024-token suffixes and 128 requests: the hot prefix's pod is
+  prefill-bound (its own requests' suffixes), so a placement that keeps the hot prefix on one pod
+  leaves that pod most of the prefill work (the static oracle sent 89 of 128 requests there on the
+  wide model, bench/RESULTS.md "When spreading a hot prefix pays"), where with 64-token suffixes
+  the pods' work is mostly decode steps, which batch at nearly no cost per request.
 * ``longrag`` -- long-context RAG where peer KV loads should pay (docs/peer-loading.md "When a load
   pays"): 24 documents of 2,560 tokens (61k tokens, ~480 MiB of the wide model's KV: more than one
   pod's engine cache and DRAM tier hold when run with ``alternating.py --num-gpu-blocks 320 --dram
@@ -230,6 +235,11 @@ def hotprefix(
     return Workload("hotprefix", seed, out, _params(locals()))
 
 
+def hotlong(tm: TextMaker, seed: int = 0) -> Workload:
+    wl = hotprefix(tm, seed, suffix_tokens=1024, requests=128)
+    return Workload("hotlong", seed, wl.turns, {**wl.params, "suffix_tokens": 1024, "requests": 128})
+
+
 def longrag(
     tm: TextMaker,
     seed: int = 0,
@@ -267,6 +277,7 @@ GENERATORS: dict[str, Callable[..., Workload]] = {
     "rag": rag,
     "agentic": agentic,
     "hotprefix": hotprefix,
+    "hotlong": hotlong,
     "longrag": longrag,
 }
 

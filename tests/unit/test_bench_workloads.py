@@ -59,6 +59,33 @@ def test_hotprefix_sends_half_the_traffic_to_one_prefix(tm: workloads.TextMaker)
     assert len(heads) == 8
 
 
+def test_hotlong_is_hotprefix_with_long_suffixes(tm: workloads.TextMaker, test_model_dir: Path) -> None:
+    wl = workloads.hotlong(tm, seed=2)
+    assert wl.name == "hotlong" and len(wl.turns) == 128
+    assert wl.params["suffix_tokens"] == 1024 and wl.params["requests"] == 128
+    prefix, suffix = wl.turns[0].prompt.split("\n", 1)
+    assert tm.count(suffix) in range(1020, 1029) and tm.count(prefix) in range(2040, 2057)
+    built, _ = workloads.build("hotlong", test_model_dir)
+    assert built.turns[0].prompt == workloads.hotlong(tm, seed=0).turns[0].prompt
+
+
+def test_the_oracle_spreads_only_its_hot_prefix_by_requests_in_flight() -> None:
+    import oracle_router
+
+    o = oracle_router.Oracle(["a", "b"], prefix_chars=4, spread_hot=0.25)
+    cold = [o.pick(f"c{k:02d}.") for k in range(16)]  # 16 prefixes once each: k mod 2, nothing hot
+    assert cold == [k % 2 for k in range(16)]
+    o.inflight = [3, 0]
+    hot = [o.pick("HOT!") for _ in range(8)]  # prefix 16 -> worker 0 statically
+    assert hot[:2] == [0, 0]  # 1 and 2 of 17-18 requests: not yet over a quarter
+    assert set(hot[-3:]) == {1}  # over a quarter: to the worker with fewer in flight
+    o.inflight = [0, 3]
+    assert o.pick("HOT!") == 0 and o.pick("c03.") == 1  # a cold prefix keeps its worker
+    static = oracle_router.Oracle(["a", "b"], prefix_chars=4)
+    static.inflight = [3, 0]
+    assert {static.pick("HOT!") for _ in range(40)} == {0}
+
+
 def test_zipf_and_rag_are_skewed(tm: workloads.TextMaker) -> None:
     wl = workloads.zipf(tm, seed=0, prompts=16, prompt_tokens=32, user_tokens=8, requests=300)
     counts = sorted(
