@@ -30,7 +30,7 @@ Shapes (defaults; every number is a keyword argument of the generator):
 * ``hotlong`` -- ``hotprefix`` with 1,024-token suffixes and 128 requests: the hot prefix's pod is
   prefill-bound (its own requests' suffixes), so a placement that keeps the hot prefix on one pod
   leaves that pod most of the prefill work (the static oracle sent 89 of 128 requests there on the
-  wide model, bench/RESULTS.md "When spreading a hot prefix pays"), where with 64-token suffixes
+  wide model, bench/RESULTS.md "Issue 12: when spreading a hot prefix pays"), where with 64-token suffixes
   the pods' work is mostly decode steps, which batch at nearly no cost per request.
 * ``longrag`` -- long-context RAG where peer KV loads should pay (docs/peer-loading.md "When a load
   pays"): 24 documents of 2,560 tokens (61k tokens, ~480 MiB of the wide model's KV: more than one
@@ -237,7 +237,7 @@ def hotprefix(
 
 def hotlong(tm: TextMaker, seed: int = 0) -> Workload:
     wl = hotprefix(tm, seed, suffix_tokens=1024, requests=128)
-    return Workload("hotlong", seed, wl.turns, {**wl.params, "suffix_tokens": 1024, "requests": 128})
+    return Workload("hotlong", seed, wl.turns, wl.params)
 
 
 def longrag(
