@@ -50,6 +50,7 @@ class Oracle:
         self.workers = workers
         self.spread_hot = spread_hot
         self.seen: dict[bytes, int] = {}
+        self.total = 0
         self.inflight = [0] * len(workers)
         self.prefix_chars = prefix_chars
         self.assign = assign or []
@@ -62,8 +63,8 @@ class Oracle:
         k = len(self.assignment)
         idx = self.assignment.setdefault(key, self.assign[k] if k < len(self.assign) else k % len(self.workers))
         n = self.seen[key] = self.seen.get(key, 0) + 1
-        total = sum(self.seen.values())
-        if self.spread_hot > 0 and total >= 16 and n > self.spread_hot * total:
+        self.total += 1
+        if self.spread_hot > 0 and self.total >= 16 and n > self.spread_hot * self.total:
             idx = min(range(len(self.workers)), key=lambda i: (self.inflight[i], i != idx))
         self.counts[idx] += 1
         return idx
