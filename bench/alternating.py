@@ -6,8 +6,9 @@ engines start once per model; before every run their prefix caches are reset
 (``POST /reset_prefix_cache``) and a fresh router is started, so each run begins from empty caches
 and an empty index. Round ``r`` runs the routers in the given order when ``r`` is even and reversed
 when odd (ABBA), which takes drift and order out of the comparison; every run records the 1-minute
-load average before it. All routers of one invocation must run with the same engine settings (so
-``kv_aware``, whose engines need other hashing flags, and the P/D rows run through ``serving.py``).
+load average before it. All routers of one invocation run with the same engine settings: where
+``kv_aware`` (whose engines need other hashing flags) is among them, every row runs on its engines
+(``shared_engines``); the P/D rows run through ``serving.py``.
 
     .venv/bin/python bench/alternating.py --workload multiturn --models wide \\
         --routers rr,cache_aware,oracle,ours --repeat 2
@@ -117,8 +118,30 @@ def engine_knobs(kind: RouterKind, args: argparse.Namespace) -> RouterKind:
     return dataclasses.replace(kind, engine_args=eargs + extra)
 
 
+def shared_engines(kinds: list[RouterKind]) -> list[RouterKind]:
+    """Every row on the engines ``kv_aware`` needs, where it is among them: vLLM's ``sha256_cbor``
+    block hashes with a fixed seed and the model served under its path (bench/routers.py), added to
+    each row's own engine settings. Our router keys its index by token ids, not by the engines'
+    hashes (vllm_llmd/index/chain.py); the other vllm-router policies and the oracle proxy never see
+    a hash. So the comparison stays on one engine pair."""
+    kv = next((k for k in kinds if k.name == "kv_aware"), None)
+    if kv is None:
+        return kinds
+    return [
+        k
+        if k is kv
+        else dataclasses.replace(
+            k,
+            engine_args=list(kv.engine_args) + list(k.engine_args),
+            engine_env={**kv.engine_env, **k.engine_env},
+            served_name_is_path=True,
+        )
+        for k in kinds
+    ]
+
+
 def run_model(model: str, names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
-    kinds = [engine_knobs(ROUTERS[n], args) for n in names]
+    kinds = [engine_knobs(k, args) for k in shared_engines([ROUTERS[n] for n in names])]
     ref = kinds[0]
     for k in kinds[1:]:
         if (k.engine_args, k.engine_env, k.served_name_is_path, k.per_engine_env) != (

@@ -233,3 +233,23 @@ def test_client_counts_an_answer_whose_chunks_carry_no_text(tm: workloads.TextMa
     assert res["completed"] == 4 and res["failed"] == 0
     assert all(r["ttft"] is not None for r in res["per_request"])
     assert res["out_tok_s"] == 0
+
+
+def test_every_row_runs_on_the_engines_kv_aware_needs_when_it_is_among_them() -> None:
+    """``bench/alternating.py`` runs all rows of an invocation on one engine pair: with vllm-router's
+    ``kv_aware`` among them, every row gets its hashing flags and served name on top of its own
+    settings (a tiered row keeps its KV connector); without it, nothing changes."""
+    import alternating
+    from routers import ROUTERS
+
+    names = ["rr", "kv_aware", "ours", "ours_tiers"]
+    kinds = alternating.shared_engines([ROUTERS[n] for n in names])
+    kv = ROUTERS["kv_aware"]
+    for k in kinds:
+        assert k.engine_args[: len(kv.engine_args)] == kv.engine_args, k.name
+        assert k.engine_env == kv.engine_env and k.served_name_is_path, k.name
+    tiers = kinds[names.index("ours_tiers")]
+    assert tiers.engine_args[len(kv.engine_args) :] == ROUTERS["ours_tiers"].engine_args
+    assert len({(tuple(k.engine_args), k.served_name_is_path) for k in kinds[:3]}) == 1
+    plain = [ROUTERS[n] for n in ("rr", "ours")]
+    assert alternating.shared_engines(plain) == plain
