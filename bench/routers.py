@@ -354,6 +354,12 @@ ROUTERS: dict[str, RouterKind] = {
             available=_ours_missing,
         ),
         RouterKind(
+            "ours_dw4",
+            "vllm-llmd router (ours), decode_token_weight 4 (a queued decode token as 4 prefill tokens, not 0.05)",
+            _ours_scored("ours_dw4", {"decode_token_weight": 4.0}),
+            available=_ours_missing,
+        ),
+        RouterKind(
             "ours_nolearn",
             "vllm-llmd router (ours), pod speeds not learned (speed.learn false: every pod at its prior)",
             _ours_scored("ours_nolearn", {}, {"speed": {"learn": False}}),
