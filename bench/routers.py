@@ -360,6 +360,18 @@ ROUTERS: dict[str, RouterKind] = {
             available=_ours_missing,
         ),
         RouterKind(
+            "ours_rw600",
+            "vllm-llmd router (ours), request_weight 600 (a request in flight on a pod as 600 prefill tokens)",
+            _ours_scored("ours_rw600", {"request_weight": 600.0}),
+            available=_ours_missing,
+        ),
+        RouterKind(
+            "ours_rw1200",
+            "vllm-llmd router (ours), request_weight 1200 (a request in flight on a pod as 1,200 prefill tokens)",
+            _ours_scored("ours_rw1200", {"request_weight": 1200.0}),
+            available=_ours_missing,
+        ),
+        RouterKind(
             "ours_nolearn",
             "vllm-llmd router (ours), pod speeds not learned (speed.learn false: every pod at its prior)",
             _ours_scored("ours_nolearn", {}, {"speed": {"learn": False}}),
@@ -418,6 +430,11 @@ ROUTERS: dict[str, RouterKind] = {
             "ours_peers",
             "vllm-llmd router (ours), engines with DRAM tiers, peer loads (estimated-ttft peer_loads)",
             {"peer_loads": True},
+        ),
+        _tiered(
+            "ours_peers_rw600",
+            "as ours_peers with request_weight 600 (a session moves off a crowded pod by a peer load)",
+            {"peer_loads": True, "request_weight": 600.0},
         ),
         _tiered(
             "ours_peers_ev0",

@@ -90,7 +90,8 @@ def ttft_costs(self: EstimatedTTFTScorer, req: SchedRequest, pods: list[Candidat
             if over > 0:
                 cost += cw * over * bs
         ps = p.prefill_speed
-        out[p.id] = cost / ps + queued_time(ld.prefill_tokens, ld.decode_tokens, dw, ps, p.decode_speed)
+        queued = ld.prefill_tokens + prm.request_weight * ld.requests
+        out[p.id] = cost / ps + queued_time(queued, ld.decode_tokens, dw, ps, p.decode_speed)
     return out
 
 

@@ -211,3 +211,25 @@ def test_prefix_memory_lru_per_pod() -> None:
     assert m.match([2, 3, 4]) == {"a": 3, "b": 2}
     m.remove_pod("a")
     assert m.match([2, 3, 4]) == {"b": 2}
+
+
+@pytest.mark.parametrize(("weight", "history", "moves"), [(0.0, 512, False), (600.0, 512, True), (600.0, 2048, False)])
+def test_request_weight_moves_a_short_session_off_a_crowded_pod(weight: float, history: int, moves: bool) -> None:
+    """A session's next turn, its history held by the pod it ran on, which now has 6 requests in
+    flight (decoding) against the other pod's 1. Without ``request_weight`` it stays (the move costs
+    ``prefill_weight`` x its history); at 600 tokens per request in flight a 512-token history moves
+    (4 x 576 + 600 < 4 x 64 + 3,600) and a 2,048-token one stays (4 x 2,112 + 600 > 3,856)."""
+    from vllm_llmd.router.config import PluginRef
+
+    ctx = _ctx()
+    profile = ProfileConfig(scorers=[PluginRef(type="estimated-ttft", params={"request_weight": weight})])
+    sched = build_scheduler(profile, ctx)
+    pods = _pods(ctx)
+    holder = sched.schedule(_req(ctx, _tokens(1, 0, n_prefix=history)), pods).chosen.id
+    other = "p1" if holder == "p0" else "p0"
+    for pod, n in ((holder, 6), (other, 1)):
+        for _ in range(n):
+            ctx.inflight.first_token(ctx.inflight.start(pod, 200, 32))  # prefilled, decoding
+    assert ctx.inflight.load(holder).requests == 6 and ctx.inflight.load(holder).prefill_tokens == 0
+    chosen = sched.schedule(_req(ctx, _tokens(1, 1, n_prefix=history)), pods).chosen.id
+    assert chosen == (other if moves else holder)

@@ -103,6 +103,7 @@ def _world(seed: int, n_pods: int, profile: ProfileConfig) -> tuple:
 
 PROFILES = {
     "default": ProfileConfig(),
+    "requests-priced": ProfileConfig(scorers=[PluginRef(type="estimated-ttft", params={"request_weight": 600.0})]),
     "untiered-no-balance": ProfileConfig(
         scorers=[PluginRef(type="estimated-ttft", params={"price_tiers": False, "balance_weight": 0})]
     ),

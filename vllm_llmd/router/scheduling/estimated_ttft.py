@@ -62,6 +62,12 @@ class EstimatedTTFTParams(Params):
     #: vllm_llmd.router.speed.SpeedEstimator.decode_price). A TTFT cost does not see a pod whose
     #: answers stream slowly (its decodes stalled behind the prefills it holds); 0 = off
     decode_time_weight: float = Field(default=0.0, ge=0)
+    #: each request in flight on the pod (sent, not finished: prefilling or decoding) counted as this
+    #: many prefill tokens. Sessions stick to the pod holding their history, so which sessions are
+    #: active decides how the requests in flight split; this prices a crowded pod so that a session
+    #: with a short history moves when one pod carries most of them (bench/RESULTS.md, "Sessions in
+    #: flight"); 0 = off
+    request_weight: float = Field(default=0.0, ge=0)
     #: weight of the uncached part of *this* request (Dynamo's overlap weight); 4: a request leaves
     #: the pod holding its prefix when that pod's queue is ~4 of its prompts longer (2 until
     #: 2026-12-04: spills re-prefilled prefixes, 0.84-0.91x the static oracle; bench/RESULTS.md,
@@ -103,7 +109,8 @@ class EstimatedTTFTScorer(ScorerBase):
     """Cost in tokens of serving the request on each pod, lower is better:
 
     ``cost(p) = (prefill_weight * (1 + balance_weight * min(1, excess(p))) * priced(p)
-    + capacity_weight * block_size * overflow(p) + queued_prefill(p)) / prefill_speed(p)
+    + capacity_weight * block_size * overflow(p) + queued_prefill(p) + request_weight * requests(p))
+    / prefill_speed(p)
     + (decode_token_weight * queued_decode(p) + decode_time_weight * max_tokens * decode_price)
     / decode_speed(p)``; ``priced(p)`` is
     :func:`vllm_llmd.pd.load.prefill_equivalent` of the prompt on ``p`` (engine-cache hits free,
@@ -135,6 +142,7 @@ class EstimatedTTFTScorer(ScorerBase):
         v = prefix_view(req)
         prm = self.params
         pw, dw, bw, cw = prm.prefill_weight, prm.decode_token_weight, prm.balance_weight, prm.capacity_weight
+        rw = prm.request_weight
         n = req.prompt_tokens
         bs = self.ctx.block_size
         self._sync_epochs()
@@ -193,7 +201,8 @@ class EstimatedTTFTScorer(ScorerBase):
                     cost += cw * (over if over < new_blocks else new_blocks) * bs
             ps = p.prefill_speed
             ld = p.load
-            out[pid] = cost / ps + (ld.prefill_tokens / ps + (dw * ld.decode_tokens + own_decode) / p.decode_speed)
+            queued = ld.prefill_tokens + rw * ld.requests
+            out[pid] = cost / ps + (queued / ps + (dw * ld.decode_tokens + own_decode) / p.decode_speed)
         if plans:
             by_id = {x.id: x for x in pods}
             holders = {}
