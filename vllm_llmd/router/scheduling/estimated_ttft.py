@@ -65,8 +65,9 @@ class EstimatedTTFTParams(Params):
     #: each request in flight on the pod (sent, not finished: prefilling or decoding) counted as this
     #: many prefill tokens. Sessions stick to the pod holding their history, so which sessions are
     #: active decides how the requests in flight split; this prices a crowded pod so that a session
-    #: with a short history moves when one pod carries most of them (bench/RESULTS.md, "Sessions in
-    #: flight"); 0 = off
+    #: with a short history moves when one pod carries most of them. Measured on multiturn: it evens
+    #: the split and gains no throughput, with or without peer loads (bench/RESULTS.md, "Sessions in
+    #: flight: evening them out"); experimental, 0 = off
     request_weight: float = Field(default=0.0, ge=0)
     #: weight of the uncached part of *this* request (Dynamo's overlap weight); 4: a request leaves
     #: the pod holding its prefix when that pod's queue is ~4 of its prompts longer (2 until
