@@ -291,6 +291,14 @@ def _tiered(
     )
 
 
+def _scored(
+    name: str, description: str, ttft_params: dict[str, object], extra: dict[str, object] | None = None
+) -> RouterKind:
+    """Our router with ``estimated-ttft`` given ``ttft_params``, on the rows' default engines (the
+    untiered variants of ``ours``: one parameter changed per row)."""
+    return RouterKind(name, description, _ours_scored(name, ttft_params, extra), available=_ours_missing)
+
+
 ROUTERS: dict[str, RouterKind] = {
     k.name: k
     for k in (
@@ -329,53 +337,47 @@ ROUTERS: dict[str, RouterKind] = {
             _oracle_assigned,
         ),
         RouterKind("ours", "vllm-llmd router (ours)", _ours, available=_ours_missing),
-        RouterKind(
+        _scored(
             "ours_pw4",
             "vllm-llmd router (ours), estimated-ttft prefill_weight 4 (the default since 2026-12-04)",
-            _ours_scored("ours_pw4", {"prefill_weight": 4}),
-            available=_ours_missing,
+            {"prefill_weight": 4},
         ),
-        RouterKind(
+        _scored(
             "ours_pw2",
             "vllm-llmd router (ours), estimated-ttft prefill_weight 2 (the default until 2026-12-04)",
-            _ours_scored("ours_pw2", {"prefill_weight": 2}),
-            available=_ours_missing,
+            {"prefill_weight": 2},
         ),
-        RouterKind(
+        _scored(
             "ours_dt1",
             "vllm-llmd router (ours), decode_time_weight 1 (a request's own decode time on the pod is priced)",
-            _ours_scored("ours_dt1", {"decode_time_weight": 1.0}),
-            available=_ours_missing,
+            {"decode_time_weight": 1.0},
         ),
-        RouterKind(
+        _scored(
             "ours_dt1_dage10",
             "as ours_dt1 with speed.decode_max_age_s 10 (decode speeds back at the prior in 10 s, prefill kept)",
-            _ours_scored("ours_dt1_dage10", {"decode_time_weight": 1.0}, {"speed": {"decode_max_age_s": 10.0}}),
-            available=_ours_missing,
+            {"decode_time_weight": 1.0},
+            {"speed": {"decode_max_age_s": 10.0}},
         ),
-        RouterKind(
+        _scored(
             "ours_dw4",
             "vllm-llmd router (ours), decode_token_weight 4 (a queued decode token as 4 prefill tokens, not 0.05)",
-            _ours_scored("ours_dw4", {"decode_token_weight": 4.0}),
-            available=_ours_missing,
+            {"decode_token_weight": 4.0},
         ),
-        RouterKind(
+        _scored(
             "ours_rw600",
             "vllm-llmd router (ours), request_weight 600 (a request in flight on a pod as 600 prefill tokens)",
-            _ours_scored("ours_rw600", {"request_weight": 600.0}),
-            available=_ours_missing,
+            {"request_weight": 600.0},
         ),
-        RouterKind(
+        _scored(
             "ours_rw1200",
             "vllm-llmd router (ours), request_weight 1200 (a request in flight on a pod as 1,200 prefill tokens)",
-            _ours_scored("ours_rw1200", {"request_weight": 1200.0}),
-            available=_ours_missing,
+            {"request_weight": 1200.0},
         ),
-        RouterKind(
+        _scored(
             "ours_nolearn",
             "vllm-llmd router (ours), pod speeds not learned (speed.learn false: every pod at its prior)",
-            _ours_scored("ours_nolearn", {}, {"speed": {"learn": False}}),
-            available=_ours_missing,
+            {},
+            {"speed": {"learn": False}},
         ),
         # issue 12's peer loads, on and off, on the same engines (LLMDConnector with a DRAM tier)
         _tiered("ours_tiers", "vllm-llmd router (ours), engines with DRAM tiers, no peer loads", {}),
