@@ -4,7 +4,15 @@ their victim the same way.
 The victim is whichever engine is streaming when the moment comes, not a fixed one: after the
 gateway's failover test restarted engine ``a`` (cold cache) the router's test sent all 36 requests,
 whose 4 prefixes engine ``b`` had cached, to ``b``, and a fixed victim ``a`` never streamed (CI,
-2026-12-03: 120 s waited). Which pod the router prefers is its business; the test is about the kill."""
+2026-12-03: 120 s waited). Which pod the router prefers is its business; the test is about the kill.
+
+The victim must still be generating when the kill lands, and what the client has received says
+little about that: the client lags the engine (through the gateway every chunk of a stream passes
+the picker, ``STREAMED`` response mode), and in CI (2026-12-05) a 96-token stream caught with at
+most 48 received had already ended on the engine when it was killed, so nothing broke. So two
+*anchor* streams of ``ANCHOR_TOKENS`` run beside the short ones and the victim is a pod with an
+anchor caught at most a quarter through: hundreds of tokens (seconds) are left on the engine, far
+more than any lag seen."""
 
 from __future__ import annotations
 
@@ -20,7 +28,8 @@ from router_harness import pod_id, prose
 from vllm_llmd.testing.engine import EngineProcess
 from vllm_llmd.testing.wait import wait_until_async
 
-MAX_TOKENS = 96  # long enough that a running stream can be caught well before its end
+MAX_TOKENS = 96  # the short streams
+ANCHOR_TOKENS = 768  # the anchor streams: seconds of generation left when one is caught a quarter through
 
 
 @dataclass
@@ -28,6 +37,7 @@ class Outcome:
     i: int
     started: bool = False  # see stream_one's started_on_headers
     ok: bool = False  # the stream ended with [DONE]
+    max_tokens: int = MAX_TOKENS
     finished: bool = False  # the client is done with it (answered, broken or refused)
     events: int = 0  # SSE events received (of MAX_TOKENS + 1)
     pod: str = ""
@@ -42,16 +52,17 @@ async def stream_one(
     prefix_seed: int | None = None,
     live: list[Outcome] | None = None,
     started_on_headers: bool = False,
+    max_tokens: int = MAX_TOKENS,
 ) -> Outcome:
     """One streamed completion. ``started`` means the first body byte reached the client, or with
     ``started_on_headers`` (Envoy forwards a pod's headers at admission) a 200 status line."""
-    o = Outcome(i)
+    o = Outcome(i, max_tokens=max_tokens)
     if live is not None:
         live.append(o)
     body = {
         "model": "test-model",
         "prompt": prose(i % 4 if prefix_seed is None else prefix_seed, 200) + f" request {i}",
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": max_tokens,
         "stream": True,
         "ignore_eos": True,
     }
@@ -76,12 +87,14 @@ async def stream_one(
 
 
 def streaming_engine(live: list[Outcome], engines: tuple[EngineProcess, ...]) -> EngineProcess | None:
-    """The engine to kill now, if any: it has served a request and streams another with at most half
-    its tokens received. Killed between its streams, the health checks could take it out before any
-    request met it (CI, 2026-12-03); near its end a stream can finish before the kill lands."""
+    """The engine to kill now, if any: it has served a request and streams an anchor with at most a
+    quarter of its tokens received. Killed between its streams, the health checks could take it out
+    before any request met it (CI, 2026-12-03); a short stream can end on the engine before the kill
+    lands (module docstring)."""
     for engine in engines:
         mine = [o for o in live if o.pod == pod_id(engine)]
-        if any(o.ok for o in mine) and any(0 < o.events <= MAX_TOKENS // 2 and not o.finished for o in mine):
+        caught = [o for o in mine if o.max_tokens == ANCHOR_TOKENS and not o.finished]
+        if any(o.ok for o in mine) and any(0 < o.events <= ANCHOR_TOKENS // 4 for o in caught):
             return engine
     return None
 
@@ -91,8 +104,8 @@ def spread(live: list[Outcome]) -> str:
     return ", ".join(f"{pod or '-'}: {n}" for pod, n in Counter(o.pod for o in live).items()) or "nothing sent"
 
 
-# one streamed request: (request number, prefix seed or None, the list it registers itself in)
-Send = Callable[[int, int | None, list[Outcome] | None], Awaitable[Outcome]]
+# one streamed request: (request number, prefix seed or None, the list it registers itself in, max_tokens)
+Send = Callable[[int, int | None, list[Outcome] | None, int], Awaitable[Outcome]]
 
 
 @dataclass
@@ -104,8 +117,9 @@ class KilledRun:
 
 
 async def kill_one_mid_stream(send: Send, engines: tuple[EngineProcess, EngineProcess]) -> KilledRun:
-    """36 streams, 6 at a time, over 4 prefixes; kill the engine caught mid-stream; wait for all 36.
-    On an error after the kill the victim is restarted before the error propagates."""
+    """36 short streams, 6 at a time, over 4 prefixes, and two anchor streams beside them; kill the
+    engine caught mid-anchor; wait for all 38. On an error after the kill the victim is restarted
+    before the error propagates."""
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(6)
     done: list[Outcome] = []
@@ -113,15 +127,20 @@ async def kill_one_mid_stream(send: Send, engines: tuple[EngineProcess, EnginePr
 
     async def run(i: int) -> Outcome:
         async with sem:
-            o = await send(i, None, live)
+            o = await send(i, None, live, MAX_TOKENS)
             done.append(o)
             return o
 
-    tasks = [asyncio.create_task(run(i)) for i in range(36)]
+    async def anchor(i: int) -> Outcome:
+        o = await send(i, None, live, ANCHOR_TOKENS)
+        done.append(o)
+        return o
+
+    tasks = [asyncio.create_task(anchor(i)) for i in (36, 37)] + [asyncio.create_task(run(i)) for i in range(36)]
     victim = await wait_until_async(
         lambda: streaming_engine(live, engines) or all(t.done() for t in tasks),
         120,
-        "an engine served a request and streams another",
+        "an engine served a request and streams an anchor",
         interval=0.005,
     )
     assert not isinstance(victim, bool), f"no engine was caught mid-stream; requests went to {spread(live)}"
@@ -146,7 +165,7 @@ async def restarted_engine_gets_traffic(send: Send, victim: EngineProcess, timeo
     deadline = time.monotonic() + timeout
     i = 1000
     while time.monotonic() < deadline:
-        burst = await asyncio.gather(*(send(i + k, i + k, None) for k in range(6)))
+        burst = await asyncio.gather(*(send(i + k, i + k, None, MAX_TOKENS) for k in range(6)))
         assert all(o.ok for o in burst), burst
         if any(o.pod == pod_id(victim) for o in burst):
             return True

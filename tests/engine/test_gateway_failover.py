@@ -31,8 +31,10 @@ async def test_gateway_engine_killed_mid_run_loses_no_unstarted_request(engines,
     loop = asyncio.get_running_loop()
     async with gateway_stack(cfg, tmp_path) as gw, aiohttp.ClientSession() as s:
 
-        async def send(i: int, prefix_seed: int | None, live: list[Outcome] | None) -> Outcome:
-            return await stream_one(s, gw.url, i, prefix_seed=prefix_seed, live=live, started_on_headers=True)
+        async def send(i: int, prefix_seed: int | None, live: list[Outcome] | None, max_tokens: int) -> Outcome:
+            return await stream_one(
+                s, gw.url, i, prefix_seed=prefix_seed, live=live, started_on_headers=True, max_tokens=max_tokens
+            )
 
         run = await kill_one_mid_stream(send, (engines.a, engines.b))
         try:

@@ -21,8 +21,8 @@ async def test_engine_killed_mid_run_loses_no_unstarted_request(engines, test_mo
     loop = asyncio.get_running_loop()
     async with routed(engines, test_model_dir, pool=pool) as (_router, base), aiohttp.ClientSession() as s:
 
-        async def send(i: int, prefix_seed: int | None, live: list[Outcome] | None) -> Outcome:
-            return await stream_one(s, base, i, prefix_seed=prefix_seed, live=live)
+        async def send(i: int, prefix_seed: int | None, live: list[Outcome] | None, max_tokens: int) -> Outcome:
+            return await stream_one(s, base, i, prefix_seed=prefix_seed, live=live, max_tokens=max_tokens)
 
         run = await kill_one_mid_stream(send, (engines.a, engines.b))
         try:
