@@ -60,6 +60,8 @@ def _on_signal(signum: int, _frame: object) -> None:
 
 
 #: ``llmd:kv_peer_loads_total``'s results (docs/peer-loading.md "Metrics"), counted per row as ``peer_<result>``
+#: the KV block size of the benchmark's engines (``_start_engines``)
+ENGINE_BLOCK_SIZE = 64
 PEER_RESULTS = ("ok", "refused", "evicted", "unreachable", "timeout", "failed")
 
 
@@ -165,7 +167,7 @@ def _start_engines(
         spec = EngineSpec(
             model=model_dir,
             served_model_name=served,
-            block_size=64,
+            block_size=ENGINE_BLOCK_SIZE,
             num_gpu_blocks=num_gpu_blocks,
             max_model_len=4096,
             cpu_core=i if cores >= n else None,
