@@ -299,6 +299,18 @@ def _scored(
     return RouterKind(name, description, _ours_scored(name, ttft_params, extra), available=_ours_missing)
 
 
+def _pd_ours(name: str, description: str, peers: bool, prefill_weight: float | None = None) -> RouterKind:
+    """Our router's P/D rows (``_ours_pd``), on engines with ``LLMDConnector``."""
+    return RouterKind(
+        name,
+        description,
+        _ours_pd(peers, prefill_weight),
+        engine_args=["--kv-transfer-config", json.dumps(LLMD_KV)],
+        available=_ours_missing,
+        pd=True,
+    )
+
+
 ROUTERS: dict[str, RouterKind] = {
     k.name: k
     for k in (
@@ -457,29 +469,17 @@ ROUTERS: dict[str, RouterKind] = {
             available=_vllm_router_missing,
             pd=True,
         ),
-        RouterKind(
-            "pd_ours",
-            "P/D: vllm-llmd router + LLMDConnector (1 prefill, 1 decode, threshold 256)",
-            _ours_pd(peers=False),
-            engine_args=["--kv-transfer-config", json.dumps(LLMD_KV)],
-            available=_ours_missing,
-            pd=True,
-        ),
-        RouterKind(
+        _pd_ours("pd_ours", "P/D: vllm-llmd router + LLMDConnector (1 prefill, 1 decode, threshold 256)", peers=False),
+        _pd_ours(
             "pd_ours_selective",
             "P/D: vllm-llmd router + LLMDConnector, selective among 2 colocated pods (pd.peers)",
-            _ours_pd(peers=True),
-            engine_args=["--kv-transfer-config", json.dumps(LLMD_KV)],
-            available=_ours_missing,
-            pd=True,
+            peers=True,
         ),
-        RouterKind(
+        _pd_ours(
             "pd_ours_selective_pw05",
             "P/D: as pd_ours_selective, estimated-ttft prefill_weight 0.5 (spills more: the decider fires)",
-            _ours_pd(peers=True, prefill_weight=0.5),
-            engine_args=["--kv-transfer-config", json.dumps(LLMD_KV)],
-            available=_ours_missing,
-            pd=True,
+            peers=True,
+            prefill_weight=0.5,
         ),
     )
 }
