@@ -11,8 +11,8 @@ little about that: the client lags the engine (through the gateway every chunk o
 the picker, ``STREAMED`` response mode), and in CI (2026-12-05) a 96-token stream caught with at
 most 48 received had already ended on the engine when it was killed, so nothing broke. So two
 *anchor* streams of ``ANCHOR_TOKENS`` run beside the short ones and the victim is a pod with an
-anchor caught at most a quarter through: hundreds of tokens (seconds) are left on the engine, far
-more than any lag seen."""
+anchor caught at most half through: hundreds of tokens (seconds) are left on the engine, eight
+times the lag that was enough to miss the kill."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from vllm_llmd.testing.engine import EngineProcess
 from vllm_llmd.testing.wait import wait_until_async
 
 MAX_TOKENS = 96  # the short streams
-ANCHOR_TOKENS = 768  # the anchor streams: seconds of generation left when one is caught a quarter through
+ANCHOR_TOKENS = 768  # the anchor streams: seconds of generation left when one is caught half through
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Outcome:
     ok: bool = False  # the stream ended with [DONE]
     max_tokens: int = MAX_TOKENS
     finished: bool = False  # the client is done with it (answered, broken or refused)
-    events: int = 0  # SSE events received (of MAX_TOKENS + 1)
+    events: int = 0  # SSE events received (of max_tokens + 1)
     pod: str = ""
     error: str = ""
 
@@ -87,14 +87,14 @@ async def stream_one(
 
 
 def streaming_engine(live: list[Outcome], engines: tuple[EngineProcess, ...]) -> EngineProcess | None:
-    """The engine to kill now, if any: it has served a request and streams an anchor with at most a
-    quarter of its tokens received. Killed between its streams, the health checks could take it out
+    """The engine to kill now, if any: it has served a request and streams an anchor with at most half
+    its tokens received. Killed between its streams, the health checks could take it out
     before any request met it (CI, 2026-12-03); a short stream can end on the engine before the kill
     lands (module docstring)."""
     for engine in engines:
         mine = [o for o in live if o.pod == pod_id(engine)]
         caught = [o for o in mine if o.max_tokens == ANCHOR_TOKENS and not o.finished]
-        if any(o.ok for o in mine) and any(0 < o.events <= ANCHOR_TOKENS // 4 for o in caught):
+        if any(o.ok for o in mine) and any(0 < o.events <= ANCHOR_TOKENS // 2 for o in caught):
             return engine
     return None
 

@@ -149,7 +149,7 @@ async def test_retry_on_another_pod_when_connection_refused(backends, client) ->
         await srv.close()
 
 
-async def test_503_with_retry_after_when_no_pod_is_healthy(backends, client) -> None:
+async def test_503_with_retry_after_when_no_pod_is_healthy(backends, client, caplog) -> None:
     for b in backends:
         b.healthy = False
     cfg = config_for(backends, pool={"failure_threshold": 1, "health_interval_s": 0.05})
@@ -157,6 +157,8 @@ async def test_503_with_retry_after_when_no_pod_is_healthy(backends, client) -> 
     try:
         base = f"http://127.0.0.1:{srv.port}"
         await wait_until_async(lambda: not router.pool.available(), 5, "every pod marked unhealthy")
+        # the warning says why the last check failed
+        assert any("(the last: HTTP 503): marked unhealthy" in r.getMessage() for r in caplog.records)
         async with client.post(base + "/v1/completions", json={"model": "test-model", "prompt": "x"}) as r:
             assert r.status == 503
             assert int(r.headers["Retry-After"]) >= 1

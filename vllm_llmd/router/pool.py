@@ -208,13 +208,17 @@ class PodPool:
 
     async def check_health(self, pod: Pod) -> bool:
         assert self._session is not None
+        why = ""
         try:
             async with self._session.get(
                 pod.url + "/health", timeout=aiohttp.ClientTimeout(total=self.cfg.health_timeout_s)
             ) as r:
                 ok = r.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            ok = False
+                why = "" if ok else f"HTTP {r.status}"
+        except TimeoutError:
+            ok, why = False, f"no answer in {self.cfg.health_timeout_s:g} s"
+        except (aiohttp.ClientError, OSError) as e:
+            ok, why = False, f"{type(e).__name__}: {e}"
         if ok:
             if not pod.healthy:
                 log.info("pod %s is healthy again", pod.id)
@@ -241,7 +245,9 @@ class PodPool:
         else:
             pod.health_failures += 1
             if pod.healthy and pod.health_failures >= self.cfg.failure_threshold:
-                log.warning("pod %s failed %d health checks: marked unhealthy", pod.id, pod.health_failures)
+                log.warning(
+                    "pod %s failed %d health checks (the last: %s): marked unhealthy", pod.id, pod.health_failures, why
+                )
                 pod.healthy = False
                 pod.capacity_read = False  # it may come back as a different engine
                 self._lost(pod.id)
