@@ -59,9 +59,9 @@ def _on_signal(signum: int, _frame: object) -> None:
 # ---------------------------------------------------------------------------------------------- engines
 
 
-#: ``llmd:kv_peer_loads_total``'s results (docs/peer-loading.md "Metrics"), counted per row as ``peer_<result>``
 #: the KV block size of the benchmark's engines (``_start_engines``)
 ENGINE_BLOCK_SIZE = 64
+#: ``llmd:kv_peer_loads_total``'s results (docs/peer-loading.md "Metrics"), counted per row as ``peer_<result>``
 PEER_RESULTS = ("ok", "refused", "evicted", "unreachable", "timeout", "failed")
 
 

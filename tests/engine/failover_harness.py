@@ -29,6 +29,11 @@ from vllm_llmd.testing.engine import EngineProcess
 from vllm_llmd.testing.wait import wait_until_async
 
 MAX_TOKENS = 96  # the short streams
+#: the router's pool settings in both failover tests. A dead pod refuses at once, so two checks 0.2 s
+#: apart take it out; the long timeout is for the live one: once (2026-12-05, right after a CI run on
+#: this 2-core host) the survivor failed two 2 s checks too (why was not logged then; the router's
+#: warning says it now), and a request found no pod
+POOL = {"health_interval_s": 0.2, "failure_threshold": 2, "health_timeout_s": 10}
 ANCHOR_TOKENS = 768  # the anchor streams: seconds of generation left when one is caught half through
 
 

@@ -16,7 +16,7 @@ import asyncio
 
 import aiohttp
 import pytest
-from failover_harness import Outcome, kill_one_mid_stream, restarted_engine_gets_traffic, stream_one
+from failover_harness import POOL, Outcome, kill_one_mid_stream, restarted_engine_gets_traffic, stream_one
 from gateway_engine_harness import gateway_config
 from router_harness import pod_id
 
@@ -27,9 +27,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.destructive]
 
 
 async def test_gateway_engine_killed_mid_run_loses_no_unstarted_request(engines, test_model_dir, tmp_path) -> None:
-    # health_timeout_s: see test_router_failover.py (a dead pod refuses at once; the survivor may be slow)
-    pool = {"health_interval_s": 0.2, "failure_threshold": 2, "health_timeout_s": 10}
-    cfg = gateway_config(engines, test_model_dir, pool=pool)
+    cfg = gateway_config(engines, test_model_dir, pool=POOL)
     loop = asyncio.get_running_loop()
     async with gateway_stack(cfg, tmp_path) as gw, aiohttp.ClientSession() as s:
 

@@ -10,19 +10,15 @@ import asyncio
 
 import aiohttp
 import pytest
-from failover_harness import Outcome, kill_one_mid_stream, restarted_engine_gets_traffic, stream_one
+from failover_harness import POOL, Outcome, kill_one_mid_stream, restarted_engine_gets_traffic, stream_one
 from router_harness import pod_id, routed
 
 pytestmark = [pytest.mark.engine, pytest.mark.destructive]
 
 
 async def test_engine_killed_mid_run_loses_no_unstarted_request(engines, test_model_dir) -> None:
-    # a dead pod refuses at once, so two checks 0.2 s apart take it out; the long timeout is for the
-    # live one: once (2026-12-05, right after a CI run on this 2-core host) the survivor failed two
-    # checks too (why was not logged then; the warning says it now), and a request found no pod
-    pool = {"health_interval_s": 0.2, "failure_threshold": 2, "health_timeout_s": 10}
     loop = asyncio.get_running_loop()
-    async with routed(engines, test_model_dir, pool=pool) as (_router, base), aiohttp.ClientSession() as s:
+    async with routed(engines, test_model_dir, pool=POOL) as (_router, base), aiohttp.ClientSession() as s:
 
         async def send(i: int, prefix_seed: int | None, live: list[Outcome] | None, max_tokens: int) -> Outcome:
             return await stream_one(s, base, i, prefix_seed=prefix_seed, live=live, max_tokens=max_tokens)
